@@ -1,0 +1,62 @@
+# lbcore - the two commands a new user needs are `make demo` and `make test`.
+# Everything else the project needs (Debian packages, a .venv with Python
+# packages) is installed by the targets themselves, on a fresh Debian machine.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.deps-stamp
+APT_PKGS := gcc make iproute2 procps
+PYTEST_ARGS ?=
+
+.PHONY: all deps build test test-sanitize bench bench-lab demo lint vagrant-check vagrant-lab clean
+
+all: build
+
+# Debian packages (only the missing ones), then the venv with the package
+# (editable) and its test+bench extras.
+$(STAMP): pyproject.toml setup.py
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip 'setuptools>=68' wheel 'Cython>=3.0,<4'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+deps: $(STAMP)
+
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
+
+test: build
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
+# tree so that the normal build is left alone.
+test-sanitize: $(STAMP)
+	rm -rf build/sanitize && mkdir -p build/sanitize
+	cp -r lbcore ext tests setup.py pyproject.toml build/sanitize/
+	rm -f build/sanitize/lbcore/_core*.so
+	cd build/sanitize && LB_SANITIZE=1 ../../$(VPY) setup.py -q build_ext --inplace
+	cd build/sanitize && \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  PYTHONPATH=. ../../$(VPY) -m pytest -q -p no:cacheprovider -m "not netns" \
+	  -k "not thread_hammer" tests/test_maglev.py tests/test_flow.py tests/test_packet.py tests/test_fuzz.py
+
+bench: build
+	mkdir -p bench/results
+	$(VPY) -m pytest bench -q --benchmark-only --benchmark-autosave \
+	  --benchmark-storage=file://bench/results/micro --benchmark-columns=min,median,mean,stddev,ops
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lbcore tests bench
+
+demo: build
+	$(VPY) -m lbcore demo
+
+clean:
+	rm -rf build ext/_core.c ext/*.html lbcore/_core*.so .pytest_cache

@@ -1,0 +1,1 @@
+# dataplane.pxi - (to be written)

@@ -1,0 +1,1 @@
+# flowtable.pxi - (to be written)

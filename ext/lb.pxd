@@ -1,0 +1,224 @@
+# lb.pxd - every C declaration the Cython layer uses, nothing else.
+# Mirrors ext/lb_*.h; all of it is nogil (the C side never touches Python).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "lb_consts.h" nogil:
+    const uint32_t LB_RING_SIZE
+    const uint32_t LB_RING_SIZE_MAX
+    const uint32_t LB_MAX_BACKENDS
+    const uint32_t LB_RING_EMPTY
+    const uint32_t LB_MAX_VIPS
+    const uint32_t LB_MAX_STAT_IDS
+    const uint32_t LB_FLOW_MAX
+    const uint32_t LB_BATCH
+    const uint32_t LB_PKT_MAX
+    const uint32_t F_BACKEND_DRAINING
+    const uint32_t F_PKT_CSUM_PARTIAL
+    const uint32_t F_PKT_ICMP_ERR
+    const uint32_t F_PKT_FRAGMENT
+    const uint32_t LB_TMO_TCP_SYN_MS
+    const uint32_t LB_TMO_TCP_EST_MS
+    const uint32_t LB_TMO_TCP_FIN_MS
+    const uint32_t LB_TMO_TCP_CLOSE_MS
+    const uint32_t LB_TMO_UDP_MS
+    const uint32_t LB_TMO_UDP_STREAM_MS
+
+cdef extern from "lb_types.h" nogil:
+    const int LB_AF_INET
+    const int LB_AF_INET6
+
+    enum lb_verdict:
+        LB_TX
+        LB_DROP
+        LB_PASS
+
+    enum lb_drop_reason:
+        LB_DROP_NONE
+        LB_DROP_TRUNCATED
+        LB_DROP_BAD_VERSION
+        LB_DROP_BAD_IHL
+        LB_DROP_BAD_TOTLEN
+        LB_DROP_BAD_EXTHDR
+        LB_DROP_FRAGMENT
+        LB_DROP_BAD_L4
+        LB_DROP_UNSUPPORTED
+        LB_DROP_NO_VIP
+        LB_DROP_NO_BACKEND
+        LB_DROP_ICMP_NO_FLOW
+        LB_DROP_ICMP_BAD
+        LB_DROP_BAD_VNET
+        LB_DROP_FLOW_FULL
+        LB_DROP__COUNT
+
+    enum lb_flow_state:
+        LB_FS_SYN
+        LB_FS_EST
+        LB_FS_FIN
+        LB_FS_CLOSE
+        LB_FS_UDP
+        LB_FS_UDP_STREAM
+
+    enum lb_dir:
+        LB_DIR_FWD
+        LB_DIR_REV
+
+    struct lb_flow_key:
+        uint8_t src[16]
+        uint8_t dst[16]
+        uint16_t sport
+        uint16_t dport
+        uint8_t proto
+        uint8_t family
+        uint8_t pad[2]
+
+    struct lb_pkt:
+        uint8_t *data
+        uint32_t len
+        uint16_t l4_off
+        uint8_t family
+        uint8_t proto
+        uint8_t tcp_flags
+        uint8_t flags
+        uint16_t inner_off
+        uint16_t inner_l4_off
+        lb_flow_key key
+
+    struct lb_backend:
+        uint8_t addr[16]
+        uint16_t port
+        uint8_t family
+        uint8_t flags
+        uint32_t stat_id
+        uint32_t weight
+
+    struct lb_vip:
+        uint8_t addr[16]
+        uint16_t port
+        uint8_t proto
+        uint8_t family
+        uint32_t stat_id
+        uint32_t ring_size
+        uint32_t n_backends
+        uint16_t *ring
+        lb_backend *backends
+
+    struct lb_table:
+        uint64_t sel_seed
+        uint64_t generation
+        uint32_t n_vips
+        lb_vip *vips
+
+    struct lb_flow_entry:
+        uint8_t client[16]
+        uint8_t vip[16]
+        uint8_t backend[16]
+        uint16_t cport
+        uint16_t vport
+        uint16_t bport
+        uint8_t proto
+        uint8_t family
+        uint8_t state
+        uint8_t pad0
+        uint32_t vip_stat
+        uint32_t be_stat
+        uint32_t last_seen
+
+    struct lb_timeouts:
+        uint32_t tcp_syn, tcp_est, tcp_fin, tcp_close, udp, udp_stream
+
+    struct lb_counter:
+        uint64_t packets
+        uint64_t bytes
+        uint64_t new_flows
+
+    struct lb_stats:
+        uint64_t rx, tx, rx_bytes, tx_bytes
+        uint64_t flow_hit, flow_miss, flow_new
+        uint64_t loops, batches
+        uint64_t drops[<int>LB_DROP__COUNT]
+        lb_counter *vip
+        lb_counter *backend
+
+cdef extern from "lb_hash.h" nogil:
+    uint64_t lb_hash_bytes(const void *data, size_t n, uint64_t seed)
+    uint64_t lb_hash_flow(const lb_flow_key *k, uint64_t seed)
+
+cdef extern from "lb_maglev.h" nogil:
+    int lb_maglev_is_prime(uint32_t n)
+    int lb_maglev_populate(uint16_t *ring, uint32_t M, const lb_backend *backends,
+                           uint32_t n, uint64_t seed)
+    uint32_t lb_maglev_slot(uint64_t hash, uint32_t M)
+    uint16_t lb_maglev_pick(const lb_vip *vip, const lb_flow_key *k, uint64_t seed)
+
+cdef extern from "lb_flow.h" nogil:
+    const uint32_t F_FLOW_REV_SEEN
+    struct lb_flowtable:
+        pass
+    struct lb_flow_counters:
+        uint64_t inserted
+        uint64_t refused_full
+        uint64_t refused_exists
+        uint64_t evicted_expired
+        uint64_t evicted_halfopen
+        uint64_t expired
+        uint64_t deleted
+    lb_flowtable *lb_flow_new(uint32_t capacity, uint64_t seed, const lb_timeouts *tmo)
+    void lb_flow_free(lb_flowtable *ft)
+    void lb_flow_set_timeouts(lb_flowtable *ft, const lb_timeouts *tmo)
+    void lb_flow_default_timeouts(lb_timeouts *tmo)
+    int lb_flow_lookup(lb_flowtable *ft, const lb_flow_key *k, lb_dir dir,
+                       uint8_t tcp_flags, uint32_t now, lb_flow_entry *out)
+    int lb_flow_insert(lb_flowtable *ft, lb_flow_entry *e, uint32_t now)
+    int lb_flow_delete(lb_flowtable *ft, const lb_flow_key *k)
+    uint32_t lb_flow_expire(lb_flowtable *ft, uint32_t now, uint32_t max)
+    uint32_t lb_flow_purge_backend(lb_flowtable *ft, const uint8_t *addr16,
+                                   uint16_t port_be, uint8_t proto)
+    uint32_t lb_flow_walk(lb_flowtable *ft, uint32_t *cursor, lb_flow_entry *out, uint32_t max)
+    uint32_t lb_flow_count(const lb_flowtable *ft)
+    uint32_t lb_flow_capacity(const lb_flowtable *ft)
+    size_t lb_flow_memory(const lb_flowtable *ft)
+    void lb_flow_get_counters(const lb_flowtable *ft, lb_flow_counters *out)
+    uint32_t lb_flow_active_backend(const lb_flowtable *ft, uint32_t be_stat)
+    uint32_t lb_flow_active_vip(const lb_flowtable *ft, uint32_t vip_stat)
+    void lb_flow_key_fwd(const lb_flow_entry *e, lb_flow_key *k)
+    void lb_flow_key_rev(const lb_flow_entry *e, lb_flow_key *k)
+
+cdef extern from "lb_parse.h" nogil:
+    lb_drop_reason lb_parse(uint8_t *data, uint32_t len, lb_pkt *p)
+
+cdef extern from "lb_nat.h" nogil:
+    void lb_nat_rewrite(lb_pkt *p, const lb_flow_entry *e, lb_dir dir)
+
+cdef extern from "lb_table.h" nogil:
+    lb_table *lb_table_new(uint32_t n_vips, uint64_t sel_seed)
+    int lb_table_set_vip(lb_table *t, uint32_t i, const lb_vip *vip,
+                         const lb_backend *backends, uint32_t n)
+    int lb_table_seal(lb_table *t)
+    void lb_table_free(lb_table *t)
+    const lb_vip *lb_table_find_vip(const lb_table *t, const lb_flow_key *k)
+    const lb_backend *lb_table_find_backend(const lb_table *t, const lb_flow_key *k,
+                                            const lb_vip **vip_out)
+
+cdef extern from "lb_loop.h" nogil:
+    struct lb_dataplane:
+        pass
+    struct lb_worker:
+        lb_dataplane *dp
+        uint64_t qs
+        lb_stats stats
+        int fd
+        int vnet_hdr
+        uint32_t id
+    lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
+                            uint64_t flow_seed, const lb_timeouts *tmo)
+    void lb_dp_free(lb_dataplane *dp)
+    lb_table *lb_dp_publish(lb_dataplane *dp, lb_table *t)
+    int lb_dp_synchronize(lb_dataplane *dp, uint32_t timeout_ms)
+    uint32_t lb_now_ms()
+    lb_verdict lb_process_packet(lb_worker *w, const lb_table *t, uint8_t *data,
+                                 uint32_t len, uint32_t now, int csum_partial,
+                                 lb_drop_reason *reason)
+    uint32_t lb_process_batch(lb_worker *w, uint8_t *bufs, uint32_t stride,
+                              const uint32_t *lens, uint8_t *verdicts,
+                              uint8_t *reasons, uint32_t n, uint32_t now)
+    int lb_loop_run_tun(lb_worker *w)

@@ -1,0 +1,57 @@
+/* lb_consts.h - limits and tunables of the data plane.
+ *
+ * Every limit is #ifndef-overridable at build time (-DLB_RING_SIZE=...), as in
+ * katran's balancer_consts.h. Units are in the comment after each value.
+ */
+#ifndef LB_CONSTS_H
+#define LB_CONSTS_H
+
+#ifndef LB_RING_SIZE
+#define LB_RING_SIZE 65537u          /* default Maglev table size M (prime) */
+#endif
+#ifndef LB_RING_SIZE_MAX
+#define LB_RING_SIZE_MAX 16777213u   /* largest accepted M (prime, < 2^24) */
+#endif
+#ifndef LB_MAX_BACKENDS
+#define LB_MAX_BACKENDS 65534u       /* per VIP; ring entries are uint16_t */
+#endif
+#define LB_RING_EMPTY 0xFFFFu        /* ring slot owned by no backend */
+
+#ifndef LB_MAX_VIPS
+#define LB_MAX_VIPS 4096u
+#endif
+#ifndef LB_MAX_STAT_IDS
+#define LB_MAX_STAT_IDS 65536u       /* stats slots for VIPs and backends */
+#endif
+
+#ifndef LB_FLOW_MAX
+#define LB_FLOW_MAX (16u << 20)      /* flow-table capacity limit: 16M flows */
+#endif
+
+#ifndef LB_BATCH
+#define LB_BATCH 64u                 /* packets per batch in the worker loop */
+#endif
+#ifndef LB_PKT_MAX
+#define LB_PKT_MAX 65550u            /* largest packet incl. vnet header (GSO) */
+#endif
+
+/* Default idle timeouts, milliseconds (see README "Flow table"). Chosen like
+ * IPVS (established 15 min, SYN 1 min, FIN 2 min, close 10 s); UDP like
+ * nf_conntrack: 30 s until the backend has replied, 120 s once it has. */
+#define LB_TMO_TCP_SYN_MS    (60u * 1000u)
+#define LB_TMO_TCP_EST_MS    (900u * 1000u)
+#define LB_TMO_TCP_FIN_MS    (120u * 1000u)
+#define LB_TMO_TCP_CLOSE_MS  (10u * 1000u)
+#define LB_TMO_UDP_MS        (30u * 1000u)
+#define LB_TMO_UDP_STREAM_MS (120u * 1000u)
+
+/* flag bits of struct lb_backend.flags */
+#define F_BACKEND_DRAINING (1u << 0) /* no new flows; existing ones stay */
+
+/* flag bits of struct lb_pkt.flags */
+#define F_PKT_CSUM_PARTIAL (1u << 0) /* L4 csum holds only the pseudo-header sum
+                                        (virtio NEEDS_CSUM / CHECKSUM_PARTIAL) */
+#define F_PKT_ICMP_ERR     (1u << 1) /* ICMP error quoting a TCP/UDP header */
+#define F_PKT_FRAGMENT     (1u << 2)
+
+#endif

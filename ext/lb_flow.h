@@ -1,0 +1,84 @@
+/* lb_flow.h - the connection table, shared by all workers.
+ *
+ * Fixed capacity, allocated once. One entry per connection, reachable from
+ * both directions through two hash indexes (forward key client->VIP and
+ * reverse key backend->client). Lookups copy the entry out under the lock, so
+ * no worker ever holds a pointer into the table after the call returns. */
+#ifndef LB_FLOW_H
+#define LB_FLOW_H
+#include <stdint.h>
+#include <stddef.h>
+#include "lb_types.h"
+
+#define F_FLOW_REV_SEEN (1u << 0)  /* lb_flow_entry.pad0: backend has answered */
+
+struct lb_flowtable;
+
+/* Why inserts were refused or entries removed. */
+struct lb_flow_counters {
+    uint64_t inserted;
+    uint64_t refused_full;      /* no free, expired or half-open entry */
+    uint64_t refused_exists;    /* a racing insert of the same key won */
+    uint64_t evicted_expired;   /* reclaimed on insert: idle past its timeout */
+    uint64_t evicted_halfopen;  /* reclaimed on insert: half-open (SYN flood) */
+    uint64_t expired;           /* removed by lb_flow_expire */
+    uint64_t deleted;           /* removed by lb_flow_delete / purge */
+};
+
+/* capacity 1..LB_FLOW_MAX; tmo NULL = defaults. NULL on bad args / ENOMEM. */
+struct lb_flowtable *lb_flow_new(uint32_t capacity, uint64_t seed,
+                                 const struct lb_timeouts *tmo);
+void lb_flow_free(struct lb_flowtable *ft);
+void lb_flow_set_timeouts(struct lb_flowtable *ft, const struct lb_timeouts *tmo);
+void lb_flow_default_timeouts(struct lb_timeouts *tmo);
+
+/* Find the flow of key k seen in direction dir. On a hit: refresh last_seen
+ * to now, advance the TCP/UDP state by this packet's tcp_flags and dir, copy
+ * the entry to *out and return 1. On a miss return 0. */
+int lb_flow_lookup(struct lb_flowtable *ft, const struct lb_flow_key *k,
+                   enum lb_dir dir, uint8_t tcp_flags, uint32_t now,
+                   struct lb_flow_entry *out);
+
+/* Insert e (last_seen is set to now). Returns 0, -EEXIST (*e is overwritten
+ * with the entry that won, so the caller NATs consistently), or -ENOSPC. */
+int lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now);
+
+/* Remove the flow whose forward key is k. 1 if removed, 0 if absent. */
+int lb_flow_delete(struct lb_flowtable *ft, const struct lb_flow_key *k);
+
+/* Remove up to max idle entries. Returns how many were removed. */
+uint32_t lb_flow_expire(struct lb_flowtable *ft, uint32_t now, uint32_t max);
+
+/* Remove every flow pinned to backend (addr, port, proto). Returns count. */
+uint32_t lb_flow_purge_backend(struct lb_flowtable *ft, const uint8_t *addr16,
+                               uint16_t port_be, uint8_t proto);
+
+/* Copy up to max live entries into out, starting at *cursor (0 to start);
+ * *cursor is advanced. Returns the number copied; 0 = done. */
+uint32_t lb_flow_walk(struct lb_flowtable *ft, uint32_t *cursor,
+                      struct lb_flow_entry *out, uint32_t max);
+
+uint32_t lb_flow_count(const struct lb_flowtable *ft);
+uint32_t lb_flow_capacity(const struct lb_flowtable *ft);
+size_t   lb_flow_memory(const struct lb_flowtable *ft);   /* bytes allocated */
+void     lb_flow_get_counters(const struct lb_flowtable *ft, struct lb_flow_counters *out);
+/* active flows per stats slot (the entry's be_stat / vip_stat) */
+uint32_t lb_flow_active_backend(const struct lb_flowtable *ft, uint32_t be_stat);
+uint32_t lb_flow_active_vip(const struct lb_flowtable *ft, uint32_t vip_stat);
+
+/* The two keys of an entry. */
+static inline void lb_flow_key_fwd(const struct lb_flow_entry *e, struct lb_flow_key *k)
+{
+    __builtin_memcpy(k->src, e->client, 16);
+    __builtin_memcpy(k->dst, e->vip, 16);
+    k->sport = e->cport; k->dport = e->vport;
+    k->proto = e->proto; k->family = e->family; k->pad[0] = k->pad[1] = 0;
+}
+static inline void lb_flow_key_rev(const struct lb_flow_entry *e, struct lb_flow_key *k)
+{
+    __builtin_memcpy(k->src, e->backend, 16);
+    __builtin_memcpy(k->dst, e->client, 16);
+    k->sport = e->bport; k->dport = e->cport;
+    k->proto = e->proto; k->family = e->family; k->pad[0] = k->pad[1] = 0;
+}
+#endif

@@ -1,0 +1,162 @@
+/* lb_types.h - the structs shared by every stage of the packet path.
+ *
+ * Byte order is in the comment of each field: "be" fields hold network order,
+ * exactly as they stand in the packet, so the hot path never swaps them.
+ * Addresses are 16 bytes: IPv4 uses the first 4 and zeroes the rest, so a
+ * key of either family hashes and compares as one fixed-size blob.
+ */
+#ifndef LB_TYPES_H
+#define LB_TYPES_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include "lb_consts.h"
+
+#define LB_AF_INET  4
+#define LB_AF_INET6 6
+
+/* What the pipeline decides for one packet. */
+enum lb_verdict {
+    LB_TX = 0,    /* rewritten in place: send it */
+    LB_DROP = 1,  /* drop; the reason is counted */
+    LB_PASS = 2,  /* not ours (not VIP traffic, not a reply): leave it alone */
+};
+
+/* Why a packet was dropped. Counted per worker; names in consts.pxi. */
+enum lb_drop_reason {
+    LB_DROP_NONE = 0,
+    LB_DROP_TRUNCATED,      /* buffer shorter than a header says */
+    LB_DROP_BAD_VERSION,    /* IP version neither 4 nor 6 */
+    LB_DROP_BAD_IHL,        /* IPv4 header length < 20 or > packet */
+    LB_DROP_BAD_TOTLEN,     /* IPv4 total / IPv6 payload length inconsistent */
+    LB_DROP_BAD_EXTHDR,     /* IPv6 extension header chain malformed / too long */
+    LB_DROP_FRAGMENT,       /* IP fragment: no ports to balance on */
+    LB_DROP_BAD_L4,         /* TCP data offset / UDP length bad */
+    LB_DROP_UNSUPPORTED,    /* protocol other than TCP/UDP/ICMP error */
+    LB_DROP_NO_VIP,         /* no VIP, no flow, no known backend */
+    LB_DROP_NO_BACKEND,     /* VIP has no usable backend */
+    LB_DROP_ICMP_NO_FLOW,   /* ICMP error quoting an untracked flow */
+    LB_DROP_ICMP_BAD,       /* ICMP error with an unusable quote */
+    LB_DROP_BAD_VNET,       /* virtio_net_hdr inconsistent with the packet */
+    LB_DROP_FLOW_FULL,      /* new flow, table full of established flows;
+                               counted, but the packet is still forwarded */
+    LB_DROP__COUNT
+};
+
+/* A 5-tuple as it stands in a packet. 40 bytes, no holes. */
+struct lb_flow_key {
+    uint8_t  src[16];     /* be */
+    uint8_t  dst[16];     /* be */
+    uint16_t sport;       /* be */
+    uint16_t dport;       /* be */
+    uint8_t  proto;       /* IPPROTO_TCP / IPPROTO_UDP */
+    uint8_t  family;      /* LB_AF_INET / LB_AF_INET6 */
+    uint8_t  pad[2];      /* always zero */
+};
+
+/* A parsed packet: offsets into the caller's buffer, validated against len. */
+struct lb_pkt {
+    uint8_t *data;         /* first byte of the IP header */
+    uint32_t len;          /* bytes of IP packet in the buffer */
+    uint16_t l4_off;       /* offset of the TCP/UDP/ICMP header */
+    uint8_t  family;       /* LB_AF_INET / LB_AF_INET6 */
+    uint8_t  proto;        /* L4 protocol (after IPv6 extension headers) */
+    uint8_t  tcp_flags;    /* TCP flags byte, 0 for UDP/ICMP */
+    uint8_t  flags;        /* F_PKT_* */
+    uint16_t inner_off;    /* ICMP error: offset of the quoted IP header */
+    uint16_t inner_l4_off; /* ICMP error: offset of the quoted L4 header */
+    uint16_t pad;
+    struct lb_flow_key key;   /* outer 5-tuple (ICMP error: the quote's,
+                                 reversed, i.e. the direction of the error) */
+};
+
+/* One backend of a VIP, as the data plane sees it. */
+struct lb_backend {
+    uint8_t  addr[16];    /* be */
+    uint16_t port;        /* be */
+    uint8_t  family;
+    uint8_t  flags;       /* F_BACKEND_* */
+    uint32_t stat_id;     /* counters slot, stable across rebuilds */
+    uint32_t weight;      /* host order; 0 = in no ring slot */
+};
+
+/* One VIP with its Maglev ring. */
+struct lb_vip {
+    uint8_t  addr[16];    /* be */
+    uint16_t port;        /* be */
+    uint8_t  proto;
+    uint8_t  family;
+    uint32_t stat_id;
+    uint32_t ring_size;   /* M, prime */
+    uint32_t n_backends;
+    uint16_t *ring;       /* M slots of backend indexes, LB_RING_EMPTY = none */
+    struct lb_backend *backends;
+};
+
+/* The forwarding state: immutable once published; replaced as a whole. */
+struct lb_table {
+    uint64_t sel_seed;    /* selection hash seed, from the config */
+    uint64_t generation;
+    uint32_t n_vips;
+    uint32_t pad;
+    struct lb_vip *vips;
+};
+
+/* TCP state of a tracked connection (enum lb_flow_state). */
+enum lb_flow_state {
+    LB_FS_SYN = 0,        /* half-open: client SYN seen, not yet confirmed */
+    LB_FS_EST = 1,        /* established (or picked up mid-stream) */
+    LB_FS_FIN = 2,        /* FIN seen in either direction */
+    LB_FS_CLOSE = 3,      /* RST seen */
+    LB_FS_UDP = 4,        /* UDP, no reply yet */
+    LB_FS_UDP_STREAM = 5, /* UDP, backend has replied */
+};
+
+/* Direction of a packet relative to its flow. */
+enum lb_dir {
+    LB_DIR_FWD = 0,       /* client -> VIP (becomes client -> backend) */
+    LB_DIR_REV = 1,       /* backend -> client (becomes VIP -> client) */
+};
+
+/* A tracked connection: the NAT translation for both directions.
+ * Found by its forward key (client, vip, cport, vport, proto) and by its
+ * reverse key (backend, client, bport, cport, proto). */
+struct lb_flow_entry {
+    uint8_t  client[16];  /* be */
+    uint8_t  vip[16];     /* be */
+    uint8_t  backend[16]; /* be */
+    uint16_t cport;       /* be */
+    uint16_t vport;       /* be */
+    uint16_t bport;       /* be */
+    uint8_t  proto;
+    uint8_t  family;
+    uint8_t  state;       /* enum lb_flow_state */
+    uint8_t  pad0;
+    uint16_t pad1;
+    uint32_t vip_stat;    /* counters slot of the VIP */
+    uint32_t be_stat;     /* counters slot of the backend */
+    uint32_t last_seen;   /* ms, wrap-safe compare, table's clock */
+};
+
+/* Idle timeouts, ms. */
+struct lb_timeouts {
+    uint32_t tcp_syn, tcp_est, tcp_fin, tcp_close, udp, udp_stream;
+};
+
+/* Per-worker counters. Each worker writes only its own; Python sums them. */
+struct lb_counter {
+    uint64_t packets;
+    uint64_t bytes;
+    uint64_t new_flows;
+};
+
+struct lb_stats {
+    uint64_t rx, tx, rx_bytes, tx_bytes;
+    uint64_t flow_hit, flow_miss, flow_new;
+    uint64_t loops, batches;     /* worker loop iterations / non-empty batches */
+    uint64_t drops[LB_DROP__COUNT];
+    struct lb_counter *vip;      /* [LB_MAX_STAT_IDS], indexed by stat_id */
+    struct lb_counter *backend;  /* [LB_MAX_STAT_IDS] */
+};
+
+#endif

@@ -1,0 +1,1 @@
+# maglev.pxi - (to be written)

@@ -1,0 +1,1 @@
+# packet.pxi - (to be written)

@@ -1,0 +1,77 @@
+"""`lbcore`: the one command line for running, checking, inspecting and the lab.
+
+Only argument parsing lives here; every verb calls into the module that owns
+it (config, daemon, control, lab), imported lazily so that `lbcore --help`
+and `check-config` stay fast and need no root.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+
+DEFAULT_CONFIG = "/etc/lbcore/lbcore.toml"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lbcore",
+        description="A layer-4 load balancer: VIPs spread over backends by Maglev "
+        "hashing, NAT both ways, a C data plane.",
+    )
+    p.add_argument("--version", action="version", version=f"lbcore {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="run the balancer in the foreground",
+                       description="Create the data plane (TUN device or AF_PACKET "
+                       "sockets), set up routes/rules/sysctls, run health checks and "
+                       "forward until SIGTERM/SIGINT; undo all network changes on exit.")
+    r.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (TOML)")
+    r.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+
+    c = sub.add_parser("check-config", help="validate a config file without touching the network")
+    c.add_argument("file", help="config file (TOML)")
+
+    lab = sub.add_parser("lab", help="a whole rack in network namespaces on this machine",
+                         description="Namespaces lbc-client, lbc-gw, lbc-be1..N joined by "
+                         "veth links, addressed from 198.18.0.0/15; the balancer runs in "
+                         "lbc-gw. The root namespace gets no lab address or route.")
+    lsub = lab.add_subparsers(dest="lab_cmd", metavar="ACTION", required=True)
+    up = lsub.add_parser("up", help="build the lab and start the balancer in lbc-gw")
+    up.add_argument("--backends", type=int, default=3, help="number of backends (default 3)")
+    up.add_argument("--ipv6", action="store_true", help="add IPv6 (2001:db8::/32) beside IPv4")
+    up.add_argument("--mode", default="tun", choices=["tun", "rawsock"],
+                    help="data plane mode of the balancer (default tun)")
+    up.add_argument("--workers", type=int, default=1, help="data plane workers (default 1)")
+    up.add_argument("--no-balancer", action="store_true",
+                    help="build the namespaces and servers only (for benchmarks)")
+    lsub.add_parser("down", help="remove everything the lab made (idempotent)")
+    lsub.add_parser("status", help="show the lab and where its config, socket and log are")
+
+    d = sub.add_parser("demo", help="lab up, real traffic, a report, lab down")
+    d.add_argument("--backends", type=int, default=3)
+    d.add_argument("--requests", type=int, default=300, help="HTTP requests (new connections)")
+    d.add_argument("--udp", type=int, default=300, help="UDP requests")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.cmd == "check-config":
+        from .config import cmd_check_config
+        return cmd_check_config(args)
+    if args.cmd == "run":
+        from .daemon import cmd_run
+        return cmd_run(args)
+    if args.cmd == "lab":
+        from . import lab
+        return {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}[args.lab_cmd](args)
+    if args.cmd == "demo":
+        from .demo import cmd_demo
+        return cmd_demo(args)
+    print(f"lbcore: unknown command {args.cmd}", file=sys.stderr)  # unreachable: argparse
+    return 2
