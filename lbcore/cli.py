@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_run(args)
     if args.cmd == "lab":
         from . import lab
-        return {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}[args.lab_cmd](args)
+        verbs = {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}
+        return verbs[args.lab_cmd](args)
     if args.cmd == "demo":
         from .demo import cmd_demo
         return cmd_demo(args)
