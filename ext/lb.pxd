@@ -135,6 +135,7 @@ cdef extern from "lb_types.h" nogil:
         uint64_t rx, tx, rx_bytes, tx_bytes
         uint64_t flow_hit, flow_miss, flow_new
         uint64_t loops, batches
+        uint64_t tx_errors
         uint64_t drops[<int>LB_DROP__COUNT]
         lb_counter *vip
         lb_counter *backend
@@ -215,6 +216,11 @@ cdef extern from "lb_loop.h" nogil:
     lb_table *lb_dp_publish(lb_dataplane *dp, lb_table *t)
     int lb_dp_synchronize(lb_dataplane *dp, uint32_t timeout_ms)
     uint32_t lb_now_ms()
+    lb_worker *lb_dp_worker(lb_dataplane *dp, uint32_t i)
+    lb_flowtable *lb_dp_flows(lb_dataplane *dp)
+    void lb_dp_set_stop(lb_dataplane *dp, int stop)
+    const lb_table *lb_dp_enter(lb_worker *w)
+    void lb_dp_leave(lb_worker *w)
     lb_verdict lb_process_packet(lb_worker *w, const lb_table *t, uint8_t *data,
                                  uint32_t len, uint32_t now, int csum_partial,
                                  lb_drop_reason *reason)
