@@ -228,3 +228,7 @@ cdef extern from "lb_loop.h" nogil:
                               const uint32_t *lens, uint8_t *verdicts,
                               uint8_t *reasons, uint32_t n, uint32_t now)
     int lb_loop_run_tun(lb_worker *w)
+
+cdef extern from "lb_csum.h" nogil:
+    uint16_t lb_csum_fold(uint32_t sum)
+    uint32_t lb_csum_partial(const uint8_t *p, size_t n, uint32_t sum)
