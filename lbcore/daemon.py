@@ -22,6 +22,7 @@ from . import _core
 from .balancer import PROTO, Balancer
 from .config import Config, ConfigError, load_config
 from .gateway import Gateway, ReplyPath
+from .health import HealthMonitor, targets_from_config
 from .tun import close_tun, open_tun
 
 log = logging.getLogger("lbcore")
@@ -163,10 +164,38 @@ class Daemon:
             loop.remove_signal_handler(sig)
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
-        """Health checks, control socket and metrics (lbcore.control)."""
-        with contextlib.suppress(ImportError):
-            from .control import start_control
-            await start_control(self, stack)
+        """Health checks, then the control socket and metrics."""
+        from .control import start_control
+
+        self.health = HealthMonitor(on_change=self._on_health)
+        stack.push_async_callback(self.health.close)
+        self.health.update(targets_from_config(self.config))
+        await start_control(self, stack)
+
+    def _on_health(self, key, up: bool, reason: str) -> None:
+        """A backend of pool key[0] changed state (after rise/fall): every VIP
+        of that pool gets a new table."""
+        pool, address, port = key
+        assert self.balancer is not None
+        changed = False
+        for v in self.balancer.vips.values():
+            b = v.backends.get((address, port)) if v.pool == pool else None
+            if b is not None:
+                changed |= self.balancer.set_health(v, b, up, reason)
+        if changed:
+            self.republish()
+
+    def health_of(self, vip, backend) -> dict:
+        """Health-check status of one backend of one VIP, for `status`."""
+        if self.health is None:
+            return {}
+        key = (vip.pool, backend.address, backend.port)
+        if key not in self.health:
+            return {}
+        st = self.health.status(key)
+        return {"check": st.check_type, "last_result": st.last_result,
+                "last_check_at": st.last_check_at, "successes": st.successes,
+                "failures": st.failures}
 
     async def _housekeeping(self) -> None:
         """Flow expiry every second; table rebuilds while a slow start ramps."""
@@ -209,7 +238,7 @@ class Daemon:
             self.balancer.publish()
             self.config = new
             if self.health is not None:
-                await self.health.reconfigure(new)
+                self.health.update(targets_from_config(new))
             for c in changes:
                 log.info("reload: %s", c)
             log.info("reload applied: %d change(s)", len(changes))
