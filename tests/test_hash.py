@@ -100,6 +100,22 @@ def test_hash_flow_rejects_bad_tuples(args: tuple, msg: str) -> None:
         ref.hash_flow(*args, 0)
 
 
+@pytest.mark.parametrize("addr, ok", [
+    ("fe80::1%eth0", False), ("01.2.3.4", False), ("1.2.3", False), (" 1.2.3.4", False),
+    ("1.2.3.4\n", False), ("1.2.3.04", False), ("\uff11.2.3.4", False), ("", False),
+    ("::ffff:198.18.0.1", True), ("::", True), ("0.0.0.0", True), ("2001:DB8::1", True),
+])
+def test_address_parsing_agrees(addr: str, ok: bool) -> None:
+    """The C core (inet_pton) and the reference (ipaddress) accept the same
+    address strings and build the same key bytes."""
+    if ok:
+        assert _core.flow_key(addr, addr, 1, 2, 6) == ref.flow_key(addr, addr, 1, 2, 6)
+        return
+    for f in (_core.flow_key, ref.flow_key):
+        with pytest.raises(ValueError, match="not an IPv4 or IPv6 address"):
+            f(addr, addr, 1, 2, 6)
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_seed_out_of_range(seed: int) -> None:
     with pytest.raises(ValueError, match="seed"):
