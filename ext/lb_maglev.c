@@ -209,7 +209,7 @@ lb_maglev_populate(uint16_t *ring, uint32_t M,
     struct lb_maglev_perm *perm;
     uint64_t *taken;
     uint32_t i, npos = 0, filled = 0;
-    size_t words;
+    size_t words, off;
 
     if (!ring || M < 2 || M > LB_RING_SIZE_MAX || !lb_maglev_is_prime(M)
         || n > LB_MAX_BACKENDS || (n && !backends))
@@ -228,11 +228,13 @@ lb_maglev_populate(uint16_t *ring, uint32_t M,
         return 0;
     }
 
+    /* one block: the permutation states, then (8-byte aligned) the bitmap */
     words = ((size_t)M + 63) / 64;
-    perm = malloc(sizeof(*perm) * npos + sizeof(*taken) * words);
+    off = (sizeof(*perm) * npos + sizeof(*taken) - 1) & ~(sizeof(*taken) - 1);
+    perm = malloc(off + sizeof(*taken) * words);
     if (!perm)
         return -ENOMEM;
-    taken = (uint64_t *)(void *)(perm + npos);
+    taken = (uint64_t *)(void *)((char *)perm + off);
     memset(taken, 0, sizeof(*taken) * words);
 
     npos = 0;

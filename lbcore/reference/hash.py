@@ -59,6 +59,8 @@ def addr16(addr: str) -> tuple[int, bytes]:
     Raises ValueError for anything that is not an IPv4 or IPv6 address.
     """
     try:
+        if "%" in addr:  # a scope id names an interface, not a flow's address
+            raise ValueError(addr)
         ip = ipaddress.ip_address(addr)
     except ValueError:
         raise ValueError(f"not an IPv4 or IPv6 address: {addr!r}") from None
