@@ -398,3 +398,39 @@ def _nat_icmp(buf: bytearray, info: dict, e: Entry, dir: int) -> None:
         c = inet_checksum(_pseudo(family, bytes(buf[so:so + alen]), bytes(buf[do:do + alen]),
                                   ICMPV6, len(msg)) + msg)
     _put16(buf, l4 + 2, c)
+
+
+def fix_checksums(data: bytes) -> bytes:
+    """data with every checksum that nat_rewrite maintains recomputed from
+    scratch (IPv4 headers, TCP/UDP, ICMP; a zero IPv4 UDP checksum stays
+    zero; a quoted L4 checksum is left alone: it covers bytes not quoted).
+
+    For tests that mutate packets: the incremental C update and this oracle
+    agree exactly when the input's checksums are right, and this makes them
+    right. ValueError if the packet does not parse."""
+    info = parse(data)
+    if info["reason"] != "none":
+        raise ValueError(f"packet dropped by parse: {info['reason']}")
+    buf = bytearray(data)
+    family, proto, l4, end = info["family"], info["proto"], info["l4_off"], info["len"]
+    so, do, alen = _ip_fields(family)
+    src, dst = bytes(buf[so:so + alen]), bytes(buf[do:do + alen])
+    if family == AF_INET:
+        _fix_ip4_header(buf, 0)
+    if info["flags"] & F_PKT_ICMP_ERR:
+        if family == AF_INET:
+            _fix_ip4_header(buf, info["inner_off"])
+        _put16(buf, l4 + 2, 0)
+        msg = bytes(buf[l4:end])
+        pseudo = b"" if family == AF_INET else _pseudo(family, src, dst, ICMPV6, len(msg))
+        _put16(buf, l4 + 2, inet_checksum(pseudo + msg))
+        return bytes(buf)
+    coff = l4 + _l4_csum_off(proto)
+    if proto == UDP and _be16(buf, coff) == 0:
+        return bytes(buf)
+    seg_end = l4 + _be16(buf, l4 + 4) if proto == UDP else end
+    _put16(buf, coff, 0)
+    seg = bytes(buf[l4:seg_end])
+    c = inet_checksum(_pseudo(family, src, dst, proto, len(seg)) + seg)
+    _put16(buf, coff, 0xFFFF if proto == UDP and c == 0 else c)
+    return bytes(buf)
