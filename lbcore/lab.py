@@ -19,6 +19,8 @@ Everything the lab makes is written down in /run/lbcore-lab/state.json *before* 
 PID (checked against their recorded start time, so a reused PID is never hit), the namespaces
 are deleted (which deletes their veths), the state directory goes. The root namespace gets no
 lab address and no route: every link of the lab is created inside a lab namespace.
+``lab up`` refuses while any lab namespace or state file exists (it never tears down a lab
+someone may be using); ``lab down`` first, which is always safe.
 
 All network set-up goes through :mod:`lbcore.netconf` (pyroute2); nothing shells out to ip.
 """
@@ -285,6 +287,14 @@ def _stop(p: Proc, timeout: float = STOP_TIMEOUT) -> str:
     return f"killed {p.role} (pid {p.pid}) after {timeout:.0f} s"
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()[:80]
+    except OSError:
+        return "?"
+
+
 def _child_env() -> dict[str, str]:
     """The environment of lab processes: they import this very lbcore (a worktree or an
     install), unbuffered so that their logs are current."""
@@ -446,8 +456,9 @@ def render_config(spec: LabSpec, state_dir: Path | None = None) -> str:
 def _balancer_ready(log: Path, sock: Path) -> bool:
     try:
         with open(log, "rb") as f:
-            if re.search(rb"\bready\b", f.read()):
-                return True
+            for line in f:
+                if re.search(rb"\bready\b", line) and not re.search(rb"\bnot ready\b", line):
+                    return True
     except FileNotFoundError:
         pass
     if sock.exists():
@@ -521,7 +532,12 @@ def _down_locked(out: Callable[[str], object]) -> list[str]:
         # The balancer first, so that it undoes its own network changes while the lab stands.
         for p in sorted(state.processes, key=lambda p: p.role != "balancer"):
             done.append(_stop(p))
-    for ns in present_namespaces():
+    present = present_namespaces()
+    for ns, pids in netconf.netns_pids(present).items():
+        for pid in pids:  # not ours to kill: say so, as they keep the namespace alive
+            out(f"warning: pid {pid} ({_cmdline(pid)}) still runs in {ns}; `lab down` stops "
+                "only the processes the lab started")
+    for ns in present:
         if netconf.netns_remove(ns):
             done.append(f"removed netns {ns}")
     d = paths()["dir"]

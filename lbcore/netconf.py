@@ -55,7 +55,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 __all__ = [
     "GONE_ERRNOS", "NETNS_DIR", "NetChanges", "LinkInfo", "RouteInfo", "RuleInfo", "is_gone",
-    "netns_path", "netns_exists", "netns_list", "netns_create", "netns_remove",
+    "netns_path", "netns_exists", "netns_list", "netns_create", "netns_remove", "netns_pids",
     "veth_add", "bridge_add", "link_set", "link_del", "link_index", "links",
     "addr_add", "addr_del", "addresses", "route_add", "route_del", "routes",
     "rule_add", "rule_del", "rules", "neigh_add", "neigh_del", "neighbours",
@@ -322,6 +322,12 @@ def netns_create(name: str, *, lo_up: bool = True, changes: NetChanges | None = 
     if lo_up:
         link_set("lo", netns=name, state="up")
     return True
+
+
+def netns_pids(names: Sequence[str] | None = None) -> dict[str, list[int]]:
+    """PIDs of the processes living in each named namespace (of ``names``, or all)."""
+    found = _pyroute2_netns.ns_pids()
+    return {n: sorted(p) for n, p in found.items() if names is None or n in names}
 
 
 def netns_remove(name: str) -> bool:
