@@ -973,12 +973,12 @@ def sysctl_set(key: str, value: str | int, *, netns: str | None = None,
 
     def swap() -> str:
         old = _read(path)
-        if old != new:
+        if old.split() != new.split():   # "1024 65535" reads back as "1024\t65535"
             _write(path, new)
         return old
 
     old = swap() if netns is None else run_in_netns(netns, swap)
-    if old != new and changes is not None:
+    if old.split() != new.split() and changes is not None:
         changes.record(f"sysctl {key}={new} (was {old}){_where(netns)}",
                        lambda: sysctl_set(key, old, netns=netns))
     return old

@@ -103,6 +103,8 @@ class TestLab:
             assert defaults == {gw4, gw6}, ns
         assert netconf.sysctl_get("net.ipv4.ip_forward", netns="lbc-gw") == "1"
         assert netconf.sysctl_get("net.ipv6.conf.all.forwarding", netns="lbc-gw") == "1"
+        assert netconf.sysctl_get("net.ipv4.ip_forward", netns="lbc-be1") == "0"
+        assert netconf.sysctl_get("net.ipv4.tcp_tw_reuse", netns="lbc-client") == "1"
         for ns in lab.present_namespaces():   # the VIP is on no interface: the balancer routes it
             assert not [a for _, a in netconf.addresses(ns)
                         if a.split("/")[0] in (lab.VIP_V4, lab.VIP_V6)]

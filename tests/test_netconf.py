@@ -211,10 +211,16 @@ def test_sysctl_in_netns_only_and_undo(nsname):
                              changes=ch) == "0"
         assert nc.sysctl_set("net.ipv4.ip_forward", 1, netns=nsname, changes=ch) == "1"
         assert len(ch) == 2                                  # the no-op was not recorded
+        nc.sysctl_set("net.ipv4.ip_local_port_range", "1024 65535", netns=nsname, changes=ch)
+        assert nc.sysctl_set("net.ipv4.ip_local_port_range", "1024  65535", netns=nsname,
+                             changes=ch).split() == ["1024", "65535"]
+        assert len(ch) == 3
         assert nc.sysctl_get("net.ipv4.ip_forward", netns=nsname) == "1"
         assert nc.sysctl_get("net.ipv4.ip_forward") == root_before   # root untouched
     assert nc.sysctl_get("net.ipv4.ip_forward", netns=nsname) == "0"
     assert nc.sysctl_get("net.ipv6.conf.all.forwarding", netns=nsname) == "0"
+    assert nc.sysctl_get("net.ipv4.ip_local_port_range", netns=nsname).split() == [
+        "32768", "60999"]
     with pytest.raises(ValueError):
         nc.sysctl_path("net/../../etc/passwd")
 
