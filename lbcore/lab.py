@@ -14,8 +14,9 @@ to no interface: the balancer in lbc-gw routes it into its TUN device. Each back
 ``lbcore.labservers`` (HTTP :80, UDP :5300, bulk sink :9000 and source :9001). Unless
 ``--no-balancer``, ``lbcore run`` is started in lbc-gw from a config generated here.
 
-Everything the lab makes is written down in /run/lbcore-lab/state.json *before* it is made, so
-``lab down`` can remove it after a crash at any point: processes are stopped by their recorded
+/run/lbcore-lab/state.json holds the plan before anything is made and each process's PID as
+soon as it starts, so ``lab down`` can remove the lab after a crash at any point (namespaces are
+found by their names even without the file): processes are stopped by their recorded
 PID (checked against their recorded start time, so a reused PID is never hit), the namespaces
 are deleted (which deletes their veths), the state directory goes. The root namespace gets no
 lab address and no route: every link of the lab is created inside a lab namespace.
