@@ -866,7 +866,7 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
             pools[name] = pc
     pool_names = list(raw_pools or {})
     vips = _parse_vips(c, data, pool_names)
-    if vips is not None and not vips and "vip" not in data:
+    if vips is not None and not vips:
         c.warn("vip", "no [[vip]] defined: the balancer forwards nothing")
     if vips is not None and pool_ok:
         _cross_check(c, vips, pools, g.get("ring_size"))

@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -439,6 +440,10 @@ class _Slot:
 
 
 def _key_str(key: Hashable) -> str:
+    """A target key for logs: (pool, address, port) as "pool/address:port"."""
+    if (isinstance(key, tuple) and len(key) == 3 and isinstance(key[2], int)
+            and isinstance(key[1], ipaddress.IPv4Address | ipaddress.IPv6Address)):
+        return f"{key[0]}/{_hostport(key[1], key[2])}"
     if isinstance(key, tuple):
         return ":".join(str(k) for k in key)
     return str(key)
@@ -527,7 +532,9 @@ class HealthMonitor:
                     slot = _Slot(t, up, now, "initial state", provisional=up)
             else:
                 self._retire(old)
-                slot = _Slot(t, old.up, old.changed_at, old.reason)
+                # state kept, counters restarted; never checked yet = still provisional
+                slot = _Slot(t, old.up, old.changed_at, old.reason,
+                             provisional=old.provisional and t.check is not None)
                 if t.check is None and not old.up:
                     slot.up, slot.changed_at, slot.reason = True, now, "health check removed"
                     self._log_change(slot)

@@ -591,9 +591,9 @@ def test_one_log_line_per_change(caplog):
         monitor_run(script, [HealthTarget(("web", LO, 1), FAST, LO, 1)], 6)
     lines = [r for r in caplog.records if r.name == "lbcore.health"]
     assert [r.getMessage() for r in lines] == [
-        'health change backend=web:127.0.0.1:1 address=127.0.0.1:1 check=tcp state=down '
+        'health change backend=web/127.0.0.1:1 address=127.0.0.1:1 check=tcp state=down '
         'failures=3 reason="#4"',
-        'health change backend=web:127.0.0.1:1 address=127.0.0.1:1 check=tcp state=up '
+        'health change backend=web/127.0.0.1:1 address=127.0.0.1:1 check=tcp state=up '
         'successes=2 reason="#6"',
     ]
     assert [r.levelno for r in lines] == [logging.WARNING, logging.INFO]
@@ -707,6 +707,22 @@ def test_update_keeps_unchanged_targets():
         await mon.close()
         assert ("a", False, "first check: #1") in changes
         assert not [c for c in changes if c[0] == "d"]   # a removal is not a state change
+    run(main())
+
+
+def test_update_before_the_first_check_stays_provisional():
+    """A target changed before its first check is still "never checked": its
+    first failure takes it down at once, as at start."""
+    async def main():
+        script = Script({1: [False], 2: [False]})
+        changes: list[tuple] = []
+        mon = HealthMonitor(lambda *c: changes.append(c), checker=script, rng=ZeroRng())
+        mon.update([HealthTarget("a", FAST, LO, 1)])
+        mon.update([HealthTarget("a", FAST, LO, 2)])       # other port: a changed target
+        await eventually(lambda: len(changes) == 1)
+        await mon.close()
+        assert changes == [("a", False, "first check: #1")]
+        assert script.calls[1] == 0
     run(main())
 
 
