@@ -405,10 +405,10 @@ def _wait_ready(children: list[tuple[Proc, subprocess.Popen, int]], timeout: flo
                 os.close(fd)
 
 
-def _start_servers(state: LabState) -> None:
+def _start_servers(state: LabState, which: Sequence[int] | None = None) -> None:
     spec = state.spec
     started = []
-    for i in range(1, spec.backends + 1):
+    for i in which or range(1, spec.backends + 1):
         r, w = os.pipe()
         argv = [sys.executable, "-m", "lbcore.labservers", "--name", backend_name(i),
                 "--ready-fd", str(w)]
@@ -525,6 +525,30 @@ def up(spec: LabSpec | None = None, *, out: Callable[[str], object] = print) -> 
         f"balancer {'in ' + GW_NS if spec.balancer else 'not started'}; "
         f"VIP {VIP_V4}{' ' + VIP_V6 if spec.ipv6 else ''} tcp/{HTTP_PORT} udp/{UDP_PORT}")
     return state
+
+
+def stop_backend(i: int) -> None:
+    """Stop backend i's servers (its namespace stays): a backend failure, for health tests."""
+    with _locked():
+        state = load_state()
+        if state is None:
+            raise LabError("no lab is up")
+        for p in [p for p in state.processes if p.role == backend_name(i)]:
+            _stop(p)
+            state.processes.remove(p)
+        _save(state)
+
+
+def start_backend(i: int) -> None:
+    """Start backend i's servers again (after stop_backend)."""
+    with _locked():
+        state = load_state()
+        if state is None:
+            raise LabError("no lab is up")
+        if any(p.role == backend_name(i) and proc_alive(p) for p in state.processes):
+            return
+        _start_servers(state, [i])
+        _save(state)
 
 
 def stop_balancer(sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> bool:
