@@ -1,0 +1,44 @@
+#!/bin/bash
+# gateway.sh VIP BACKEND_IP... — in the gateway VM: write the balancer's config
+# and start `lbcore run` (tun mode) as a transient systemd service. lbcore
+# itself creates the TUN device, routes the VIP into it, adds the return-path
+# rule and sets the sysctls (forwarding, rp_filter), through pyroute2, as on a
+# real gateway; this script only supplies the config and the tun module.
+set -euo pipefail
+VIP=$1; shift
+CONF=/etc/lbcore/lbcore.toml
+modprobe tun
+mkdir -p /etc/lbcore
+pool() { # port: the pool's backends = every backend VM on that port
+  local sep="" b
+  printf 'backends = ['
+  for b in "$@"; do printf '%s\n  {address = "%s", port = %s, weight = 1}' "$sep" "$b" "$PORT"; sep=,; done
+  printf ',\n]\n'
+}
+{
+  echo '# written by vagrant/provision/gateway.sh: the VIP of the namespace lab, every backend VM'
+  printf '[global]\nmode = "tun"\nworkers = 1\ntun_name = "lbtun0"\n\n'
+  printf '[[vip]]\naddress = "%s"\nport = 80\nprotocol = "tcp"\npool = "web"\n\n' "$VIP"
+  printf '[[vip]]\naddress = "%s"\nport = 5300\nprotocol = "udp"\npool = "dns"\n\n' "$VIP"
+  printf '[pool.web]\n'; PORT=80 pool "$@"; echo
+  printf '[pool.dns]\n'; PORT=5300 pool "$@"
+} >"$CONF"
+cat "$CONF"
+lbcore check-config "$CONF"
+# re-provisioning replaces the running balancer
+systemctl stop lbcore.service 2>/dev/null || true
+systemctl reset-failed lbcore.service 2>/dev/null || true
+systemd-run --unit=lbcore --description="lbcore balancer (VM lab)" \
+  /opt/lbcore/bin/lbcore run -c "$CONF"
+# bounded wait until the balancer has routed the VIP (into its TUN device)
+for _ in $(seq 120); do
+  ip -4 route get "$VIP" 2>/dev/null | grep -q 'dev lbtun0' && break
+  systemctl is-active -q lbcore.service || break
+  sleep 0.5
+done
+if ! ip -4 route get "$VIP" | grep -q 'dev lbtun0'; then
+  echo "gateway: lbcore did not route $VIP into lbtun0" >&2
+  journalctl -u lbcore.service --no-pager | tail -30 >&2
+  exit 1
+fi
+echo "gateway: lbcore runs; $(ip -4 route get "$VIP" | head -1)"
