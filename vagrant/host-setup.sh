@@ -20,6 +20,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # never start libvirt's NAT'ed 'default' network (192.168.122.0/24)
 rm -f /etc/libvirt/qemu/networks/autostart/default.xml
+# Without udev /dev/kvm stays root-only 0600. libvirt then probes QEMU with KVM,
+# finds the device inaccessible to the qemu user, calls its capability cache
+# stale and probes again, 4 s on every API call: `vagrant up` crawls. Give it
+# the mode Debian's udev rule gives it (the lab itself runs TCG here anyway).
+if [ -c /dev/kvm ] && [ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+rm -f /etc/libvirt/qemu/networks/autostart/default.xml
 
 if [ -n "$LB_VM_NETNS" ]; then
   [ -e "/run/netns/$LB_VM_NETNS" ] || ip netns add "$LB_VM_NETNS"

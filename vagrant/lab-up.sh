@@ -25,5 +25,7 @@ if ! vagrant box list 2>/dev/null | grep -q "^$BOX "; then
   fi
 fi
 t=$(date +%s)
-timeout "${LB_UP_TIMEOUT:-2400}" ./vg up --provider=libvirt "$@"
+# (the sed drops the box upload's progress meter, one update per percent)
+timeout "${LB_UP_TIMEOUT:-2400}" ./vg up --provider=libvirt "$@" 2>&1 \
+  | sed -u -e 's/\x1b\[K//g' -e 's/Progress: [0-9]*%//g' -e '/^ *$/d'
 echo "lab-up: vagrant up ($(./vg status --machine-readable | grep -c ',state,running') VMs running) $(secs "$t")"

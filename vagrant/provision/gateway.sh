@@ -9,20 +9,7 @@ VIP=$1; shift
 CONF=/etc/lbcore/lbcore.toml
 modprobe tun
 mkdir -p /etc/lbcore
-pool() { # port: the pool's backends = every backend VM on that port
-  local sep="" b
-  printf 'backends = ['
-  for b in "$@"; do printf '%s\n  {address = "%s", port = %s, weight = 1}' "$sep" "$b" "$PORT"; sep=,; done
-  printf ',\n]\n'
-}
-{
-  echo '# written by vagrant/provision/gateway.sh: the VIP of the namespace lab, every backend VM'
-  printf '[global]\nmode = "tun"\nworkers = 1\ntun_name = "lbtun0"\n\n'
-  printf '[[vip]]\naddress = "%s"\nport = 80\nprotocol = "tcp"\npool = "web"\n\n' "$VIP"
-  printf '[[vip]]\naddress = "%s"\nport = 5300\nprotocol = "udp"\npool = "dns"\n\n' "$VIP"
-  printf '[pool.web]\n'; PORT=80 pool "$@"; echo
-  printf '[pool.dns]\n'; PORT=5300 pool "$@"
-} >"$CONF"
+bash /tmp/lbconfig.sh "$VIP" "$@" >"$CONF"   # uploaded by the Vagrantfile
 cat "$CONF"
 lbcore check-config "$CONF"
 # re-provisioning replaces the running balancer

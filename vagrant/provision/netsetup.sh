@@ -6,8 +6,9 @@
 set -euo pipefail
 exec 9>/run/lbv-netsetup.lock; flock -w 120 9   # the trigger runs once per VM, in parallel
 define() { # name bridge [host-ip]
-  if virsh -q net-info "$1" >/dev/null 2>&1; then
-    virsh -q net-info "$1" | grep -q '^Active: *yes' || virsh -q net-start "$1"
+  local info
+  if info=$(virsh -q net-info "$1" 2>/dev/null); then   # (not a pipe into grep -q: pipefail)
+    [[ $info =~ Active:\ *yes ]] || virsh -q net-start "$1"
     return
   fi
   local ipxml="" isolate=""
