@@ -1,1 +1,443 @@
-# dataplane.pxi - (to be written)
+# dataplane.pxi - the Dataplane: flow table, published forwarding table,
+# worker loops. The only `with nogil` sites that run the packet path are here.
+import ipaddress as _ipaddress
+import os as _dp_os
+
+PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+
+
+cdef int _dp_fill_addr(uint8_t *dst16, uint8_t *family, object addr) except -1:
+    """Address (str or ipaddress object) -> 16 bytes + LB_AF_* (IPv4 zero-padded)."""
+    ip = addr if isinstance(addr, (_ipaddress.IPv4Address, _ipaddress.IPv6Address)) \
+        else _ipaddress.ip_address(addr)
+    cdef bytes b = ip.packed
+    memset(dst16, 0, 16)
+    memcpy(dst16, <const char *>b, len(b))
+    family[0] = LB_AF_INET if ip.version == 4 else LB_AF_INET6
+    return 0
+
+
+cdef object _dp_addr_str(const uint8_t *a16, uint8_t family):
+    if family == LB_AF_INET:
+        return str(_ipaddress.IPv4Address(bytes(a16[:4])))
+    return str(_ipaddress.IPv6Address(bytes(a16[:16])))
+
+
+cdef inline uint16_t _dp_be16(int v):
+    return <uint16_t>(((v & 0xff) << 8) | ((v >> 8) & 0xff))
+
+
+cdef dict _dp_entry_dict(const lb_flow_entry *e):
+    return {
+        "client": _dp_addr_str(e.client, e.family), "cport": _dp_be16(e.cport),
+        "vip": _dp_addr_str(e.vip, e.family), "vport": _dp_be16(e.vport),
+        "backend": _dp_addr_str(e.backend, e.family), "bport": _dp_be16(e.bport),
+        "proto": e.proto, "state": FLOW_STATES.get(e.state, str(e.state)),
+        "vip_stat": e.vip_stat, "be_stat": e.be_stat, "last_seen": e.last_seen,
+    }
+
+
+@cython.final
+cdef class Dataplane:
+    """The C data plane: one flow table, the published forwarding table, and
+    `workers` worker slots (plus one private slot for `process()`).
+
+    Dataplane(workers=1, flow_capacity=1<<20, flow_seed=None, timeouts=None)
+      flow_seed: None = random per start (against hash flooding).
+      timeouts: ms per state, keys of DEFAULT_TIMEOUTS_MS; missing = default.
+    """
+    cdef lb_dataplane *dp
+    cdef readonly uint32_t workers
+    cdef object _lock
+
+    def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
+                  flow_seed=None, timeouts=None):
+        cdef lb_timeouts tmo
+        cdef uint64_t seed
+        if workers < 1 or workers > 256:
+            raise ValueError(f"workers must be 1..256, not {workers}")
+        if flow_capacity < 1 or flow_capacity > LB_FLOW_MAX:
+            raise ValueError(f"flow_capacity must be 1..{LB_FLOW_MAX}, not {flow_capacity}")
+        if flow_seed is None:
+            seed = int.from_bytes(_dp_os.urandom(8), "little")
+        else:
+            seed = <uint64_t>flow_seed
+        _dp_timeouts(&tmo, timeouts)
+        with nogil:
+            self.dp = lb_dp_new(workers, flow_capacity, seed, &tmo)
+        if self.dp == NULL:
+            raise MemoryError("cannot allocate the data plane")
+        self.workers = workers
+
+    def __dealloc__(self):
+        if self.dp != NULL:
+            lb_dp_free(self.dp)
+            self.dp = NULL
+
+    # ---- forwarding table -------------------------------------------------
+
+    def publish(self, vips, uint64_t seed, uint32_t timeout_ms=2000):
+        """Build a forwarding table and publish it atomically.
+
+        vips: sequence of (address, port, proto, stat_id, ring_size, backends)
+        with backends a sequence of (address, port, weight, stat_id, draining).
+        A draining backend keeps its flows but gets no new ones (weight 0 in
+        the ring). Returns the number of ring slots that changed owner per VIP
+        is not tracked here; see lbcore.table for deltas. Raises ValueError on
+        a bad table (duplicate VIP, non-prime ring size, ...).
+        """
+        cdef lb_table *t = lb_table_new(len(vips), seed)
+        cdef lb_table *old
+        cdef lb_vip v
+        cdef lb_backend *bes = NULL
+        cdef uint32_t i, j, nb
+        cdef int rc
+        if t == NULL:
+            raise ValueError(f"cannot build a table of {len(vips)} VIPs (max {LB_MAX_VIPS})")
+        try:
+            for i, (addr, port, proto, stat_id, ring_size, backends) in enumerate(vips):
+                memset(&v, 0, sizeof(v))
+                _dp_fill_addr(v.addr, &v.family, addr)
+                v.port = _dp_be16(port)
+                v.proto = PROTO_NUMBERS.get(proto, proto)
+                v.stat_id = stat_id
+                v.ring_size = ring_size
+                nb = len(backends)
+                bes = <lb_backend *>calloc(nb if nb else 1, sizeof(lb_backend))
+                if bes == NULL:
+                    raise MemoryError()
+                for j, (baddr, bport, weight, bstat, draining) in enumerate(backends):
+                    _dp_fill_addr(bes[j].addr, &bes[j].family, baddr)
+                    if bes[j].family != v.family:
+                        raise ValueError(f"backend {baddr} is not of the family of VIP {addr}")
+                    if weight < 0:
+                        raise ValueError(f"negative weight {weight} for backend {baddr}")
+                    bes[j].port = _dp_be16(bport)
+                    bes[j].stat_id = bstat
+                    bes[j].weight = 0 if draining else weight
+                    bes[j].flags = F_BACKEND_DRAINING if draining else 0
+                with nogil:
+                    rc = lb_table_set_vip(t, i, &v, bes, nb)
+                free(bes)
+                bes = NULL
+                if rc < 0:
+                    raise convert_errno(rc, f"VIP {addr}:{port}/{proto}")
+            rc = lb_table_seal(t)
+            if rc < 0:
+                raise convert_errno(rc, "sealing the forwarding table (duplicate VIP?)")
+        except BaseException:
+            free(bes)
+            lb_table_free(t)
+            raise
+        with nogil:
+            old = lb_dp_publish(self.dp, t)
+            rc = lb_dp_synchronize(self.dp, timeout_ms)
+        if rc < 0:
+            # a worker is stuck inside a batch: leaking the old table is the
+            # only safe choice (freeing it could crash that worker)
+            raise TimeoutError("workers did not pass a quiescent point; old table leaked")
+        lb_table_free(old)
+
+    def clear(self):
+        """Publish no table: every packet is then dropped as no_vip."""
+        cdef lb_table *old
+        with nogil:
+            old = lb_dp_publish(self.dp, NULL)
+            lb_dp_synchronize(self.dp, 2000)
+        lb_table_free(old)
+
+    def pick(self, src, int sport, dst, int dport, proto):
+        """Which backend the live table gives a NEW flow: (vip_stat, backend
+        index, backend address, backend port) or None when dst is no VIP or
+        the VIP has no usable backend. Existing flows: see lookup()."""
+        cdef lb_flow_key k
+        cdef const lb_vip *vip
+        cdef uint16_t idx
+        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
+        cdef const lb_table *t
+        _dp_fill_key(&k, src, dst, sport, dport, PROTO_NUMBERS.get(proto, proto))
+        self._lock.acquire()
+        t = lb_dp_enter(w)
+        try:
+            if t == NULL:
+                return None
+            vip = lb_table_find_vip(t, &k)
+            if vip == NULL:
+                return None
+            idx = lb_maglev_pick(vip, &k, t.sel_seed)
+            if idx == LB_RING_EMPTY or idx >= vip.n_backends:
+                return (vip.stat_id, None, None, None)
+            return (vip.stat_id, idx, _dp_addr_str(vip.backends[idx].addr, vip.family),
+                    _dp_be16(vip.backends[idx].port))
+        finally:
+            lb_dp_leave(w)
+            self._lock.release()
+
+    # ---- packets ----------------------------------------------------------
+
+    def process(self, packets, now=None):
+        """Run the pipeline over IP packets (bytes) with the published table,
+        exactly as a worker does: returns [(verdict, reason, out_bytes)]."""
+        cdef Py_ssize_t n = len(packets), i
+        cdef uint32_t stride = 0
+        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
+        cdef uint8_t *buf
+        cdef uint32_t *lens
+        cdef uint8_t *verdicts
+        cdef uint8_t *reasons
+        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
+        if n == 0:
+            return []
+        for p in packets:
+            stride = max(stride, len(p))
+        stride = max(stride, 1)
+        buf = <uint8_t *>calloc(n, stride)
+        lens = <uint32_t *>calloc(n, sizeof(uint32_t))
+        verdicts = <uint8_t *>calloc(n, 1)
+        reasons = <uint8_t *>calloc(n, 1)
+        try:
+            if not (buf and lens and verdicts and reasons):
+                raise MemoryError()
+            for i, p in enumerate(packets):
+                memcpy(buf + i * stride, <const char *>p, len(p))
+                lens[i] = len(p)
+            with self._lock:
+                with nogil:
+                    lb_process_batch(w, buf, stride, lens, verdicts, reasons, n, tnow)
+            return [(verdicts[i], DROP_REASONS[reasons[i]],
+                     bytes(buf[i * stride: i * stride + lens[i]])) for i in range(n)]
+        finally:
+            free(buf)
+            free(lens)
+            free(verdicts)
+            free(reasons)
+
+    def process_repeat(self, packets, uint32_t rounds, now=None):
+        """Benchmark entry: copy the packets into one buffer once, then run
+        the pipeline over them `rounds` times in one nogil call (each round
+        re-copies the pristine packets, as a device read would). Returns the
+        number of LB_TX verdicts."""
+        cdef Py_ssize_t n = len(packets), i
+        cdef uint32_t stride = 0, r, sent = 0
+        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
+        cdef uint8_t *orig
+        cdef uint8_t *buf
+        cdef uint32_t *lens
+        cdef uint8_t *verdicts
+        cdef uint8_t *reasons
+        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
+        if n == 0:
+            return 0
+        for p in packets:
+            stride = max(stride, len(p))
+        orig = <uint8_t *>calloc(n, stride)
+        buf = <uint8_t *>calloc(n, stride)
+        lens = <uint32_t *>calloc(n, sizeof(uint32_t))
+        verdicts = <uint8_t *>calloc(n, 1)
+        reasons = <uint8_t *>calloc(n, 1)
+        try:
+            if not (orig and buf and lens and verdicts and reasons):
+                raise MemoryError()
+            for i, p in enumerate(packets):
+                memcpy(orig + i * stride, <const char *>p, len(p))
+                lens[i] = len(p)
+            with self._lock:
+                with nogil:
+                    for r in range(rounds):
+                        memcpy(buf, orig, n * stride)
+                        sent += lb_process_batch(w, buf, stride, lens, verdicts, reasons,
+                                                 n, tnow)
+            return sent
+        finally:
+            free(orig)
+            free(buf)
+            free(lens)
+            free(verdicts)
+            free(reasons)
+
+    # ---- worker loops -----------------------------------------------------
+
+    def run_worker(self, uint32_t i, int fd, bint vnet_hdr=False):
+        """Run worker i on a TUN queue fd until stop(); blocks, GIL released.
+        Call from a thread of its own. Raises OSError on a device error."""
+        cdef lb_worker *w
+        cdef int rc
+        if i >= self.workers:
+            raise IndexError(f"worker {i} of {self.workers}")
+        w = lb_dp_worker(self.dp, i)
+        w.fd = fd
+        w.vnet_hdr = vnet_hdr
+        with nogil:
+            rc = lb_loop_run_tun(w)
+        w.fd = -1
+        if rc < 0:
+            raise convert_errno(rc, f"worker {i}")
+
+    def stop(self):
+        """Ask every worker loop to return (within its 100 ms poll timeout)."""
+        lb_dp_set_stop(self.dp, 1)
+
+    def reset_stop(self):
+        lb_dp_set_stop(self.dp, 0)
+
+    # ---- flow table -------------------------------------------------------
+
+    def expire(self, now=None, uint32_t max_entries=1 << 20):
+        """Remove up to max_entries idle flows; returns how many."""
+        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
+        cdef uint32_t n
+        with nogil:
+            n = lb_flow_expire(lb_dp_flows(self.dp), tnow, max_entries)
+        return n
+
+    def purge_backend(self, addr, int port, proto):
+        """Forget every flow pinned to a backend (it failed or was removed):
+        their next packets are re-picked from the current table."""
+        cdef uint8_t a[16]
+        cdef uint8_t fam
+        cdef uint8_t pr = PROTO_NUMBERS.get(proto, proto)
+        cdef uint16_t pbe = _dp_be16(port)
+        cdef uint32_t n
+        _dp_fill_addr(a, &fam, addr)
+        with nogil:
+            n = lb_flow_purge_backend(lb_dp_flows(self.dp), a, pbe, pr)
+        return n
+
+    def flows(self, limit=None):
+        """Tracked flows as dicts (client, cport, vip, vport, backend, bport,
+        proto, state, ...), at most `limit`."""
+        cdef uint32_t cursor = 0, got, k
+        cdef lb_flow_entry buf[256]
+        out = []
+        while limit is None or len(out) < limit:
+            got = lb_flow_walk(lb_dp_flows(self.dp), &cursor, buf, 256)
+            if got == 0:
+                break
+            for k in range(got):
+                out.append(_dp_entry_dict(&buf[k]))
+        return out if limit is None else out[:limit]
+
+    def lookup(self, src, int sport, dst, int dport, proto, bint reverse=False):
+        """The tracked flow of a key (forward: client->VIP; reverse:
+        backend->client), or None. Refreshes it like a packet with no flags."""
+        cdef lb_flow_key k
+        cdef lb_flow_entry e
+        _dp_fill_key(&k, src, dst, sport, dport, PROTO_NUMBERS.get(proto, proto))
+        if lb_flow_lookup(lb_dp_flows(self.dp), &k, LB_DIR_REV if reverse else LB_DIR_FWD, 0,
+                          lb_now_ms(), &e):
+            return _dp_entry_dict(&e)
+        return None
+
+    @property
+    def flow_count(self):
+        return lb_flow_count(lb_dp_flows(self.dp))
+
+    @property
+    def flow_capacity(self):
+        return lb_flow_capacity(lb_dp_flows(self.dp))
+
+    @property
+    def flow_memory(self):
+        return lb_flow_memory(lb_dp_flows(self.dp))
+
+    def flow_counters(self):
+        cdef lb_flow_counters c
+        lb_flow_get_counters(lb_dp_flows(self.dp), &c)
+        return {"inserted": c.inserted, "refused_full": c.refused_full,
+                "refused_exists": c.refused_exists, "evicted_expired": c.evicted_expired,
+                "evicted_halfopen": c.evicted_halfopen, "expired": c.expired,
+                "deleted": c.deleted}
+
+    def active_flows(self, vip_stats=(), backend_stats=()):
+        ft = lb_dp_flows(self.dp)
+        return ({s: lb_flow_active_vip(ft, s) for s in vip_stats},
+                {s: lb_flow_active_backend(ft, s) for s in backend_stats})
+
+    # ---- counters ---------------------------------------------------------
+
+    def stats(self, vip_stats=(), backend_stats=()):
+        """Counters summed over all workers: totals, drops by reason, and
+        (packets, bytes, new_flows) for the given VIP / backend stat ids."""
+        cdef uint32_t i, r
+        cdef lb_worker *w
+        tot = dict(rx=0, tx=0, rx_bytes=0, tx_bytes=0, flow_hit=0, flow_miss=0,
+                   flow_new=0, loops=0, batches=0, tx_errors=0)
+        drops = [0] * LB_DROP__COUNT
+        vips = {s: [0, 0, 0] for s in vip_stats}
+        bes = {s: [0, 0, 0] for s in backend_stats}
+        workers = []
+        for i in range(self.workers + 1):
+            w = lb_dp_worker(self.dp, i)
+            s = w.stats
+            tot["rx"] += s.rx
+            tot["tx"] += s.tx
+            tot["rx_bytes"] += s.rx_bytes
+            tot["tx_bytes"] += s.tx_bytes
+            tot["flow_hit"] += s.flow_hit
+            tot["flow_miss"] += s.flow_miss
+            tot["flow_new"] += s.flow_new
+            tot["loops"] += s.loops
+            tot["batches"] += s.batches
+            tot["tx_errors"] += s.tx_errors
+            if i < self.workers:
+                workers.append({"rx": s.rx, "tx": s.tx, "loops": s.loops,
+                                "batches": s.batches})
+            for r in range(LB_DROP__COUNT):
+                drops[r] += s.drops[r]
+            for sid, acc in vips.items():
+                if sid < LB_MAX_STAT_IDS:
+                    acc[0] += s.vip[sid].packets
+                    acc[1] += s.vip[sid].bytes
+                    acc[2] += s.vip[sid].new_flows
+            for sid, acc in bes.items():
+                if sid < LB_MAX_STAT_IDS:
+                    acc[0] += s.backend[sid].packets
+                    acc[1] += s.backend[sid].bytes
+                    acc[2] += s.backend[sid].new_flows
+        tot["drops"] = {DROP_REASONS[r]: drops[r] for r in range(1, LB_DROP__COUNT)}
+        tot["vips"] = {k: tuple(v) for k, v in vips.items()}
+        tot["backends"] = {k: tuple(v) for k, v in bes.items()}
+        tot["workers"] = workers
+        return tot
+
+    def __init__(self, *args, **kwargs):
+        import threading
+        self._lock = threading.Lock()
+
+
+cdef int _dp_timeouts(lb_timeouts *tmo, object timeouts) except -1:
+    lb_flow_default_timeouts(tmo)
+    if not timeouts:
+        return 0
+    for key, val in timeouts.items():
+        if key == "tcp_syn":
+            tmo.tcp_syn = val
+        elif key == "tcp_established":
+            tmo.tcp_est = val
+        elif key == "tcp_fin":
+            tmo.tcp_fin = val
+        elif key == "tcp_close":
+            tmo.tcp_close = val
+        elif key == "udp":
+            tmo.udp = val
+        elif key == "udp_stream":
+            tmo.udp_stream = val
+        else:
+            raise ValueError(f"unknown timeout {key!r}; known: {sorted(DEFAULT_TIMEOUTS_MS)}")
+    return 0
+
+
+cdef int _dp_fill_key(lb_flow_key *k, src, dst, int sport, int dport, int proto) except -1:
+    cdef uint8_t f1, f2
+    memset(k, 0, sizeof(lb_flow_key))
+    _dp_fill_addr(k.src, &f1, src)
+    _dp_fill_addr(k.dst, &f2, dst)
+    if f1 != f2:
+        raise ValueError(f"{src} and {dst} are of different address families")
+    if not (0 <= sport <= 65535 and 0 <= dport <= 65535):
+        raise ValueError("ports must be 0..65535")
+    k.family = f1
+    k.sport = _dp_be16(sport)
+    k.dport = _dp_be16(dport)
+    k.proto = proto
+    return 0

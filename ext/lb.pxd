@@ -135,6 +135,7 @@ cdef extern from "lb_types.h" nogil:
         uint64_t rx, tx, rx_bytes, tx_bytes
         uint64_t flow_hit, flow_miss, flow_new
         uint64_t loops, batches
+        uint64_t tx_errors
         uint64_t drops[<int>LB_DROP__COUNT]
         lb_counter *vip
         lb_counter *backend
@@ -152,6 +153,7 @@ cdef extern from "lb_maglev.h" nogil:
 
 cdef extern from "lb_flow.h" nogil:
     const uint32_t F_FLOW_REV_SEEN
+    const uint32_t F_FLOW_EST_SEEN
     struct lb_flowtable:
         pass
     struct lb_flow_counters:
@@ -168,6 +170,9 @@ cdef extern from "lb_flow.h" nogil:
     void lb_flow_default_timeouts(lb_timeouts *tmo)
     int lb_flow_lookup(lb_flowtable *ft, const lb_flow_key *k, lb_dir dir,
                        uint8_t tcp_flags, uint32_t now, lb_flow_entry *out)
+    uint32_t lb_flow_lookup_batch(lb_flowtable *ft, const lb_flow_key *const *keys,
+                                  const uint8_t *dirs, const uint8_t *tcp_flags, uint32_t n,
+                                  uint32_t now, lb_flow_entry *out, uint8_t *hit)
     int lb_flow_insert(lb_flowtable *ft, lb_flow_entry *e, uint32_t now)
     int lb_flow_delete(lb_flowtable *ft, const lb_flow_key *k)
     uint32_t lb_flow_expire(lb_flowtable *ft, uint32_t now, uint32_t max)
@@ -180,6 +185,7 @@ cdef extern from "lb_flow.h" nogil:
     void lb_flow_get_counters(const lb_flowtable *ft, lb_flow_counters *out)
     uint32_t lb_flow_active_backend(const lb_flowtable *ft, uint32_t be_stat)
     uint32_t lb_flow_active_vip(const lb_flowtable *ft, uint32_t vip_stat)
+    int lb_flow_check(lb_flowtable *ft)
     void lb_flow_key_fwd(const lb_flow_entry *e, lb_flow_key *k)
     void lb_flow_key_rev(const lb_flow_entry *e, lb_flow_key *k)
 
@@ -215,6 +221,11 @@ cdef extern from "lb_loop.h" nogil:
     lb_table *lb_dp_publish(lb_dataplane *dp, lb_table *t)
     int lb_dp_synchronize(lb_dataplane *dp, uint32_t timeout_ms)
     uint32_t lb_now_ms()
+    lb_worker *lb_dp_worker(lb_dataplane *dp, uint32_t i)
+    lb_flowtable *lb_dp_flows(lb_dataplane *dp)
+    void lb_dp_set_stop(lb_dataplane *dp, int stop)
+    const lb_table *lb_dp_enter(lb_worker *w)
+    void lb_dp_leave(lb_worker *w)
     lb_verdict lb_process_packet(lb_worker *w, const lb_table *t, uint8_t *data,
                                  uint32_t len, uint32_t now, int csum_partial,
                                  lb_drop_reason *reason)
@@ -222,3 +233,7 @@ cdef extern from "lb_loop.h" nogil:
                               const uint32_t *lens, uint8_t *verdicts,
                               uint8_t *reasons, uint32_t n, uint32_t now)
     int lb_loop_run_tun(lb_worker *w)
+
+cdef extern from "lb_csum.h" nogil:
+    uint16_t lb_csum_fold(uint32_t sum)
+    uint32_t lb_csum_partial(const uint8_t *p, size_t n, uint32_t sum)

@@ -48,12 +48,35 @@ struct lb_table *lb_dp_publish(struct lb_dataplane *dp, struct lb_table *t);
  * quiescent point after the latest publish. 0 or -ETIMEDOUT. */
 int lb_dp_synchronize(struct lb_dataplane *dp, uint32_t timeout_ms);
 
+/* Small accessors for the control side (Cython), with the right atomics. */
+static inline struct lb_worker *lb_dp_worker(struct lb_dataplane *dp, uint32_t i)
+{
+    return &dp->workers[i];
+}
+static inline struct lb_flowtable *lb_dp_flows(struct lb_dataplane *dp) { return dp->ft; }
+static inline void lb_dp_set_stop(struct lb_dataplane *dp, int stop)
+{
+    __atomic_store_n(&dp->stop, stop, __ATOMIC_RELEASE);
+}
+/* Enter a read-side section on worker w: returns the current table, which
+ * stays valid until lb_dp_leave(w). */
+static inline const struct lb_table *lb_dp_enter(struct lb_worker *w)
+{
+    __atomic_store_n(&w->qs, __atomic_load_n(&w->dp->epoch, __ATOMIC_SEQ_CST), __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&w->dp->table, __ATOMIC_SEQ_CST);
+}
+static inline void lb_dp_leave(struct lb_worker *w)
+{
+    __atomic_store_n(&w->qs, LB_QS_OFFLINE, __ATOMIC_SEQ_CST);
+}
+
 /* Monotonic milliseconds (CLOCK_MONOTONIC_COARSE), the flow table's clock. */
 uint32_t lb_now_ms(void);
 
 /* The pipeline for one packet in data[0..len) (IP header first). The packet
  * is rewritten in place on LB_TX; on LB_DROP *reason says why. csum_partial:
- * the L4 checksum is CHECKSUM_PARTIAL (from a virtio_net_hdr). */
+ * nonzero: the L4 checksum is CHECKSUM_PARTIAL (virtio NEEDS_CSUM) and its
+ * value is the header's csum_start, which must be the L4 offset. */
 enum lb_verdict lb_process_packet(struct lb_worker *w, const struct lb_table *t,
                                   uint8_t *data, uint32_t len, uint32_t now,
                                   int csum_partial, enum lb_drop_reason *reason);

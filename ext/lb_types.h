@@ -154,6 +154,7 @@ struct lb_stats {
     uint64_t rx, tx, rx_bytes, tx_bytes;
     uint64_t flow_hit, flow_miss, flow_new;
     uint64_t loops, batches;     /* worker loop iterations / non-empty batches */
+    uint64_t tx_errors;          /* write() to the device failed */
     uint64_t drops[LB_DROP__COUNT];
     struct lb_counter *vip;      /* [LB_MAX_STAT_IDS], indexed by stat_id */
     struct lb_counter *backend;  /* [LB_MAX_STAT_IDS] */

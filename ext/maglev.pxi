@@ -1,1 +1,273 @@
-# maglev.pxi - (to be written)
+# maglev.pxi - the seeded flow hash and Maglev tables (ext/lb_hash.c,
+# ext/lb_maglev.c) seen from Python; included first by _core.pyx, so the
+# address/key helpers defined here (_addr16, _fill_key) serve the later .pxi.
+import socket as _socket
+
+cdef uint64_t _MASK64 = 0xFFFFFFFFFFFFFFFF
+
+# flow keys generated per pick_batch() call: 4096 keys x 40 bytes = 160 KiB,
+# enough distinct flows to touch every cache line of a 65537-slot ring
+cdef enum:
+    _BATCH_KEYS = 4096
+
+
+cdef tuple _addr16(str addr):
+    """(family, 16 bytes) of an IPv4 or IPv6 address string.
+
+    IPv4 fills the first 4 bytes and zeroes the rest (lb_types.h). Raises
+    ValueError naming the address if it is neither.
+    """
+    if addr is None:
+        raise ValueError("address is None")
+    try:
+        if ":" in addr:
+            return LB_AF_INET6, _socket.inet_pton(_socket.AF_INET6, addr)
+        return LB_AF_INET, _socket.inet_pton(_socket.AF_INET, addr) + bytes(12)
+    except (OSError, UnicodeError, ValueError):
+        raise ValueError(f"not an IPv4 or IPv6 address: {addr!r}") from None
+
+
+cdef uint64_t _seed64(object seed) except? 0:
+    """A seed as uint64_t; ValueError outside [0, 2**64)."""
+    if not (0 <= seed <= _MASK64):
+        raise ValueError(f"seed must be in [0, 2**64): {seed!r}")
+    return <uint64_t>seed
+
+
+cdef int _fill_key(lb_flow_key *k, src, dst, sport, dport, proto) except -1:
+    """Fill a flow key from a Python 5-tuple: addresses as strings, ports in
+    host order (stored big-endian, as the packet has them), pad zeroed."""
+    cdef bytes s16, d16
+    fs, s16 = _addr16(src)
+    fd, d16 = _addr16(dst)
+    if fs != fd:
+        raise ValueError(f"address families differ: {src!r}, {dst!r}")
+    if not (0 <= sport <= 0xFFFF):
+        raise ValueError(f"sport out of range: {sport!r}")
+    if not (0 <= dport <= 0xFFFF):
+        raise ValueError(f"dport out of range: {dport!r}")
+    if not (0 <= proto <= 0xFF):
+        raise ValueError(f"proto out of range: {proto!r}")
+    memset(k, 0, sizeof(lb_flow_key))
+    memcpy(k.src, <const char *>s16, 16)
+    memcpy(k.dst, <const char *>d16, 16)
+    cdef uint8_t *p = <uint8_t *>&k.sport
+    p[0] = <uint8_t>(sport >> 8)
+    p[1] = <uint8_t>(sport & 0xFF)
+    p = <uint8_t *>&k.dport
+    p[0] = <uint8_t>(dport >> 8)
+    p[1] = <uint8_t>(dport & 0xFF)
+    k.proto = <uint8_t>proto
+    k.family = <uint8_t>fs
+    return 0
+
+
+cdef int _fill_backends(lb_backend *out, list backends) except -1:
+    """Fill out[0..len) from (address, port, weight) tuples; ValueError names
+    the bad entry."""
+    cdef Py_ssize_t i
+    cdef bytes a16
+    cdef uint8_t *p
+    for i, entry in enumerate(backends):
+        try:
+            addr, port, weight = entry
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"backend {i}: expected (address, port, weight), got {entry!r}") from None
+        try:
+            fam, a16 = _addr16(addr)
+        except (ValueError, TypeError):
+            raise ValueError(f"backend {i}: not an IPv4 or IPv6 address: {addr!r}") from None
+        if not (0 <= port <= 0xFFFF):
+            raise ValueError(f"backend {i}: port out of range: {port!r}")
+        if weight < 0:
+            raise ValueError(f"backend {i}: negative weight: {weight!r}")
+        if weight > 0xFFFFFFFF:
+            raise ValueError(f"backend {i}: weight too large (max 2**32-1): {weight!r}")
+        memset(&out[i], 0, sizeof(lb_backend))
+        memcpy(out[i].addr, <const char *>a16, 16)
+        p = <uint8_t *>&out[i].port
+        p[0] = <uint8_t>(port >> 8)
+        p[1] = <uint8_t>(port & 0xFF)
+        out[i].family = <uint8_t>fam
+        out[i].stat_id = <uint32_t>i
+        out[i].weight = <uint32_t>weight
+    return 0
+
+
+cdef bytearray _build_ring(list backends, object ring_size, uint64_t seed):
+    """Populate a ring (M uint16 slots, native order) into a new bytearray."""
+    cdef Py_ssize_t n = len(backends)
+    if not (2 <= ring_size <= LB_RING_SIZE_MAX) or not lb_maglev_is_prime(<uint32_t>ring_size):
+        raise ValueError(
+            f"ring size must be a prime in [2, {LB_RING_SIZE_MAX}], got {ring_size!r}")
+    if n > LB_MAX_BACKENDS:
+        raise ValueError(f"too many backends: {n} > {LB_MAX_BACKENDS}")
+    cdef uint32_t M = <uint32_t>ring_size
+    cdef bytearray buf = bytearray(2 * <Py_ssize_t>M)
+    cdef uint16_t *ring = <uint16_t *><char *>buf
+    cdef lb_backend *bk = <lb_backend *>calloc(n if n > 0 else 1, sizeof(lb_backend))
+    cdef int rc
+    if bk == NULL:
+        raise MemoryError("maglev: backend array")
+    try:
+        _fill_backends(bk, backends)
+        with nogil:
+            rc = lb_maglev_populate(ring, M, bk, <uint32_t>n, seed)
+    finally:
+        free(bk)
+    if rc < 0:
+        raise convert_errno(rc, "lb_maglev_populate")
+    return buf
+
+
+def is_prime(n: int) -> bool:
+    """True if n is prime; deterministic for 0 <= n < 2**32 (ValueError outside)."""
+    if not (0 <= n <= 0xFFFFFFFF):
+        raise ValueError(f"is_prime is defined for 0 <= n < 2**32: {n!r}")
+    return lb_maglev_is_prime(<uint32_t>n) != 0
+
+
+def hash_bytes(const unsigned char[:] data, seed: int) -> int:
+    """lb_hash_bytes: the seeded 64-bit hash of a bytes-like object."""
+    cdef uint64_t s = _seed64(seed)
+    cdef Py_ssize_t n = data.shape[0]
+    cdef const unsigned char *p = &data[0] if n > 0 else <const unsigned char *>""
+    return lb_hash_bytes(p, <size_t>n, s)
+
+
+def hash_flow(str src, str dst, sport: int, dport: int, proto: int, seed: int) -> int:
+    """lb_hash_flow of the 5-tuple: addresses v4 or v6 (both the same family),
+    ports in host order. The seed is the config's selection seed."""
+    cdef lb_flow_key k
+    cdef uint64_t s = _seed64(seed)
+    _fill_key(&k, src, dst, sport, dport, proto)
+    return lb_hash_flow(&k, s)
+
+
+def flow_key(str src, str dst, sport: int, dport: int, proto: int) -> bytes:
+    """The 40 bytes of struct lb_flow_key as the C core builds them (for tests
+    and for comparing with lbcore.reference.hash.flow_key)."""
+    cdef lb_flow_key k
+    _fill_key(&k, src, dst, sport, dport, proto)
+    return (<char *>&k)[:sizeof(lb_flow_key)]
+
+
+def maglev_ring(backends, ring_size=RING_SIZE, seed=0):
+    """Build a Maglev ring (lb_maglev_populate) and return it as a memoryview
+    of uint16: ring_size slots of indexes into `backends`, RING_EMPTY where no
+    backend has positive weight.
+
+    backends: sequence of (address: str, port: int, weight: int).
+    Raises ValueError for a non-prime or out-of-range ring_size, too many
+    backends, a bad address/port, a negative weight or a bad seed.
+    """
+    return memoryview(_build_ring(list(backends), ring_size, _seed64(seed))).cast("H")
+
+
+@cython.final
+cdef class MaglevTable:
+    """One VIP's Maglev table: the ring plus a pick() that runs the same C
+    path as the data plane (lb_maglev_pick). Immutable once built; a change
+    of backends is a new MaglevTable (DESIGN.md: build aside, then swap)."""
+
+    cdef lb_vip vip
+    cdef bytes _ring          # owns vip.ring; never written after the build
+    cdef uint64_t _seed
+    cdef Py_ssize_t _n
+
+    def __init__(self, backends, ring_size=RING_SIZE, seed=0):
+        """backends: sequence of (address, port, weight); raises ValueError as
+        maglev_ring() does."""
+        cdef list bl = list(backends)
+        self._seed = _seed64(seed)
+        self._ring = bytes(_build_ring(bl, ring_size, self._seed))
+        self._n = len(bl)
+        memset(&self.vip, 0, sizeof(lb_vip))
+        self.vip.ring_size = <uint32_t>ring_size
+        self.vip.n_backends = <uint32_t>self._n
+        self.vip.ring = <uint16_t *><const char *>self._ring
+
+    @property
+    def ring(self):
+        """The ring as a read-only memoryview of uint16."""
+        return memoryview(self._ring).cast("H")
+
+    @property
+    def ring_size(self) -> int:
+        return self.vip.ring_size
+
+    @property
+    def n_backends(self) -> int:
+        return self._n
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    def pick(self, str src, str dst, sport: int, dport: int, proto: int):
+        """Index (into the backends given) that the flow goes to, or None if
+        the table has no backend of positive weight."""
+        cdef lb_flow_key k
+        _fill_key(&k, src, dst, sport, dport, proto)
+        cdef uint16_t v = lb_maglev_pick(&self.vip, &k, self._seed)
+        return None if v == LB_RING_EMPTY else v
+
+    def pick_batch(self, Py_ssize_t n, uint32_t seed_offset=0) -> int:
+        """Run n picks in a nogil C loop over generated IPv4 TCP flow keys
+        (4096 distinct ones, varied by seed_offset) and return the sum of the
+        picked slots' values: a checksum so the loop cannot be optimised away.
+        For the benchmark: picks/s of hash + index, as on the packet path."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0: {n!r}")
+        cdef lb_flow_key *keys = <lb_flow_key *>calloc(_BATCH_KEYS, sizeof(lb_flow_key))
+        if keys == NULL:
+            raise MemoryError("pick_batch: keys")
+        cdef uint32_t i, x, golden = 2654435761
+        cdef Py_ssize_t j
+        cdef uint64_t total = 0
+        cdef lb_vip *vip = &self.vip
+        cdef uint64_t seed = self._seed
+        with nogil:
+            for i in range(<uint32_t>_BATCH_KEYS):
+                # 198.18.x.y:port -> 198.19.0.1:80, a different flow each
+                x = (i + seed_offset) * golden
+                keys[i].src[0] = 198
+                keys[i].src[1] = 18
+                keys[i].src[2] = <uint8_t>(x >> 24)
+                keys[i].src[3] = <uint8_t>(x >> 16)
+                (<uint8_t *>&keys[i].sport)[0] = <uint8_t>(x >> 8)
+                (<uint8_t *>&keys[i].sport)[1] = <uint8_t>x
+                keys[i].dst[0] = 198
+                keys[i].dst[1] = 19
+                keys[i].dst[3] = 1
+                (<uint8_t *>&keys[i].dport)[1] = 80
+                keys[i].proto = 6
+                keys[i].family = LB_AF_INET
+            for j in range(n):
+                total += lb_maglev_pick(vip, &keys[j & (_BATCH_KEYS - 1)], seed)
+        free(keys)
+        return total
+
+    def counts(self) -> list:
+        """Slots owned by each backend, by index (RING_EMPTY slots not counted)."""
+        cdef uint32_t s
+        cdef uint16_t v
+        cdef const uint16_t *ring = self.vip.ring
+        cdef uint32_t *acc = <uint32_t *>calloc(self._n + 1, sizeof(uint32_t))
+        if acc == NULL:
+            raise MemoryError("counts")
+        for s in range(self.vip.ring_size):
+            v = ring[s]
+            if v != LB_RING_EMPTY:
+                acc[v] += 1
+        c = [acc[v] for v in range(self._n)]
+        free(acc)
+        return c
+
+    def __len__(self):
+        return self.vip.ring_size
+
+    def __repr__(self):
+        return (f"<MaglevTable ring_size={self.vip.ring_size} "
+                f"backends={self._n} seed={self._seed:#x}>")

@@ -52,6 +52,31 @@ def _build_parser() -> argparse.ArgumentParser:
     lsub.add_parser("down", help="remove everything the lab made (idempotent)")
     lsub.add_parser("status", help="show the lab and where its config, socket and log are")
 
+    def ctl(name: str, **kw) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, **kw)
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help="config file, to find the control socket")
+        sp.add_argument("-s", "--socket", help="control socket path (overrides the config)")
+        return sp
+
+    st = ctl("status", help="VIPs, backends, health, weights, flows and counters")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    fl = ctl("flows", help="list tracked flows")
+    fl.add_argument("--vip", help="only flows of this VIP (name or ADDR[:PORT])")
+    fl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    fl.add_argument("--json", action="store_true")
+    pk = ctl("pick", help="which backend a flow goes to, and why")
+    pk.add_argument("vip", help="VIP name or ADDR[:PORT]")
+    pk.add_argument("src", help="client address")
+    pk.add_argument("sport", type=int, help="client port")
+    pk.add_argument("--proto", choices=["tcp", "udp"], help="protocol (default: the VIP's)")
+    be = ctl("backend", help="drain, undrain or re-weight a backend at runtime")
+    be.add_argument("action", choices=["drain", "undrain", "weight"])
+    be.add_argument("vip", help="VIP name or ADDR[:PORT]")
+    be.add_argument("backend", help="backend ADDR[:PORT]")
+    be.add_argument("weight", type=int, nargs="?", help="new weight (for `weight`)")
+    ctl("reload", help="re-read the config and apply it without dropping flows (also SIGHUP)")
+
     d = sub.add_parser("demo", help="lab up, real traffic, a report, lab down")
     d.add_argument("--backends", type=int, default=3)
     d.add_argument("--requests", type=int, default=300, help="HTTP requests (new connections)")
@@ -71,6 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import lab
         verbs = {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}
         return verbs[args.lab_cmd](args)
+    if args.cmd in ("status", "flows", "pick", "backend", "reload"):
+        from . import control
+        try:
+            return getattr(control, f"cmd_{args.cmd}")(args)
+        except control.ControlError as e:
+            print(f"lbcore {args.cmd}: {e}", file=sys.stderr)
+            return 1
     if args.cmd == "demo":
         from .demo import cmd_demo
         return cmd_demo(args)

@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# The shipped fixtures (nsname, netns_factory, lab): see lbcore/_testbase/netns.py.
+pytest_plugins = ["lbcore._testbase.netns"]
+
 
 def _netns_unavailable() -> str | None:
     if os.geteuid() != 0:

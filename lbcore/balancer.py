@@ -1,0 +1,302 @@
+"""The control class: what the operator and the health checks change, turned
+into forwarding tables for the data plane (katran's KatranLb analogue).
+
+Balancer(dataplane) holds the desired state - VIPs, their backends, each
+backend's health, drain flag and weight - and after every change builds a new
+Maglev table in C and publishes it atomically (`Dataplane.publish`). Verbs
+follow STYLE.md rule 7: add_vip/del_vip/add_backend/del_backend/
+set_backend_weight/drain/set_health/pick; deleting something absent is a no-op.
+
+Flow semantics on a change (DESIGN.md "Selection and flow state"):
+  - draining: weight 0 in the ring, but its flows stay pinned to it;
+  - down (health) or removed: weight 0 / gone, and its flows are purged from
+    the flow table after the publish, so their next packets are re-picked;
+  - weight change: the ring moves the minimum of slots (Maglev); established
+    flows keep their backend through the flow table.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+log = logging.getLogger("lbcore.balancer")
+
+IPAddress = IPv4Address | IPv6Address
+PROTO = {"tcp": 6, "udp": 17}
+
+
+@dataclass
+class BackendState:
+    address: IPAddress
+    port: int
+    weight: int                   # configured weight
+    stat_id: int
+    up: bool = True
+    draining: bool = False
+    weight_override: int | None = None
+    last_change: float = field(default_factory=time.time)
+    reason: str = "configured"
+    up_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[IPAddress, int]:
+        return (self.address, self.port)
+
+    def effective_weight(self, slow_start: float, now: float) -> int:
+        """Weight in the ring: 0 when down or draining; ramps up linearly
+        during slow start after the backend came up."""
+        if not self.up or self.draining:
+            return 0
+        w = self.weight if self.weight_override is None else self.weight_override
+        if slow_start > 0 and w > 0:
+            frac = (now - self.up_since) / slow_start
+            if frac < 1:
+                return max(1, int(w * max(frac, 0.0)))
+        return w
+
+
+@dataclass
+class VipState:
+    name: str
+    address: IPAddress
+    port: int
+    proto: str
+    pool: str
+    stat_id: int
+    ring_size: int
+    slow_start: float = 0.0
+    backends: dict[tuple[IPAddress, int], BackendState] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[IPAddress, int, str]:
+        return (self.address, self.port, self.proto)
+
+
+class Balancer:
+    """Desired forwarding state -> published tables.
+
+    dataplane: anything with publish(vips, seed), purge_backend(addr, port,
+    proto) and pick(...) (lbcore._core.Dataplane, or a fake in tests).
+    """
+
+    def __init__(self, dataplane, seed: int = 0, ring_size: int = 65537) -> None:
+        self.dp = dataplane
+        self.seed = seed
+        self.ring_size = ring_size
+        self.vips: dict[tuple[IPAddress, int, str], VipState] = {}
+        self._next_vip_stat = 0
+        self._next_be_stat = 0
+        self.rebuilds = 0
+        self.last_rebuild_s = 0.0
+        # (address, port, proto) whose flows go once the next table is live
+        self._purge_after_publish: list[tuple[IPAddress, int, str]] = []
+
+    # -- VIPs and backends -------------------------------------------------
+
+    def add_vip(self, name: str, address: str | IPAddress, port: int, proto: str,
+                pool: str = "", ring_size: int | None = None,
+                slow_start: float = 0.0) -> VipState:
+        addr = ip_address(address) if isinstance(address, str) else address
+        key = (addr, port, proto)
+        if key in self.vips:
+            v = self.vips[key]
+            v.name, v.pool, v.slow_start = name, pool, slow_start
+            v.ring_size = ring_size or self.ring_size
+            return v
+        v = VipState(name=name, address=addr, port=port, proto=proto, pool=pool,
+                     stat_id=self._alloc_vip_stat(), ring_size=ring_size or self.ring_size,
+                     slow_start=slow_start)
+        self.vips[key] = v
+        return v
+
+    def del_vip(self, key: tuple[IPAddress, int, str]) -> None:
+        v = self.vips.pop(key, None)
+        if v is not None:
+            for b in v.backends.values():
+                self._queue_purge(b, v)
+
+    def add_backend(self, vip: VipState, address: str | IPAddress, port: int,
+                    weight: int = 1) -> BackendState:
+        addr = ip_address(address) if isinstance(address, str) else address
+        if addr.version != vip.address.version:
+            raise ValueError(f"backend {addr} is not of the address family of VIP {vip.address}")
+        b = vip.backends.get((addr, port))
+        if b is not None:
+            b.weight = weight
+            return b
+        b = BackendState(address=addr, port=port, weight=weight, stat_id=self._alloc_be_stat())
+        vip.backends[(addr, port)] = b
+        return b
+
+    def del_backend(self, vip: VipState, key: tuple[IPAddress, int]) -> None:
+        b = vip.backends.pop(key, None)
+        if b is not None:
+            self._queue_purge(b, vip)
+
+    def configure(self, config) -> list[str]:
+        """Make the desired state match a Config (start and reload): add,
+        change and remove VIPs and backends; keep the health, drain and
+        weight state of everything that stays. Returns what changed, for
+        the log. Nothing is published: call publish() after."""
+        changes: list[str] = []
+        self.seed = config.hash_seed
+        self.ring_size = config.ring_size
+        want = {v.key: v for v in config.vips}
+        for key in [k for k in self.vips if k not in want]:
+            changes.append(f"removed VIP {self.vips[key].name}")
+            self.del_vip(key)
+        for key, vc in want.items():
+            pool = config.pool_of(vc)
+            if key not in self.vips:
+                changes.append(f"added VIP {vc.name or vc}")
+            v = self.add_vip(vc.name or str(vc), vc.address, vc.port, vc.protocol,
+                             pool=pool.name, ring_size=config.ring_size,
+                             slow_start=pool.slow_start)
+            bwant = {(b.address, b.port): b for b in pool.backends}
+            for bkey in [k for k in v.backends if k not in bwant]:
+                changes.append(f"removed backend {bkey[0]}:{bkey[1]} from {v.name}")
+                self.del_backend(v, bkey)
+            for bkey, bc in bwant.items():
+                old = v.backends.get(bkey)
+                if old is None:
+                    changes.append(f"added backend {bc.address}:{bc.port} to {v.name}")
+                elif old.weight != bc.weight:
+                    changes.append(f"weight of {bc.address}:{bc.port} in {v.name}: "
+                                   f"{old.weight} -> {bc.weight}")
+                self.add_backend(v, bc.address, bc.port, bc.weight)
+        return changes
+
+    # -- runtime changes ---------------------------------------------------
+
+    def find_backends(self, vip_spec: str | None, backend_spec: str
+                      ) -> list[tuple[VipState, BackendState]]:
+        """Backends matching 'ADDR[:PORT]' on VIPs matching 'NAME|ADDR[:PORT]'
+        (None = every VIP)."""
+        out = []
+        for v in self.vips.values():
+            if vip_spec is not None and not _vip_matches(v, vip_spec):
+                continue
+            for b in v.backends.values():
+                if _backend_matches(b, backend_spec):
+                    out.append((v, b))
+        return out
+
+    def set_health(self, vip: VipState, b: BackendState, up: bool, reason: str) -> bool:
+        """Record a health transition; True if it changed anything."""
+        if b.up == up:
+            return False
+        b.up = up
+        b.reason = reason
+        b.last_change = time.time()
+        if up:
+            b.up_since = time.monotonic()
+        else:
+            self._queue_purge(b, vip)
+        log.info("backend %s:%d of %s is %s (%s)", b.address, b.port, vip.name,
+                 "up" if up else "down", reason)
+        return True
+
+    def drain(self, vip: VipState, b: BackendState, draining: bool = True) -> bool:
+        if b.draining == draining:
+            return False
+        b.draining = draining
+        b.last_change = time.time()
+        b.reason = "drained by operator" if draining else "undrained by operator"
+        log.info("backend %s:%d of %s %s", b.address, b.port, vip.name,
+                 "draining" if draining else "undrained")
+        return True
+
+    def set_backend_weight(self, vip: VipState, b: BackendState, weight: int) -> bool:
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, not {weight}")
+        if b.weight_override == weight:
+            return False
+        b.weight_override = weight
+        b.last_change = time.time()
+        b.reason = f"weight set to {weight}"
+        log.info("backend %s:%d of %s weight %d", b.address, b.port, vip.name, weight)
+        return True
+
+    def in_slow_start(self) -> bool:
+        now = time.monotonic()
+        return any(v.slow_start > 0 and b.up and now - b.up_since < v.slow_start
+                   for v in self.vips.values() for b in v.backends.values())
+
+    # -- tables ------------------------------------------------------------
+
+    def table_spec(self) -> list[tuple]:
+        """The forwarding table in Dataplane.publish()'s format."""
+        now = time.monotonic()
+        spec = []
+        for v in self.vips.values():
+            bes = [(b.address, b.port, b.effective_weight(v.slow_start, now), b.stat_id,
+                    b.draining) for b in v.backends.values()]
+            spec.append((v.address, v.port, v.proto, v.stat_id, v.ring_size, bes))
+        return spec
+
+    def publish(self) -> None:
+        """Build and publish the table; then forget the flows of backends that
+        went down or away (only now can no worker pick them any more)."""
+        t0 = time.perf_counter()
+        self.dp.publish(self.table_spec(), self.seed)
+        self.last_rebuild_s = time.perf_counter() - t0
+        self.rebuilds += 1
+        for addr, port, proto in self._purge_after_publish:
+            n = self.dp.purge_backend(str(addr), port, proto)
+            if n:
+                log.info("re-picking %d flows of %s:%d/%s", n, addr, port, proto)
+        self._purge_after_publish = []
+
+    def pick(self, vip_spec: str, src: str, sport: int, proto: str | None = None) -> dict:
+        """Which backend a flow from src:sport to the VIP goes to, and why."""
+        vips = [v for v in self.vips.values() if _vip_matches(v, vip_spec)
+                and (proto is None or v.proto == proto)]
+        if not vips:
+            raise KeyError(f"no VIP matches {vip_spec!r}")
+        v = vips[0]
+        flow = self.dp.lookup(src, sport, str(v.address), v.port, v.proto)
+        if flow is not None:
+            return {"vip": v.name, "backend": f"{flow['backend']}:{flow['bport']}",
+                    "why": f"tracked flow (state {flow['state']})"}
+        got = self.dp.pick(src, sport, str(v.address), v.port, v.proto)
+        if got is None or got[1] is None:
+            return {"vip": v.name, "backend": None, "why": "no usable backend"}
+        return {"vip": v.name, "backend": f"{got[2]}:{got[3]}",
+                "why": f"Maglev table slot (new flow; ring size {v.ring_size})"}
+
+    # -- internals -----------------------------------------------------------
+
+    def _queue_purge(self, b: BackendState, vip: VipState) -> None:
+        self._purge_after_publish.append((b.address, b.port, vip.proto))
+
+    def _alloc_vip_stat(self) -> int:
+        self._next_vip_stat += 1
+        if self._next_vip_stat >= 65536:
+            raise RuntimeError("out of VIP counter slots; restart lbcore")
+        return self._next_vip_stat
+
+    def _alloc_be_stat(self) -> int:
+        self._next_be_stat += 1
+        if self._next_be_stat >= 65536:
+            raise RuntimeError("out of backend counter slots; restart lbcore")
+        return self._next_be_stat
+
+
+def _vip_matches(v: VipState, spec: str) -> bool:
+    if spec in (v.name, str(v.address), f"{v.address}:{v.port}",
+                f"[{v.address}]:{v.port}", f"{v.address}:{v.port}/{v.proto}"):
+        return True
+    return False
+
+
+def _backend_matches(b: BackendState, spec: str) -> bool:
+    return spec in (str(b.address), f"{b.address}:{b.port}", f"[{b.address}]:{b.port}")
+
+
+def iter_backends(vips: Iterable[VipState]):
+    for v in vips:
+        for b in v.backends.values():
+            yield v, b

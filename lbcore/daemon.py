@@ -1,0 +1,276 @@
+"""`lbcore run`: the balancer process.
+
+One asyncio control plane in the main thread (signals, health checks, the
+control socket, metrics, flow expiry) and one C worker loop per TUN queue in
+threads of their own, GIL released, pinned to CPUs. Start-up order makes a
+failure at any step undo the ones before it (AsyncExitStack): data plane and
+first table, TUN queues, gateway routes/rules/sysctls, workers, control.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from . import _core
+from .balancer import PROTO, Balancer
+from .config import Config, ConfigError, load_config
+from .gateway import Gateway, ReplyPath
+from .health import HealthMonitor, targets_from_config
+from .tun import close_tun, open_tun
+
+log = logging.getLogger("lbcore")
+
+EXPIRE_EVERY_S = 1.0
+SLOW_START_STEP_S = 1.0
+
+
+def setup_logging(level: str = "info", json_lines: bool = False) -> None:
+    """Structured logs: `time level logger message`, or one JSON per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        import json
+
+        class _Json(logging.Formatter):
+            def format(self, r: logging.LogRecord) -> str:
+                return json.dumps({"ts": round(r.created, 3), "level": r.levelname.lower(),
+                                   "logger": r.name, "msg": r.getMessage()})
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def worker_cpus(workers: int) -> list[int | None]:
+    """CPU for each worker: from the highest CPU down, leaving CPU 0 - where
+    interrupts and softirq work usually land - to the kernel as long as there
+    are enough CPUs (BASELINE.md lesson 5: receive livelock)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except OSError:
+        return [None] * workers
+    if len(cpus) <= 1:
+        return [None] * workers
+    order = list(reversed(cpus))
+    return [order[i % len(order)] for i in range(workers)]
+
+
+def reply_paths(bal: Balancer) -> list[ReplyPath]:
+    return [ReplyPath(b.address, PROTO[v.proto], b.port)
+            for v in bal.vips.values() for b in v.backends.values()]
+
+
+class Daemon:
+    """The running balancer. serve() returns the process exit code."""
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.dp: Any = None
+        self.balancer: Balancer | None = None
+        self.gateway: Gateway | None = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._threads: list[threading.Thread] = []
+        self._worker_error: BaseException | None = None
+        self._reload_lock = asyncio.Lock()
+        self.health: Any = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def serve(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
+                                      timeouts=cfg.timeouts.as_ms())
+            self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size)
+            for change in self.balancer.configure(cfg):
+                log.debug("%s", change)
+            self.balancer.publish()
+
+            fds, offload = open_tun(cfg.tun_name, cfg.workers, vnet_hdr=True)
+            stack.callback(close_tun, fds)
+            log.info("TUN %s: %d queue(s), offloads 0x%x", cfg.tun_name, len(fds), offload)
+
+            self.gateway = Gateway(cfg.tun_name, [v.address for v in cfg.vips],
+                                   reply_paths(self.balancer))
+            self.gateway.setup()
+            stack.callback(self.gateway.undo)
+
+            stack.callback(self._stop_workers)
+            for i, (fd, cpu) in enumerate(zip(fds, worker_cpus(cfg.workers), strict=True)):
+                t = threading.Thread(target=self._run_worker, args=(i, fd, cpu, loop),
+                                     name=f"lbcore-worker-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+            await self._start_control(stack)
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            stack.callback(self._remove_signal_handlers, loop)
+
+            housekeeping = asyncio.ensure_future(self._housekeeping())
+            stack.callback(housekeeping.cancel)
+
+            log.info("ready: %d VIP(s), %d backend(s), %d worker(s), mode %s",
+                     len(cfg.vips), cfg.backend_count(), cfg.workers, cfg.mode)
+            await self._stop.wait()
+            log.info("stopping")
+        if self._worker_error is not None:
+            log.error("a worker failed: %s", self._worker_error)
+            return 1
+        log.info("stopped cleanly")
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run_worker(self, i: int, fd: int, cpu: int | None,
+                    loop: asyncio.AbstractEventLoop) -> None:
+        if cpu is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {cpu})   # 0 = this thread
+        try:
+            self.dp.run_worker(i, fd, True)
+        except BaseException as e:  # noqa: BLE001 - reported, then shut down
+            self._worker_error = e
+            loop.call_soon_threadsafe(self._stop.set)
+
+    def _stop_workers(self) -> None:
+        if self.dp is None:
+            return
+        self.dp.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+            if t.is_alive():
+                log.error("%s did not stop", t.name)
+        self._threads.clear()
+
+    @staticmethod
+    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
+        """Health checks, then the control socket and metrics."""
+        from .control import start_control
+
+        self.health = HealthMonitor(on_change=self._on_health)
+        stack.push_async_callback(self.health.close)
+        self.health.update(targets_from_config(self.config))
+        await start_control(self, stack)
+
+    def _on_health(self, key, up: bool, reason: str) -> None:
+        """A backend of pool key[0] changed state (after rise/fall): every VIP
+        of that pool gets a new table."""
+        pool, address, port = key
+        assert self.balancer is not None
+        changed = False
+        for v in self.balancer.vips.values():
+            b = v.backends.get((address, port)) if v.pool == pool else None
+            if b is not None:
+                changed |= self.balancer.set_health(v, b, up, reason)
+        if changed:
+            self.republish()
+
+    def health_of(self, vip, backend) -> dict:
+        """Health-check status of one backend of one VIP, for `status`."""
+        if self.health is None:
+            return {}
+        key = (vip.pool, backend.address, backend.port)
+        if key not in self.health:
+            return {}
+        st = self.health.status(key)
+        return {"check": st.check_type, "last_result": st.last_result,
+                "last_check_at": st.last_check_at, "successes": st.successes,
+                "failures": st.failures}
+
+    async def _housekeeping(self) -> None:
+        """Flow expiry every second; table rebuilds while a slow start ramps."""
+        last_slow = 0.0
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            self.dp.expire()
+            assert self.balancer is not None
+            now = time.monotonic()
+            if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
+                self.balancer.publish()
+                last_slow = now
+
+    # -- changes -------------------------------------------------------------
+
+    def republish(self) -> None:
+        """Publish the balancer's current state (after drain/weight/health)."""
+        assert self.balancer is not None
+        self.balancer.publish()
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        """Re-read the config, validate, diff, apply. An invalid config is
+        refused with its errors and the running one stays."""
+        async with self._reload_lock:
+            if not self.config_path:
+                return False, ["no config file to reload"]
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as e:
+                log.error("reload refused, keeping the running config:\n%s", e)
+                return False, list(getattr(e, "errors", [str(e)]))
+            problems = _unreloadable(self.config, new)
+            if problems:
+                log.error("reload refused: %s", "; ".join(problems))
+                return False, problems
+            assert self.balancer is not None and self.gateway is not None
+            changes = self.balancer.configure(new)
+            self.gateway.set_vips([v.address for v in new.vips])
+            self.gateway.set_replies(reply_paths(self.balancer))
+            self.balancer.publish()
+            self.config = new
+            if self.health is not None:
+                self.health.update(targets_from_config(new))
+            for c in changes:
+                log.info("reload: %s", c)
+            log.info("reload applied: %d change(s)", len(changes))
+            return True, changes
+
+
+def _unreloadable(old: Config, new: Config) -> list[str]:
+    """Settings fixed at start (sizes, devices): changing them needs a restart."""
+    out = []
+    for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket"):
+        if getattr(old, key) != getattr(new, key):
+            out.append(f"global.{key} changed ({getattr(old, key)!r} -> "
+                       f"{getattr(new, key)!r}): needs a restart")
+    return out
+
+
+def cmd_run(args) -> int:
+    setup_logging(args.log_level, args.log_json)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"lbcore: {e}", file=sys.stderr)
+        return 2
+    if config.mode != "tun":
+        print(f"lbcore: mode {config.mode!r} is not available in this build; use mode = \"tun\"",
+              file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("lbcore: run needs root (TUN device, routes, policy rules)", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(Daemon(config, args.config).serve())
+    except OSError as e:
+        log.error("%s", e)
+        return 1

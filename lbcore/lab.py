@@ -1,0 +1,669 @@
+"""`lbcore lab up|down|status`: a whole rack in network namespaces on this machine.
+
+The topology (issue 3, "The lab"; the names and addresses are a contract that tests, the demo
+and the benchmarks rely on)::
+
+    lbc-client                 lbc-gw                                 lbc-be1 .. lbc-beN
+    lbc-cl-gw  <--veth-->  lbc-gw-cl                 lbc-gw-beI <--veth-->  lbc-beI-gw
+    198.18.0.2/24          198.18.0.1/24   lbc-br0:  (bridge port)         198.19.0.(10+I)/24
+    2001:db8::2/64         2001:db8::1/64  198.19.0.1/24, 2001:db8:1::1/64 2001:db8:1::(10+I)/64
+    default via 198.18.0.1 (forwarding on)                                 default via 198.19.0.1
+
+The VIP 198.18.100.1 (2001:db8:100::1 with --ipv6) serves TCP 80 and UDP 5300; the lab assigns it
+to no interface: the balancer in lbc-gw routes it into its TUN device. Each backend runs
+``lbcore.labservers`` (HTTP :80, UDP :5300, bulk sink :9000 and source :9001). Unless
+``--no-balancer``, ``lbcore run`` is started in lbc-gw from a config generated here.
+
+/run/lbcore-lab/state.json holds the plan before anything is made and each process's PID as
+soon as it starts, so ``lab down`` can remove the lab after a crash at any point (namespaces are
+found by their names even without the file): processes are stopped by their recorded
+PID (checked against their recorded start time, so a reused PID is never hit), the namespaces
+are deleted (which deletes their veths), the state directory goes. The root namespace gets no
+lab address and no route: every link of the lab is created inside a lab namespace.
+``lab up`` refuses while any lab namespace or state file exists (it never tears down a lab
+someone may be using); ``lab down`` first, which is always safe.
+
+All network set-up goes through :mod:`lbcore.netconf` (pyroute2); nothing shells out to ip.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import netconf
+from .labservers import HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT
+
+__all__ = [
+    "BRIDGE", "CLIENT_NS", "CLIENT_V4", "CLIENT_V6", "GW_BACKEND_V4", "GW_BACKEND_V6",
+    "GW_CLIENT_V4", "GW_CLIENT_V6", "GW_NS", "HTTP_PORT", "SINK_PORT", "SOURCE_PORT", "UDP_PORT",
+    "VIP_V4", "VIP_V6", "LabError", "LabSpec", "LabState", "Proc", "backend_ns", "backend_name",
+    "backend_v4", "backend_v6", "down", "load_state", "paths", "render_config", "status_text",
+    "up", "cmd_up", "cmd_down", "cmd_status",
+]
+
+# --------------------------------------------------------------------------- the contract
+
+CLIENT_NS = "lbc-client"
+GW_NS = "lbc-gw"
+BRIDGE = "lbc-br0"
+CLIENT_IF = "lbc-cl-gw"        # in lbc-client
+GW_CLIENT_IF = "lbc-gw-cl"     # in lbc-gw, its peer
+TUN_NAME = "lbc0"
+METRICS_LISTEN = "127.0.0.1:9150"
+
+CLIENT_V4, GW_CLIENT_V4, GW_BACKEND_V4 = "198.18.0.2", "198.18.0.1", "198.19.0.1"
+CLIENT_V6, GW_CLIENT_V6, GW_BACKEND_V6 = "2001:db8::2", "2001:db8::1", "2001:db8:1::1"
+V4_PREFIX, V6_PREFIX = 24, 64
+VIP_V4, VIP_V6 = "198.18.100.1", "2001:db8:100::1"
+MAX_BACKENDS = 240             # 198.19.0.(10+i) must stay below .255
+
+STATE_DIR = Path("/run/lbcore-lab")
+LOCK_FILE = Path("/run/lbcore-lab.lock")   # serialises up/down of concurrent callers
+
+SERVER_READY_TIMEOUT = 15.0     # s: a backend's servers must listen by then
+BALANCER_READY_TIMEOUT = 30.0   # s: the balancer's control socket or "ready" log line
+STOP_TIMEOUT = 5.0              # s: SIGTERM, then SIGKILL
+
+_LAB_NS = re.compile(r"^lbc-(client|gw|be[0-9]+)$")
+
+
+def backend_ns(i: int) -> str:
+    """Namespace of backend ``i`` (1-based)."""
+    return f"lbc-be{i}"
+
+
+def backend_name(i: int) -> str:
+    """What backend ``i``'s servers answer: ``be<i>``."""
+    return f"be{i}"
+
+
+def backend_if(i: int) -> str:
+    """Backend ``i``'s end of its veth, in its namespace."""
+    return f"lbc-be{i}-gw"
+
+
+def gw_backend_if(i: int) -> str:
+    """The gateway's end of backend ``i``'s veth (a port of the bridge)."""
+    return f"lbc-gw-be{i}"
+
+
+def backend_v4(i: int) -> str:
+    """Backend ``i``'s IPv4 address: 198.19.0.(10+i)."""
+    return f"198.19.0.{10 + i}"
+
+
+def backend_v6(i: int) -> str:
+    """Backend ``i``'s IPv6 address: 2001:db8:1::(10+i), the same digits as its IPv4 octet."""
+    return f"2001:db8:1::{10 + i}"
+
+
+def is_lab_netns(name: str) -> bool:
+    """True for the names the lab uses (lbc-client, lbc-gw, lbc-be<N>)."""
+    return bool(_LAB_NS.match(name))
+
+
+class LabError(RuntimeError):
+    """The lab could not be built (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """What ``lab up`` builds. ``balancer_argv`` replaces the balancer's command line (for tests
+    of the start-up path); by default it is ``python -m lbcore run -c <config>``."""
+
+    backends: int = 3
+    ipv6: bool = False
+    mode: str = "tun"
+    workers: int = 1
+    balancer: bool = True
+    balancer_argv: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.backends <= MAX_BACKENDS:
+            raise ValueError(f"backends must be 1..{MAX_BACKENDS}, not {self.backends}")
+        if self.mode not in ("tun", "rawsock"):
+            raise ValueError(f"mode must be tun or rawsock, not {self.mode!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [CLIENT_NS, GW_NS] + [backend_ns(i) for i in range(1, self.backends + 1)]
+
+
+@dataclass
+class Proc:
+    """A process the lab started: killed only by this PID, if its start time still matches."""
+
+    role: str
+    netns: str
+    pid: int
+    starttime: int
+    argv: list[str]
+    log: str
+
+
+@dataclass
+class LabState:
+    """What state.json holds."""
+
+    spec: LabSpec
+    status: str = "building"          # building | up
+    processes: list[Proc] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["paths"] = {k: str(v) for k, v in paths().items()}
+        d["namespaces"] = self.spec.namespaces
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LabState:
+        spec = dict(d["spec"])
+        if spec.get("balancer_argv") is not None:
+            spec["balancer_argv"] = tuple(spec["balancer_argv"])
+        return cls(spec=LabSpec(**spec), status=d.get("status", "building"),
+                   processes=[Proc(**p) for p in d.get("processes", [])],
+                   created=d.get("created", 0.0))
+
+    def backend_addresses(self, family: int = socket.AF_INET) -> list[str]:
+        """The backends' addresses, be1 first."""
+        fn = backend_v6 if family == socket.AF_INET6 else backend_v4
+        return [fn(i) for i in range(1, self.spec.backends + 1)]
+
+
+def paths(state_dir: Path | None = None) -> dict[str, Path]:
+    """Where the lab keeps its files (state, balancer config, control socket, logs)."""
+    d = state_dir or STATE_DIR
+    return {"dir": d, "state": d / "state.json", "config": d / "lbcore.toml",
+            "control_socket": d / "lbcore.sock", "balancer_log": d / "balancer.log"}
+
+
+# --------------------------------------------------------------------------- state file
+
+def load_state() -> LabState | None:
+    """The recorded lab, or None. A corrupt file is reported as a LabError."""
+    p = paths()["state"]
+    try:
+        return LabState.from_json(json.loads(p.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise LabError(f"{p} is unreadable ({e}); `lbcore lab down` removes it") from e
+
+
+def _save(state: LabState) -> None:
+    p = paths()["state"]
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Serialise up/down/status of processes running at the same time."""
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def present_namespaces() -> list[str]:
+    """Lab namespaces that exist now (whatever state.json says)."""
+    return [n for n in netconf.netns_list("lbc-") if is_lab_netns(n)]
+
+
+# --------------------------------------------------------------------------- processes
+
+# Popen objects of the processes this Python process started, to reap them (no zombies, and no
+# "still running" warnings) when `down()` runs in the same process, as in tests.
+_children: dict[int, subprocess.Popen] = {}
+
+
+def _starttime(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live, non-zombie process, else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def proc_alive(p: Proc) -> bool:
+    """True if the recorded process is still the one the lab started and has not exited."""
+    return _starttime(p.pid) == p.starttime
+
+
+def _reap(pid: int) -> None:
+    child = _children.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _stop(p: Proc, timeout: float = STOP_TIMEOUT) -> str:
+    """SIGTERM the recorded process, SIGKILL it after ``timeout``. Returns what happened."""
+    if not proc_alive(p):
+        _reap(p.pid)
+        return f"{p.role} (pid {p.pid}) was not running"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc_alive(p):
+            _reap(p.pid)
+            return f"stopped {p.role} (pid {p.pid})"
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while proc_alive(p) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _reap(p.pid)
+    return f"killed {p.role} (pid {p.pid}) after {timeout:.0f} s"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()[:80]
+    except OSError:
+        return "?"
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of lab processes: they import this very lbcore (a worktree or an
+    install), unbuffered so that their logs are current."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _spawn(state: LabState, role: str, netns: str, argv: list[str], log: Path,
+           pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+    """Start ``argv`` in ``netns`` as a daemon of the lab (own session, log file) and record it
+    in state.json at once."""
+    with open(log, "ab") as logf:
+        child = netconf.popen_in_netns(
+            netns, argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+            start_new_session=True, env=_child_env(), cwd="/", pass_fds=tuple(pass_fds))
+    _children[child.pid] = child
+    start = _starttime(child.pid)
+    state.processes.append(Proc(role=role, netns=netns, pid=child.pid,
+                                starttime=start if start is not None else -1,
+                                argv=list(argv), log=str(log)))
+    _save(state)
+    return child
+
+
+def log_tail(path: str | Path, nbytes: int = 4000) -> str:
+    """The end of a log file (for error messages)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------- building
+
+def _build_network(spec: LabSpec, changes: netconf.NetChanges) -> None:
+    nc = netconf
+    for ns in spec.namespaces:
+        nc.netns_create(ns, changes=changes)
+    # Routers do not need DAD and the lab's addresses are unique: no tentative addresses.
+    for ns in spec.namespaces:
+        if spec.ipv6:
+            nc.sysctl_set("net.ipv6.conf.default.accept_dad", 0, netns=ns)
+            nc.sysctl_set("net.ipv6.conf.all.accept_dad", 0, netns=ns)
+    # The client opens thousands of connections a second: with the default 28k ports and
+    # 60 s of TIME_WAIT a 5 s burst would exhaust them and measure the client, not the lab.
+    nc.sysctl_set("net.ipv4.ip_local_port_range", "1024 65535", netns=CLIENT_NS)
+    nc.sysctl_set("net.ipv4.tcp_tw_reuse", 1, netns=CLIENT_NS)
+    nc.sysctl_set("net.ipv4.ip_forward", 1, netns=GW_NS)
+    nc.sysctl_set("net.ipv6.conf.all.forwarding", 1, netns=GW_NS)
+
+    nc.veth_add(CLIENT_IF, GW_CLIENT_IF, netns=CLIENT_NS, peer_netns=GW_NS, changes=changes)
+    nc.addr_add(CLIENT_IF, f"{CLIENT_V4}/{V4_PREFIX}", netns=CLIENT_NS)
+    nc.addr_add(GW_CLIENT_IF, f"{GW_CLIENT_V4}/{V4_PREFIX}", netns=GW_NS)
+    nc.bridge_add(BRIDGE, netns=GW_NS, changes=changes)
+    nc.addr_add(BRIDGE, f"{GW_BACKEND_V4}/{V4_PREFIX}", netns=GW_NS)
+    if spec.ipv6:
+        nc.addr_add(CLIENT_IF, f"{CLIENT_V6}/{V6_PREFIX}", netns=CLIENT_NS)
+        nc.addr_add(GW_CLIENT_IF, f"{GW_CLIENT_V6}/{V6_PREFIX}", netns=GW_NS)
+        nc.addr_add(BRIDGE, f"{GW_BACKEND_V6}/{V6_PREFIX}", netns=GW_NS)
+    nc.route_add("default", gateway=GW_CLIENT_V4, netns=CLIENT_NS)
+    if spec.ipv6:
+        nc.route_add("default", gateway=GW_CLIENT_V6, netns=CLIENT_NS)
+
+    for i in range(1, spec.backends + 1):
+        ns = backend_ns(i)
+        nc.veth_add(backend_if(i), gw_backend_if(i), netns=ns, peer_netns=GW_NS,
+                    changes=changes)
+        nc.link_set(gw_backend_if(i), netns=GW_NS, master=BRIDGE)
+        nc.addr_add(backend_if(i), f"{backend_v4(i)}/{V4_PREFIX}", netns=ns)
+        nc.route_add("default", gateway=GW_BACKEND_V4, netns=ns)
+        if spec.ipv6:
+            nc.addr_add(backend_if(i), f"{backend_v6(i)}/{V6_PREFIX}", netns=ns)
+            nc.route_add("default", gateway=GW_BACKEND_V6, netns=ns)
+
+
+def _wait_ready(children: list[tuple[Proc, subprocess.Popen, int]], timeout: float) -> None:
+    """Wait until every server wrote "ready" to its pipe; LabError with its log if one dies."""
+    deadline = time.monotonic() + timeout
+    pending = {fd: (p, c) for p, c, fd in children}
+    got: dict[int, bytes] = {fd: b"" for fd in pending}
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                roles = ", ".join(p.role for p, _ in pending.values())
+                raise LabError(f"servers not ready after {timeout:.0f} s: {roles}")
+            readable, _, _ = select.select(list(pending), [], [], left)
+            for fd in readable:
+                data = os.read(fd, 64)
+                got[fd] += data
+                if b"ready" in got[fd]:
+                    del pending[fd]
+                elif not data:
+                    p, child = pending[fd]
+                    rc = child.poll()
+                    raise LabError(f"{p.role} in {p.netns} exited (status {rc}) before it was "
+                                   f"ready; its log {p.log}:\n{log_tail(p.log)}")
+    finally:
+        for _, _, fd in children:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _start_servers(state: LabState) -> None:
+    spec = state.spec
+    started = []
+    for i in range(1, spec.backends + 1):
+        r, w = os.pipe()
+        argv = [sys.executable, "-m", "lbcore.labservers", "--name", backend_name(i),
+                "--ready-fd", str(w)]
+        if spec.ipv6:
+            argv.append("--ipv6")
+        try:
+            child = _spawn(state, backend_name(i), backend_ns(i), argv,
+                           paths()["dir"] / f"{backend_name(i)}.log", pass_fds=(w,))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        started.append((state.processes[-1], child, r))
+    _wait_ready(started, SERVER_READY_TIMEOUT)
+
+
+def render_config(spec: LabSpec, state_dir: Path | None = None) -> str:
+    """The balancer's TOML config for the lab (schema: lbcore.config)."""
+    p = paths(state_dir)
+    out = [
+        "# Generated by `lbcore lab up`: the lab's balancer in lbc-gw.",
+        "[global]",
+        f'mode = "{spec.mode}"',
+        f"workers = {spec.workers}",
+        f'tun_name = "{TUN_NAME}"',
+        f'control_socket = "{p["control_socket"]}"',
+        f'metrics_listen = "{METRICS_LISTEN}"',
+        "",
+    ]
+    families = [("", VIP_V4, backend_v4)]
+    if spec.ipv6:
+        families.append(("6", VIP_V6, backend_v6))
+    for suffix, vip, _ in families:
+        for port, proto, pool in ((HTTP_PORT, "tcp", "web"), (UDP_PORT, "udp", "dns")):
+            out += ["[[vip]]", f'address = "{vip}"', f"port = {port}",
+                    f'protocol = "{proto}"', f'pool = "{pool}{suffix}"', ""]
+    for suffix, _, addr in families:
+        for pool, port, check in (("web", HTTP_PORT, "tcp"), ("dns", UDP_PORT, "udp")):
+            name = f"{pool}{suffix}"
+            out.append(f"[pool.{name}]")
+            out.append("backends = [")
+            for i in range(1, spec.backends + 1):
+                out.append(f'    {{ address = "{addr(i)}", port = {port}, weight = 1 }},')
+            out += ["]", "", f"[pool.{name}.health]", f'type = "{check}"', "interval = 1",
+                    "timeout = 0.5", "rise = 1", "fall = 2", ""]
+    return "\n".join(out)
+
+
+def _balancer_ready(log: Path, sock: Path) -> bool:
+    try:
+        with open(log, "rb") as f:
+            for line in f:
+                if re.search(rb"\bready\b", line) and not re.search(rb"\bnot ready\b", line):
+                    return True
+    except FileNotFoundError:
+        pass
+    if sock.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, contextlib.suppress(OSError):
+            s.connect(str(sock))
+            return True
+    return False
+
+
+def _start_balancer(state: LabState) -> None:
+    p = paths()
+    p["config"].write_text(render_config(state.spec))
+    argv = (list(state.spec.balancer_argv) if state.spec.balancer_argv
+            else [sys.executable, "-m", "lbcore", "run", "-c", str(p["config"])])
+    child = _spawn(state, "balancer", GW_NS, argv, p["balancer_log"])
+    deadline = time.monotonic() + BALANCER_READY_TIMEOUT
+    while not _balancer_ready(p["balancer_log"], p["control_socket"]):
+        rc = child.poll()
+        if rc is not None:
+            raise LabError(f"the balancer exited (status {rc}) before it was ready; the end of "
+                           f"its log {p['balancer_log']}:\n{log_tail(p['balancer_log'])}")
+        if time.monotonic() > deadline:
+            raise LabError(f"the balancer was not ready after {BALANCER_READY_TIMEOUT:.0f} s "
+                           f"(no control socket {p['control_socket']}, no 'ready' in its log); "
+                           f"the end of its log:\n{log_tail(p['balancer_log'])}")
+        time.sleep(0.05)
+
+
+def up(spec: LabSpec | None = None, *, out: Callable[[str], object] = print) -> LabState:
+    """Build the lab. Refuses (LabError) if a lab or any lab namespace exists: run down() first.
+
+    On any failure half-way everything made so far is removed again (and the error raised).
+    """
+    spec = spec or LabSpec()
+    with _locked():
+        existing = present_namespaces()
+        if paths()["state"].exists() or existing:
+            what = ", ".join(existing) if existing else str(paths()["state"])
+            raise LabError(f"a lab already exists ({what}); `lbcore lab down` removes it")
+        paths()["dir"].mkdir(mode=0o755, parents=True, exist_ok=True)
+        state = LabState(spec=spec)
+        _save(state)  # before anything is made: `down` can always clean up
+        try:
+            with netconf.NetChanges() as changes:
+                _build_network(spec, changes)
+                changes.commit()
+            _start_servers(state)
+            if spec.balancer:
+                _start_balancer(state)
+            state.status = "up"
+            _save(state)
+        except BaseException:
+            _down_locked(out=lambda _: None)
+            raise
+    out(f"lab up: {spec.backends} backends{' with IPv6' if spec.ipv6 else ''}, "
+        f"balancer {'in ' + GW_NS if spec.balancer else 'not started'}; "
+        f"VIP {VIP_V4}{' ' + VIP_V6 if spec.ipv6 else ''} tcp/{HTTP_PORT} udp/{UDP_PORT}")
+    return state
+
+
+# --------------------------------------------------------------------------- down / status
+
+def _down_locked(out: Callable[[str], object]) -> list[str]:
+    done: list[str] = []
+    try:
+        state = load_state()
+    except LabError as e:
+        out(str(e))
+        state = None
+    if state is not None:
+        # The balancer first, so that it undoes its own network changes while the lab stands.
+        for p in sorted(state.processes, key=lambda p: p.role != "balancer"):
+            done.append(_stop(p))
+    present = present_namespaces()
+    for ns, pids in netconf.netns_pids(present).items():
+        for pid in pids:  # not ours to kill: say so, as they keep the namespace alive
+            out(f"warning: pid {pid} ({_cmdline(pid)}) still runs in {ns}; `lab down` stops "
+                "only the processes the lab started")
+    for ns in present:
+        if netconf.netns_remove(ns):
+            done.append(f"removed netns {ns}")
+    d = paths()["dir"]
+    if d.exists():
+        for f in sorted(d.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        with contextlib.suppress(FileNotFoundError, OSError):
+            d.rmdir()
+        done.append(f"removed {d}")
+    for line in done:
+        out(line)
+    return done
+
+
+def down(*, out: Callable[[str], object] = print) -> list[str]:
+    """Remove everything the lab made; idempotent, and works after a crash. Returns what it did."""
+    with _locked():
+        return _down_locked(out)
+
+
+def status_text() -> tuple[bool, str]:
+    """(healthy, report): namespaces, links and addresses, processes, the balancer's files."""
+    state = load_state()
+    present = present_namespaces()
+    p = paths()
+    if state is None and not present:
+        return False, "no lab (nothing in /run/lbcore-lab, no lbc-* namespace)"
+    lines = []
+    healthy = state is not None and state.status == "up"
+    if state is None:
+        lines.append(f"lab: no state file, but namespaces exist: {', '.join(present)} "
+                     "(run `lbcore lab down`)")
+    else:
+        s = state.spec
+        bal = f"yes (mode {s.mode}, {s.workers} workers)" if s.balancer else "no"
+        lines.append(f"lab: {state.status}, {s.backends} backends, "
+                     f"ipv6 {'yes' if s.ipv6 else 'no'}, balancer {bal}; state {p['state']}")
+        missing = [n for n in s.namespaces if n not in present]
+        if missing:
+            healthy = False
+            lines.append(f"missing namespaces: {', '.join(missing)}")
+    lines.append(f"VIP {VIP_V4}"
+                 + (f", {VIP_V6}" if state is not None and state.spec.ipv6 else "")
+                 + f": tcp/{HTTP_PORT} (pool web), udp/{UDP_PORT} (pool dns)")
+    lines.append("namespaces:")
+    for ns in present:
+        lines.append(f"  {ns}")
+        try:
+            addrs: dict[str, list[str]] = {}
+            for ifname, a in netconf.addresses(ns):
+                if not a.startswith("fe80:"):
+                    addrs.setdefault(ifname, []).append(a)
+            for li in netconf.links(ns):
+                if li.name == "lo":
+                    continue
+                extra = f" master {li.master}" if li.master else ""
+                lines.append(f"    {li.name:<12} {li.kind or '-':<7} "
+                             f"{'up' if li.up else 'down':<5}{extra} "
+                             f"{' '.join(addrs.get(li.name, []))}".rstrip())
+            for r in netconf.routes(ns):
+                if r.dst == "default":
+                    lines.append(f"    default via {r.gateway}")
+        except (OSError, TimeoutError) as e:
+            lines.append(f"    (cannot read: {e})")
+    if state is not None:
+        lines.append("processes:")
+        for proc in state.processes:
+            alive = proc_alive(proc)
+            healthy = healthy and alive
+            lines.append(f"  {proc.role:<9} pid {proc.pid:<8} {'alive' if alive else 'DEAD':<6} "
+                         f"in {proc.netns:<10} log {proc.log}")
+        if state.spec.balancer:
+            sock = p["control_socket"]
+            lines += ["balancer:",
+                      f"  config          {p['config']}",
+                      f"  control socket  {sock} ({'present' if sock.exists() else 'absent'})",
+                      f"  log             {p['balancer_log']}",
+                      f"  metrics         http://{METRICS_LISTEN}/metrics (in {GW_NS})"]
+        else:
+            lines.append("balancer: not started (--no-balancer)")
+    return healthy, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI verbs
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """`lbcore lab up`."""
+    try:
+        spec = LabSpec(backends=args.backends, ipv6=args.ipv6, mode=args.mode,
+                       workers=args.workers, balancer=not args.no_balancer)
+        up(spec)
+    except (LabError, ValueError) as e:
+        print(f"lbcore lab up: {e}", file=sys.stderr)
+        return 1
+    except PermissionError as e:
+        print(f"lbcore lab up: {e} (the lab needs root)", file=sys.stderr)
+        return 1
+    healthy, text = status_text()
+    print(text)
+    return 0 if healthy else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """`lbcore lab down`."""
+    try:
+        done = down()
+    except PermissionError as e:
+        print(f"lbcore lab down: {e} (the lab needs root)", file=sys.stderr)
+        return 1
+    if not done:
+        print("lab down: nothing to remove")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`lbcore lab status`: 0 if the lab is up and every process alive, else 1."""
+    try:
+        healthy, text = status_text()
+    except LabError as e:
+        print(f"lbcore lab status: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0 if healthy else 1
