@@ -4,17 +4,13 @@
 validate and shellcheck; these tests check what those tools cannot: that every
 address the lab's files use is in the benchmarking range or loopback, that no
 libvirt network of the lab forwards anywhere, and that the gateway's generated
-config describes the namespace lab's services and passes lbcore's own loader.
+config (lbcore.lab's own) passes lbcore's loader and names every backend VM.
 """
 from __future__ import annotations
 
 import ipaddress
 import pathlib
 import re
-import shutil
-import subprocess
-import sys
-import tomllib
 
 import pytest
 
@@ -45,7 +41,7 @@ def test_vagrant_files_present():
     names = {p.relative_to(VAGRANT).as_posix() for p in _code_files()}
     for want in ("Vagrantfile", "build-box.sh", "host-setup.sh", "lab-up.sh", "lab-down.sh",
                  "lab.sh", "check.sh", "provision/netsetup.sh", "provision/gateway.sh",
-                 "provision/backend.sh", "provision/client.sh", "provision/lbconfig.sh"):
+                 "provision/backend.sh", "provision/client.sh", "provision/install-lbcore.sh"):
         assert want in names
 
 
@@ -80,41 +76,58 @@ def test_libvirt_networks_are_isolated():
     assert not re.search(r"public_network", vf)
 
 
-def test_vagrantfile_mirrors_the_namespace_lab_addresses():
-    vf = (VAGRANT / "Vagrantfile").read_text()
-    consts = dict(re.findall(r'^(\w+)\s*=\s*"([\d./]+)"', vf, re.M))
-    assert consts["FRONT_GW"] == "198.18.0.1"
-    assert consts["CLIENT"] == "198.18.0.2"
-    assert consts["BACK_GW"] == "198.19.0.1"
-    assert consts["VIP"] == "198.18.100.1"
-    assert 'BACKEND_IP = ->(i) { "198.19.0.#{10 + i}" }' in vf
+def _vagrantfile_consts() -> dict[str, str]:
+    return dict(re.findall(r'^(\w+)\s*=\s*"([\d./]+)"', (VAGRANT / "Vagrantfile").read_text(),
+                           re.M))
 
 
-def _lbconfig(tmp_path: pathlib.Path, backends: list[str]) -> pathlib.Path:
-    out = subprocess.run(["bash", str(VAGRANT / "provision" / "lbconfig.sh"), "198.18.100.1",
-                          *backends], capture_output=True, text=True, timeout=30, check=True)
-    path = tmp_path / "lbcore.toml"
-    path.write_text(out.stdout)
-    return path
+def _vagrant_backend_ip(i: int) -> str:
+    """The Vagrantfile's BACKEND_IP lambda, evaluated for backend i."""
+    m = re.search(r'BACKEND_IP\s*=\s*->\(i\)\s*\{\s*"([\d.]+)#\{(\d+) \+ i\}"\s*\}',
+                  (VAGRANT / "Vagrantfile").read_text())
+    assert m, "BACKEND_IP lambda not found in the Vagrantfile"
+    return f"{m.group(1)}{int(m.group(2)) + i}"
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_vagrantfile_uses_the_namespace_lab_addresses():
+    """The gateway's config comes from lbcore.lab.render_config, so the VMs
+    must carry exactly the namespace lab's addresses."""
+    from lbcore import lab
+    consts = _vagrantfile_consts()
+    assert consts["FRONT_GW"] == lab.GW_CLIENT_V4
+    assert consts["CLIENT"] == lab.CLIENT_V4
+    assert consts["BACK_GW"] == lab.GW_BACKEND_V4
+    assert consts["VIP"] == lab.VIP_V4
+    for i in (1, 2, 3, 8):
+        assert _vagrant_backend_ip(i) == lab.backend_v4(i)
+    mgmt = ipaddress.ip_network(consts["MGMT_NET"])
+    assert mgmt.subnet_of(LAB_NET)
+    used = [ipaddress.ip_address(a) for a in (lab.GW_CLIENT_V4, lab.GW_BACKEND_V4, lab.VIP_V4)]
+    assert not any(a in mgmt for a in used)
+
+
 @pytest.mark.parametrize("n", [1, 3])
-def test_gateway_config_lists_every_backend(tmp_path: pathlib.Path, n: int):
-    backends = [f"198.19.0.{10 + i}" for i in range(1, n + 1)]
-    cfg = tomllib.loads(_lbconfig(tmp_path, backends).read_text())
-    assert cfg["global"]["mode"] == "tun"
-    vips = {(v["address"], v["port"], v["protocol"]): v["pool"] for v in cfg["vip"]}
-    assert vips == {("198.18.100.1", 80, "tcp"): "web", ("198.18.100.1", 5300, "udp"): "dns"}
-    for pool, port in (("web", 80), ("dns", 5300)):
-        got = [(b["address"], b["port"], b["weight"]) for b in cfg["pool"][pool]["backends"]]
-        assert got == [(b, port, 1) for b in backends]
+def test_gateway_config_is_valid_and_lists_every_backend_vm(tmp_path: pathlib.Path, n: int):
+    """What provision/gateway.sh writes: lbcore.lab's config for n backends,
+    accepted by lbcore's own loader, spreading both VIP services over the VMs."""
+    from lbcore.config import load_config
+    from lbcore.lab import LabSpec, render_config
+    path = tmp_path / "lbcore.toml"
+    path.write_text(render_config(LabSpec(backends=n), tmp_path))
+    cfg = load_config(path)
+    vip = ipaddress.ip_address(_vagrantfile_consts()["VIP"])
+    assert {(v.address, v.port, v.protocol) for v in cfg.vips} == {(vip, 80, "tcp"),
+                                                                   (vip, 5300, "udp")}
+    want = {ipaddress.ip_address(_vagrant_backend_ip(i)) for i in range(1, n + 1)}
+    for v in cfg.vips:
+        assert {b.address for b in cfg.pools[v.pool].backends} == want
+    assert cfg.mode == "tun"
 
 
-def test_gateway_config_passes_lbcore_check_config(tmp_path: pathlib.Path):
-    """The config the gateway VM gets is one lbcore itself accepts."""
-    pytest.importorskip("lbcore.config", reason="lbcore.config not there yet (issue 4)")
-    path = _lbconfig(tmp_path, ["198.19.0.11", "198.19.0.12", "198.19.0.13"])
-    r = subprocess.run([sys.executable, "-m", "lbcore", "check-config", str(path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_gateway_provisioner_uses_lbcore_code():
+    """No second implementation in shell: the gateway runs `lbcore run` on
+    lbcore.lab's config, the backends run lbcore.labservers."""
+    gw = (VAGRANT / "provision" / "gateway.sh").read_text()
+    assert "from lbcore.lab import LabSpec, render_config" in gw
+    assert "lbcore run -c" in gw
+    assert "-m lbcore.labservers --name" in (VAGRANT / "provision" / "backend.sh").read_text()
