@@ -116,8 +116,8 @@ def test_gateway_config_is_valid_and_lists_every_backend_vm(tmp_path: pathlib.Pa
     path.write_text(render_config(LabSpec(backends=n), tmp_path))
     cfg = load_config(path)
     vip = ipaddress.ip_address(_vagrantfile_consts()["VIP"])
-    assert {(v.address, v.port, v.protocol) for v in cfg.vips} == {(vip, 80, "tcp"),
-                                                                   (vip, 5300, "udp")}
+    keys = {(v.address, v.port, v.protocol) for v in cfg.vips}
+    assert {(vip, 80, "tcp"), (vip, 5300, "udp")} <= keys   # what smoke.py asks
     want = {ipaddress.ip_address(_vagrant_backend_ip(i)) for i in range(1, n + 1)}
     for v in cfg.vips:
         assert {b.address for b in cfg.pools[v.pool].backends} == want
