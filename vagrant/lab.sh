@@ -35,6 +35,9 @@ echo; echo "== requests from the client VM (198.18.0.2) through the VIP $VIP"
 ./vg ssh client -c "python3 /tmp/smoke.py --vip $VIP --http ${LB_HTTP:-12} --udp ${LB_UDP:-6}" \
   2>/dev/null
 
+echo; echo "== the balancer's own view (lbcore status on the gateway)"
+./vg ssh gateway -c "sudo lbcore status" 2>/dev/null || echo "(lbcore status failed)"
+
 echo; echo "== network safety: the host's root namespace has no lab address or route"
 if ip -4 addr show | grep -E 'inet 198\.1[89]\.'; then echo "lab address in the root namespace" >&2; exit 1; fi
 if ip -4 route show table all | grep -E '198\.1[89]\.'; then echo "lab route in the root namespace" >&2; exit 1; fi
