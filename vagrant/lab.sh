@@ -22,21 +22,23 @@ down() {
 }
 trap down EXIT
 trap 'exit 130' INT TERM
+# vagrant ssh, without vagrant's warning about the gateway's .1 addresses (the
+# namespace lab's addresses; no router exists on those segments)
+vssh() { ./vg ssh "$@" 2>&1 | sed '/static IP ending in ".1"/,/try changing this IP/d'; }
 
 echo "== bringing the lab up: gateway, ${LB_BACKENDS:-3} backends, client"
 LB_BACKENDS=${LB_BACKENDS:-3} bash ./lab-up.sh
 
 echo; echo "== the gateway: lbcore run (tun)"
-./vg ssh gateway -c "systemctl is-active lbcore.service; ip -4 route get $VIP | head -1; \
-  ip rule | grep -v -E 'lookup (local|main|default)' || true; \
-  echo ip_forward=\$(cat /proc/sys/net/ipv4/ip_forward)" 2>/dev/null
+vssh gateway -c "sudo journalctl -u lbcore.service -o cat | grep 'ready:' | tail -1; \
+  ip -4 route get $VIP | head -1; ip rule | grep -v -E 'lookup (local|main|default)'; \
+  echo ip_forward=\$(cat /proc/sys/net/ipv4/ip_forward)" || true   # informational
 
 echo; echo "== requests from the client VM (198.18.0.2) through the VIP $VIP"
-./vg ssh client -c "python3 /tmp/smoke.py --vip $VIP --http ${LB_HTTP:-12} --udp ${LB_UDP:-6}" \
-  2>/dev/null
+vssh client -c "python3 /tmp/smoke.py --vip $VIP --http ${LB_HTTP:-12} --udp ${LB_UDP:-6}"
 
 echo; echo "== the balancer's own view (lbcore status on the gateway)"
-./vg ssh gateway -c "sudo lbcore status" 2>/dev/null || echo "(lbcore status failed)"
+vssh gateway -c "sudo lbcore status" || echo "(lbcore status failed)"
 
 echo; echo "== network safety: the host's root namespace has no lab address or route"
 if ip -4 addr show | grep -E 'inet 198\.1[89]\.'; then echo "lab address in the root namespace" >&2; exit 1; fi
