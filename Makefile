@@ -31,7 +31,7 @@ deps: $(STAMP)
 build: $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
-test: build
+test: build vagrant-check
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
@@ -61,6 +61,18 @@ bench: build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lbcore tests bench
+
+# The VM lab (vagrant/, see vagrant/README.md). vagrant-check is cheap and
+# offline (ruby -c, vagrant validate, shellcheck, bash -n; installs vagrant,
+# vagrant-libvirt, ruby, shellcheck if missing) and `make test` runs it.
+vagrant-check:
+	bash vagrant/check.sh
+
+# Opt-in, not in CI: builds the box once, brings up gateway + LB_BACKENDS
+# (default 3) backends + client under QEMU, sends a few requests through the
+# VIP, and destroys everything (also on failure). Minutes, CPU-heavy.
+vagrant-lab: $(STAMP)
+	LB_PYTHON=$(CURDIR)/$(VPY) bash vagrant/lab.sh
 
 demo: build
 	$(VPY) -m lbcore demo
