@@ -29,8 +29,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        "sockets), set up routes/rules/sysctls, run health checks and "
                        "forward until SIGTERM/SIGINT; undo all network changes on exit.")
     r.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (TOML)")
-    r.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="overrides global.log_level of the config (default info)")
     r.add_argument("--log-json", action="store_true", help="log one JSON object per line")
 
     c = sub.add_parser("check-config", help="validate a config file without touching the network")

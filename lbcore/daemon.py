@@ -256,12 +256,14 @@ def _unreloadable(old: Config, new: Config) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    setup_logging(args.log_level, args.log_json)
     try:
         config = load_config(args.config)
     except ConfigError as e:
         print(f"lbcore: {e}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level or config.log_level, args.log_json)
+    for w in config.warnings:
+        log.warning("config: %s", w)
     if config.mode != "tun":
         print(f"lbcore: mode {config.mode!r} is not available in this build; use mode = \"tun\"",
               file=sys.stderr)
