@@ -183,9 +183,11 @@ cdef struct _ft_hstats:
 
 
 cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_t now,
-                          uint32_t keys, _ft_hstats *st) noexcept nogil:
+                          uint32_t keys, uint32_t expire_jump, _ft_hstats *st) noexcept nogil:
     """One thread of FlowTable.hammer: a random mix of every operation on
-    keys 0..keys-1, shared with the other threads. Every entry it gets back
+    keys 0..keys-1, shared with the other threads (per mille: 350 insert,
+    450 lookup, 80 delete, 50 expire at now + up to expire_jump ms, 68 walk,
+    2 purge); its clock advances 1 ms per operation. Every entry it gets back
     (lookup hit, -EEXIST answer, walk) must be exactly synthetic flow i for
     the key it asked for; anything else counts as `bad` (a torn or mixed-up
     entry)."""
@@ -206,13 +208,14 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
     flagset[5] = 0x04
     for n in range(ops):
         r = _ft_rng(&x)
-        i = <uint32_t>((r >> 8) % keys)
-        op = <uint32_t>(r % 100)
+        i = <uint32_t>((r >> 32) % keys)
+        op = <uint32_t>((r & 0xFFFF) % 1000)
+        r = _ft_rng(&x)     # independent bits for the operation's details
         now += 1
         proto = 17 if (i & 3) == 3 else 6
         state = LB_FS_UDP if proto == 17 else (LB_FS_SYN if (i & 4) else LB_FS_EST)
         _ft_synth(i, proto, state, 80, &want)
-        if op < 35:
+        if op < 350:
             e = want
             rc = lb_flow_insert(ft, &e, now)
             if rc == 0:
@@ -225,9 +228,9 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
                 st.ins_full += 1
             else:
                 st.bad += 1
-        elif op < 75:
-            flags = flagset[(r >> 40) % 6] if proto == 6 else 0
-            if (r >> 48) & 1:
+        elif op < 800:
+            flags = flagset[(r >> 8) % 6] if proto == 6 else 0
+            if (r >> 20) & 1:
                 lb_flow_key_rev(&want, &k)
                 rc = lb_flow_lookup(ft, &k, LB_DIR_REV, flags, now, &e)
             else:
@@ -239,12 +242,12 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
                     st.bad += 1
             else:
                 st.misses += 1
-        elif op < 88:
+        elif op < 880:
             lb_flow_key_fwd(&want, &k)
             st.deleted += <uint64_t>lb_flow_delete(ft, &k)
-        elif op < 94:
-            st.expired += lb_flow_expire(ft, now + <uint32_t>((r >> 32) % 200000), 64)
-        elif op < 98:
+        elif op < 930:
+            st.expired += lb_flow_expire(ft, now + <uint32_t>((r >> 32) % expire_jump), 64)
+        elif op < 998:
             cursor = <uint32_t>((r >> 32) % keys)
             got = lb_flow_walk(ft, &cursor, buf, 16)
             st.walked += got
@@ -541,15 +544,15 @@ cdef class FlowTable:
         return hits
 
     def hammer(self, int threads, uint64_t ops_per_thread, uint32_t now=0,
-               keys=None) -> dict:
+               keys=None, uint32_t expire_jump=5000) -> dict:
         """Run `threads` OS threads at once, each doing ops_per_thread random
         inserts, lookups (both directions), deletes, expires, walks and purges
         on an overlapping key set (default: twice the capacity, so the table
         is also full and evicting). Returns the summed per-thread tallies;
         `bad` counts entries that came back not matching their key."""
         cdef uint32_t nkeys = 2 * lb_flow_capacity(self.ft) if keys is None else keys
-        if threads < 1 or nkeys < 1:
-            raise ValueError("threads and keys must be >= 1")
+        if threads < 1 or nkeys < 1 or expire_jump < 1:
+            raise ValueError("threads, keys and expire_jump must be >= 1")
         results = [None] * threads
         barrier = _ft_threading.Barrier(threads)
 
@@ -558,7 +561,8 @@ cdef class FlowTable:
             memset(&st, 0, sizeof(st))
             barrier.wait()
             with nogil:
-                _ft_hammer_loop(self.ft, <uint64_t>tid + 1, ops_per_thread, now, nkeys, &st)
+                _ft_hammer_loop(self.ft, <uint64_t>tid + 1, ops_per_thread, now, nkeys,
+                                expire_jump, &st)
             results[tid] = st
 
         pool = [_ft_threading.Thread(target=run, args=(t,), name=f"ft-hammer-{t}")
