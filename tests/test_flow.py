@@ -401,12 +401,26 @@ def test_synthetic_flows_are_ordinary_flows():
     assert hit["backend"] == f"198.19.254.{1 + (16384 + 3) % 16}"
     assert ft.lookup("198.19.254.4", "198.18.0.0", 8080, 1024 + 3, TCP, REV) is not None
     assert ft.fill(10, now=5) == 0                       # all there already
-    assert ft.lookup_batch(5000, 20_000) == 5000
+    assert ft.lookup_batch(5000) == 5000                # span: all filled flows
     assert ft.lookup_batch(5000, 20_000, dir=REV) == 5000
     assert ft.lookup_batch(5000, 20_000, batched=False) == 5000
     assert ft.lookup_batch(5000, 20_000, hit=False) == 0
     assert ft.lookup_batch(5000, 20_000, hit=False, dir=REV, batched=False) == 0
     assert ft.check()
+
+
+def test_uninitialised_or_reinitialised_table_is_refused():
+    bare = FlowTable.__new__(FlowTable)
+    with pytest.raises(RuntimeError):
+        len(bare)
+    with pytest.raises(RuntimeError):
+        bare.lookup(CLIENT, VIP, 1, 80, TCP)
+    ft = FlowTable(4, seed=1)
+    with pytest.raises(RuntimeError):
+        ft.__init__(8)
+    with pytest.raises(ValueError):
+        ft.lookup_batch(10)                                  # nothing filled yet
+    assert ft.capacity == 4
 
 
 def test_batched_lookups_advance_state_like_single_ones():
