@@ -37,7 +37,8 @@
  * The hash is a private, keyed wyhash-style multiply-fold over the five 64-bit
  * words of the 40-byte key; the six 64-bit secrets are derived from the
  * random per-start seed (splitmix64), so outsiders cannot aim keys at one
- * bucket.
+ * bucket. (On 2^20 structured keys, sequential addresses and ports, its chain
+ * lengths follow Poisson(1) in both indexes, as a random function's would.)
  *
  * Concurrency (a reply may reach another worker than its request):
  *
@@ -73,6 +74,25 @@
  * state), so readers dirty the entry's cache line anyway; a stripe lock costs
  * one uncontended atomic on a line that 1024 stripes spread thin, and keeps
  * every invariant provable by lb_flow_check.
+ *
+ * State machine (lb_flow_lookup; the caller inserts TCP as SYN, UDP as UDP):
+ * RST in either direction -> CLOSE; FIN in either direction -> FIN (unless
+ * CLOSE); in SYN, a backend packet that is not RST sets F_FLOW_REV_SEEN and a
+ * later client ACK without SYN then makes it EST (so a SYN flood whose
+ * clients never ACK stays half-open, and a flow picked up mid-stream becomes
+ * EST once both sides have spoken); UDP becomes UDP_STREAM at the first
+ * backend packet. Beyond the issue's rules: a client's bare SYN on a FIN or
+ * CLOSE entry starts the tuple over as SYN (port reuse after TIME_WAIT), so a
+ * reused tuple is not stuck with the short CLOSE timeout.
+ *
+ * Timeouts: an entry idle past its state's timeout stays findable until
+ * lb_flow_expire or an evicting insert removes it; a packet that finds it
+ * first revives it (same backend, which is what the connection needs).
+ *
+ * Insert clashes: -EEXIST with the entry in place copied back, both when the
+ * forward key exists (two workers racing on a flow's first packets) and when
+ * the reverse key does (client:cport reaching one backend:bport via two
+ * VIPs is one connection to the backend; replies could not be told apart).
  *
  * Eviction when full: an expired entry first, then the oldest "reclaimable"
  * one seen in the scan window. Reclaimable = state SYN (half-open), UDP with
@@ -569,7 +589,7 @@ ft_ungrab(struct lb_flowtable *ft, int both, uint32_t bf, uint32_t br)
     ft_unlock(ft_fwd_lock(ft, bf));
 }
 
-enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM, FT_TAKE_ANY };
+enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM };
 
 /* Unlink slot s if it is still live and still qualifies; 1 if unlinked. */
 static int
