@@ -509,16 +509,18 @@ def test_c_stress_under_thread_sanitizer(tmp_path):
     if cc is None:
         pytest.skip("no C compiler")
     exe = tmp_path / "flow_stress"
+    # not under the ASan preload of `make test-sanitize`: TSan must come alone
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
     build = subprocess.run(
         [cc, "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-fsanitize=thread",
          "-pthread", "-I", str(root / "ext"), str(root / "tests" / "c" / "flow_stress.c"),
          str(root / "ext" / "lb_flow.c"), "-o", str(exe)],
-        capture_output=True, text=True)
+        capture_output=True, text=True, env=env)
     if build.returncode != 0 and "tsan" in build.stderr:
         pytest.skip(f"no ThreadSanitizer runtime: {build.stderr.strip()[:200]}")
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe), "60000"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"})
+                         env={**env, "TSAN_OPTIONS": "halt_on_error=1"})
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-4000:]
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     assert run.stdout.count("check 0, bad 0") == 3, run.stdout
