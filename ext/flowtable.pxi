@@ -183,9 +183,11 @@ cdef struct _ft_hstats:
 
 
 cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_t now,
-                          uint32_t keys, _ft_hstats *st) noexcept nogil:
+                          uint32_t keys, uint32_t expire_jump, _ft_hstats *st) noexcept nogil:
     """One thread of FlowTable.hammer: a random mix of every operation on
-    keys 0..keys-1, shared with the other threads. Every entry it gets back
+    keys 0..keys-1, shared with the other threads (per mille: 350 insert,
+    450 lookup, 80 delete, 50 expire at now + up to expire_jump ms, 68 walk,
+    2 purge); its clock advances 1 ms per operation. Every entry it gets back
     (lookup hit, -EEXIST answer, walk) must be exactly synthetic flow i for
     the key it asked for; anything else counts as `bad` (a torn or mixed-up
     entry)."""
@@ -206,13 +208,14 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
     flagset[5] = 0x04
     for n in range(ops):
         r = _ft_rng(&x)
-        i = <uint32_t>((r >> 8) % keys)
-        op = <uint32_t>(r % 100)
+        i = <uint32_t>((r >> 32) % keys)
+        op = <uint32_t>((r & 0xFFFF) % 1000)
+        r = _ft_rng(&x)     # independent bits for the operation's details
         now += 1
         proto = 17 if (i & 3) == 3 else 6
         state = LB_FS_UDP if proto == 17 else (LB_FS_SYN if (i & 4) else LB_FS_EST)
         _ft_synth(i, proto, state, 80, &want)
-        if op < 35:
+        if op < 350:
             e = want
             rc = lb_flow_insert(ft, &e, now)
             if rc == 0:
@@ -225,9 +228,9 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
                 st.ins_full += 1
             else:
                 st.bad += 1
-        elif op < 75:
-            flags = flagset[(r >> 40) % 6] if proto == 6 else 0
-            if (r >> 48) & 1:
+        elif op < 800:
+            flags = flagset[(r >> 8) % 6] if proto == 6 else 0
+            if (r >> 20) & 1:
                 lb_flow_key_rev(&want, &k)
                 rc = lb_flow_lookup(ft, &k, LB_DIR_REV, flags, now, &e)
             else:
@@ -239,12 +242,12 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
                     st.bad += 1
             else:
                 st.misses += 1
-        elif op < 88:
+        elif op < 880:
             lb_flow_key_fwd(&want, &k)
             st.deleted += <uint64_t>lb_flow_delete(ft, &k)
-        elif op < 94:
-            st.expired += lb_flow_expire(ft, now + <uint32_t>((r >> 32) % 200000), 64)
-        elif op < 98:
+        elif op < 930:
+            st.expired += lb_flow_expire(ft, now + <uint32_t>((r >> 32) % expire_jump), 64)
+        elif op < 998:
             cursor = <uint32_t>((r >> 32) % keys)
             got = lb_flow_walk(ft, &cursor, buf, 16)
             st.walked += got
@@ -268,13 +271,28 @@ cdef class FlowTable:
     (random from os.urandom when None); timeouts is a dict in ms with keys of
     DEFAULT_TIMEOUTS_MS (missing keys keep their defaults). Raises ValueError
     on a bad capacity / timeout key, MemoryError when it cannot allocate.
-    Addresses are str, ports host-order ints, `now` a uint32 ms clock."""
-    cdef lb_flowtable *ft
-    cdef dict _timeouts
+    Addresses are str, ports host-order ints, `now` a uint32 ms clock.
 
-    def __cinit__(self, capacity, seed=None, timeouts=None):
+    A FlowTable may also be a view of a table owned by someone else (the
+    data plane's): see _flowtable_view()."""
+    cdef lb_flowtable *ft
+    cdef bint _owned
+    cdef object _owner          # keeps the real owner of a viewed table alive
+    cdef dict _timeouts
+    cdef uint32_t _synth_span   # synthetic flows 0.._synth_span-1 have been filled
+
+    def __cinit__(self, *args, **kwargs):
+        self.ft = NULL
+        self._owned = False
+        self._owner = None
+        self._timeouts = dict(DEFAULT_TIMEOUTS_MS)
+        self._synth_span = 0
+
+    def __init__(self, capacity, seed=None, timeouts=None):
         cdef long cap = capacity
         cdef lb_timeouts tmo
+        if self.ft is not NULL:
+            raise RuntimeError("FlowTable is already initialised")
         if cap < 1 or cap > LB_FLOW_MAX:
             raise ValueError(f"flow table capacity must be 1..{LB_FLOW_MAX}: {capacity!r}")
         if seed is None:
@@ -283,11 +301,17 @@ cdef class FlowTable:
         self.ft = lb_flow_new(<uint32_t>cap, <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF), &tmo)
         if self.ft is NULL:
             raise MemoryError(f"cannot allocate a flow table of {cap} flows")
+        self._owned = True
 
     def __dealloc__(self):
-        if self.ft is not NULL:
+        if self.ft is not NULL and self._owned:
             lb_flow_free(self.ft)
-            self.ft = NULL
+        self.ft = NULL
+
+    cdef inline lb_flowtable *_t(self) except NULL:
+        if self.ft is NULL:
+            raise RuntimeError("FlowTable is not initialised")
+        return self.ft
 
     cdef int _fill_timeouts(self, object timeouts, lb_timeouts *tmo) except -1:
         merged = dict(DEFAULT_TIMEOUTS_MS)
@@ -310,8 +334,9 @@ cdef class FlowTable:
         """Change idle timeouts (ms) of the live table; missing keys reset to
         their defaults. Takes effect at the next expiry check."""
         cdef lb_timeouts tmo
+        cdef lb_flowtable *t = self._t()
         self._fill_timeouts(timeouts, &tmo)
-        lb_flow_set_timeouts(self.ft, &tmo)
+        lb_flow_set_timeouts(t, &tmo)
 
     @property
     def timeouts(self) -> dict:
@@ -320,15 +345,39 @@ cdef class FlowTable:
 
     @property
     def capacity(self) -> int:
-        return lb_flow_capacity(self.ft)
+        return lb_flow_capacity(self._t())
 
     @property
     def memory(self) -> int:
         """Bytes allocated for the table (all of it, at creation)."""
-        return lb_flow_memory(self.ft)
+        return lb_flow_memory(self._t())
 
     def __len__(self) -> int:
-        return lb_flow_count(self.ft)
+        return lb_flow_count(self._t())
+
+    cdef int _insert(self, lb_flow_entry *e, object client, object cport, object vip,
+                     object vport, object backend, object bport, object proto, object state,
+                     uint32_t now, uint32_t vip_stat, uint32_t be_stat) except? -1:
+        cdef lb_flowtable *t = self._t()
+        cdef int rc
+        memset(e, 0, sizeof(lb_flow_entry))
+        cdef int f1 = _ft_addr16(client, e.client)
+        cdef int f2 = _ft_addr16(vip, e.vip)
+        cdef int f3 = _ft_addr16(backend, e.backend)
+        if f1 != f2 or f1 != f3:
+            raise ValueError("client, vip and backend must be of one address family")
+        e.family = <uint8_t>f1
+        _ft_put_port(&e.cport, _ft_port(cport))
+        _ft_put_port(&e.vport, _ft_port(vport))
+        _ft_put_port(&e.bport, _ft_port(bport))
+        e.proto = <uint8_t>_ft_proto(proto)
+        e.state = <uint8_t>_ft_state(state)
+        e.vip_stat = vip_stat
+        e.be_stat = be_stat
+        rc = lb_flow_insert(t, e, now)
+        if rc == -EINVAL:
+            raise ValueError("invalid flow entry")
+        return rc
 
     def insert(self, client, cport, vip, vport, backend, bport, proto, state="syn",
                uint32_t now=0, uint32_t vip_stat=0, uint32_t be_stat=0) -> int:
@@ -336,50 +385,17 @@ cdef class FlowTable:
         taken) or -errno.ENOSPC (full of flows that may not be evicted).
         Bad arguments raise ValueError."""
         cdef lb_flow_entry e
-        cdef int rc
-        memset(&e, 0, sizeof(e))
-        cdef int f1 = _ft_addr16(client, e.client)
-        cdef int f2 = _ft_addr16(vip, e.vip)
-        cdef int f3 = _ft_addr16(backend, e.backend)
-        if f1 != f2 or f1 != f3:
-            raise ValueError("client, vip and backend must be of one address family")
-        e.family = <uint8_t>f1
-        _ft_put_port(&e.cport, _ft_port(cport))
-        _ft_put_port(&e.vport, _ft_port(vport))
-        _ft_put_port(&e.bport, _ft_port(bport))
-        e.proto = <uint8_t>_ft_proto(proto)
-        e.state = <uint8_t>_ft_state(state)
-        e.vip_stat = vip_stat
-        e.be_stat = be_stat
-        rc = lb_flow_insert(self.ft, &e, now)
-        if rc == -EINVAL:
-            raise ValueError("invalid flow entry")
-        return rc
+        return self._insert(&e, client, cport, vip, vport, backend, bport, proto, state,
+                            now, vip_stat, be_stat)
 
     def insert_get(self, client, cport, vip, vport, backend, bport, proto, state="syn",
                    uint32_t now=0, uint32_t vip_stat=0, uint32_t be_stat=0) -> tuple:
-        """Like insert, but returns (rc, entry dict): on -EEXIST the entry is
-        the one already in the table (the one a racing worker must NAT by)."""
+        """Like insert, but returns (rc, entry dict or None): on -EEXIST the
+        entry already in the table (the one a racing worker must NAT by)."""
         cdef lb_flow_entry e
-        cdef int rc
-        memset(&e, 0, sizeof(e))
-        cdef int f1 = _ft_addr16(client, e.client)
-        cdef int f2 = _ft_addr16(vip, e.vip)
-        cdef int f3 = _ft_addr16(backend, e.backend)
-        if f1 != f2 or f1 != f3:
-            raise ValueError("client, vip and backend must be of one address family")
-        e.family = <uint8_t>f1
-        _ft_put_port(&e.cport, _ft_port(cport))
-        _ft_put_port(&e.vport, _ft_port(vport))
-        _ft_put_port(&e.bport, _ft_port(bport))
-        e.proto = <uint8_t>_ft_proto(proto)
-        e.state = <uint8_t>_ft_state(state)
-        e.vip_stat = vip_stat
-        e.be_stat = be_stat
-        rc = lb_flow_insert(self.ft, &e, now)
-        if rc == -EINVAL:
-            raise ValueError("invalid flow entry")
-        return rc, (_ft_entry_dict(&e) if rc in (0, -EEXIST) else None)
+        rc = self._insert(&e, client, cport, vip, vport, backend, bport, proto, state,
+                          now, vip_stat, be_stat)
+        return rc, (_ft_entry_dict(&e) if rc == 0 or rc == -EEXIST else None)
 
     def lookup(self, src, dst, sport, dport, proto, int dir=LB_DIR_FWD,
                uint8_t tcp_flags=0, uint32_t now=0):
@@ -387,32 +403,36 @@ cdef class FlowTable:
         (client -> VIP) or DIR_REV (backend -> client). A hit advances the
         state by tcp_flags, refreshes last_seen and returns the entry as a
         dict; a miss returns None."""
+        cdef lb_flowtable *t = self._t()
         cdef lb_flow_key k
         cdef lb_flow_entry e
         _ft_key(&k, src, dst, sport, dport, proto)
         if dir != LB_DIR_FWD and dir != LB_DIR_REV:
             raise ValueError(f"dir must be DIR_FWD or DIR_REV: {dir!r}")
-        if lb_flow_lookup(self.ft, &k, <lb_dir>dir, tcp_flags, now, &e):
+        if lb_flow_lookup(t, &k, <lb_dir>dir, tcp_flags, now, &e):
             return _ft_entry_dict(&e)
         return None
 
     def delete(self, client, vip, cport, vport, proto) -> bool:
         """Remove the flow with this forward key; False when there was none."""
+        cdef lb_flowtable *t = self._t()
         cdef lb_flow_key k
         _ft_key(&k, client, vip, cport, vport, proto)
-        return lb_flow_delete(self.ft, &k) == 1
+        return lb_flow_delete(t, &k) == 1
 
     def expire(self, uint32_t now, uint32_t max=0xFFFFFFFF) -> int:
         """Remove up to max entries idle past their timeout at `now` (one lap
         of the table at most, continuing where the last call stopped)."""
+        cdef lb_flowtable *t = self._t()
         cdef uint32_t n
         with nogil:
-            n = lb_flow_expire(self.ft, now, max)
+            n = lb_flow_expire(t, now, max)
         return n
 
     def purge_backend(self, addr, port, proto) -> int:
         """Remove every flow pinned to backend addr:port/proto (it failed);
         returns how many."""
+        cdef lb_flowtable *t = self._t()
         cdef uint8_t a[16]
         cdef uint16_t p
         cdef uint8_t pr = <uint8_t>_ft_proto(proto)
@@ -420,12 +440,13 @@ cdef class FlowTable:
         _ft_addr16(addr, a)
         _ft_put_port(&p, _ft_port(port))
         with nogil:
-            n = lb_flow_purge_backend(self.ft, a, p, pr)
+            n = lb_flow_purge_backend(t, a, p, pr)
         return n
 
     def walk(self, limit=None) -> list:
         """Copies of the live entries (at most limit), as dicts: a consistent
         copy of each entry, not a snapshot of the whole table."""
+        cdef lb_flowtable *t = self._t()
         cdef uint32_t cursor = 0, got, i, want
         cdef lb_flow_entry *buf = <lb_flow_entry *>malloc(
             _FT_WALK_CHUNK * sizeof(lb_flow_entry))
@@ -437,7 +458,7 @@ cdef class FlowTable:
                 want = _FT_WALK_CHUNK if limit is None else min(_FT_WALK_CHUNK,
                                                                 limit - len(out))
                 with nogil:
-                    got = lb_flow_walk(self.ft, &cursor, buf, want)
+                    got = lb_flow_walk(t, &cursor, buf, want)
                 if got == 0:
                     break
                 for i in range(got):
@@ -449,7 +470,7 @@ cdef class FlowTable:
     def counters(self) -> dict:
         """Insert refusals and removals by reason (struct lb_flow_counters)."""
         cdef lb_flow_counters c
-        lb_flow_get_counters(self.ft, &c)
+        lb_flow_get_counters(self._t(), &c)
         return {"inserted": c.inserted, "refused_full": c.refused_full,
                 "refused_exists": c.refused_exists, "evicted_expired": c.evicted_expired,
                 "evicted_halfopen": c.evicted_halfopen, "expired": c.expired,
@@ -457,11 +478,11 @@ cdef class FlowTable:
 
     def active_backend(self, uint32_t stat) -> int:
         """Live flows whose be_stat is `stat`."""
-        return lb_flow_active_backend(self.ft, stat)
+        return lb_flow_active_backend(self._t(), stat)
 
     def active_vip(self, uint32_t stat) -> int:
         """Live flows whose vip_stat is `stat`."""
-        return lb_flow_active_vip(self.ft, stat)
+        return lb_flow_active_vip(self._t(), stat)
 
     def check(self) -> bool:
         """Run the C consistency checker (lb_flow_check): True when every
@@ -470,9 +491,10 @@ cdef class FlowTable:
 
     def check_code(self) -> int:
         """lb_flow_check's answer: 0, or the number of the broken invariant."""
+        cdef lb_flowtable *t = self._t()
         cdef int rc
         with nogil:
-            rc = lb_flow_check(self.ft)
+            rc = lb_flow_check(t)
         if rc < 0:
             raise convert_errno(rc, "lb_flow_check")
         return rc
@@ -483,22 +505,26 @@ cdef class FlowTable:
              proto=6) -> int:
         """Insert synthetic flows start..start+n-1 in one C loop; returns how
         many were inserted (rc 0)."""
+        cdef lb_flowtable *t = self._t()
         cdef uint8_t st = <uint8_t>_ft_state(state)
         cdef uint8_t pr = <uint8_t>_ft_proto(proto)
         cdef uint32_t i, ok = 0
         cdef lb_flow_entry e
+        if <uint64_t>start + n > 0x80000000:
+            raise ValueError("synthetic flows are numbered below 2^31")
         with nogil:
             for i in range(start, start + n):
                 _ft_synth(i, pr, st, 80, &e)
-                if lb_flow_insert(self.ft, &e, now) == 0:
+                if lb_flow_insert(t, &e, now) == 0:
                     ok += 1
+        self._synth_span = max(self._synth_span, start + n)
         return ok
 
-    def lookup_batch(self, uint32_t n, uint32_t span, bint hit=True, uint32_t now=0,
+    def lookup_batch(self, uint32_t n, span=None, bint hit=True, uint32_t now=0,
                      int dir=LB_DIR_FWD, uint8_t tcp_flags=0x10, uint64_t seed=1,
                      proto=6, bint batched=True) -> int:
-        """n lookups of synthetic flows drawn at random from 0..span-1 (as
-        filled by fill()), from direction dir; hit=False makes every key one
+        """n lookups of synthetic flows drawn at random from 0..span-1 (by
+        default every flow fill() has inserted), from direction dir; hit=False makes every key one
         that is not in the table. batched: LB_BATCH keys per
         lb_flow_lookup_batch call (as the data plane does), else one
         lb_flow_lookup per key. Returns the number of hits."""
@@ -512,10 +538,12 @@ cdef class FlowTable:
         cdef uint8_t dirs[_FT_BATCH]
         cdef uint8_t flags[_FT_BATCH]
         cdef uint8_t hitv[_FT_BATCH]
+        cdef lb_flowtable *t = self._t()
         cdef lb_dir d = LB_DIR_REV if dir == LB_DIR_REV else LB_DIR_FWD
-        if span == 0:
-            raise ValueError("span must be > 0")
-        for j in range(_FT_BATCH):
+        cdef uint32_t nspan = self._synth_span if span is None else span
+        if nspan == 0:
+            raise ValueError("no synthetic flows to look up: fill() first or pass span")
+        for j in range(<uint32_t>_FT_BATCH):
             kp[j] = &keys[j]
             dirs[j] = <uint8_t>d
             flags[j] = tcp_flags
@@ -523,7 +551,7 @@ cdef class FlowTable:
             while n > 0:
                 m = n if n < _FT_BATCH else _FT_BATCH
                 for j in range(m):
-                    _ft_synth(<uint32_t>(_ft_rng(&x) % span), pr, 0, 80, &e)
+                    _ft_synth(<uint32_t>(_ft_rng(&x) % nspan), pr, 0, 80, &e)
                     if not hit:
                         _ft_put_port(&e.vport, 81)
                         _ft_put_port(&e.bport, 8081)
@@ -532,24 +560,25 @@ cdef class FlowTable:
                     else:
                         lb_flow_key_rev(&e, &keys[j])
                 if batched:
-                    hits += lb_flow_lookup_batch(self.ft, kp, dirs, flags, m, now, out, hitv)
+                    hits += lb_flow_lookup_batch(t, kp, dirs, flags, m, now, out, hitv)
                 else:
                     for j in range(m):
-                        hits += <uint32_t>lb_flow_lookup(self.ft, &keys[j], d, tcp_flags, now,
+                        hits += <uint32_t>lb_flow_lookup(t, &keys[j], d, tcp_flags, now,
                                                          &out[j])
                 n -= m
         return hits
 
     def hammer(self, int threads, uint64_t ops_per_thread, uint32_t now=0,
-               keys=None) -> dict:
+               keys=None, uint32_t expire_jump=5000) -> dict:
         """Run `threads` OS threads at once, each doing ops_per_thread random
         inserts, lookups (both directions), deletes, expires, walks and purges
         on an overlapping key set (default: twice the capacity, so the table
         is also full and evicting). Returns the summed per-thread tallies;
         `bad` counts entries that came back not matching their key."""
-        cdef uint32_t nkeys = 2 * lb_flow_capacity(self.ft) if keys is None else keys
-        if threads < 1 or nkeys < 1:
-            raise ValueError("threads and keys must be >= 1")
+        cdef lb_flowtable *tbl = self._t()
+        cdef uint32_t nkeys = 2 * lb_flow_capacity(tbl) if keys is None else keys
+        if threads < 1 or nkeys < 1 or expire_jump < 1:
+            raise ValueError("threads, keys and expire_jump must be >= 1")
         results = [None] * threads
         barrier = _ft_threading.Barrier(threads)
 
@@ -558,18 +587,32 @@ cdef class FlowTable:
             memset(&st, 0, sizeof(st))
             barrier.wait()
             with nogil:
-                _ft_hammer_loop(self.ft, <uint64_t>tid + 1, ops_per_thread, now, nkeys, &st)
+                _ft_hammer_loop(tbl, <uint64_t>tid + 1, ops_per_thread, now, nkeys,
+                                expire_jump, &st)
             results[tid] = st
 
-        pool = [_ft_threading.Thread(target=run, args=(t,), name=f"ft-hammer-{t}")
-                for t in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+        pool = [_ft_threading.Thread(target=run, args=(n,), name=f"ft-hammer-{n}")
+                for n in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
         total = {}
         for r in results:
             for key, value in r.items():
                 total[key] = total.get(key, 0) + value
         return total
 
+
+
+cdef FlowTable _flowtable_view(lb_flowtable *ft, object owner, dict timeouts=None):
+    """A FlowTable over a table owned by `owner` (e.g. the data plane's, for
+    `lbcore flows`): never frees it, and keeps owner alive as long as the
+    view lives. timeouts: what the owner created it with (for .timeouts)."""
+    cdef FlowTable view = FlowTable.__new__(FlowTable)
+    view.ft = ft
+    view._owned = False
+    view._owner = owner
+    if timeouts is not None:
+        view._timeouts = dict(timeouts)
+    return view

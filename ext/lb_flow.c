@@ -2,10 +2,15 @@
  *
  * Layout (everything allocated once in lb_flow_new, nothing afterwards):
  *
- *   ent[capacity]        struct lb_flow_entry, 72 bytes: one per connection
- *   next_fwd[capacity]   chain link in the forward index (client -> VIP key);
- *                        for a free entry: the free-list link
- *   next_rev[capacity]   chain link in the reverse index (backend -> client key)
+ *   slot[capacity]       struct ft_slot, 80 bytes: the 72-byte struct
+ *                        lb_flow_entry of one connection + its two chain
+ *                        links, next[0] in the forward index (client -> VIP
+ *                        key; for a free slot: the free-list link) and next[1]
+ *                        in the reverse index (backend -> client key).
+ *                        Links live next to the entry rather than in parallel
+ *                        arrays: reaching an entry then brings its link along
+ *                        (80 bytes at a 16-byte stride span two cache lines,
+ *                        never three), one DRAM miss less per chain step.
  *   head_fwd[nbuckets]   bucket heads of the forward index
  *   head_rev[nbuckets]   bucket heads of the reverse index
  *   sfwd[], srev[]       striped spinlocks, one cache line each, over the
@@ -13,19 +18,27 @@
  *   act_be[], act_vip[]  active flows per stats slot (LB_MAX_STAT_IDS each)
  *
  * Links and heads hold "slot numbers" = index + 1, so 0 is the end of a chain
- * and calloc'd memory is an empty table: pages of a large table are committed
+ * and zeroed memory is an empty table: pages of a large table are committed
  * only as flows arrive. nbuckets is the power of two >= capacity (load factor
  * <= 1, chains of ~1 entry). Slots above the high-water mark `hw` have never
  * been used and are free without being on the free list.
  *
- * Memory per connection: 72 (entry) + 8 (two links) + 8..16 (two bucket heads,
- * depending on how far capacity is below its power of two) = 88..96 bytes,
- * plus a fixed ~0.6 MiB (stats slots, stripes): lb_flow_memory() is exact.
+ * Memory per connection: 80 (slot) + 8..16 (two bucket heads, depending on
+ * how far capacity is below its power of two) = 88..96 bytes, plus a fixed
+ * ~0.6 MiB (stats slots, stripes); lb_flow_memory() is exact: at a capacity
+ * of 2^20 it is 88.6 bytes per connection.
+ *
+ * Speed: a lookup in a table much bigger than the cache is 2-3 dependent DRAM
+ * misses (bucket head, slot, maybe the next slot), and the lock's atomic
+ * keeps the CPU from overlapping them with the next packet's; so the data
+ * plane should use lb_flow_lookup_batch, which prefetches a whole group of
+ * lookups stage by stage (see there).
  *
  * The hash is a private, keyed wyhash-style multiply-fold over the five 64-bit
  * words of the 40-byte key; the six 64-bit secrets are derived from the
  * random per-start seed (splitmix64), so outsiders cannot aim keys at one
- * bucket.
+ * bucket. (On 2^20 structured keys, sequential addresses and ports, its chain
+ * lengths follow Poisson(1) in both indexes, as a random function's would.)
  *
  * Concurrency (a reply may reach another worker than its request):
  *
@@ -61,6 +74,25 @@
  * state), so readers dirty the entry's cache line anyway; a stripe lock costs
  * one uncontended atomic on a line that 1024 stripes spread thin, and keeps
  * every invariant provable by lb_flow_check.
+ *
+ * State machine (lb_flow_lookup; the caller inserts TCP as SYN, UDP as UDP):
+ * RST in either direction -> CLOSE; FIN in either direction -> FIN (unless
+ * CLOSE); in SYN, a backend packet that is not RST sets F_FLOW_REV_SEEN and a
+ * later client ACK without SYN then makes it EST (so a SYN flood whose
+ * clients never ACK stays half-open, and a flow picked up mid-stream becomes
+ * EST once both sides have spoken); UDP becomes UDP_STREAM at the first
+ * backend packet. Beyond the issue's rules: a client's bare SYN on a FIN or
+ * CLOSE entry starts the tuple over as SYN (port reuse after TIME_WAIT), so a
+ * reused tuple is not stuck with the short CLOSE timeout.
+ *
+ * Timeouts: an entry idle past its state's timeout stays findable until
+ * lb_flow_expire or an evicting insert removes it; a packet that finds it
+ * first revives it (same backend, which is what the connection needs).
+ *
+ * Insert clashes: -EEXIST with the entry in place copied back, both when the
+ * forward key exists (two workers racing on a flow's first packets) and when
+ * the reverse key does (client:cport reaching one backend:bport via two
+ * VIPs is one connection to the backend; replies could not be told apart).
  *
  * Eviction when full: an expired entry first, then the oldest "reclaimable"
  * one seen in the scan window. Reclaimable = state SYN (half-open), UDP with
@@ -101,6 +133,7 @@
 _Static_assert(sizeof(struct lb_flow_entry) == 72, "lb_flow_entry layout");
 _Static_assert(sizeof(struct lb_flow_key) == 40, "lb_flow_key layout");
 _Static_assert(sizeof(struct lb_flow_entry) % 8 == 0, "slot stride");
+_Static_assert(offsetof(struct lb_flow_entry, state) % 8 == 0, "key words");
 _Static_assert(offsetof(struct lb_flow_entry, pad0) ==
                offsetof(struct lb_flow_entry, state) + 1, "state word");
 _Static_assert(offsetof(struct lb_flow_entry, state) % 2 == 0, "state word alignment");
@@ -109,6 +142,14 @@ _Static_assert(LB_FS_SYN == 0 && LB_FS_EST == 1 && LB_FS_FIN == 2 && LB_FS_CLOSE
                "timeouts are indexed by state in the order of struct lb_timeouts");
 
 typedef uint16_t ft_u16 __attribute__((may_alias));
+typedef uint64_t ft_u64 __attribute__((may_alias));
+
+/* Links and key words that lock-free hint readers (the prefetch passes of
+ * lb_flow_lookup_batch, the snapshots of scans) may read while a lock holder
+ * writes them are stored with relaxed atomics: plain moves on x86-64 and
+ * arm64, but no data race in the C11 sense (ThreadSanitizer stays quiet). */
+#define FT_ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define FT_LD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 
 struct ft_stripe {
     uint32_t lock;
@@ -121,7 +162,7 @@ struct ft_stripe {
 struct ft_slot {
     struct lb_flow_entry e;
     uint32_t next[2];              /* [0] forward chain (or free list), [1] reverse */
-};
+} __attribute__((aligned(8)));     /* key words are loaded as atomic uint64 */
 
 struct lb_flowtable {
     /* read-only after lb_flow_new (timeouts: relaxed atomics) */
@@ -357,6 +398,29 @@ ft_advance(uint16_t sw, enum lb_dir dir, uint8_t tcp)
     return ft_sw_make(st, fl);
 }
 
+/* The 56 key bytes (client, vip, backend, ports, proto, family) as seven
+ * atomic 64-bit words. */
+static inline void
+ft_key_store(struct lb_flow_entry *dst, const struct lb_flow_entry *src)
+{
+    ft_u64 *d = (ft_u64 *)(void *)dst;
+    for (size_t i = 0; i < FT_KEYBYTES / 8; i++) {
+        uint64_t w;
+        memcpy(&w, (const uint8_t *)src + 8 * i, 8);
+        FT_ST(&d[i], w);
+    }
+}
+
+static inline void
+ft_key_load(struct lb_flow_entry *dst, const struct lb_flow_entry *src)
+{
+    const ft_u64 *s = (const ft_u64 *)(const void *)src;
+    for (size_t i = 0; i < FT_KEYBYTES / 8; i++) {
+        uint64_t w = FT_LD(&s[i]);
+        memcpy((uint8_t *)dst + 8 * i, &w, 8);
+    }
+}
+
 /* Copy a linked entry out; state word and last_seen may be changing under a
  * lookup through the other index, so they are read atomically. */
 static inline void
@@ -376,7 +440,7 @@ ft_copy_out(struct lb_flow_entry *out, struct lb_flow_entry *e)
 static inline void
 ft_snapshot(struct lb_flow_entry *snap, struct lb_flow_entry *e)
 {
-    memcpy(snap, e, FT_KEYBYTES);   /* may be torn: ft_grab re-checks */
+    ft_key_load(snap, e);           /* may be torn: ft_grab re-checks */
     uint16_t sw = __atomic_load_n(ft_stw(e), __ATOMIC_RELAXED);
     snap->state = ft_sw_state(sw);
     snap->pad0 = ft_sw_flags(sw);
@@ -415,7 +479,7 @@ ft_alloc(struct lb_flowtable *ft)
     ft_lock(&ft->free_lock);
     if (ft->free_head) {
         s = ft->free_head;
-        ft->free_head = ft->slot[s - 1].next[0];
+        ft->free_head = FT_LD(&ft->slot[s - 1].next[0]);
     } else if (ft->hw < ft->capacity) {
         s = ft->hw + 1;
         __atomic_store_n(&ft->hw, s, __ATOMIC_RELEASE);
@@ -428,7 +492,7 @@ static void
 ft_release(struct lb_flowtable *ft, uint32_t s)
 {
     ft_lock(&ft->free_lock);
-    ft->slot[s - 1].next[0] = ft->free_head;
+    FT_ST(&ft->slot[s - 1].next[0], ft->free_head);
     ft->free_head = s;
     ft_unlock(&ft->free_lock);
 }
@@ -461,7 +525,7 @@ ft_chain_del(struct lb_flowtable *ft, uint32_t *head, int rev, uint32_t s)
         pp = &ft->slot[*pp - 1].next[rev];
     LB_ASSERT(*pp == s);
     if (*pp == s)
-        *pp = ft->slot[s - 1].next[rev];
+        FT_ST(pp, ft->slot[s - 1].next[rev]);
 }
 
 /* Unlink slot s (both stripes held) and mark it free. The slot is not put
@@ -525,7 +589,7 @@ ft_ungrab(struct lb_flowtable *ft, int both, uint32_t bf, uint32_t br)
     ft_unlock(ft_fwd_lock(ft, bf));
 }
 
-enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM, FT_TAKE_ANY };
+enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM };
 
 /* Unlink slot s if it is still live and still qualifies; 1 if unlinked. */
 static int
@@ -793,10 +857,12 @@ lb_flow_lookup_batch(struct lb_flowtable *ft, const struct lb_flow_key *const *k
             if (!s)
                 continue;
             const struct ft_slot *x = &ft->slot[s - 1];
+            struct lb_flow_entry peek;
+            ft_key_load(&peek, &x->e);
             int rev = dirs[i] != LB_DIR_FWD;
-            if (rev ? ft_match_rev(&x->e, keys[i]) : ft_match_fwd(&x->e, keys[i]))
+            if (rev ? ft_match_rev(&peek, keys[i]) : ft_match_fwd(&peek, keys[i]))
                 continue;
-            s = __atomic_load_n(&x->next[rev], __ATOMIC_RELAXED);
+            s = FT_LD(&x->next[rev]);
             if (s && s <= ft->capacity)
                 ft_prefetch_slot(ft, s);
         }
@@ -894,7 +960,7 @@ lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
     if (st == LB_FS_UDP_STREAM)
         fl |= F_FLOW_REV_SEEN;
     struct lb_flow_entry *ne = &ft->slot[s - 1].e;
-    memcpy(ne, e, FT_KEYBYTES);
+    ft_key_store(ne, e);
     ne->pad1 = 0;
     ne->vip_stat = e->vip_stat;
     ne->be_stat = e->be_stat;
@@ -919,10 +985,10 @@ lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
         FT_INC(&ft->cnt.refused_exists, 1u);
         return -EEXIST;
     }
-    ft->slot[s - 1].next[0] = ft->head_fwd[bf];
-    ft->head_fwd[bf] = s;
-    ft->slot[s - 1].next[1] = ft->head_rev[br];
-    ft->head_rev[br] = s;
+    FT_ST(&ft->slot[s - 1].next[0], ft->head_fwd[bf]);
+    FT_ST(&ft->head_fwd[bf], s);
+    FT_ST(&ft->slot[s - 1].next[1], ft->head_rev[br]);
+    FT_ST(&ft->head_rev[br], s);
     FT_INC(&ft->n_live, 1u);
     if (ft_reclaimable(st, fl))
         FT_INC(&ft->n_reclaim, 1u);
