@@ -22,7 +22,7 @@ DIR_REV = LB_DIR_REV
 DROP_REASONS = (
     "none", "truncated", "bad_version", "bad_ihl", "bad_totlen", "bad_exthdr",
     "fragment", "bad_l4", "unsupported", "no_vip", "no_backend",
-    "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full",
+    "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full", "no_neigh", "bad_l2",
 )
 assert len(DROP_REASONS) == LB_DROP__COUNT
 

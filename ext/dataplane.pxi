@@ -47,6 +47,7 @@ cdef class Dataplane:
       timeouts: ms per state, keys of DEFAULT_TIMEOUTS_MS; missing = default.
     """
     cdef lb_dataplane *dp
+    cdef lb_rawsock *rs
     cdef readonly uint32_t workers
     cdef object _lock
 
@@ -70,6 +71,9 @@ cdef class Dataplane:
         self.workers = workers
 
     def __dealloc__(self):
+        if self.rs != NULL:
+            lb_rawsock_free(self.rs)
+            self.rs = NULL
         if self.dp != NULL:
             lb_dp_free(self.dp)
             self.dp = NULL
@@ -272,6 +276,135 @@ cdef class Dataplane:
         w.fd = -1
         if rc < 0:
             raise convert_errno(rc, f"worker {i}")
+
+    cdef lb_rawsock *_rawsock(self) except NULL:
+        if self.rs == NULL:
+            self.rs = lb_rawsock_new()
+            if self.rs == NULL:
+                raise MemoryError()
+        return self.rs
+
+    def run_rawsock_worker(self, uint32_t i, socks):
+        """Run worker i on AF_PACKET sockets until stop(); blocks, GIL
+        released. socks: [client-side RawSocket, backend-side RawSocket], or
+        one RawSocket when both sides are the same link; a frame received on
+        one leaves on the other. Raises OSError on a socket error."""
+        cdef lb_raw_sock s[2]
+        cdef uint32_t n = len(socks), j
+        cdef lb_worker *w
+        cdef lb_rawsock *rs = self._rawsock()
+        cdef RawSocket rsock
+        cdef int rc
+        if i >= self.workers:
+            raise IndexError(f"worker {i} of {self.workers}")
+        if n < 1 or n > LB_RAW_LINKS:
+            raise ValueError(f"1 or 2 sockets, not {n}")
+        for j in range(n):
+            rsock = socks[j]
+            if rsock.s.fd < 0:
+                raise ValueError("socket is closed")
+            s[j] = rsock.s
+        w = lb_dp_worker(self.dp, i)
+        with nogil:
+            rc = lb_loop_run_raw(w, rs, s, n)
+        if rc < 0:
+            raise convert_errno(rc, f"rawsock worker {i}")
+
+    def set_l2(self, src_macs, routes, neighbours, uint32_t timeout_ms=2000):
+        """Publish a new L2 table for the rawsock workers (swapped as a
+        whole, like the forwarding table).
+
+        src_macs: the source MAC (6 bytes) of link 0 (client side) and link 1.
+        routes: (link, network, gateway or None) with network an ip_network
+        (or str) and gateway an address: which next hop a destination on that
+        egress link goes to (longest prefix wins; no route = no_neigh drop).
+        neighbours: (link, address, mac bytes): resolved next hops.
+        Raises ValueError on a bad entry, TimeoutError like publish()."""
+        cdef lb_rawsock *rs = self._rawsock()
+        cdef lb_l2 *l2
+        cdef lb_l2 *old
+        cdef lb_l2_route r
+        cdef uint8_t a[16]
+        cdef uint8_t fam
+        cdef bytes mac
+        cdef uint32_t i
+        cdef int rc
+        routes = list(routes)
+        neighbours = list(neighbours)
+        l2 = lb_l2_new(len(routes), len(neighbours))
+        if l2 == NULL:
+            raise MemoryError()
+        try:
+            for i in range(2):
+                mac = bytes(src_macs[i]) if i < len(src_macs) else bytes(6)
+                if len(mac) != 6:
+                    raise ValueError(f"source MAC of link {i} is not 6 bytes")
+                memcpy(l2.src_mac[i], <const char *>mac, 6)
+            for i, (link, net, gw) in enumerate(routes):
+                net = _ipaddress.ip_network(net)
+                memset(&r, 0, sizeof(r))
+                _dp_fill_addr(r.prefix, &r.family, net.network_address)
+                r.plen = net.prefixlen
+                r.link = link
+                if gw is not None:
+                    _dp_fill_addr(r.gw, &fam, gw)
+                    if fam != r.family:
+                        raise ValueError(f"gateway {gw} of route {net} is of another family")
+                    r.has_gw = 1
+                if lb_l2_set_route(l2, i, &r) < 0:
+                    raise ValueError(f"bad route {link, net, gw}")
+            for link, addr, mac in neighbours:
+                if len(mac) != 6:
+                    raise ValueError(f"MAC of {addr} is not 6 bytes")
+                _dp_fill_addr(a, &fam, addr)
+                rc = lb_l2_add_neigh(l2, link, fam, a, <const uint8_t *><const char *>mac)
+                if rc < 0:
+                    raise ValueError(f"bad neighbour {link, addr, mac}")
+            lb_l2_seal(l2)
+        except BaseException:
+            lb_l2_free(l2)
+            raise
+        with nogil:
+            old = lb_rawsock_publish(self.dp, rs, l2)
+            rc = lb_dp_synchronize(self.dp, timeout_ms)
+        if rc < 0:
+            raise TimeoutError("workers did not pass a quiescent point; old L2 table leaked")
+        lb_l2_free(old)
+
+    def l2_lookup(self, uint8_t link, dst):
+        """What a worker would do with a packet to dst leaving on link:
+        (next hop, MAC bytes), or (next hop, None) when unresolved, with next
+        hop None when no route covers dst."""
+        cdef lb_rawsock *rs = self._rawsock()
+        cdef uint8_t d[16]
+        cdef uint8_t nh[16]
+        cdef uint8_t fam
+        cdef const uint8_t *mac
+        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
+        cdef const lb_l2 *l2
+        _dp_fill_addr(d, &fam, dst)
+        self._lock.acquire()
+        lb_dp_enter(w)
+        try:
+            l2 = lb_rawsock_l2(rs)
+            if not lb_l2_nexthop(l2, link, fam, d, nh):
+                return None, None
+            mac = lb_l2_mac(l2, link, fam, nh)
+            return _dp_addr_str(nh, fam), (bytes(mac[:6]) if mac != NULL else None)
+        finally:
+            lb_dp_leave(w)
+            self._lock.release()
+
+    def l2_misses(self):
+        """Next hops the workers recently found no MAC for: [(link,
+        address)], most recent records, deduplicated (a hint for on-demand
+        resolution, not a complete log)."""
+        cdef lb_raw_miss out[16]
+        cdef uint32_t n, i
+        if self.rs == NULL:
+            return []
+        n = lb_rawsock_misses(self.rs, out, 16)
+        return [(out[i].link, _dp_addr_str(out[i].addr, out[i].family)) for i in range(n)]
 
     def stop(self):
         """Ask every worker loop to return (within its 100 ms poll timeout)."""

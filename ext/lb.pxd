@@ -48,6 +48,8 @@ cdef extern from "lb_types.h" nogil:
         LB_DROP_ICMP_BAD
         LB_DROP_BAD_VNET
         LB_DROP_FLOW_FULL
+        LB_DROP_NO_NEIGH
+        LB_DROP_BAD_L2
         LB_DROP__COUNT
 
     enum lb_flow_state:
@@ -237,3 +239,61 @@ cdef extern from "lb_loop.h" nogil:
 cdef extern from "lb_csum.h" nogil:
     uint16_t lb_csum_fold(uint32_t sum)
     uint32_t lb_csum_partial(const uint8_t *p, size_t n, uint32_t sum)
+
+cdef extern from "lb_rawsock.h" nogil:
+    const uint32_t LB_RAW_LINKS
+    const uint32_t LB_RAW_MISS
+    const uint32_t LB_RAW_FRAME
+    struct sock_filter:
+        uint16_t code
+        uint8_t jt
+        uint8_t jf
+        uint32_t k
+    struct lb_raw_sock:
+        int fd
+        uint32_t ifindex
+        uint8_t *ring
+        size_t ring_len
+        uint32_t block_size
+        uint32_t block_nr
+        uint32_t cur
+    struct lb_l2_route:
+        uint8_t prefix[16]
+        uint8_t gw[16]
+        uint8_t plen
+        uint8_t family
+        uint8_t link
+        uint8_t has_gw
+    struct lb_l2:
+        uint8_t src_mac[2][6]
+        uint32_t n_routes
+    struct lb_raw_miss:
+        uint32_t seq
+        uint8_t addr[16]
+        uint8_t family
+        uint8_t link
+    struct lb_rawsock:
+        pass
+    int lb_raw_open(lb_raw_sock *s, uint32_t ifindex, uint16_t fanout_id,
+                    const sock_filter *filter, uint16_t n_filter,
+                    uint32_t block_size, uint32_t block_nr, int qdisc_bypass)
+    void lb_raw_close(lb_raw_sock *s)
+    int lb_raw_set_filter(lb_raw_sock *s, const sock_filter *filter, uint16_t n_filter)
+    lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh)
+    void lb_l2_free(lb_l2 *l2)
+    int lb_l2_set_route(lb_l2 *l2, uint32_t i, const lb_l2_route *r)
+    int lb_l2_add_neigh(lb_l2 *l2, uint8_t link, uint8_t family, const uint8_t *addr16,
+                        const uint8_t *mac6)
+    void lb_l2_seal(lb_l2 *l2)
+    int lb_l2_nexthop(const lb_l2 *l2, uint8_t link, uint8_t family,
+                      const uint8_t *dst16, uint8_t *nh16)
+    const uint8_t *lb_l2_mac(const lb_l2 *l2, uint8_t link, uint8_t family,
+                             const uint8_t *nh16)
+    const uint8_t *lb_l2_lookup(const lb_l2 *l2, uint8_t link, uint8_t family,
+                                const uint8_t *dst16, uint8_t *nh16)
+    const lb_l2 *lb_rawsock_l2(lb_rawsock *rs)
+    lb_rawsock *lb_rawsock_new()
+    void lb_rawsock_free(lb_rawsock *rs)
+    lb_l2 *lb_rawsock_publish(lb_dataplane *dp, lb_rawsock *rs, lb_l2 *l2)
+    uint32_t lb_rawsock_misses(lb_rawsock *rs, lb_raw_miss *out, uint32_t max)
+    int lb_loop_run_raw(lb_worker *w, lb_rawsock *rs, lb_raw_sock *socks, uint32_t n_socks)

@@ -40,6 +40,8 @@ enum lb_drop_reason {
     LB_DROP_BAD_VNET,       /* virtio_net_hdr inconsistent with the packet */
     LB_DROP_FLOW_FULL,      /* new flow, table full of established flows;
                                counted, but the packet is still forwarded */
+    LB_DROP_NO_NEIGH,       /* rawsock: no route or no MAC for the next hop */
+    LB_DROP_BAD_L2,         /* rawsock: truncated, VLAN-tagged or non-IP frame */
     LB_DROP__COUNT
 };
 

@@ -1,10 +1,12 @@
 """`lbcore run`: the balancer process.
 
 One asyncio control plane in the main thread (signals, health checks, the
-control socket, metrics, flow expiry) and one C worker loop per TUN queue in
-threads of their own, GIL released, pinned to CPUs. Start-up order makes a
-failure at any step undo the ones before it (AsyncExitStack): data plane and
-first table, TUN queues, gateway routes/rules/sysctls, workers, control.
+control socket, metrics, flow expiry) and one C worker loop per TUN queue (or
+per set of AF_PACKET sockets, mode rawsock) in threads of their own, GIL
+released, pinned to CPUs. Start-up order makes a failure at any step undo the
+ones before it (AsyncExitStack): data plane and first table, the mode's
+devices and gateway routes/rules/sysctls (a TunPlane or a RawsockPlane),
+workers, control.
 """
 from __future__ import annotations
 
@@ -69,6 +71,47 @@ def reply_paths(bal: Balancer) -> list[ReplyPath]:
             for v in bal.vips.values() for b in v.backends.values()]
 
 
+class TunPlane:
+    """Mode tun's data-plane back end: the TUN queues and the Gateway (VIP routes into the
+    TUN, reply rules, sysctls). RawsockPlane (lbcore.rawsock) has the same four verbs."""
+
+    def __init__(self, config: Config, dp: Any, vips: list, replies: list[ReplyPath]) -> None:
+        self.config, self.dp = config, dp
+        self.fds: list[int] = []
+        self.gateway = Gateway(config.tun_name, vips, replies)
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.fds, offload = open_tun(cfg.tun_name, cfg.workers, vnet_hdr=True)
+        log.info("TUN %s: %d queue(s), offloads 0x%x", cfg.tun_name, len(self.fds), offload)
+        try:
+            self.gateway.setup()
+        except BaseException:
+            close_tun(self.fds)
+            self.fds = []
+            raise
+
+    def run_worker(self, i: int) -> None:
+        self.dp.run_worker(i, self.fds[i], True)
+
+    def update(self, vips: list, replies: list[ReplyPath]) -> None:
+        self.gateway.set_vips(vips)
+        self.gateway.set_replies(replies)
+
+    def undo(self) -> None:
+        self.gateway.undo()
+        close_tun(self.fds)
+        self.fds = []
+
+
+def make_plane(config: Config, dp: Any, vips: list, replies: list[ReplyPath]) -> Any:
+    """The data-plane back end of config.mode."""
+    if config.mode == "rawsock":
+        from .rawsock import RawsockPlane
+        return RawsockPlane(config, dp, vips, replies)
+    return TunPlane(config, dp, vips, replies)
+
+
 class Daemon:
     """The running balancer. serve() returns the process exit code."""
 
@@ -77,7 +120,7 @@ class Daemon:
         self.config_path = config_path
         self.dp: Any = None
         self.balancer: Balancer | None = None
-        self.gateway: Gateway | None = None
+        self.plane: Any = None
         self.started = time.time()
         self._stop = asyncio.Event()
         self._threads: list[threading.Thread] = []
@@ -98,18 +141,14 @@ class Daemon:
                 log.debug("%s", change)
             self.balancer.publish()
 
-            fds, offload = open_tun(cfg.tun_name, cfg.workers, vnet_hdr=True)
-            stack.callback(close_tun, fds)
-            log.info("TUN %s: %d queue(s), offloads 0x%x", cfg.tun_name, len(fds), offload)
-
-            self.gateway = Gateway(cfg.tun_name, [v.address for v in cfg.vips],
-                                   reply_paths(self.balancer))
-            self.gateway.setup()
-            stack.callback(self.gateway.undo)
+            self.plane = make_plane(cfg, self.dp, [v.address for v in cfg.vips],
+                                    reply_paths(self.balancer))
+            self.plane.setup()
+            stack.callback(self.plane.undo)
 
             stack.callback(self._stop_workers)
-            for i, (fd, cpu) in enumerate(zip(fds, worker_cpus(cfg.workers), strict=True)):
-                t = threading.Thread(target=self._run_worker, args=(i, fd, cpu, loop),
+            for i, cpu in enumerate(worker_cpus(cfg.workers)):
+                t = threading.Thread(target=self._run_worker, args=(i, cpu, loop),
                                      name=f"lbcore-worker-{i}", daemon=True)
                 t.start()
                 self._threads.append(t)
@@ -137,13 +176,12 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
-    def _run_worker(self, i: int, fd: int, cpu: int | None,
-                    loop: asyncio.AbstractEventLoop) -> None:
+    def _run_worker(self, i: int, cpu: int | None, loop: asyncio.AbstractEventLoop) -> None:
         if cpu is not None:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {cpu})   # 0 = this thread
         try:
-            self.dp.run_worker(i, fd, True)
+            self.plane.run_worker(i)
         except BaseException as e:  # noqa: BLE001 - reported, then shut down
             self._worker_error = e
             loop.call_soon_threadsafe(self._stop.set)
@@ -231,10 +269,9 @@ class Daemon:
             if problems:
                 log.error("reload refused: %s", "; ".join(problems))
                 return False, problems
-            assert self.balancer is not None and self.gateway is not None
+            assert self.balancer is not None and self.plane is not None
             changes = self.balancer.configure(new)
-            self.gateway.set_vips([v.address for v in new.vips])
-            self.gateway.set_replies(reply_paths(self.balancer))
+            self.plane.update([v.address for v in new.vips], reply_paths(self.balancer))
             self.balancer.publish()
             self.config = new
             if self.health is not None:
@@ -248,7 +285,7 @@ class Daemon:
 def _unreloadable(old: Config, new: Config) -> list[str]:
     """Settings fixed at start (sizes, devices): changing them needs a restart."""
     out = []
-    for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket"):
+    for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket", "rawsock"):
         if getattr(old, key) != getattr(new, key):
             out.append(f"global.{key} changed ({getattr(old, key)!r} -> "
                        f"{getattr(new, key)!r}): needs a restart")
@@ -264,12 +301,9 @@ def cmd_run(args) -> int:
     setup_logging(args.log_level or config.log_level, args.log_json)
     for w in config.warnings:
         log.warning("config: %s", w)
-    if config.mode != "tun":
-        print(f"lbcore: mode {config.mode!r} is not available in this build; use mode = \"tun\"",
-              file=sys.stderr)
-        return 2
     if os.geteuid() != 0:
-        print("lbcore: run needs root (TUN device, routes, policy rules)", file=sys.stderr)
+        print("lbcore: run needs root (TUN device or AF_PACKET sockets, routes, policy rules)",
+              file=sys.stderr)
         return 2
     try:
         return asyncio.run(Daemon(config, args.config).serve())

@@ -10,9 +10,11 @@ and the benchmarks rely on)::
     default via 198.18.0.1 (forwarding on)                                 default via 198.19.0.1
 
 The VIP 198.18.100.1 (2001:db8:100::1 with --ipv6) serves TCP 80 and UDP 5300; the lab assigns it
-to no interface: the balancer in lbc-gw routes it into its TUN device. Each backend runs
-``lbcore.labservers`` (HTTP :80, UDP :5300, bulk sink :9000 and source :9001). Unless
-``--no-balancer``, ``lbcore run`` is started in lbc-gw from a config generated here.
+to no interface: the balancer in lbc-gw routes it into its TUN device (``--mode rawsock``: takes
+its frames off lbc-gw-cl and sends them out of lbc-br0 with AF_PACKET, docs/rawsock.md).
+Each backend runs ``lbcore.labservers`` (HTTP :80, UDP :5300, bulk sink :9000 and source
+:9001). Unless ``--no-balancer``, ``lbcore run`` is started in lbc-gw from a config generated
+here.
 
 /run/lbcore-lab/state.json holds the plan before anything is made and each process's PID as
 soon as it starts, so ``lab down`` can remove the lab after a crash at any point (namespaces are
@@ -439,6 +441,12 @@ def render_config(spec: LabSpec, state_dir: Path | None = None) -> str:
         f'metrics_listen = "{METRICS_LISTEN}"',
         "",
     ]
+    if spec.mode == "rawsock":
+        # the gateway's two links: the client veth, and the bridge whose ports are the backends'
+        # veths (an AF_PACKET socket on the bridge sees what the bridge delivers to the host,
+        # and what it sends there the bridge forwards to the right port)
+        out += ["[rawsock]", f'client_link = "{GW_CLIENT_IF}"', f'backend_link = "{BRIDGE}"',
+                ""]
     families = [("", VIP_V4, backend_v4)]
     if spec.ipv6:
         families.append(("6", VIP_V6, backend_v6))

@@ -58,7 +58,9 @@ __all__ = [
     "netns_path", "netns_exists", "netns_list", "netns_create", "netns_remove", "netns_pids",
     "veth_add", "bridge_add", "link_set", "link_del", "link_index", "links",
     "addr_add", "addr_del", "addresses", "route_add", "route_del", "routes",
-    "rule_add", "rule_del", "rules", "neigh_add", "neigh_del", "neighbours",
+    "rule_add", "rule_del", "rules", "neigh_add", "neigh_del", "neighbours", "neigh_resolve",
+    "neigh_proxy_add", "neigh_proxy_del", "change_notifier",
+    "drain_notifier",
     "sysctl_get", "sysctl_set", "run_in_netns", "popen_in_netns",
 ]
 
@@ -72,6 +74,8 @@ CLONE_NEWNET = 0x40000000
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 NUD_PERMANENT = 0x80
+NTF_USE = 0x01              # neighbour "used": start resolution as a queued packet would
+NTF_PROXY = 0x08            # a proxy (pneigh) entry: answer ARP/NDP for the address
 
 #: Errors that mean "it is not there (any more)": an idempotent delete or an undo ignores them.
 GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EADDRNOTAVAIL,
@@ -928,6 +932,85 @@ def neigh_del(ifname: str, dst: str, *, netns: str | None = None) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+@_off_loop
+def neigh_resolve(ifname: str, dst: str, *, netns: str | None = None) -> None:
+    """Make the kernel resolve ``dst`` on ``ifname`` now, as a packet queued to it would (an
+    entry flagged NTF_USE: ARP/NS for a new or failed entry, a probe for a stale one). Returns
+    at once; the answer shows up in :func:`neighbours`. Nothing to undo: the entry is the
+    kernel's own, and ages out like any other."""
+    with _ipr(netns) as ipr:
+        idx = _index(ipr, ifname, netns)
+        fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
+        ipr.neigh("replace", ifindex=idx, dst=dst, flags=NTF_USE, state=0, family=fam)
+
+
+@_off_loop
+def neigh_proxy_add(ifname: str, dst: str, *, netns: str | None = None,
+                    changes: NetChanges | None = None) -> None:
+    """Add a proxy neighbour entry: the kernel answers NDP (and ARP, where proxying applies) for
+    ``dst`` on ``ifname``. Undo deletes it."""
+    with _ipr(netns) as ipr:
+        idx = _index(ipr, ifname, netns)
+        fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
+        ipr.neigh("replace", ifindex=idx, dst=dst, flags=NTF_PROXY, family=fam)
+    if changes is not None:
+        changes.record(f"proxy neighbour {dst} on {ifname}{_where(netns)}",
+                       lambda: neigh_proxy_del(ifname, dst, netns=netns))
+
+
+@_off_loop
+def neigh_proxy_del(ifname: str, dst: str, *, netns: str | None = None) -> bool:
+    """Delete the proxy neighbour entry for ``dst`` on ``ifname``. False if it was not there."""
+    try:
+        with _ipr(netns) as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return False
+            fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
+            try:
+                ipr.neigh("del", ifindex=found[0], dst=dst, flags=NTF_PROXY, family=fam)
+            except NetlinkError as e:
+                if is_gone(e):
+                    return False
+                raise
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# rtnetlink multicast groups (linux/rtnetlink.h RTMGRP_*)
+_RTMGRP_CHANGES = (0x1 | 0x4 | 0x10 | 0x40 | 0x100 | 0x400)   # link neigh ifaddr route4/6
+
+
+def change_notifier(netns: str | None = None) -> socket.socket:
+    """A non-blocking rtnetlink socket of ``netns`` subscribed to link, address, route and
+    neighbour changes: it becomes readable when one happens. Its messages are not meant to be
+    parsed (read and discard them, see :func:`drain_notifier`): the caller re-reads the state
+    it needs with the functions above, so a lost event (the socket overflowed) costs nothing
+    but the wait until the next change or the caller's own periodic re-read."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                          socket.NETLINK_ROUTE)
+        s.bind((0, _RTMGRP_CHANGES))
+        s.setblocking(False)
+        return s
+    return run_in_netns(netns, make)
+
+
+def drain_notifier(s: socket.socket) -> int:
+    """Read and discard whatever the notifier holds; returns how many datagrams."""
+    n = 0
+    while True:
+        try:
+            s.recv(65536)
+        except BlockingIOError:
+            return n
+        except OSError as e:   # ENOBUFS: events were lost; the caller re-reads anyway
+            if e.errno != errno.ENOBUFS:
+                raise
+        n += 1
 
 
 # --------------------------------------------------------------------------- sysctls

@@ -1,11 +1,13 @@
-"""End to end: real packets from lbc-client through the balancer (tun mode) in
-lbc-gw to the backends, in the namespace lab (issue 3's contract)."""
+"""End to end: real packets from lbc-client through the balancer in lbc-gw to
+the backends, in the namespace lab (issue 3's contract), once per forwarding
+mode: tun, and rawsock (AF_PACKET, issue 5)."""
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,9 +30,9 @@ CLIENT4 = "198.18.0.2"
 N = 3
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with running_lab(backends=N, ipv6=True) as state:
+@pytest.fixture(scope="module", params=["tun", "rawsock"])
+def lab(request):
+    with running_lab(backends=N, ipv6=True, mode=request.param) as state:
         yield state
 
 
@@ -176,6 +178,110 @@ def test_status_and_pick_agree_with_traffic(lab):
         assert got["backend"] == f"{lab_mod.backend_v4(idx)}:80", (cport, name, got)
 
 
+KEEPALIVE_CLIENT = """
+import json, socket, sys
+def ask(s):
+    s.sendall(b"GET /x HTTP/1.1\\r\\nHost: vip\\r\\n\\r\\n")
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf or not buf.endswith(b"\\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            return None
+        buf += chunk
+    return buf.split(b"\\r\\n\\r\\n", 1)[1].strip().decode()
+def udp(u):
+    for _ in range(5):
+        u.send(b"ping")
+        try:
+            return u.recv(100).decode().strip()
+        except OSError:
+            pass
+t = socket.create_connection(("{vip}", 80), timeout=10)
+name = ask(t)
+for _ in range(40):   # a UDP flow on the same backend as the connection
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(2)
+    u.connect(("{vip}", 5300))
+    if udp(u) == name:
+        break
+print(json.dumps([name, udp(u)]), flush=True)
+sys.stdin.readline()
+print(json.dumps([ask(t), udp(u)]), flush=True)
+"""
+
+
+def _wait_all_up(timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ctl({"cmd": "status"})
+        if all(b["state"] == "up" for v in st["vips"] for b in v["backends"]):
+            return
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+
+
+def _recreate_backend_link(i: int) -> None:
+    """Backend i's veth deleted and made again, as lbcore.lab makes it: same names and
+    addresses, a new (random) MAC."""
+    ns = lab_mod.backend_ns(i)
+    netconf.link_del(lab_mod.gw_backend_if(i), netns=lab_mod.GW_NS)
+    netconf.veth_add(lab_mod.backend_if(i), lab_mod.gw_backend_if(i), netns=ns,
+                     peer_netns=lab_mod.GW_NS)
+    netconf.link_set(lab_mod.gw_backend_if(i), netns=lab_mod.GW_NS, master=lab_mod.BRIDGE)
+    netconf.addr_add(lab_mod.backend_if(i), f"{lab_mod.backend_v4(i)}/24", netns=ns)
+    netconf.addr_add(lab_mod.backend_if(i), f"{lab_mod.backend_v6(i)}/64", netns=ns)
+    netconf.route_add("default", gateway=lab_mod.GW_BACKEND_V4, netns=ns)
+    netconf.route_add("default", gateway=lab_mod.GW_BACKEND_V6, netns=ns)
+
+
+def _gw_mac_of(addr: str) -> str | None:
+    for _, ip, mac, _ in netconf.neighbours(lab_mod.GW_NS, lab_mod.BRIDGE):
+        if ip == addr:
+            return mac
+    return None
+
+
+def test_backend_mac_change_flows_continue_after_neighbour_update(lab):
+    """A backend's link is re-created (a new MAC); once the backend has spoken (its first
+    packet to the gateway is an ARP request carrying the new MAC: the neighbour update), a TCP
+    connection and a UDP flow pinned to it before the change go on, to the same backend."""
+    _wait_all_up()
+    client = netconf.popen_in_netns(
+        "lbc-client", [sys.executable, "-c", KEEPALIVE_CLIENT.format(vip=VIP4)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        tcp_be, udp_be = json.loads(client.stdout.readline())
+        assert tcp_be == udp_be and tcp_be.startswith("be")
+        i = int(tcp_be[2:])
+        addr = lab_mod.backend_v4(i)
+        old_mac = _gw_mac_of(addr)
+        assert old_mac
+        _recreate_backend_link(i)
+        new_mac = [x.mac for x in netconf.links(lab_mod.backend_ns(i))
+                   if x.name == lab_mod.backend_if(i)][0]
+        assert new_mac != old_mac
+        # the backend speaks first (as a rebooted or replaced server does): any packet to the
+        # gateway makes it ARP for the gateway, and the gateway learns the new MAC from that
+        ns_python(lab_mod.backend_ns(i), f"""
+import socket
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("{lab_mod.GW_BACKEND_V4}", 9))
+print(1)""")
+        deadline = time.monotonic() + 10
+        while _gw_mac_of(addr) != new_mac:
+            assert time.monotonic() < deadline, (_gw_mac_of(addr), new_mac)
+            time.sleep(0.05)
+        time.sleep(0.5)   # rawsock: the balancer's L2 table follows the kernel's
+        out, _ = client.communicate("go\n", timeout=60)
+        assert json.loads(out.strip().splitlines()[-1]) == [tcp_be, udp_be]
+        # new flows reach the re-created backend too
+        r = http_requests("lbc-client", VIP4, n=60)
+        assert r["ok"] == 60 and r["counts"].get(tcp_be, 0) > 0, r
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
 def test_sigkill_then_restart_starts_clean_and_works(lab):
     """A crashed balancer leaves no TUN (non-persistent) and its stale rules
     are removed by the next start, which forwards again."""
@@ -185,7 +291,8 @@ def test_sigkill_then_restart_starts_clean_and_works(lab):
     assert len(rules) == len({(r.src, r.ipproto, r.sport) for r in rules}) > 0
     r = http_requests("lbc-client", VIP4, n=60)
     assert r["ok"] == 60
-    assert [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
+    if lab.spec.mode == "tun":
+        assert [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
 
 
 def test_sigterm_undoes_everything_in_the_gateway(lab):
@@ -197,5 +304,7 @@ def test_sigterm_undoes_everything_in_the_gateway(lab):
     assert not [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
     assert not [r for r in netconf.rules("lbc-gw") if r.priority == 4242]
     assert not [r for r in netconf.routes("lbc-gw", table=4242)]
+    # rawsock: the VIPs' blackhole routes are gone too
+    assert not [r for r in netconf.routes("lbc-gw") if r.dst.split("/")[0] in (VIP4, VIP6)]
     lab_mod.restart_balancer()
     assert http_requests("lbc-client", VIP4, n=10)["ok"] == 10

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 DROP_REASONS: tuple[str, ...] = (
     "none", "truncated", "bad_version", "bad_ihl", "bad_totlen", "bad_exthdr",
     "fragment", "bad_l4", "unsupported", "no_vip", "no_backend",
-    "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full",
+    "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full", "no_neigh", "bad_l2",
 )
 
 DIR_FWD = 0

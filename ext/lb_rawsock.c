@@ -1,0 +1,596 @@
+/* lb_rawsock.c - AF_PACKET data plane (mode "rawsock"), see lb_rawsock.h.
+ *
+ * Per frame: V3 ring frame -> check the Ethernet header (no VLAN: a tagged
+ * frame is dropped as bad_l2) and the virtio_net_hdr the kernel put in front
+ * of it -> lb_process_packet on the IP packet in place -> next hop (route of
+ * the egress link, longest prefix) -> MAC from the L2 table -> new Ethernet
+ * header in place -> queued for sendmmsg() on the egress link together with
+ * its virtio_net_hdr (NEEDS_CSUM / GSO pass through, as with the TUN).
+ * Receive ring: Documentation/networking/packet_mmap.rst ("TPACKET_V3").
+ */
+#define _GNU_SOURCE      /* sendmmsg */
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <arpa/inet.h>
+#include <linux/filter.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/virtio_net.h>
+
+#include "lb_bytes.h"
+#include "lb_hash.h"
+#include "lb_rawsock.h"
+
+#define ETH_HLEN_ 14u
+#define VNET_LEN ((uint32_t)sizeof(struct virtio_net_hdr))
+#define TXB LB_BATCH                      /* frames per sendmmsg() */
+#define L2_HASH_SEED 0x6c62327261770001ull  /* fixed: the table is rebuilt, never attacked
+                                             * (its keys are our own next hops) */
+#ifndef PACKET_IGNORE_OUTGOING
+#define PACKET_IGNORE_OUTGOING 23
+#endif
+
+/* ---------------------------------------------------------------- sockets */
+
+void lb_raw_close(struct lb_raw_sock *s)
+{
+    if (s->ring && s->ring != MAP_FAILED)
+        munmap(s->ring, s->ring_len);
+    s->ring = NULL;
+    if (s->fd >= 0)
+        close(s->fd);
+    s->fd = -1;
+}
+
+int lb_raw_open(struct lb_raw_sock *s, uint32_t ifindex, uint16_t fanout_id,
+                const struct sock_filter *filter, uint16_t n_filter,
+                uint32_t block_size, uint32_t block_nr, int qdisc_bypass)
+{
+    int one = 1, v3 = TPACKET_V3, rc;
+    struct tpacket_req3 req;
+    struct sockaddr_ll sll;
+
+    memset(s, 0, sizeof(*s));
+    s->fd = -1;
+    if (ifindex == 0 || block_nr == 0 || block_size < LB_RAW_FRAME
+        || block_size % LB_RAW_FRAME)
+        return -EINVAL;
+    /* protocol 0: nothing is queued until bind(), which comes after the
+     * filter and the ring, so no unfiltered frame ever reaches user space */
+    s->fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (s->fd < 0)
+        return -errno;
+    s->ifindex = ifindex;
+    if (setsockopt(s->fd, SOL_PACKET, PACKET_VERSION, &v3, sizeof(v3)) < 0)
+        goto fail;
+    /* before the ring: the kernel refuses it afterwards (EBUSY) */
+    if (setsockopt(s->fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one)) < 0)
+        goto fail;
+    if (n_filter) {
+        struct sock_fprog prog = { .len = n_filter, .filter = (struct sock_filter *)filter };
+        if (setsockopt(s->fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog)) < 0)
+            goto fail;
+    }
+    /* our own transmissions are no input (best effort: Linux >= 4.20) */
+    (void)setsockopt(s->fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof(one));
+    if (qdisc_bypass
+        && setsockopt(s->fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one)) < 0)
+        goto fail;
+    memset(&req, 0, sizeof(req));
+    req.tp_block_size = block_size;
+    req.tp_block_nr = block_nr;
+    req.tp_frame_size = LB_RAW_FRAME;
+    req.tp_frame_nr = (block_size / LB_RAW_FRAME) * block_nr;
+    req.tp_retire_blk_tov = 1;            /* ms: a partly filled block is handed over soon */
+    if (setsockopt(s->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) < 0)
+        goto fail;
+    s->block_size = block_size;
+    s->block_nr = block_nr;
+    s->ring_len = (size_t)block_size * block_nr;
+    s->ring = mmap(NULL, s->ring_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                   s->fd, 0);
+    if (s->ring == MAP_FAILED) {
+        s->ring = NULL;
+        goto fail;
+    }
+    memset(&sll, 0, sizeof(sll));
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ALL);
+    sll.sll_ifindex = (int)ifindex;
+    if (bind(s->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0)
+        goto fail;
+    if (fanout_id) {
+        int arg = (int)fanout_id | (PACKET_FANOUT_HASH << 16);
+        if (setsockopt(s->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg)) < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    rc = -errno;
+    lb_raw_close(s);
+    return rc;
+}
+
+int lb_raw_set_filter(struct lb_raw_sock *s, const struct sock_filter *filter, uint16_t n_filter)
+{
+    struct sock_fprog prog = { .len = n_filter, .filter = (struct sock_filter *)filter };
+
+    if (s->fd < 0 || n_filter == 0)
+        return -EBADF;
+    /* SO_ATTACH_FILTER swaps the program atomically (a reload) */
+    if (setsockopt(s->fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog)) < 0)
+        return -errno;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- L2 table */
+
+struct lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh)
+{
+    struct lb_l2 *l2;
+    uint32_t slots = 8;
+
+    if (n_routes > 65536 || n_neigh > (1u << 20))
+        return NULL;
+    while (slots < 2 * n_neigh)
+        slots <<= 1;
+    l2 = calloc(1, sizeof(*l2));
+    if (!l2)
+        return NULL;
+    l2->routes = calloc(n_routes ? n_routes : 1, sizeof(*l2->routes));
+    l2->slots = calloc(slots, sizeof(*l2->slots));
+    if (!l2->routes || !l2->slots) {
+        lb_l2_free(l2);
+        return NULL;
+    }
+    l2->n_routes = n_routes;
+    l2->mask = slots - 1;
+    return l2;
+}
+
+void lb_l2_free(struct lb_l2 *l2)
+{
+    if (!l2)
+        return;
+    free(l2->routes);
+    free(l2->slots);
+    free(l2);
+}
+
+static int valid_family_plen(uint8_t family, uint8_t plen)
+{
+    return (family == LB_AF_INET && plen <= 32) || (family == LB_AF_INET6 && plen <= 128);
+}
+
+int lb_l2_set_route(struct lb_l2 *l2, uint32_t i, const struct lb_l2_route *r)
+{
+    if (i >= l2->n_routes || r->link >= LB_RAW_LINKS || !valid_family_plen(r->family, r->plen))
+        return -EINVAL;
+    l2->routes[i] = *r;
+    return 0;
+}
+
+static inline uint32_t neigh_hash(uint8_t link, uint8_t family, const uint8_t *addr16)
+{
+    uint8_t key[18];
+
+    memcpy(key, addr16, 16);
+    key[16] = link;
+    key[17] = family;
+    return (uint32_t)lb_hash_bytes(key, sizeof(key), L2_HASH_SEED);
+}
+
+static inline int neigh_is(const struct lb_l2_neigh *n, uint8_t link, uint8_t family,
+                           const uint8_t *addr16)
+{
+    return n->link == link && n->family == family && memcmp(n->addr, addr16, 16) == 0;
+}
+
+int lb_l2_add_neigh(struct lb_l2 *l2, uint8_t link, uint8_t family, const uint8_t *addr16,
+                    const uint8_t *mac6)
+{
+    uint32_t i, used = 0;
+
+    if (link >= LB_RAW_LINKS || (family != LB_AF_INET && family != LB_AF_INET6))
+        return -EINVAL;
+    for (i = 0; i <= l2->mask; i++)
+        used += l2->slots[i].used;
+    i = neigh_hash(link, family, addr16) & l2->mask;
+    for (;;) {
+        struct lb_l2_neigh *n = &l2->slots[i];
+        if (!n->used) {
+            if (2 * (used + 1) > l2->mask + 1)
+                return -ENOSPC;
+            memcpy(n->addr, addr16, 16);
+            n->family = family;
+            n->link = link;
+            n->used = 1;
+            memcpy(n->mac, mac6, 6);
+            return 0;
+        }
+        if (neigh_is(n, link, family, addr16)) {
+            memcpy(n->mac, mac6, 6);
+            return 0;
+        }
+        i = (i + 1) & l2->mask;
+    }
+}
+
+static int route_cmp(const void *a, const void *b)
+{
+    const struct lb_l2_route *x = a, *y = b;
+    return (int)y->plen - (int)x->plen;
+}
+
+void lb_l2_seal(struct lb_l2 *l2)
+{
+    qsort(l2->routes, l2->n_routes, sizeof(*l2->routes), route_cmp);
+}
+
+static inline int prefix_match(const uint8_t *a, const uint8_t *prefix, uint8_t plen)
+{
+    uint32_t full = plen / 8u, rem = plen % 8u;
+
+    if (memcmp(a, prefix, full) != 0)
+        return 0;
+    if (rem) {
+        uint8_t m = (uint8_t)(0xffu << (8u - rem));
+        return (a[full] & m) == (prefix[full] & m);
+    }
+    return 1;
+}
+
+int lb_l2_nexthop(const struct lb_l2 *l2, uint8_t link, uint8_t family,
+                  const uint8_t *dst16, uint8_t *nh16)
+{
+    memcpy(nh16, dst16, 16);
+    if (!l2)
+        return 0;
+    for (uint32_t i = 0; i < l2->n_routes; i++) {
+        const struct lb_l2_route *c = &l2->routes[i];
+        if (c->link == link && c->family == family && prefix_match(dst16, c->prefix, c->plen)) {
+            if (c->has_gw)
+                memcpy(nh16, c->gw, 16);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+const uint8_t *lb_l2_mac(const struct lb_l2 *l2, uint8_t link, uint8_t family,
+                         const uint8_t *nh16)
+{
+    uint32_t i;
+
+    if (!l2)
+        return NULL;
+    i = neigh_hash(link, family, nh16) & l2->mask;
+    for (;;) {   /* terminates: the table is at most half full */
+        const struct lb_l2_neigh *n = &l2->slots[i];
+        if (!n->used)
+            return NULL;
+        if (neigh_is(n, link, family, nh16))
+            return n->mac;
+        i = (i + 1) & l2->mask;
+    }
+}
+
+const uint8_t *lb_l2_lookup(const struct lb_l2 *l2, uint8_t link, uint8_t family,
+                            const uint8_t *dst16, uint8_t *nh16)
+{
+    if (!lb_l2_nexthop(l2, link, family, dst16, nh16))
+        return NULL;
+    return lb_l2_mac(l2, link, family, nh16);
+}
+
+struct lb_rawsock *lb_rawsock_new(void)
+{
+    return calloc(1, sizeof(struct lb_rawsock));
+}
+
+void lb_rawsock_free(struct lb_rawsock *rs)
+{
+    if (!rs)
+        return;
+    lb_l2_free(rs->l2);
+    free(rs);
+}
+
+struct lb_l2 *lb_rawsock_publish(struct lb_dataplane *dp, struct lb_rawsock *rs,
+                                 struct lb_l2 *l2)
+{
+    struct lb_l2 *old = __atomic_exchange_n(&rs->l2, l2, __ATOMIC_SEQ_CST);
+
+    /* the forwarding table's epoch: lb_dp_synchronize() then also waits for
+     * every worker that may still hold the old L2 table (it loads rs->l2
+     * after lb_dp_enter, like the forwarding table) */
+    __atomic_add_fetch(&dp->epoch, 1, __ATOMIC_SEQ_CST);
+    return old;
+}
+
+static void record_miss(struct lb_rawsock *rs, uint8_t link, uint8_t family,
+                        const uint8_t *nh16)
+{
+    uint32_t last = __atomic_load_n(&rs->miss_head, __ATOMIC_RELAXED);
+    struct lb_raw_miss *m = &rs->miss[(last - 1) % LB_RAW_MISS];
+    uint32_t h, seq;
+
+    /* the same next hop as the last record: once is enough (a burst of
+     * frames to one unresolved host must not flush the ring) */
+    if (last && m->link == link && m->family == family && memcmp(m->addr, nh16, 16) == 0)
+        return;
+    h = __atomic_fetch_add(&rs->miss_head, 1, __ATOMIC_RELAXED);
+    m = &rs->miss[h % LB_RAW_MISS];
+    seq = __atomic_load_n(&m->seq, __ATOMIC_RELAXED);
+    if (seq & 1u)
+        return;   /* another worker is writing this slot: skip, it is only a hint */
+    if (!__atomic_compare_exchange_n(&m->seq, &seq, seq + 1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return;
+    memcpy(m->addr, nh16, 16);
+    m->family = family;
+    m->link = link;
+    __atomic_store_n(&m->seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+uint32_t lb_rawsock_misses(struct lb_rawsock *rs, struct lb_raw_miss *out, uint32_t max)
+{
+    uint32_t n = 0;
+
+    for (uint32_t i = 0; i < LB_RAW_MISS && n < max; i++) {
+        struct lb_raw_miss *m = &rs->miss[i];
+        struct lb_raw_miss copy;
+        uint32_t s1 = __atomic_load_n(&m->seq, __ATOMIC_ACQUIRE), s2;
+        if (s1 == 0 || (s1 & 1u))
+            continue;
+        memcpy(copy.addr, m->addr, 16);
+        copy.family = m->family;
+        copy.link = m->link;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        s2 = __atomic_load_n(&m->seq, __ATOMIC_RELAXED);
+        if (s1 != s2)
+            continue;
+        copy.seq = s1;
+        int dup = 0;
+        for (uint32_t j = 0; j < n; j++)
+            dup |= out[j].link == copy.link && out[j].family == copy.family
+                   && memcmp(out[j].addr, copy.addr, 16) == 0;
+        if (!dup)
+            out[n++] = copy;
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- the loop */
+
+struct txq {
+    uint32_t n;
+    struct mmsghdr msg[TXB];
+    struct iovec iov[TXB];
+};
+
+static void tx_flush(struct lb_worker *w, int fd, struct txq *q)
+{
+    uint32_t done = 0;
+
+    while (done < q->n) {
+        int rc = sendmmsg(fd, q->msg + done, q->n - done, MSG_DONTWAIT);
+        if (rc > 0) {
+            done += (uint32_t)rc;
+            continue;
+        }
+        if (rc < 0 && errno == EINTR)
+            continue;
+        /* the message at `done` failed (ring/queue full, link down, too
+         * big): count it, go on with the rest */
+        w->stats.tx_errors++;
+        done++;
+    }
+    q->n = 0;
+}
+
+static inline void tx_add(struct lb_worker *w, int fd, struct txq *q, uint8_t *p, size_t len)
+{
+    if (q->n == TXB)
+        tx_flush(w, fd, q);
+    q->iov[q->n].iov_base = p;
+    q->iov[q->n].iov_len = len;
+    memset(&q->msg[q->n].msg_hdr, 0, sizeof(q->msg[q->n].msg_hdr));
+    q->msg[q->n].msg_hdr.msg_iov = &q->iov[q->n];
+    q->msg[q->n].msg_hdr.msg_iovlen = 1;
+    q->n++;
+}
+
+/* A frame dropped before the pipeline saw it: still received. */
+static inline void l2_drop(struct lb_worker *w, enum lb_drop_reason r)
+{
+    w->stats.rx++;
+    w->stats.drops[r]++;
+}
+
+/* One frame of a block whose bytes are blk[0..blk_len). */
+static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_table *t,
+                          const struct lb_l2 *l2, uint8_t link, uint8_t out_link,
+                          struct lb_raw_sock *out, struct txq *q,
+                          const struct tpacket3_hdr *h, uint8_t *blk, size_t off,
+                          size_t blk_len, uint32_t now)
+{
+    const struct sockaddr_ll *sll;
+    struct virtio_net_hdr vh;
+    enum lb_drop_reason r;
+    uint8_t *frame, *ip, nh[16], dst[16], family;
+    const uint8_t *mac;
+    uint32_t snap = h->tp_snaplen, iplen;
+    int csum_partial = 0;
+    uint16_t etype;
+
+    if ((size_t)TPACKET_ALIGN(sizeof(*h)) + sizeof(*sll) > blk_len - off)
+        return;
+    sll = (const struct sockaddr_ll *)(blk + off + TPACKET_ALIGN(sizeof(*h)));
+    if (sll->sll_pkttype == PACKET_OUTGOING)
+        return;
+    if (h->tp_mac < TPACKET_ALIGN(sizeof(*h)) + VNET_LEN
+        || (size_t)h->tp_mac + snap > blk_len - off) {
+        l2_drop(w, LB_DROP_BAD_L2);
+        return;
+    }
+    frame = blk + off + h->tp_mac;
+    /* truncated (snaplen < len), or VLAN-tagged: 802.1Q is not supported */
+    if (snap < ETH_HLEN_ || snap < h->tp_len || (h->tp_status & TP_STATUS_VLAN_VALID)) {
+        l2_drop(w, LB_DROP_BAD_L2);
+        return;
+    }
+    etype = lb_be16(frame + 12);
+    if (etype != ETH_P_IP && etype != ETH_P_IPV6) {
+        l2_drop(w, LB_DROP_BAD_L2);
+        return;
+    }
+    memcpy(&vh, frame - VNET_LEN, VNET_LEN);
+    if (vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        /* csum_start counts from the Ethernet header */
+        if (vh.csum_start <= ETH_HLEN_ || (uint32_t)vh.csum_start + vh.csum_offset + 2 > snap) {
+            l2_drop(w, LB_DROP_BAD_VNET);
+            return;
+        }
+        csum_partial = vh.csum_start - (int)ETH_HLEN_;
+    }
+    ip = frame + ETH_HLEN_;
+    iplen = snap - ETH_HLEN_;
+    if (lb_process_packet(w, t, ip, iplen, now, csum_partial, &r) != LB_TX)
+        return;
+    /* the rewritten packet's destination decides the next hop; parse
+     * validated the header lengths */
+    memset(dst, 0, sizeof(dst));
+    if ((ip[0] >> 4) == 4) {
+        family = LB_AF_INET;
+        memcpy(dst, ip + 16, 4);
+    } else {
+        family = LB_AF_INET6;
+        memcpy(dst, ip + 24, 16);
+    }
+    mac = lb_l2_lookup(l2, out_link, family, dst, nh);
+    if (!mac) {
+        w->stats.tx--;
+        w->stats.tx_bytes -= iplen;
+        w->stats.drops[LB_DROP_NO_NEIGH]++;
+        record_miss(rs, out_link, family, nh);
+        return;
+    }
+    memcpy(frame, mac, 6);
+    memcpy(frame + 6, l2->src_mac[out_link], 6);
+    vh.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID means nothing on transmit */
+    memcpy(frame - VNET_LEN, &vh, VNET_LEN);
+    (void)link;
+    tx_add(w, out->fd, q, frame - VNET_LEN, (size_t)snap + VNET_LEN);
+}
+
+/* Process the block s->cur if user space owns it; 1 if it did. */
+static int rx_block(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
+                    uint32_t n_socks, uint8_t link, struct txq *qs)
+{
+    struct lb_raw_sock *s = &socks[link];
+    uint8_t *blk = s->ring + (size_t)s->cur * s->block_size;
+    struct tpacket_block_desc *bd = (struct tpacket_block_desc *)blk;
+    uint8_t out_link = n_socks == 2 ? (uint8_t)(link ^ 1u) : 0;
+    const struct lb_table *t;
+    const struct lb_l2 *l2;
+    uint32_t now, n, i;
+    size_t off;
+
+    if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+        return 0;
+    t = lb_dp_enter(w);
+    l2 = lb_rawsock_l2(rs);
+    now = lb_now_ms();
+    n = bd->hdr.bh1.num_pkts;
+    off = bd->hdr.bh1.offset_to_first_pkt;
+    for (i = 0; i < n; i++) {
+        const struct tpacket3_hdr *h;
+        if (off < sizeof(*bd) || off + sizeof(*h) > s->block_size)
+            break;
+        h = (const struct tpacket3_hdr *)(blk + off);
+        rx_one(w, rs, t, l2, link, out_link, &socks[out_link], &qs[out_link], h, blk, off,
+               s->block_size, now);
+        if (h->tp_next_offset == 0)
+            break;
+        off += h->tp_next_offset;
+    }
+    /* the queued frames live in this block: send before handing it back */
+    for (i = 0; i < n_socks; i++)
+        if (qs[i].n)
+            tx_flush(w, socks[i].fd, &qs[i]);
+    __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+    s->cur = (s->cur + 1) % s->block_nr;
+    w->stats.batches++;
+    return 1;
+}
+
+int lb_loop_run_raw(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
+                    uint32_t n_socks)
+{
+    struct lb_dataplane *dp = w->dp;
+    struct pollfd pfd[LB_RAW_LINKS];
+    struct txq *qs;
+    int rc = 0;
+
+    if (n_socks < 1 || n_socks > LB_RAW_LINKS || !rs)
+        return -EINVAL;
+    for (uint32_t i = 0; i < n_socks; i++) {
+        if (socks[i].fd < 0 || !socks[i].ring)
+            return -EBADF;
+        pfd[i].fd = socks[i].fd;
+        pfd[i].events = POLLIN;
+        pfd[i].revents = 0;
+    }
+    qs = calloc(LB_RAW_LINKS, sizeof(*qs));   /* once per run, never per packet */
+    if (!qs)
+        return -ENOMEM;
+    while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
+        int busy = 0;
+        w->stats.loops++;
+        /* up to a few blocks per link in turn, so that one busy link
+         * cannot starve the other (requests vs replies) */
+        for (int round = 0; round < 4; round++) {
+            int got = 0;
+            for (uint32_t i = 0; i < n_socks; i++)
+                got |= rx_block(w, rs, socks, n_socks, (uint8_t)i, qs);
+            busy |= got;
+            if (!got)
+                break;
+        }
+        if (busy)
+            continue;
+        /* holding no table while asleep: a publish need not wait for us */
+        lb_dp_leave(w);
+        int pr = poll(pfd, n_socks, 100);
+        if (pr < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            break;
+        }
+        for (uint32_t i = 0; i < n_socks; i++) {
+            if (pfd[i].revents & POLLNVAL) {
+                rc = -EBADF;
+                goto out;
+            }
+            if (pfd[i].revents & POLLERR) {
+                /* e.g. ENETDOWN while the link is down: read (and so
+                 * clear) the error, keep going; the link may come back */
+                int err = 0;
+                socklen_t el = sizeof(err);
+                (void)getsockopt(socks[i].fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                w->stats.tx_errors += err != 0;
+            }
+        }
+    }
+out:
+    lb_dp_leave(w);
+    free(qs);
+    return rc;
+}
