@@ -1,0 +1,367 @@
+"""Mode rawsock's parts: the classic-BPF filters (run by a small interpreter here, and
+accepted by the kernel), the L2 next-hop table (C lookup against the Python oracle), and the
+AF_PACKET worker loop on veth pairs in a throwaway namespace (no lab): frames in, rewritten
+frames out with the right MACs, unresolved next hops dropped and reported."""
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from lbcore import _core, netconf
+from lbcore.gateway import ReplyPath
+from lbcore.rawsock import (
+    BPF_JA,
+    BPF_JEQ_K,
+    BPF_JSET_K,
+    BPF_LD_B_ABS,
+    BPF_LD_H_ABS,
+    BPF_LD_H_IND,
+    BPF_LD_W_ABS,
+    BPF_LDX_B_MSH,
+    BPF_RET_K,
+    build_filter,
+    nexthop,
+)
+
+ip = ipaddress.ip_address
+VIP4, VIP6 = ip("198.18.100.1"), ip("2001:db8:100::1")
+BE4, BE6 = ip("198.19.0.11"), ip("2001:db8:1::11")
+CLIENT4, CLIENT6 = ip("198.18.0.2"), ip("2001:db8::2")
+GW_LOCAL = ip("198.19.0.1")
+TCP, UDP = 6, 17
+
+
+# --------------------------------------------------------------------------- a BPF interpreter
+
+def bpf_run(prog: list[tuple[int, int, int, int]], pkt: bytes) -> int:
+    """Classic BPF as the kernel runs a socket filter (only the opcodes build_filter emits);
+    a load beyond the packet ends the program with 0, as in the kernel."""
+    a = x = pc = 0
+    steps = 0
+
+    def load(off: int, n: int) -> int | None:
+        if off < 0 or off + n > len(pkt):
+            return None
+        return int.from_bytes(pkt[off:off + n], "big")
+
+    while True:
+        steps += 1
+        assert steps < 100_000 and 0 <= pc < len(prog)
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code in (BPF_LD_W_ABS, BPF_LD_H_ABS, BPF_LD_B_ABS, BPF_LD_H_IND):
+            n = {BPF_LD_W_ABS: 4, BPF_LD_H_ABS: 2, BPF_LD_B_ABS: 1, BPF_LD_H_IND: 2}[code]
+            v = load(k + (x if code == BPF_LD_H_IND else 0), n)
+            if v is None:
+                return 0
+            a = v
+        elif code == BPF_LDX_B_MSH:
+            v = load(k, 1)
+            if v is None:
+                return 0
+            x = 4 * (v & 0xF)
+        elif code == BPF_JA:
+            pc += k
+        elif code == BPF_JEQ_K:
+            pc += jt if a == k else jf
+        elif code == BPF_JSET_K:
+            pc += jt if a & k else jf
+        elif code == BPF_RET_K:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+
+
+def eth(payload: bytes, etype: int) -> bytes:
+    return b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + struct.pack("!H", etype) \
+        + payload
+
+
+def ipv4(src, dst, proto: int, l4: bytes, *, ihl: int = 5, frag: int = 0) -> bytes:
+    opts = b"\x01" * (4 * ihl - 20)
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(l4), 1, frag, 64, proto,
+                      0, ip(src).packed, ip(dst).packed)
+    return eth(hdr + opts + l4, 0x0800)
+
+
+def ipv6(src, dst, nh: int, l4: bytes) -> bytes:
+    hdr = struct.pack("!IHBB16s16s", 0x60000000, len(l4), nh, 64, ip(src).packed,
+                      ip(dst).packed)
+    return eth(hdr + l4, 0x86DD)
+
+
+def ports(sport: int, dport: int) -> bytes:
+    return struct.pack("!HH", sport, dport) + bytes(16)
+
+
+CLIENT_SIDE = build_filter([VIP4, VIP6], ())
+REPLIES = [ReplyPath(BE4, UDP, 5300), ReplyPath(BE4, TCP, 80), ReplyPath(BE6, TCP, 80)]
+BACKEND_SIDE = build_filter((), REPLIES, [GW_LOCAL, ip("2001:db8:1::1")])
+
+
+@pytest.mark.parametrize("frame,verdict", [
+    (ipv4(CLIENT4, VIP4, UDP, ports(1234, 5300)), True),
+    (ipv4(CLIENT4, VIP4, TCP, ports(1234, 80)), True),
+    (ipv4(CLIENT4, VIP4, 1, bytes(8)), True),             # ICMP to a VIP: the pipeline decides
+    (ipv4(CLIENT4, "198.18.100.2", UDP, ports(1, 2)), False),
+    (ipv4(CLIENT4, "198.18.0.1", TCP, ports(1, 22)), False),   # the gateway's own traffic
+    (ipv6(CLIENT6, VIP6, TCP, ports(1234, 80)), True),
+    (ipv6(CLIENT6, "2001:db8:100::2", TCP, ports(1234, 80)), False),
+    (eth(bytes(28), 0x0806), False),                       # ARP
+    (eth(b"\x00\x01\x08\x00" + ipv4(CLIENT4, VIP4, UDP, ports(1, 2))[14:], 0x8100), False),
+    (b"\x00" * 10, False),                                 # runt
+], ids=["udp", "tcp", "icmp", "other-dst", "gateway", "v6", "v6-other", "arp", "vlan", "runt"])
+def test_client_side_filter(frame, verdict):
+    assert (bpf_run(CLIENT_SIDE, frame) != 0) is verdict
+
+
+@pytest.mark.parametrize("frame,verdict", [
+    (ipv4(BE4, CLIENT4, UDP, ports(5300, 1234)), True),
+    (ipv4(BE4, CLIENT4, TCP, ports(80, 1234)), True),
+    (ipv4(BE4, CLIENT4, TCP, ports(80, 1234), ihl=6), True),    # options: port after them
+    (ipv4(BE4, CLIENT4, TCP, ports(81, 1234)), False),
+    (ipv4(BE4, CLIENT4, UDP, ports(80, 1234)), False),           # port of the other protocol
+    (ipv4("198.19.0.12", CLIENT4, TCP, ports(80, 1234)), False),
+    (ipv4(BE4, GW_LOCAL, TCP, ports(80, 40000)), False),         # a health-check reply
+    (ipv4(BE4, CLIENT4, UDP, ports(5300, 1234), frag=185), False),  # a later fragment
+    (ipv6(BE6, CLIENT6, TCP, ports(80, 1234)), True),
+    (ipv6(BE6, "2001:db8:1::1", TCP, ports(80, 1234)), False),
+    (ipv6(BE6, CLIENT6, UDP, ports(80, 1234)), False),
+    (ipv6(BE6, CLIENT6, TCP, ports(8080, 1234)), False),
+    (ipv4(CLIENT4, VIP4, UDP, ports(1234, 5300)), False),       # VIP traffic: client side
+], ids=["udp", "tcp", "ihl6", "port", "proto", "src", "local", "fragment", "v6", "v6-local",
+        "v6-proto", "v6-port", "vip"])
+def test_backend_side_filter(frame, verdict):
+    assert (bpf_run(BACKEND_SIDE, frame) != 0) is verdict
+
+
+def test_shared_link_filter_takes_both():
+    both = build_filter([VIP4], REPLIES, [GW_LOCAL])
+    assert bpf_run(both, ipv4(CLIENT4, VIP4, UDP, ports(1, 5300)))
+    assert bpf_run(both, ipv4(BE4, CLIENT4, UDP, ports(5300, 1)))
+    assert not bpf_run(both, ipv4(BE4, GW_LOCAL, UDP, ports(5300, 1)))
+
+
+def test_large_configs_assemble_without_long_conditional_jumps():
+    vips = [ip(f"198.18.{100 + i // 200}.{1 + i % 200}") for i in range(400)]
+    replies = [ReplyPath(ip(f"198.19.{i // 200}.{10 + i % 200}"), TCP, 80) for i in range(400)]
+    prog = build_filter(vips, replies, [GW_LOCAL])
+    assert len(prog) < 4096
+    assert bpf_run(prog, ipv4(CLIENT4, vips[-1], TCP, ports(1, 80)))
+    assert bpf_run(prog, ipv4(replies[-1].address, CLIENT4, TCP, ports(80, 1)))
+    assert not bpf_run(prog, ipv4(replies[-1].address, CLIENT4, TCP, ports(81, 1)))
+
+
+# --------------------------------------------------------------------------- the L2 table
+
+MAC = [bytes([2, 0, 0, 0, 0, i]) for i in range(16)]
+
+
+def test_l2_lookup_longest_prefix_on_link_and_gateway():
+    dp = _core.Dataplane(1, 64)
+    routes = [(1, "198.19.0.0/24", None), (1, "0.0.0.0/0", "198.19.0.254"),
+              (0, "198.18.0.0/24", None), (0, "0.0.0.0/0", "198.18.0.254"),
+              (1, "2001:db8:1::/64", None), (0, "::/0", "2001:db8::fe")]
+    neigh = [(1, "198.19.0.11", MAC[1]), (1, "198.19.0.254", MAC[2]),
+             (0, "198.18.0.254", MAC[3]), (1, "2001:db8:1::11", MAC[4]),
+             (0, "2001:db8::fe", MAC[5])]
+    dp.set_l2([MAC[8], MAC[9]], routes, neigh)
+    assert dp.l2_lookup(1, "198.19.0.11") == ("198.19.0.11", MAC[1])
+    assert dp.l2_lookup(1, "198.19.0.12") == ("198.19.0.12", None)       # on-link, unresolved
+    assert dp.l2_lookup(1, "198.18.5.5") == ("198.19.0.254", MAC[2])     # via the gateway
+    assert dp.l2_lookup(0, "198.18.0.2") == ("198.18.0.2", None)
+    assert dp.l2_lookup(0, "198.19.0.7") == ("198.18.0.254", MAC[3])
+    assert dp.l2_lookup(1, "2001:db8:1::11") == ("2001:db8:1::11", MAC[4])
+    assert dp.l2_lookup(1, "2001:db8::2") == (None, None)               # no route on link 1
+    assert dp.l2_lookup(0, "2001:db8:5::1") == ("2001:db8::fe", MAC[5])
+    # a new table replaces the old one as a whole
+    dp.set_l2([MAC[8], MAC[9]], routes, [(1, "198.19.0.11", MAC[7])])
+    assert dp.l2_lookup(1, "198.19.0.11") == ("198.19.0.11", MAC[7])
+    assert dp.l2_lookup(1, "198.18.5.5") == ("198.19.0.254", None)
+
+
+def test_l2_lookup_agrees_with_the_python_oracle():
+    rnd = random.Random(5)
+    dp = _core.Dataplane(1, 64)
+    routes = [(rnd.randrange(2), f"198.{18 + rnd.randrange(2)}.{rnd.randrange(4)}.0/"
+               f"{rnd.choice([16, 20, 22, 24, 26, 30])}",
+               rnd.choice([None, f"198.18.0.{rnd.randrange(1, 250)}"])) for _ in range(30)]
+    routes = [(lk, str(ipaddress.ip_network(n, strict=False)), gw) for lk, n, gw in routes]
+    neigh = [(rnd.randrange(2), f"198.18.{rnd.randrange(4)}.{rnd.randrange(256)}",
+              MAC[rnd.randrange(16)]) for _ in range(200)]
+    dp.set_l2([MAC[0], MAC[1]], routes, neigh)
+    macs = {(lk, ip(a)): m for lk, a, m in neigh}   # the last one of a key wins, as in C
+    for _ in range(2000):
+        lk = rnd.randrange(2)
+        dst = ip(f"198.{18 + rnd.randrange(2)}.{rnd.randrange(4)}.{rnd.randrange(256)}")
+        nh = nexthop(routes, lk, dst)
+        want = (None, None) if nh is None else (str(nh), macs.get((lk, nh)))
+        assert dp.l2_lookup(lk, str(dst)) == want, (lk, dst)
+
+
+@pytest.mark.parametrize("src_macs,routes,neigh", [
+    ([b"\x00" * 5, MAC[1]], [], []),
+    ([MAC[0], MAC[1]], [(2, "198.19.0.0/24", None)], []),
+    ([MAC[0], MAC[1]], [(1, "198.19.0.0/24", "2001:db8::1")], []),
+    ([MAC[0], MAC[1]], [], [(1, "198.19.0.1", b"\x01\x02")]),
+], ids=["short-src-mac", "link", "gw-family", "short-mac"])
+def test_l2_table_refuses_bad_entries(src_macs, routes, neigh):
+    dp = _core.Dataplane(1, 64)
+    with pytest.raises(ValueError):
+        dp.set_l2(src_macs, routes, neigh)
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+def _mac_of(ns: str, name: str) -> bytes:
+    return bytes.fromhex([x.mac for x in netconf.links(ns) if x.name == name][0].replace(":", ""))
+
+
+def _inet_csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _udp4(src, dst, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4/UDP packet with both checksums right."""
+    ulen = 8 + len(payload)
+    pseudo = ip(src).packed + ip(dst).packed + struct.pack("!BBH", 0, UDP, ulen)
+    udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
+    c = 0xFFFF - _inet_csum(pseudo + udp)
+    udp = udp[:6] + struct.pack("!H", c or 0xFFFF) + udp[8:]
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, 64, UDP, 0, ip(src).packed,
+                      ip(dst).packed)
+    hdr = hdr[:10] + struct.pack("!H", 0xFFFF - _inet_csum(hdr)) + hdr[12:]
+    return hdr + udp
+
+
+@pytest.fixture
+def rig(nsname):
+    """c0 <-> c1 (client side) and b0 <-> b1 (backend side) in one namespace; the worker reads
+    c1 and b1; the test sends and captures on c0 and b0 with plain packet sockets."""
+    ns = nsname
+    netconf.veth_add("c0", "c1", netns=ns, peer_netns=ns)
+    netconf.veth_add("b0", "b1", netns=ns, peer_netns=ns)
+    for name in ("c0", "c1", "b0", "b1"):
+        netconf.sysctl_set(f"net/ipv6/conf/{name}/disable_ipv6", 1, netns=ns)
+    macs = {n: _mac_of(ns, n) for n in ("c0", "c1", "b0", "b1")}
+    idx = {n: netconf.link_index(n, netns=ns) for n in ("c0", "c1", "b0", "b1")}
+    dp = _core.Dataplane(1, 1024, flow_seed=1)
+    dp.publish([(str(VIP4), 5300, "udp", 0, 251, [(str(BE4), 5300, 1, 1, False)])], 7)
+    dp.set_l2([macs["c1"], macs["b1"]],
+              [(0, "198.18.0.0/24", None), (1, "198.19.0.0/24", None)],
+              [(0, str(CLIENT4), macs["c0"]), (1, str(BE4), macs["b0"])])
+
+    def open_all():
+        socks = [_core.RawSocket(idx["c1"], 0, build_filter([VIP4], ()), 1 << 16, 4),
+                 _core.RawSocket(idx["b1"], 0,
+                                 build_filter((), [ReplyPath(BE4, UDP, 5300)]), 1 << 16, 4)]
+        taps = {}
+        for n in ("c0", "b0"):
+            t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+            t.bind((n, 0))
+            t.settimeout(2)
+            taps[n] = t
+        return socks, taps
+
+    socks, taps = netconf.run_in_netns(ns, open_all)
+    err: list[BaseException] = []
+
+    def run():
+        try:
+            dp.run_rawsock_worker(0, socks)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            err.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield dp, macs, taps
+    finally:
+        dp.stop()
+        t.join(5)
+        for s in socks:
+            s.close()
+        for s in taps.values():
+            s.close()
+    assert not t.is_alive() and not err, err
+
+
+def _recv_ip(tap: socket.socket, want_src: bytes, timeout: float = 2.0) -> bytes:
+    """The next frame on tap (an outgoing copy is skipped) whose IP source is want_src."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame, addr = tap.recvfrom(65536)
+        if addr[2] != socket.PACKET_OUTGOING and frame[26:30] == want_src:
+            return frame
+    raise TimeoutError("no frame")
+
+
+@pytest.mark.netns
+def test_worker_forwards_frames_with_the_table_macs_and_drops_unresolved(rig):
+    dp, macs, taps = rig
+    req = _udp4(CLIENT4, VIP4, 40000, 5300, b"hello")
+    taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00" + req)
+    out = _recv_ip(taps["b0"], CLIENT4.packed)
+    assert out[:6] == macs["b0"] and out[6:12] == macs["b1"]
+    pkt = out[14:]
+    assert pkt[16:20] == BE4.packed and pkt[12:16] == CLIENT4.packed
+    assert _inet_csum(pkt[:20]) == 0xFFFF                          # IPv4 header checksum
+    pseudo = pkt[12:20] + struct.pack("!BBH", 0, UDP, len(pkt) - 20)
+    assert _inet_csum(pseudo + pkt[20:]) == 0xFFFF                 # UDP checksum
+    # the reply goes back out of the client side, from the VIP
+    rep = _udp4(BE4, CLIENT4, 5300, 40000, b"be1")
+    taps["b0"].send(macs["b1"] + macs["b0"] + b"\x08\x00" + rep)
+    back = _recv_ip(taps["c0"], VIP4.packed)
+    assert back[:6] == macs["c0"] and back[6:12] == macs["c1"]
+    assert back[14 + 20:14 + 22] == struct.pack("!H", 5300)
+    # a reply to a client whose MAC is unknown: dropped, counted, reported for resolution
+    other = ip("198.18.0.3")
+    taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00"
+                    + _udp4(other, VIP4, 40001, 5300, b"x"))
+    _recv_ip(taps["b0"], other.packed)
+    taps["b0"].send(macs["b1"] + macs["b0"] + b"\x08\x00"
+                    + _udp4(BE4, other, 5300, 40001, b"be1"))
+    deadline = time.monotonic() + 5
+    while dp.stats()["drops"]["no_neigh"] < 1:
+        assert time.monotonic() < deadline, dp.stats()
+        time.sleep(0.01)
+    assert (0, str(other)) in dp.l2_misses()
+    st = dp.stats()
+    assert st["tx"] == 3 and st["drops"]["no_neigh"] == 1
+    # traffic the filter leaves to the kernel never reaches the worker
+    taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00"
+                    + _udp4(CLIENT4, "198.18.100.2", 40000, 5300, b"no"))
+    time.sleep(0.2)
+    assert dp.stats()["rx"] == st["rx"]
+
+
+@pytest.mark.netns
+def test_kernel_accepts_generated_filters_and_reloads_them(nsname):
+    netconf.veth_add("x0", "x1", netns=nsname, peer_netns=nsname)
+    idx = netconf.link_index("x1", netns=nsname)
+    vips = [ip(f"198.18.100.{i}") for i in range(1, 50)] + [VIP6]
+    replies = [ReplyPath(ip(f"198.19.0.{10 + i}"), TCP, 80) for i in range(100)] + [
+        ReplyPath(BE6, UDP, 5300)]
+
+    def make():
+        s = _core.RawSocket(idx, 4321, build_filter(vips, replies, [GW_LOCAL]), 1 << 16, 2)
+        s.set_filter(build_filter(vips[:3], replies[:3]))
+        return s
+
+    s = netconf.run_in_netns(nsname, make)
+    assert s.fd >= 0 and s.ring_bytes == 2 << 16
+    s.close()
+    s.close()
+    with pytest.raises(OSError):
+        netconf.run_in_netns(nsname, _core.RawSocket, 999999, 0, [], 1 << 16, 2)
