@@ -278,6 +278,7 @@ cdef extern from "lb_rawsock.h" nogil:
                     const sock_filter *filter, uint16_t n_filter,
                     uint32_t block_size, uint32_t block_nr, int qdisc_bypass)
     void lb_raw_close(lb_raw_sock *s)
+    int lb_raw_ring_stats(lb_raw_sock *s, uint32_t *packets, uint32_t *drops)
     int lb_raw_set_filter(lb_raw_sock *s, const sock_filter *filter, uint16_t n_filter)
     lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh)
     void lb_l2_free(lb_l2 *l2)

@@ -128,6 +128,21 @@ int lb_raw_set_filter(struct lb_raw_sock *s, const struct sock_filter *filter, u
     return 0;
 }
 
+int lb_raw_ring_stats(struct lb_raw_sock *s, uint32_t *packets, uint32_t *drops)
+{
+    struct tpacket_stats_v3 st;
+    socklen_t len = sizeof(st);
+
+    if (s->fd < 0)
+        return -EBADF;
+    memset(&st, 0, sizeof(st));
+    if (getsockopt(s->fd, SOL_PACKET, PACKET_STATISTICS, &st, &len) < 0)
+        return -errno;
+    *packets = st.tp_packets;
+    *drops = st.tp_drops;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- L2 table */
 
 struct lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh)
@@ -413,10 +428,47 @@ static inline void l2_drop(struct lb_worker *w, enum lb_drop_reason r)
     w->stats.drops[r]++;
 }
 
+/* An ARP request for an IPv4 VIP (the VIP is assigned to no interface, so
+ * the kernel would not answer it): the reply is built in place and queued
+ * on the link it came from. RFC 826; only Ethernet/IPv4 requests. */
+static inline void arp_one(struct lb_worker *w, const struct lb_table *t, const struct lb_l2 *l2,
+                           uint8_t link, struct lb_raw_sock *in, struct txq *q, uint8_t *frame,
+                           uint32_t snap)
+{
+    uint8_t *a = frame + ETH_HLEN_, tpa[4], sha[6], spa[4];
+    int ours = 0;
+
+    w->stats.rx++;
+    if (snap < ETH_HLEN_ + 28 || !t || !l2 || lb_be16(a) != 1 || lb_be16(a + 2) != ETH_P_IP
+        || a[4] != 6 || a[5] != 4 || lb_be16(a + 6) != 1) {
+        w->stats.drops[LB_DROP_BAD_L2]++;
+        return;
+    }
+    memcpy(tpa, a + 24, 4);
+    for (uint32_t i = 0; i < t->n_vips && !ours; i++)
+        ours = t->vips[i].family == LB_AF_INET && memcmp(t->vips[i].addr, tpa, 4) == 0;
+    if (!ours) {
+        w->stats.drops[LB_DROP_NO_VIP]++;
+        return;
+    }
+    memcpy(sha, a + 8, 6);
+    memcpy(spa, a + 14, 4);
+    lb_store16(a + 6, htons(2));                   /* reply */
+    memcpy(a + 8, l2->src_mac[link], 6);           /* sender: us, the VIP */
+    memcpy(a + 14, tpa, 4);
+    memcpy(a + 18, sha, 6);                        /* target: the asker */
+    memcpy(a + 24, spa, 4);
+    memcpy(frame, sha, 6);
+    memcpy(frame + 6, l2->src_mac[link], 6);
+    memset(frame - VNET_LEN, 0, VNET_LEN);
+    w->stats.tx++;
+    tx_add(w, in->fd, q, frame - VNET_LEN, ETH_HLEN_ + 28 + VNET_LEN);
+}
+
 /* One frame of a block whose bytes are blk[0..blk_len). */
 static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_table *t,
                           const struct lb_l2 *l2, uint8_t link, uint8_t out_link,
-                          struct lb_raw_sock *out, struct txq *q,
+                          struct lb_raw_sock *socks, struct txq *qs,
                           const struct tpacket3_hdr *h, uint8_t *blk, size_t off,
                           size_t blk_len, uint32_t now)
 {
@@ -446,6 +498,10 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
         return;
     }
     etype = lb_be16(frame + 12);
+    if (etype == ETH_P_ARP) {
+        arp_one(w, t, l2, link, &socks[link], &qs[link], frame, snap);
+        return;
+    }
     if (etype != ETH_P_IP && etype != ETH_P_IPV6) {
         l2_drop(w, LB_DROP_BAD_L2);
         return;
@@ -485,8 +541,7 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     memcpy(frame + 6, l2->src_mac[out_link], 6);
     vh.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID means nothing on transmit */
     memcpy(frame - VNET_LEN, &vh, VNET_LEN);
-    (void)link;
-    tx_add(w, out->fd, q, frame - VNET_LEN, (size_t)snap + VNET_LEN);
+    tx_add(w, socks[out_link].fd, &qs[out_link], frame - VNET_LEN, (size_t)snap + VNET_LEN);
 }
 
 /* Process the block s->cur if user space owns it; 1 if it did. */
@@ -514,8 +569,7 @@ static int rx_block(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_so
         if (off < sizeof(*bd) || off + sizeof(*h) > s->block_size)
             break;
         h = (const struct tpacket3_hdr *)(blk + off);
-        rx_one(w, rs, t, l2, link, out_link, &socks[out_link], &qs[out_link], h, blk, off,
-               s->block_size, now);
+        rx_one(w, rs, t, l2, link, out_link, socks, qs, h, blk, off, s->block_size, now);
         if (h->tp_next_offset == 0)
             break;
         off += h->tp_next_offset;

@@ -100,6 +100,9 @@ int lb_raw_open(struct lb_raw_sock *s, uint32_t ifindex, uint16_t fanout_id,
                 const struct sock_filter *filter, uint16_t n_filter,
                 uint32_t block_size, uint32_t block_nr, int qdisc_bypass);
 void lb_raw_close(struct lb_raw_sock *s);
+/* Frames the ring took and dropped (ring full) since the last call (the
+ * kernel resets its counters on every read). 0 or -errno. */
+int lb_raw_ring_stats(struct lb_raw_sock *s, uint32_t *packets, uint32_t *drops);
 /* Replace the socket's filter (reload). 0 or -errno. */
 int lb_raw_set_filter(struct lb_raw_sock *s, const struct sock_filter *filter, uint16_t n_filter);
 

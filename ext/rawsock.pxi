@@ -48,6 +48,15 @@ cdef class RawSocket:
         if rc < 0:
             raise convert_errno(rc, "SO_ATTACH_FILTER")
 
+    def ring_stats(self):
+        """(frames received, frames dropped because the ring was full) since the last call
+        (PACKET_STATISTICS; reading resets the kernel's counters)."""
+        cdef uint32_t packets = 0, drops = 0
+        cdef int rc = lb_raw_ring_stats(&self.s, &packets, &drops)
+        if rc < 0:
+            raise convert_errno(rc, "PACKET_STATISTICS")
+        return packets, drops
+
     def close(self):
         """Close the socket and unmap its ring (idempotent)."""
         lb_raw_close(&self.s)

@@ -18,9 +18,10 @@ prepares everything around them, in the gateway's own namespace, and undoes it o
   consulted first) delivers. Plain routes and rules: no nftables/tc dependency, nothing that
   matches more than the balancer's own traffic, the same clean-up of a crashed run as tun mode.
 * **ARP/NDP for the VIPs**: a VIP is normally routed to the gateway (as in the lab), so nobody
-  asks for it. For an on-link IPv6 VIP the kernel answers NDP through a proxy entry
-  (``proxy_ndp``, proxy_delay 0); an on-link IPv4 VIP is not answered (the kernel's proxy ARP
-  needs a unicast route to the VIP, which would make it forward the traffic too).
+  asks for it; for a VIP on the client link's subnet: the kernel answers NDP for an IPv6 VIP
+  through a proxy entry (``proxy_ndp``, proxy_delay 0), and the data plane answers ARP for an
+  IPv4 VIP itself (the kernel's proxy ARP needs a unicast route to the VIP, which would make
+  it forward the VIP's traffic too).
 * **L2**: :class:`L2Resolver` fills the data plane's MAC table (next hop -> MAC per link, plus
   each link's own MAC and its routes) from the kernel's neighbour and routing tables. It re-reads
   them (one dump each) whenever rtnetlink reports a link/address/route/neighbour change, and
@@ -67,7 +68,7 @@ BPF_RET_K = 0x06        # return k (bytes to keep; 0 = drop)
 ACCEPT = 0xFFFFFFFF
 REJECT = 0
 
-ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
 PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 Insn = tuple[int, int, int, int]
@@ -116,30 +117,69 @@ def _v6_equal(a: _Asm, off: int, addr: ipaddress.IPv6Address, ret: int) -> None:
     a.op(BPF_RET_K, ret)
 
 
+BPF_MAXINSNS = 4096
+
+
 def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
                  local: Iterable[IPAddress] = ()) -> list[Insn]:
     """The socket filter of one link, as (code, jt, jf, k) instructions.
 
     Accepted: Ethernet frames (no VLAN tag) carrying IPv4/IPv6 packets to one of ``vips`` (any
-    protocol: the pipeline also translates ICMP errors for a VIP), or a TCP/UDP packet from one
+    protocol: the pipeline also translates ICMP errors for a VIP), ARP requests for an IPv4 VIP
+    (the data plane answers them), or a TCP/UDP packet from one
     of ``replies`` (backend address, protocol, source port; IPv6 without extension headers) to
     an address that is not in ``local`` (the gateway's own: its health checks are the kernel's).
     A client-side socket gets only VIPs, a backend-side one only replies, one socket on a shared
     link both. Everything else stays with the kernel alone.
+
+    A config too big for one program (BPF_MAXINSNS) gets a coarser reply test: protocol and
+    source port only, whatever the address. The pipeline then drops what is no reply of a
+    tracked flow (counted ``no_vip``), and the kernel still handles those frames as before.
     """
     vips = list(dict.fromkeys(vips))
     replies = list(dict.fromkeys(replies))
     local = list(dict.fromkeys(local))
+    prog = _build(vips, replies, local, coarse=False)
+    if len(prog) > BPF_MAXINSNS:
+        prog = _build(vips, replies, local, coarse=True)
+    if len(prog) > BPF_MAXINSNS:
+        raise ValueError(f"socket filter of {len(prog)} instructions (max {BPF_MAXINSNS}): "
+                         "too many VIPs for mode rawsock")
+    return prog
+
+
+def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddress],
+           coarse: bool) -> list[Insn]:
+    if coarse:   # one test per (family, protocol, port): the address matches anything
+        replies = list(dict.fromkeys(
+            ReplyPath(ipaddress.ip_address(0) if r.address.version == 4
+                      else ipaddress.IPv6Address(0), r.proto, r.port) for r in replies))
     a = _Asm()
     a.op(BPF_LD_H_ABS, 12)
     a.op(BPF_JEQ_K, ETH_P_IP, 0, 1)
     a.op(BPF_JA, "v4")
     a.op(BPF_JEQ_K, ETH_P_IPV6, 0, 1)
     a.op(BPF_JA, "v6")
+    v4 = [v for v in vips if v.version == 4]
+    if v4:
+        a.op(BPF_JEQ_K, ETH_P_ARP, 0, 1)
+        a.op(BPF_JA, "arp")
     a.op(BPF_RET_K, REJECT)
 
+    if v4:
+        # ARP requests for a VIP: the data plane answers them (the kernel cannot: the VIP is
+        # not a local address, and its blackhole route is no unicast route to proxy for)
+        a.label("arp")
+        a.op(BPF_LD_H_ABS, 14 + 6)                  # operation
+        a.op(BPF_JEQ_K, 1, 1, 0)
+        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_LD_W_ABS, 14 + 24)                 # target protocol address
+        for v in v4:
+            a.op(BPF_JEQ_K, int(v), 0, 1)
+            a.op(BPF_RET_K, ACCEPT)
+        a.op(BPF_RET_K, REJECT)
+
     a.label("v4")
-    v4 = [v for v in vips if v.version == 4]
     if v4:
         a.op(BPF_LD_W_ABS, 14 + 16)                 # destination
         for v in v4:
@@ -156,8 +196,9 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
         a.op(BPF_RET_K, REJECT)
         a.op(BPF_LDX_B_MSH, 14)
         for r in r4:
-            a.op(BPF_LD_W_ABS, 14 + 12)             # source
-            a.op(BPF_JEQ_K, int(r.address), 0, 5)
+            if not coarse:
+                a.op(BPF_LD_W_ABS, 14 + 12)         # source
+                a.op(BPF_JEQ_K, int(r.address), 0, 5)
             a.op(BPF_LD_B_ABS, 14 + 9)              # protocol
             a.op(BPF_JEQ_K, r.proto, 0, 3)
             a.op(BPF_LD_H_IND, 14)                  # source port
@@ -176,7 +217,7 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
                 _v6_equal(a, 14 + 24, addr, REJECT)
         for r in r6:
             w = _words(r.address)
-            for i in range(4):
+            for i in range(4 if not coarse else 0):
                 a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)  # source
                 a.op(BPF_JEQ_K, w[i], 0, 11 - 2 * i)
             a.op(BPF_LD_B_ABS, 14 + 6)              # next header
@@ -225,8 +266,10 @@ class L2Resolver:
     next hops that are missing. ``wanted``: the addresses frames are sent to on the backend
     link (the backends), resolved before any client asks."""
 
-    def __init__(self, dp: Any, links: Sequence[str], backend_link: int) -> None:
+    def __init__(self, dp: Any, links: Sequence[str], backend_link: int,
+                 on_tick: Any = None) -> None:
         self.dp = dp
+        self.on_tick = on_tick
         self.links = list(links)
         self.backend_link = backend_link
         self.wanted: list[IPAddress] = []
@@ -322,6 +365,8 @@ class L2Resolver:
                     netconf.drain_notifier(self._notifier)
                 if ready or time.monotonic() - self.refreshed_at >= REFRESH_S:
                     self.refresh()
+                    if self.on_tick is not None:
+                        self.on_tick()
                 else:
                     self.resolve_missing()
                 failing = False
@@ -343,7 +388,7 @@ class L2Resolver:
 # --------------------------------------------------------------------------- the plane
 
 BLOCK_SIZE = 1 << 18     # bytes: a whole 64 KiB GSO packet fits in a block
-BLOCK_NR = 16            # 4 MiB of receive ring per socket
+BLOCK_NR = 64            # 16 MiB of receive ring per socket
 
 
 def _host(a: IPAddress) -> str:
@@ -373,7 +418,9 @@ class RawsockPlane:
         self._want_vips = list(dict.fromkeys(vips))
         self._want_replies = list(dict.fromkeys(replies))
         self.socks: list[list[Any]] = []
-        self.resolver = L2Resolver(dp, self.links, len(self.links) - 1)
+        self.resolver = L2Resolver(dp, self.links, len(self.links) - 1, self._check_rings)
+        self.ring_drops = 0
+        self._drops_logged_at = 0.0
         self._changes = netconf.NetChanges()
         self._reply_tables: set[int] = set()
 
@@ -404,6 +451,21 @@ class RawsockPlane:
 
     def run_worker(self, i: int) -> None:
         self.dp.run_rawsock_worker(i, self.socks[i])
+
+    def _check_rings(self) -> None:
+        """Sum the frames the receive rings dropped (full: the workers fell behind); warn at
+        most every 10 s while it goes on."""
+        drops = 0
+        for socks in self.socks:
+            for s in socks:
+                drops += s.ring_stats()[1]
+        if drops:
+            self.ring_drops += drops
+            now = time.monotonic()
+            if now - self._drops_logged_at >= 10.0:
+                self._drops_logged_at = now
+                log.warning("receive rings full: %d frame(s) dropped so far (workers behind)",
+                            self.ring_drops)
 
     def undo(self) -> None:
         """Close the sockets, revert routes, rules and sysctls; never raises. The workers must

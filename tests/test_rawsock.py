@@ -113,10 +113,17 @@ BACKEND_SIDE = build_filter((), REPLIES, [GW_LOCAL, ip("2001:db8:1::1")])
     (ipv4(CLIENT4, "198.18.0.1", TCP, ports(1, 22)), False),   # the gateway's own traffic
     (ipv6(CLIENT6, VIP6, TCP, ports(1234, 80)), True),
     (ipv6(CLIENT6, "2001:db8:100::2", TCP, ports(1234, 80)), False),
-    (eth(bytes(28), 0x0806), False),                       # ARP
+    (eth(bytes(28), 0x0806), False),                       # ARP, not a request for a VIP
+    (eth(struct.pack("!HHBBH6s4s6s4s", 1, 0x800, 6, 4, 1, bytes(6), CLIENT4.packed, bytes(6),
+                     VIP4.packed), 0x0806), True),       # who-has VIP4
+    (eth(struct.pack("!HHBBH6s4s6s4s", 1, 0x800, 6, 4, 2, bytes(6), CLIENT4.packed, bytes(6),
+                     VIP4.packed), 0x0806), False),      # a reply
+    (eth(struct.pack("!HHBBH6s4s6s4s", 1, 0x800, 6, 4, 1, bytes(6), CLIENT4.packed, bytes(6),
+                     ip("198.18.0.1").packed), 0x0806), False),  # who-has the gateway
     (eth(b"\x00\x01\x08\x00" + ipv4(CLIENT4, VIP4, UDP, ports(1, 2))[14:], 0x8100), False),
     (b"\x00" * 10, False),                                 # runt
-], ids=["udp", "tcp", "icmp", "other-dst", "gateway", "v6", "v6-other", "arp", "vlan", "runt"])
+], ids=["udp", "tcp", "icmp", "other-dst", "gateway", "v6", "v6-other", "arp", "arp-vip",
+        "arp-reply", "arp-gw", "vlan", "runt"])
 def test_client_side_filter(frame, verdict):
     assert (bpf_run(CLIENT_SIDE, frame) != 0) is verdict
 
@@ -148,14 +155,22 @@ def test_shared_link_filter_takes_both():
     assert not bpf_run(both, ipv4(BE4, GW_LOCAL, UDP, ports(5300, 1)))
 
 
-def test_large_configs_assemble_without_long_conditional_jumps():
-    vips = [ip(f"198.18.{100 + i // 200}.{1 + i % 200}") for i in range(400)]
-    replies = [ReplyPath(ip(f"198.19.{i // 200}.{10 + i % 200}"), TCP, 80) for i in range(400)]
+@pytest.mark.parametrize("n,coarse", [(300, False), (400, True)])
+def test_large_configs_assemble_without_long_conditional_jumps(n, coarse):
+    """Long programs jump only over short blocks; one too long for the kernel (4096) matches
+    replies by protocol and port alone."""
+    vips = [ip(f"198.18.{100 + i // 200}.{1 + i % 200}") for i in range(n)]
+    replies = [ReplyPath(ip(f"198.19.{i // 200}.{10 + i % 200}"), TCP, 80 + i % 2)
+               for i in range(n)] + [ReplyPath(BE6, UDP, 5300)]
     prog = build_filter(vips, replies, [GW_LOCAL])
-    assert len(prog) < 4096
+    assert len(prog) <= 4096
     assert bpf_run(prog, ipv4(CLIENT4, vips[-1], TCP, ports(1, 80)))
-    assert bpf_run(prog, ipv4(replies[-1].address, CLIENT4, TCP, ports(80, 1)))
-    assert not bpf_run(prog, ipv4(replies[-1].address, CLIENT4, TCP, ports(81, 1)))
+    assert bpf_run(prog, ipv4(replies[-2].address, CLIENT4, TCP, ports(81, 1)))
+    assert bpf_run(prog, ipv6(BE6, CLIENT6, UDP, ports(5300, 1)))
+    assert not bpf_run(prog, ipv4(replies[-2].address, CLIENT4, TCP, ports(82, 1)))
+    assert not bpf_run(prog, ipv4(replies[-2].address, GW_LOCAL, TCP, ports(80, 1)))
+    stranger = ipv4("198.19.5.5", CLIENT4, TCP, ports(80, 1))
+    assert bool(bpf_run(prog, stranger)) is coarse
 
 
 # --------------------------------------------------------------------------- the L2 table
@@ -272,6 +287,9 @@ def rig(nsname):
             t.bind((n, 0))
             t.settimeout(2)
             taps[n] = t
+        taps["arp"] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        taps["arp"].bind(("c0", 0))
+        taps["arp"].settimeout(2)
         return socks, taps
 
     socks, taps = netconf.run_in_netns(ns, open_all)
@@ -339,6 +357,19 @@ def test_worker_forwards_frames_with_the_table_macs_and_drops_unresolved(rig):
     assert (0, str(other)) in dp.l2_misses()
     st = dp.stats()
     assert st["tx"] == 3 and st["drops"]["no_neigh"] == 1
+    # ARP for the VIP is answered from the data plane
+    arp = taps["arp"]
+    arp.send(b"\xff" * 6 + macs["c0"] + b"\x08\x06" + struct.pack(
+        "!HHBBH6s4s6s4s", 1, 0x800, 6, 4, 1, macs["c0"], CLIENT4.packed, bytes(6),
+        VIP4.packed))
+    while True:
+        frame, addr = arp.recvfrom(100)
+        if addr[2] != socket.PACKET_OUTGOING:
+            break
+    assert frame[:6] == macs["c0"] and frame[6:12] == macs["c1"]
+    assert frame[14:42] == struct.pack("!HHBBH6s4s6s4s", 1, 0x800, 6, 4, 2, macs["c1"],
+                                       VIP4.packed, macs["c0"], CLIENT4.packed)
+    st = dp.stats()
     # traffic the filter leaves to the kernel never reaches the worker
     taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00"
                     + _udp4(CLIENT4, "198.18.100.2", 40000, 5300, b"no"))
