@@ -183,7 +183,7 @@ print(json.dumps(urllib.request.urlopen("http://127.0.0.1:9150/metrics", timeout
 def test_metrics_and_status_json_match_the_traffic(lab):
     before = ctl({"cmd": "status"})
     dns_before = [v for v in before["vips"] if v["port"] == 5300][0]
-    r = udp_requests("lbc-client", VIP, n=50)
+    r = udp_requests("lbc-client", VIP, n=50, timeout=10)
     assert r["ok"] == 50
     st = json.loads(subprocess.run(
         [sys.executable, "-m", "lbcore", "status", "--json", "-s",
