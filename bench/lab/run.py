@@ -275,6 +275,11 @@ class CellError(RuntimeError):
     """One cell failed; the run goes on, and the sample records why."""
 
 
+class LabGone(CellError):
+    """Our lab disappeared while we used it (someone ran `lbcore lab down`: the lab's names are
+    one per machine). The round is dropped and run again once."""
+
+
 @dataclass
 class Targets:
     """Where a system's clients send: per HTTP generator process, UDP, bulk, latency."""
@@ -298,7 +303,7 @@ class Bench:
     samples: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
-    lab_owned: bool = False
+    lab_created: float | None = None     # our lab's state.json "created": who owns the lab
     fwd_pid: int | None = None
     iperf_pid: int | None = None
 
@@ -383,16 +388,44 @@ class Bench:
         spec = self._lab_spec(group)
         log(f"lab up ({group})")
         state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
-        self.lab_owned = True
+        self.lab_created = state.created
         try:
-            self._prepare(lab, state)
+            try:
+                self._prepare(lab, state)
+            except (OSError, CellError, TimeoutError, subprocess.SubprocessError) as e:
+                self.check_lab()    # LabGone if it vanished under us
+                raise lab.LabError(f"preparing the lab for {group}: {e}") from e
             yield state
         finally:
             self.stop_all()
             self.fwd_pid = self.iperf_pid = None
-            lab.down(out=lambda _: None)
-            self.lab_owned = False
-            log(f"lab down ({group})")
+            if self.owns_lab():
+                lab.down(out=lambda _: None)
+                log(f"lab down ({group})")
+            else:
+                log(f"lab ({group}) was gone already; not touching whatever is there now")
+            self.lab_created = None
+
+    def owns_lab(self) -> bool:
+        """True if the lab on this machine is the one we brought up (never take down, or
+        measure on, someone else's)."""
+        from lbcore import lab
+        try:
+            st = lab.load_state()
+        except lab.LabError:
+            return False
+        return st is not None and self.lab_created is not None and st.created == self.lab_created
+
+    def check_lab(self) -> None:
+        """LabGone unless our lab is still there, whole."""
+        from lbcore import lab
+        if not self.owns_lab():
+            raise LabGone("the lab was removed while the bench used it (another user of the "
+                          "lab ran `lbcore lab down`?)")
+        st = lab.load_state()
+        missing = [n for n in st.spec.namespaces if n not in lab.present_namespaces()]
+        if missing:
+            raise LabGone(f"lab namespaces vanished while the bench ran: {', '.join(missing)}")
 
     def _lab_spec(self, group: str) -> Any:
         from lbcore import lab
@@ -538,6 +571,7 @@ class Bench:
         sample: dict[str, Any] = {"system": sid, "workload": workload, "rep": rep,
                                   "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         try:
+            self.check_lab()
             win.start()
             metrics = fn()
             sample["cpu"] = win.stop()
@@ -546,6 +580,7 @@ class Bench:
                 f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
                 + f", fwd cpu {sample['cpu']['forwarder_pct']}%")
         except (CellError, parse.ParseError, OSError, subprocess.SubprocessError) as e:
+            self.check_lab()    # a cell that failed because the lab went: LabGone instead
             sample["error"] = str(e)
             log(f"  {sid:<18} {workload:<10} FAILED: {e}")
         self.samples.append(sample)
@@ -637,6 +672,40 @@ class Bench:
 
     # -- the whole run ----------------------------------------------------------------------
 
+    def run_round(self, rep: int, group: str, live: list[str], flood: Path) -> None:
+        """One lab, every live system of the group on it."""
+        with self.lab(group) as state:
+            if group == "peers" and "udp" in self.workloads:
+                self.cell("sender", "udp", rep, lambda: self.w_sender(flood))
+            for sid in live:
+                try:
+                    with self.system(sid, state):
+                        self.run_system(sid, rep, state, flood)
+                except LabGone:
+                    raise
+                except CellError as e:
+                    self.check_lab()
+                    log(f"  {sid}: set-up failed: {e}")
+                    self.samples += [{"system": sid, "workload": w, "rep": rep,
+                                      "error": f"set-up: {e}"} for w in self.workloads]
+
+    def _lab_failed(self, group: str, live: list[str], e: Exception, rep: int,
+                    doc: dict[str, Any]) -> None:
+        """A lab that would not come up: lbcore's start failed (tun: a failure to report;
+        rawsock: not implemented yet), or the lab itself broke (retried next repetition)."""
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log(f"  lab for {group} failed: {msg}")
+        doc.setdefault("lab_errors", []).append({"group": group, "rep": rep,
+                                                 "error": str(e)[-3000:]})
+        for sid in live:
+            mode = SYSTEMS[sid].mode
+            if mode == "rawsock":   # one failure says it for every rawsock variant
+                for other in self.systems:
+                    if SYSTEMS[other].mode == "rawsock":
+                        self.status[other] = "n/a (not implemented)"
+            elif mode is not None:
+                self.status[sid] = f"failed: {msg[:120]}"
+
     def execute(self) -> dict[str, Any]:
         from lbcore import lab
         if lab.present_namespaces() or lab.load_state() is not None:
@@ -660,39 +729,29 @@ class Bench:
             groups.setdefault(SYSTEMS[sid].group, []).append(sid)
         for sid in self.systems:
             self.status[sid] = "ok"
-        for rep, members in interleave(self.reps, list(groups.values())):
+        rounds = [(rep, members, False) for rep, members in
+                  interleave(self.reps, list(groups.values()))]
+        while rounds:
+            rep, members, retried = rounds.pop(0)
             group = SYSTEMS[members[0]].group
             live = [s for s in members if self.status[s] == "ok"]
             if not live:
                 continue
             log(f"repetition {rep + 1}/{self.reps}: {', '.join(live)}")
+            mark = len(self.samples)
             try:
-                with self.lab(group) as state:
-                    if group == "peers" and "udp" in self.workloads:
-                        self.cell("sender", "udp", rep, lambda: self.w_sender(flood))
-                    for sid in live:
-                        try:
-                            with self.system(sid, state):
-                                self.run_system(sid, rep, state, flood)
-                        except CellError as e:
-                            log(f"  {sid}: set-up failed: {e}")
-                            self.samples += [{"system": sid, "workload": w, "rep": rep,
-                                              "error": f"set-up: {e}"} for w in self.workloads]
-            except (lab.LabError, CellError, OSError, TimeoutError) as e:
-                if not self.lab_owned and "already exists" in str(e):
-                    raise SystemExit(f"bench-lab: {e}") from e
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                for sid in live:
-                    mode = SYSTEMS[sid].mode
-                    self.status[sid] = ("n/a (not implemented)" if mode == "rawsock"
-                                        else f"failed: {msg[:120]}")
-                    if mode == "rawsock":   # one failure says it for every rawsock variant
-                        for other in self.systems:
-                            if SYSTEMS[other].mode == "rawsock":
-                                self.status[other] = "n/a (not implemented)"
-                log(f"  lab for {group} failed: {msg}")
+                self.run_round(rep, group, live, flood)
+            except LabGone as e:
+                log(f"  {e}")
                 doc.setdefault("lab_errors", []).append({"group": group, "rep": rep,
-                                                         "error": str(e)[-3000:]})
+                                                         "error": str(e)})
+                if not retried:
+                    del self.samples[mark:]      # a partial round: run it again at the end
+                    rounds.append((rep, members, True))
+            except lab.LabError as e:
+                if "already exists" in str(e):
+                    raise SystemExit(f"bench-lab: {e}") from e
+                self._lab_failed(group, live, e, rep, doc)
         finished = dt.datetime.now(dt.UTC)
         doc["finished"] = finished.isoformat(timespec="seconds")
         doc["duration_s"] = round((finished - started).total_seconds())
