@@ -153,6 +153,7 @@ cdef extern from "lb_maglev.h" nogil:
 
 cdef extern from "lb_flow.h" nogil:
     const uint32_t F_FLOW_REV_SEEN
+    const uint32_t F_FLOW_EST_SEEN
     struct lb_flowtable:
         pass
     struct lb_flow_counters:
@@ -169,6 +170,9 @@ cdef extern from "lb_flow.h" nogil:
     void lb_flow_default_timeouts(lb_timeouts *tmo)
     int lb_flow_lookup(lb_flowtable *ft, const lb_flow_key *k, lb_dir dir,
                        uint8_t tcp_flags, uint32_t now, lb_flow_entry *out)
+    uint32_t lb_flow_lookup_batch(lb_flowtable *ft, const lb_flow_key *const *keys,
+                                  const uint8_t *dirs, const uint8_t *tcp_flags, uint32_t n,
+                                  uint32_t now, lb_flow_entry *out, uint8_t *hit)
     int lb_flow_insert(lb_flowtable *ft, lb_flow_entry *e, uint32_t now)
     int lb_flow_delete(lb_flowtable *ft, const lb_flow_key *k)
     uint32_t lb_flow_expire(lb_flowtable *ft, uint32_t now, uint32_t max)
@@ -181,6 +185,7 @@ cdef extern from "lb_flow.h" nogil:
     void lb_flow_get_counters(const lb_flowtable *ft, lb_flow_counters *out)
     uint32_t lb_flow_active_backend(const lb_flowtable *ft, uint32_t be_stat)
     uint32_t lb_flow_active_vip(const lb_flowtable *ft, uint32_t vip_stat)
+    int lb_flow_check(lb_flowtable *ft)
     void lb_flow_key_fwd(const lb_flow_entry *e, lb_flow_key *k)
     void lb_flow_key_rev(const lb_flow_entry *e, lb_flow_key *k)
 

@@ -10,7 +10,10 @@
 #include <stddef.h>
 #include "lb_types.h"
 
-#define F_FLOW_REV_SEEN (1u << 0)  /* lb_flow_entry.pad0: backend has answered */
+/* flag bits of lb_flow_entry.pad0 */
+#define F_FLOW_REV_SEEN (1u << 0)  /* backend has answered */
+#define F_FLOW_EST_SEEN (1u << 1)  /* was established once: a later FIN state
+                                      is not evictable (see lb_flow.c) */
 
 struct lb_flowtable;
 
@@ -39,6 +42,14 @@ int lb_flow_lookup(struct lb_flowtable *ft, const struct lb_flow_key *k,
                    enum lb_dir dir, uint8_t tcp_flags, uint32_t now,
                    struct lb_flow_entry *out);
 
+/* n lookups at once, as n calls of lb_flow_lookup in order (keys[i], dirs[i],
+ * tcp_flags[i] -> hit[i] 0/1, out[i] on a hit), but with the memory accesses
+ * of the batch overlapped by prefetching: at tables far bigger than the cache
+ * this is several times faster per lookup. Returns the number of hits. */
+uint32_t lb_flow_lookup_batch(struct lb_flowtable *ft, const struct lb_flow_key *const *keys,
+                              const uint8_t *dirs, const uint8_t *tcp_flags, uint32_t n,
+                              uint32_t now, struct lb_flow_entry *out, uint8_t *hit);
+
 /* Insert e (last_seen is set to now). Returns 0, -EEXIST (*e is overwritten
  * with the entry that won, so the caller NATs consistently), or -ENOSPC. */
 int lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now);
@@ -65,6 +76,13 @@ void     lb_flow_get_counters(const struct lb_flowtable *ft, struct lb_flow_coun
 /* active flows per stats slot (the entry's be_stat / vip_stat) */
 uint32_t lb_flow_active_backend(const struct lb_flowtable *ft, uint32_t be_stat);
 uint32_t lb_flow_active_vip(const struct lb_flowtable *ft, uint32_t vip_stat);
+
+/* Consistency check for tests and debugging: every live entry reachable
+ * from both indexes exactly once and in its right bucket, free list + live +
+ * never-used = capacity, live / reclaimable / per-stats-slot counts match.
+ * Locks the whole table while it runs (not for the packet path).
+ * 0 = consistent, > 0 = number of the broken invariant, -ENOMEM. */
+int lb_flow_check(struct lb_flowtable *ft);
 
 /* The two keys of an entry. */
 static inline void lb_flow_key_fwd(const struct lb_flow_entry *e, struct lb_flow_key *k)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -275,7 +276,7 @@ def cmd_status(args) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
-    con = Console()
+    con = Console(width=None if sys.stdout.isatty() else 160)
     f = st["flows"]
     con.print(f"lbcore {st['version']} pid {st['pid']}  mode {st['mode']}  "
               f"workers {st['workers']}  up {st['uptime']:.0f}s  config {st['config']}")

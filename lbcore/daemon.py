@@ -125,7 +125,7 @@ class Daemon:
             stack.callback(housekeeping.cancel)
 
             log.info("ready: %d VIP(s), %d backend(s), %d worker(s), mode %s",
-                     len(cfg.vips), cfg.backend_count(), cfg.workers, cfg.mode)
+                     len(cfg.vips), cfg.backend_count, cfg.workers, cfg.mode)
             await self._stop.wait()
             log.info("stopping")
         if self._worker_error is not None:

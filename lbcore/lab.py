@@ -443,11 +443,14 @@ def render_config(spec: LabSpec, state_dir: Path | None = None) -> str:
     if spec.ipv6:
         families.append(("6", VIP_V6, backend_v6))
     for suffix, vip, _ in families:
-        for port, proto, pool in ((HTTP_PORT, "tcp", "web"), (UDP_PORT, "udp", "dns")):
+        for port, proto, pool in ((HTTP_PORT, "tcp", "web"), (UDP_PORT, "udp", "dns"),
+                                  (SINK_PORT, "tcp", "sink"), (SOURCE_PORT, "tcp", "source")):
             out += ["[[vip]]", f'address = "{vip}"', f"port = {port}",
                     f'protocol = "{proto}"', f'pool = "{pool}{suffix}"', ""]
     for suffix, _, addr in families:
-        for pool, port, check in (("web", HTTP_PORT, "tcp"), ("dns", UDP_PORT, "udp")):
+        for pool, port, check in (("web", HTTP_PORT, 'http"\npath = "/health'),
+                                  ("dns", UDP_PORT, 'udp"\npayload = "health'),
+                                  ("sink", SINK_PORT, "tcp"), ("source", SOURCE_PORT, "tcp")):
             name = f"{pool}{suffix}"
             out.append(f"[pool.{name}]")
             out.append("backends = [")

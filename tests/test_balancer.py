@@ -5,9 +5,9 @@ from __future__ import annotations
 from ipaddress import ip_address
 
 import pytest
+from lbcore.config import parse_config
 
 from lbcore.balancer import Balancer
-from lbcore.config import parse_config
 
 BASE = """
 [global]

@@ -183,8 +183,8 @@ def test_icmp_frag_needed_toward_vip_reaches_the_flows_backend(dp):
     assert (v, reason) == (TX, "none")
     p = checked(out)
     assert p[IP].dst == be
-    inner = IP(bytes(p[ICMP].payload))
-    assert inner.src == be and inner[TCP].sport == 8080
+    assert p["IPerror"].src == be and p["IPerror"].dst == CLIENT
+    assert p["TCPerror"].sport == 8080 and p["TCPerror"].dport == 45000
 
 
 def test_icmp_error_for_unknown_flow_is_dropped(dp):

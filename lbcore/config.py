@@ -1,0 +1,938 @@
+"""The lbcore configuration: one TOML file -> one frozen, validated `Config`.
+
+`parse_config()` checks the whole file before anything touches the network and
+collects *every* mistake, not just the first: each is one line naming the key
+path (``pool.web.backends[2].port``), the bad value and what was expected, so an
+operator can fix a file in one pass. `ConfigError.errors` holds those lines.
+
+Array indexes in key paths count from 0 (``vip[0]`` is the first ``[[vip]]``).
+Things that are legal but probably not meant (a pool whose weights are all 0, a
+pool no VIP uses, ...) are warnings: `Config.warnings`, printed by
+``lbcore check-config`` and logged by the daemon, never fatal.
+
+Limits mirror ext/lb_consts.h (tests/test_config.py checks they agree with the
+compiled `_core` when it is built); they are repeated here so that
+``check-config`` needs neither root nor the C extension.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# --- limits, mirrored from ext/lb_consts.h --------------------------------------------
+RING_SIZE_MAX = 16777213          # LB_RING_SIZE_MAX: largest Maglev table (prime, < 2^24)
+MAX_BACKENDS = 65534              # LB_MAX_BACKENDS: per VIP (ring slots are uint16_t)
+MAX_VIPS = 4096                   # LB_MAX_VIPS
+FLOW_MAX = 16 << 20               # LB_FLOW_MAX: flow-table capacity limit
+MAX_WORKERS = 64
+MAX_WEIGHT = 65535                # as ipvsadm: a weight is 0..65535
+# Flow timestamps are ms compared wrap-safe on 32 bits, so an idle timeout must
+# stay below 2^31 ms (~24.8 days).
+MAX_TIMEOUT_S = (2**31 - 1) / 1000.0
+MAX_SLOW_START_S = 86400.0
+HEALTH_INTERVAL_MIN_S = 0.01      # below this a check loop is a busy loop
+HEALTH_INTERVAL_MAX_S = 3600.0
+HEALTH_COUNT_MAX = 1000           # rise/fall
+UDP_PAYLOAD_MAX = 65507           # largest UDP payload over IPv4
+IFNAMSIZ = 16                     # Linux: names are at most 15 bytes + NUL
+SUN_PATH_MAX = 107                # sockaddr_un.sun_path is 108 bytes incl. NUL
+
+# --- defaults -------------------------------------------------------------------------
+DEFAULT_MODE = "tun"
+DEFAULT_WORKERS = 1
+DEFAULT_FLOW_TABLE_SIZE = 1 << 20
+DEFAULT_HASH_SEED = 0
+DEFAULT_RING_SIZE = 65537         # LB_RING_SIZE, as katran
+DEFAULT_TUN_NAME = "lbc0"
+DEFAULT_CONTROL_SOCKET = "/run/lbcore/lbcore.sock"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9150"
+DEFAULT_LOG_LEVEL = "info"
+# A VIP with no usable backend drops by default: a short total outage (all
+# backends restarting in a deploy) is then ridden out by the clients' own SYN and
+# request retransmissions instead of turning into hard errors, and the gateway
+# never answers spoofed floods with RSTs/ICMP (no reflection).
+DEFAULT_ALL_DOWN = "drop"
+# Idle timeouts, seconds: IPVS for TCP (SYN 60 s, established 15 min, FIN 2 min,
+# close 10 s) and nf_conntrack for UDP (30 s unreplied, 120 s once replied).
+DEFAULT_TCP_SYN = 60.0
+DEFAULT_TCP_ESTABLISHED = 900.0
+DEFAULT_TCP_FIN = 120.0
+DEFAULT_TCP_CLOSE = 10.0
+DEFAULT_UDP = 30.0
+DEFAULT_UDP_STREAM = 120.0
+DEFAULT_WEIGHT = 1
+DEFAULT_SLOW_START = 0.0
+# HAProxy's defaults: inter 2 s, rise 2, fall 3; timeout 1 s keeps a slow check
+# well inside its interval.
+DEFAULT_HEALTH_INTERVAL = 2.0
+DEFAULT_HEALTH_TIMEOUT = 1.0
+DEFAULT_HEALTH_RISE = 2
+DEFAULT_HEALTH_FALL = 3
+DEFAULT_HTTP_PATH = "/"
+DEFAULT_EXPECT_STATUS = (200,)
+
+MODES = ("tun", "rawsock")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ALL_DOWN_ACTIONS = ("drop", "reject")
+PROTOCOLS = ("tcp", "udp")
+HEALTH_TYPES = ("tcp", "http", "udp", "exec")
+TIMEOUT_KEYS = ("tcp_syn", "tcp_established", "tcp_fin", "tcp_close", "udp", "udp_stream")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. `errors` lists every mistake found, one
+    line each (``key.path: expected ..., got ...``); `source` names the file."""
+
+    def __init__(self, errors: list[str], source: str = "<string>") -> None:
+        self.errors = list(errors)
+        self.source = source
+        n = len(self.errors)
+        head = f"{source}: {n} error{'s' if n != 1 else ''}"
+        super().__init__(head + "".join(f"\n  {e}" for e in self.errors))
+
+
+class ConfigFileError(ConfigError):
+    """The file itself could not be read (missing, a directory, no permission):
+    not a mistake in its content. ``check-config`` exits 2 for it, 1 otherwise."""
+
+
+# --- the config objects ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Flow idle timeouts in seconds, per protocol and TCP state."""
+    tcp_syn: float = DEFAULT_TCP_SYN
+    tcp_established: float = DEFAULT_TCP_ESTABLISHED
+    tcp_fin: float = DEFAULT_TCP_FIN
+    tcp_close: float = DEFAULT_TCP_CLOSE
+    udp: float = DEFAULT_UDP
+    udp_stream: float = DEFAULT_UDP_STREAM
+
+    def as_ms(self) -> dict[str, int]:
+        """The timeouts as whole milliseconds (what `struct lb_timeouts` holds),
+        keyed tcp_syn, tcp_established, tcp_fin, tcp_close, udp, udp_stream."""
+        return {k: int(round(getattr(self, k) * 1000.0)) for k in TIMEOUT_KEYS}
+
+
+@dataclass(frozen=True)
+class RawsockConfig:
+    """The two links of mode ``rawsock`` (AF_PACKET). They may be the same link."""
+    client_link: str
+    backend_link: str
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """How one pool's backends are checked. Only the fields of `type` matter:
+    http uses path/host/expect_status/body_match, udp payload/expect, exec
+    command; `port` None means the backend's own port."""
+    type: str
+    interval: float = DEFAULT_HEALTH_INTERVAL
+    timeout: float = DEFAULT_HEALTH_TIMEOUT
+    rise: int = DEFAULT_HEALTH_RISE
+    fall: int = DEFAULT_HEALTH_FALL
+    port: int | None = None
+    path: str = DEFAULT_HTTP_PATH
+    host: str | None = None
+    expect_status: tuple[int, ...] = DEFAULT_EXPECT_STATUS
+    body_match: str = ""
+    payload: str = ""
+    expect: str = ""
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One backend server of a pool."""
+    address: IPAddress
+    port: int
+    weight: int = DEFAULT_WEIGHT
+
+    @property
+    def key(self) -> tuple[IPAddress, int]:
+        """(address, port): a backend's identity within its pool."""
+        return (self.address, self.port)
+
+    def __str__(self) -> str:
+        return _hostport(self.address, self.port)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A named set of backends with one health check (None = always up)."""
+    name: str
+    backends: tuple[BackendConfig, ...] = ()
+    health: HealthCheckConfig | None = None
+    slow_start: float = DEFAULT_SLOW_START
+
+    def backend(self, address: IPAddress | str, port: int) -> BackendConfig | None:
+        """The backend with this address and port, or None."""
+        addr = ipaddress.ip_address(address)
+        return next((b for b in self.backends if b.key == (addr, port)), None)
+
+
+@dataclass(frozen=True)
+class VipConfig:
+    """A virtual IP: traffic to address:port/protocol goes to `pool`."""
+    address: IPAddress
+    port: int
+    protocol: str
+    pool: str
+    name: str = ""
+
+    @property
+    def key(self) -> tuple[IPAddress, int, str]:
+        """(address, port, protocol): unique among VIPs."""
+        return (self.address, self.port, self.protocol)
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return self.address.version
+
+    def __str__(self) -> str:
+        return f"{_hostport(self.address, self.port)}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, valid configuration. Build it with `parse_config`/`load_config`;
+    the ``[global]`` keys are fields here directly. `pools` is read-only,
+    keyed by pool name; `warnings` and `source` do not take part in equality."""
+    mode: str = DEFAULT_MODE
+    workers: int = DEFAULT_WORKERS
+    flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE
+    hash_seed: int = DEFAULT_HASH_SEED
+    ring_size: int = DEFAULT_RING_SIZE
+    tun_name: str = DEFAULT_TUN_NAME
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    # (address, port) to serve metrics on, None when disabled (metrics_listen = "")
+    metrics_listen: tuple[IPAddress, int] | None = (
+        ipaddress.IPv4Address("127.0.0.1"), 9150)
+    log_level: str = DEFAULT_LOG_LEVEL
+    all_down: str = DEFAULT_ALL_DOWN
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    rawsock: RawsockConfig | None = None      # set only in mode "rawsock"
+    vips: tuple[VipConfig, ...] = ()
+    pools: Mapping[str, PoolConfig] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    source: str = field(default="<string>", compare=False)
+
+    def pool_of(self, vip: VipConfig) -> PoolConfig:
+        """The pool a VIP sends to (always defined in a validated config)."""
+        return self.pools[vip.pool]
+
+    def vip(self, name: str) -> VipConfig | None:
+        """The VIP with this name, or None."""
+        return next((v for v in self.vips if v.name == name), None)
+
+    @property
+    def backend_count(self) -> int:
+        """Backends over all pools (a backend listed in two pools counts twice)."""
+        return sum(len(p.backends) for p in self.pools.values())
+
+
+# --- value display and small checks ---------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_POOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HTTP_PATH = re.compile(r"/[\x21-\x7e]*")
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
+
+
+def _hostport(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _join(path: str, key: str) -> str:
+    k = key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return f"{path}.{k}" if path else k
+
+
+def _show(v: Any, limit: int = 80) -> str:
+    """A value as it would be written in TOML, cut to `limit` characters."""
+    if isinstance(v, bool):
+        s = "true" if v else "false"
+    elif isinstance(v, str):
+        s = json.dumps(v, ensure_ascii=False)
+    elif isinstance(v, list):
+        s = "[" + ", ".join(_show(x, limit) for x in v) + "]"
+    elif isinstance(v, dict):
+        s = "{ " + ", ".join(f"{_join('', str(k))} = {_show(x, limit)}"
+                             for k, x in v.items()) + " }"
+    else:
+        s = str(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _num(x: float) -> str:
+    """A number of seconds without float noise: 2.0 -> "2", 0.05 -> "0.05"."""
+    return f"{x:.3f}".rstrip("0").rstrip(".")
+
+
+def _tname(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a float"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "a table"
+    return "a date/time"
+
+
+def is_prime(n: int) -> bool:
+    """Trial division: enough for ring sizes below 2^24 (divisors up to 4096)."""
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def _nearest_primes(n: int) -> tuple[int | None, int | None]:
+    lo = next((p for p in range(n - 1, 1, -1) if is_prime(p)), None)
+    hi = next((p for p in range(n + 1, RING_SIZE_MAX + 1) if is_prime(p)), None)
+    return lo, hi
+
+
+def hash_seed_of(value: str) -> int:
+    """The 64-bit seed for a string ``hash_seed``: the first 8 bytes of its
+    BLAKE2b digest, big-endian. Stable across hosts and Python versions (unlike
+    `hash()`), so every gateway with the same string gets the same seed."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def valid_ifname(name: str) -> bool:
+    """Linux dev_valid_name(): 1..15 bytes, not "." or "..", no "/", ":" or
+    whitespace."""
+    return (0 < len(name.encode()) < IFNAMSIZ and name not in (".", "..")
+            and not any(c in "/:" or c.isspace() or not c.isprintable() for c in name))
+
+
+# --- the validator --------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+class _Checker:
+    """Collects errors and warnings while the file is walked. Every getter
+    returns the value, its default, or None after recording an error, so the
+    walk goes on and reports everything in one run."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}" if path else msg)
+
+    def warn(self, path: str, msg: str) -> None:
+        self.warnings.append(f"{path}: {msg}" if path else msg)
+
+    def bad(self, path: str, v: Any, expected: str, note: str = "") -> None:
+        self.error(path, f"expected {expected}, got {_show(v)}" + (f"; {note}" if note else ""))
+
+    def wrong_type(self, path: str, v: Any, expected: str) -> None:
+        self.error(path, f"expected {expected}, got {_show(v)} ({_tname(v)})")
+
+    def known_keys(self, tbl: dict, path: str, allowed: Iterable[str],
+                   elsewhere: Mapping[str, str] | None = None) -> None:
+        """Report keys not in `allowed`, with a difflib "did you mean". Keys in
+        `elsewhere` are valid in another context, which the message names."""
+        allowed = sorted(allowed)
+        elsewhere = elsewhere or {}
+        for k in tbl:
+            if k in allowed:
+                continue
+            p = _join(path, k)
+            if k in elsewhere:
+                self.error(p, f"not allowed here: {elsewhere[k]}")
+                continue
+            close = difflib.get_close_matches(k, allowed + sorted(elsewhere), n=1, cutoff=0.6)
+            if close:
+                self.error(p, f"unknown key; did you mean \"{close[0]}\"?")
+            else:
+                self.error(p, "unknown key; expected one of: " + ", ".join(allowed))
+
+    def table(self, parent: dict, key: str, path: str, required: bool = False) -> dict | None:
+        p = _join(path, key)
+        if key not in parent:
+            if required:
+                self.error(p, "missing; expected a table")
+            return None
+        v = parent[key]
+        if not isinstance(v, dict):
+            self.wrong_type(p, v, "a table")
+            return None
+        return v
+
+    def integer(self, tbl: dict, key: str, path: str, lo: int, hi: int,
+                default: Any = _MISSING) -> int | None:
+        p = _join(path, key)
+        if key not in tbl:
+            if default is _MISSING:
+                self.error(p, f"missing; expected an integer {lo}..{hi}")
+                return None
+            return default
+        v = tbl[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.wrong_type(p, v, f"an integer {lo}..{hi}")
+            return None
+        if not lo <= v <= hi:
+            self.bad(p, v, f"an integer {lo}..{hi}")
+            return None
+        return v
+
+    def seconds(self, tbl: dict, key: str, path: str, lo: float, hi: float,
+                default: Any = _MISSING, lo_open: bool = False) -> float | None:
+        """A duration in seconds: integer or float, finite, in [lo, hi] (or
+        (lo, hi] with `lo_open`)."""
+        p = _join(path, key)
+        rng = f"{'>' if lo_open else '>='} {_num(lo)} and <= {_num(hi)}"
+        if key not in tbl:
+            if default is _MISSING:
+                self.error(p, f"missing; expected seconds {rng}")
+                return None
+            return default
+        v = tbl[key]
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            self.wrong_type(p, v, f"seconds (a number) {rng}")
+            return None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            self.bad(p, v, f"seconds {rng}")
+            return None
+        return float(v)
+
+    def string(self, tbl: dict, key: str, path: str, what: str = "a string",
+               default: Any = _MISSING) -> str | None:
+        p = _join(path, key)
+        if key not in tbl:
+            if default is _MISSING:
+                self.error(p, f"missing; expected {what}")
+                return None
+            return default
+        v = tbl[key]
+        if not isinstance(v, str):
+            self.wrong_type(p, v, what)
+            return None
+        return v
+
+    def choice(self, tbl: dict, key: str, path: str, choices: tuple[str, ...],
+               default: Any = _MISSING) -> str | None:
+        what = " or ".join(f'"{c}"' for c in choices)
+        v = self.string(tbl, key, path, what, default)
+        if v is None or v in choices:
+            return v
+        close = difflib.get_close_matches(v, choices, n=1, cutoff=0.6)
+        self.bad(_join(path, key), v, what, f'did you mean "{close[0]}"?' if close else "")
+        return None
+
+    def address(self, tbl: dict, key: str, path: str) -> IPAddress | None:
+        what = "an IPv4 or IPv6 address"
+        v = self.string(tbl, key, path, what)
+        if v is None:
+            return None
+        p = _join(path, key)
+        try:
+            a = ipaddress.ip_address(v)
+        except ValueError:
+            self.bad(p, v, what + " (no prefix length, no port)")
+            return None
+        if getattr(a, "scope_id", None):
+            self.bad(p, v, "an address without a %zone (link-local addresses are not supported)")
+            return None
+        if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+            self.bad(p, v, "a plain IPv4 or IPv6 address",
+                     f"write {a.ipv4_mapped} instead of an IPv4-mapped IPv6 address")
+            return None
+        if (a.is_unspecified or a.is_loopback or a.is_multicast
+                or a == ipaddress.IPv4Address("255.255.255.255")):
+            self.bad(p, v, "a unicast address (not unspecified, loopback, multicast or "
+                     "broadcast)")
+            return None
+        return a
+
+
+# --- sections -------------------------------------------------------------------------
+
+_GLOBAL_KEYS = ("mode", "workers", "flow_table_size", "hash_seed", "ring_size", "tun_name",
+                "control_socket", "metrics_listen", "log_level", "all_down", "timeouts")
+_VIP_KEYS = ("name", "address", "port", "protocol", "pool")
+_POOL_KEYS = ("slow_start", "backends", "health")
+_BACKEND_KEYS = ("address", "port", "weight")
+_HEALTH_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
+_HEALTH_ONLY = {
+    "path": "http", "host": "http", "expect_status": "http", "body_match": "http",
+    "payload": "udp", "expect": "udp", "command": "exec",
+}
+
+
+def _parse_metrics_listen(c: _Checker, v: str, p: str) -> tuple[IPAddress, int] | None | str:
+    """"" -> None (disabled); "HOST:PORT" / "[V6]:PORT" -> (address, port).
+    Returns the string "bad" after recording an error."""
+    if v == "":
+        return None
+    what = '"ADDRESS:PORT" with an IP address ("[::1]:9150" for IPv6), or "" to disable'
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", v)
+    if not m:
+        c.bad(p, v, what)
+        return "bad"
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        c.bad(p, v, what, "host names are not resolved")
+        return "bad"
+    if (addr.version == 6) != bool(m.group(1)):
+        c.bad(p, v, what)
+        return "bad"
+    if not 1 <= int(port) <= 65535:
+        c.bad(p, v, what, "the port must be 1..65535")
+        return "bad"
+    return (addr, int(port))
+
+
+def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
+    g = c.table(data, "global", "") or {}
+    c.known_keys(g, "global", _GLOBAL_KEYS)
+    out: dict[str, Any] = {}
+    out["mode"] = c.choice(g, "mode", "global", MODES, DEFAULT_MODE)
+    out["workers"] = c.integer(g, "workers", "global", 1, MAX_WORKERS, DEFAULT_WORKERS)
+    out["flow_table_size"] = c.integer(g, "flow_table_size", "global", 1, FLOW_MAX,
+                                       DEFAULT_FLOW_TABLE_SIZE)
+    seed = g.get("hash_seed", DEFAULT_HASH_SEED)
+    p = "global.hash_seed"
+    seed_what = "an integer 0..2^64-1 or a non-empty string"
+    if isinstance(seed, str):
+        if seed:
+            out["hash_seed"] = hash_seed_of(seed)
+        else:
+            c.bad(p, seed, seed_what)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        c.wrong_type(p, seed, seed_what)
+    elif not 0 <= seed < 2**64:
+        c.bad(p, seed, seed_what)
+    else:
+        out["hash_seed"] = seed
+
+    ring = g.get("ring_size", DEFAULT_RING_SIZE)
+    p = "global.ring_size"
+    ring_what = f"a prime number 2..{RING_SIZE_MAX}"
+    if isinstance(ring, bool) or not isinstance(ring, int):
+        c.wrong_type(p, ring, ring_what)
+    elif not 2 <= ring <= RING_SIZE_MAX:
+        c.bad(p, ring, ring_what)
+    elif not is_prime(ring):
+        lo, hi = _nearest_primes(ring)
+        near = " or ".join(str(x) for x in (lo, hi) if x is not None)
+        c.bad(p, ring, ring_what, f"{ring} is not prime; nearest primes: {near}")
+    else:
+        out["ring_size"] = ring
+
+    tun = c.string(g, "tun_name", "global", "a network interface name (1..15 characters, "
+                   "no \"/\", \":\" or spaces)", DEFAULT_TUN_NAME)
+    if tun is not None and not valid_ifname(tun):
+        c.bad("global.tun_name", tun, "a network interface name (1..15 characters, no "
+              "\"/\", \":\" or spaces)")
+        tun = None
+    out["tun_name"] = tun
+
+    sock = c.string(g, "control_socket", "global", "an absolute path", DEFAULT_CONTROL_SOCKET)
+    if sock is not None:
+        if not sock.startswith("/"):
+            c.bad("global.control_socket", sock,
+                  "an absolute path (the daemon and the CLI may run in different directories)")
+            sock = None
+        elif len(sock.encode()) > SUN_PATH_MAX or "\0" in sock:
+            c.bad("global.control_socket", sock,
+                  f"a Unix socket path of at most {SUN_PATH_MAX} bytes")
+            sock = None
+    out["control_socket"] = sock
+
+    ml = c.string(g, "metrics_listen", "global", '"ADDRESS:PORT" or ""', DEFAULT_METRICS_LISTEN)
+    out["metrics_listen"] = "bad" if ml is None else _parse_metrics_listen(
+        c, ml, "global.metrics_listen")
+    out["log_level"] = c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL)
+    out["all_down"] = c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN)
+
+    t = c.table(g, "timeouts", "global") or {}
+    c.known_keys(t, "global.timeouts", TIMEOUT_KEYS)
+    defaults = Timeouts()
+    tvals = {k: c.seconds(t, k, "global.timeouts", 0.001, MAX_TIMEOUT_S, getattr(defaults, k))
+             for k in TIMEOUT_KEYS}
+    out["timeouts"] = None if None in tvals.values() else Timeouts(**tvals)
+    return out
+
+
+def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig | None:
+    r = c.table(data, "rawsock", "")
+    if r is None:
+        if mode == "rawsock" and "rawsock" not in data:
+            c.error("rawsock", 'missing; mode "rawsock" needs a [rawsock] table with '
+                    "client_link and backend_link")
+        return None
+    c.known_keys(r, "rawsock", ("client_link", "backend_link"))
+    links = {}
+    what = "a network interface name (1..15 characters)"
+    for k in ("client_link", "backend_link"):
+        v = c.string(r, k, "rawsock", what)
+        if v is not None and not valid_ifname(v):
+            c.bad(_join("rawsock", k), v, what)
+            v = None
+        links[k] = v
+    if mode != "rawsock":
+        c.warn("rawsock", f'ignored: global.mode is "{mode}", not "rawsock"')
+        return None
+    if None in links.values():
+        return None
+    return RawsockConfig(**links)
+
+
+def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None:
+    typ = c.choice(tbl, "type", path, HEALTH_TYPES)
+    own = set(_HEALTH_COMMON) | {k for k, t in _HEALTH_ONLY.items() if t == typ}
+    if typ is None:        # unknown type: accept any known key, report the type only
+        own |= set(_HEALTH_ONLY)
+    elsewhere = {k: f'only for type "{t}" (this check is type "{typ}")'
+                 for k, t in _HEALTH_ONLY.items() if k not in own}
+    c.known_keys(tbl, path, own, elsewhere)
+    ok = typ is not None
+    kw: dict[str, Any] = {"type": typ}
+    interval = c.seconds(tbl, "interval", path, HEALTH_INTERVAL_MIN_S, HEALTH_INTERVAL_MAX_S,
+                         DEFAULT_HEALTH_INTERVAL)
+    kw["interval"] = interval
+    timeout_default = min(DEFAULT_HEALTH_TIMEOUT, interval or DEFAULT_HEALTH_TIMEOUT)
+    timeout = c.seconds(tbl, "timeout", path, 0.0, HEALTH_INTERVAL_MAX_S, timeout_default,
+                        lo_open=True)
+    if timeout is not None and interval is not None and timeout > interval:
+        c.bad(_join(path, "timeout"), tbl["timeout"], f"seconds > 0 and <= interval "
+              f"({_num(interval)})", "a check must end before the next one starts")
+        timeout = None
+    kw["timeout"] = timeout
+    kw["rise"] = c.integer(tbl, "rise", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_RISE)
+    kw["fall"] = c.integer(tbl, "fall", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_FALL)
+    if "port" in tbl:
+        kw["port"] = c.integer(tbl, "port", path, 1, 65535)
+        ok = ok and kw["port"] is not None
+    if typ == "http":
+        hp = c.string(tbl, "path", path, 'an HTTP path starting with "/"', DEFAULT_HTTP_PATH)
+        if hp is not None and not _HTTP_PATH.fullmatch(hp):
+            c.bad(_join(path, "path"), hp, 'an HTTP path starting with "/", without spaces or '
+                  "control characters")
+            hp = None
+        kw["path"] = hp
+        if "host" in tbl:
+            host = c.string(tbl, "host", path, "a Host header value")
+            if host is not None and not _HEADER_VALUE.fullmatch(host):
+                c.bad(_join(path, "host"), host, "a Host header value without spaces")
+                host = None
+            kw["host"] = host
+            ok = ok and host is not None
+        es = tbl.get("expect_status", list(DEFAULT_EXPECT_STATUS))
+        es_what = "a non-empty array of HTTP status codes 100..599, e.g. [200]"
+        if not isinstance(es, list):
+            c.wrong_type(_join(path, "expect_status"), es, es_what)
+            kw["expect_status"] = None
+        elif not es or not all(type(x) is int and 100 <= x <= 599 for x in es):
+            c.bad(_join(path, "expect_status"), es, es_what)
+            kw["expect_status"] = None
+        else:
+            kw["expect_status"] = tuple(es)
+        kw["body_match"] = c.string(tbl, "body_match", path, "a string", "")
+    elif typ == "udp":
+        pl = c.string(tbl, "payload", path, 'the text to send, e.g. "ping"')
+        if pl is not None and len(pl.encode()) > UDP_PAYLOAD_MAX:
+            c.bad(_join(path, "payload"), pl, f"at most {UDP_PAYLOAD_MAX} bytes")
+            pl = None
+        kw["payload"] = pl
+        kw["expect"] = c.string(tbl, "expect", path, "a string", "")
+    elif typ == "exec":
+        p = _join(path, "command")
+        what = 'a non-empty array of strings (program and arguments), e.g. ["/usr/bin/true"]'
+        cmd = tbl.get("command", _MISSING)
+        if cmd is _MISSING:
+            c.error(p, f"missing; expected {what}")
+            kw["command"] = None
+        elif not isinstance(cmd, list):
+            c.wrong_type(p, cmd, what)
+            kw["command"] = None
+        elif (not cmd or not all(isinstance(x, str) and "\0" not in x for x in cmd)
+              or not cmd[0]):
+            c.bad(p, cmd, what)
+            kw["command"] = None
+        else:
+            kw["command"] = tuple(cmd)
+            if shutil.which(cmd[0]) is None:
+                c.warn(p, f"{_show(cmd[0])} is not an executable file on this host")
+    if not ok or None in kw.values():
+        return None
+    return HealthCheckConfig(**{k: v for k, v in kw.items() if k != "port" or v is not None})
+
+
+def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
+    path = _join("pool", name)
+    if not isinstance(tbl, dict):
+        c.wrong_type(path, tbl, "a table ([pool.NAME])")
+        return None
+    ok = True
+    if not _POOL_NAME.fullmatch(name):
+        c.bad(path, name, "a pool name of 1..64 letters, digits, \"_\", \".\" or \"-\"")
+        ok = False
+    c.known_keys(tbl, path, _POOL_KEYS)
+    slow = c.seconds(tbl, "slow_start", path, 0.0, MAX_SLOW_START_S, DEFAULT_SLOW_START)
+    health = None
+    h = c.table(tbl, "health", path)
+    if h is not None:
+        health = _parse_health(c, h, _join(path, "health"))
+        ok = ok and health is not None
+    elif "health" in tbl:
+        ok = False
+    bp = _join(path, "backends")
+    raw = tbl.get("backends", _MISSING)
+    backends: list[BackendConfig] = []
+    if raw is _MISSING:
+        c.error(bp, "missing; expected an array of { address, port, weight } tables")
+        return None
+    if not isinstance(raw, list):
+        c.wrong_type(bp, raw, "an array of { address, port, weight } tables")
+        return None
+    if not raw:
+        c.warn(bp, "no backends: VIPs using this pool have no backend (see global.all_down)")
+    if len(raw) > MAX_BACKENDS:
+        c.error(bp, f"expected at most {MAX_BACKENDS} backends per pool, got {len(raw)}")
+        ok = False
+    seen: dict[tuple[IPAddress, int], str] = {}
+    for i, b in enumerate(raw):
+        p = f"{bp}[{i}]"
+        if not isinstance(b, dict):
+            c.wrong_type(p, b, "a table { address = ..., port = ..., weight = ... }")
+            ok = False
+            continue
+        c.known_keys(b, p, _BACKEND_KEYS)
+        addr = c.address(b, "address", p)
+        port = c.integer(b, "port", p, 1, 65535)
+        weight = c.integer(b, "weight", p, 0, MAX_WEIGHT, DEFAULT_WEIGHT)
+        if addr is None or port is None or weight is None:
+            ok = False
+            continue
+        be = BackendConfig(addr, port, weight)
+        if be.key in seen:
+            c.error(p, f"duplicate backend {be}, already at {seen[be.key]}")
+            ok = False
+            continue
+        seen[be.key] = p
+        backends.append(be)
+    if backends and ok and all(b.weight == 0 for b in backends):
+        c.warn(bp, "every backend has weight 0: VIPs using this pool have no backend "
+               "(see global.all_down)")
+    if not ok or slow is None:
+        return None
+    return PoolConfig(name=name, backends=tuple(backends), health=health, slow_start=slow)
+
+
+def _parse_vips(c: _Checker, data: dict, pool_names: Iterable[str]) -> list[VipConfig] | None:
+    raw = data.get("vip", [])
+    if not isinstance(raw, list):
+        c.wrong_type("vip", raw, "an array of tables ([[vip]])")
+        return None
+    if len(raw) > MAX_VIPS:
+        c.error("vip", f"expected at most {MAX_VIPS} VIPs, got {len(raw)}")
+    pool_names = sorted(pool_names)
+    vips: list[VipConfig] = []
+    ok = True
+    by_key: dict[tuple, str] = {}
+    by_name: dict[str, str] = {}
+    for i, v in enumerate(raw):
+        p = f"vip[{i}]"
+        if not isinstance(v, dict):
+            c.wrong_type(p, v, "a table ([[vip]])")
+            ok = False
+            continue
+        c.known_keys(v, p, _VIP_KEYS)
+        addr = c.address(v, "address", p)
+        port = c.integer(v, "port", p, 1, 65535)
+        proto = c.choice(v, "protocol", p, PROTOCOLS)
+        pool = c.string(v, "pool", p, "the name of a [pool.NAME] table")
+        if pool is not None and pool not in pool_names:
+            close = difflib.get_close_matches(pool, pool_names, n=1, cutoff=0.6)
+            if close:
+                hint = f'; did you mean "{close[0]}"?'
+            elif pool_names:
+                hint = "; defined pools: " + ", ".join(pool_names)
+            else:
+                hint = "; no pool is defined"
+            c.error(_join(p, "pool"), f"{_show(pool)} is not defined: expected the name of a "
+                    f"[pool.NAME] table{hint}")
+            pool = None
+        name = c.string(v, "name", p, "a name (1..64 characters, no spaces)", "")
+        if name and (len(name) > 64 or any(ch.isspace() or not ch.isprintable()
+                                           for ch in name)):
+            c.bad(_join(p, "name"), name, "a name (1..64 characters, no spaces)")
+            name = None
+        if None in (addr, port, proto, pool, name):
+            ok = False
+            continue
+        vip = VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}")
+        if vip.key in by_key:
+            c.error(p, f"duplicate VIP {vip}, already defined at {by_key[vip.key]}")
+            ok = False
+            continue
+        if vip.name in by_name:
+            c.error(_join(p, "name"), f"duplicate VIP name {_show(vip.name)}, already used by "
+                    f"{by_name[vip.name]}; expected a unique name")
+            ok = False
+            continue
+        by_key[vip.key] = p
+        by_name[vip.name] = p
+        vips.append(vip)
+    return vips if ok else None
+
+
+def _cross_check(c: _Checker, vips: list[VipConfig], pools: dict[str, PoolConfig],
+                 ring_size: int | None) -> None:
+    """Checks that need VIPs and pools together: address families, VIP
+    addresses reused as backends, unused pools, ring size vs backend count."""
+    vip_addrs = {v.address: i for i, v in enumerate(vips)}
+    for name, pool in pools.items():
+        users = [(i, v) for i, v in enumerate(vips) if v.pool == name]
+        if not users:
+            c.warn(_join("pool", name), "not used by any VIP")
+        for j, be in enumerate(pool.backends):
+            ap = f"{_join('pool', name)}.backends[{j}].address"
+            other = next(((i, v) for i, v in users if v.family != be.address.version), None)
+            if other is not None:
+                i, v = other
+                c.error(ap, f"{be.address} is IPv{be.address.version} but vip[{i}] "
+                        f"({_show(v.name)}) that uses pool {_show(name)} is IPv{v.family}; "
+                        f"expected an IPv{v.family} address (NAT does not translate families)")
+            if be.address in vip_addrs:
+                c.error(ap, f"{be.address} is also the address of vip[{vip_addrs[be.address]}]; "
+                        "expected a backend address that is not a VIP")
+        if ring_size is not None and users:
+            n = len(pool.backends)
+            if n >= ring_size:
+                c.error("global.ring_size", f"expected a prime larger than the {n} backends of "
+                        f"pool {_show(name)}, got {ring_size}")
+            elif n and ring_size < 100 * n:
+                c.warn("global.ring_size", f"{ring_size} is less than 100 slots per backend of "
+                       f"pool {_show(name)} ({n} backends): the load spreads unevenly "
+                       "(Maglev §3.4)")
+
+
+def config_from_dict(data: dict, source: str = "<string>") -> Config:
+    """Validate an already-parsed TOML document (a dict as `tomllib` returns)
+    and build the `Config`. Raises ConfigError with every mistake found."""
+    c = _Checker()
+    if not isinstance(data, dict):
+        raise ConfigError([f"expected a TOML document (a table), got {_tname(data)}"], source)
+    c.known_keys(data, "", ("global", "rawsock", "vip", "pool"))
+    g = _parse_global(c, data)
+    rawsock = _parse_rawsock(c, data, g["mode"])
+    pools: dict[str, PoolConfig] = {}
+    pool_ok = True
+    raw_pools = c.table(data, "pool", "")
+    for name, tbl in (raw_pools or {}).items():
+        pc = _parse_pool(c, name, tbl)
+        if pc is None:
+            pool_ok = False
+        else:
+            pools[name] = pc
+    pool_names = list(raw_pools or {})
+    vips = _parse_vips(c, data, pool_names)
+    if vips is not None and not vips:
+        c.warn("vip", "no [[vip]] defined: the balancer forwards nothing")
+    if vips is not None and pool_ok:
+        _cross_check(c, vips, pools, g.get("ring_size"))
+    if c.errors:
+        raise ConfigError(c.errors, source)
+    return Config(
+        mode=g["mode"], workers=g["workers"], flow_table_size=g["flow_table_size"],
+        hash_seed=g["hash_seed"], ring_size=g["ring_size"], tun_name=g["tun_name"],
+        control_socket=g["control_socket"], metrics_listen=g["metrics_listen"],
+        log_level=g["log_level"], all_down=g["all_down"], timeouts=g["timeouts"],
+        rawsock=rawsock, vips=tuple(vips or ()), pools=MappingProxyType(pools),
+        warnings=tuple(c.warnings), source=source)
+
+
+_TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML text. Raises ConfigError (a TOML syntax error
+    is reported with its line and column)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = _TOML_POS.match(msg)
+        if m:
+            msg = f"line {m.group(2)}, column {m.group(3)}: TOML syntax error: {m.group(1)}"
+        else:
+            msg = f"TOML syntax error: {msg}"
+        raise ConfigError([msg], source) from None
+    return config_from_dict(data, source)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a config file. Raises ConfigFileError if it
+    cannot be read, ConfigError if its content is wrong."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigFileError([f"cannot read the config file: {e.strerror or e}"],
+                              source) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ConfigError([f"line {line}, column {col}: not UTF-8 text (TOML files are UTF-8)"],
+                          source) from None
+    return parse_config(text, source)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """``lbcore check-config FILE``: validate without touching the network.
+    Exit 0 and "OK: N VIPs, M backends" (warnings on stderr); 1 with every
+    error on stderr if the content is wrong; 2 if the file cannot be read."""
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        for err in e.errors:
+            print(f"{e.source}: {err}", file=sys.stderr)
+        n = len(e.errors)
+        print(f"check-config: {n} error{'s' if n != 1 else ''} in {e.source}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigFileError) else 1
+    for w in cfg.warnings:
+        print(f"{cfg.source}: warning: {w}", file=sys.stderr)
+    print(f"OK: {len(cfg.vips)} VIPs, {cfg.backend_count} backends")
+    return 0
