@@ -287,7 +287,8 @@ def test_nftables_ruleset_spreads_over_every_backend():
 
 
 def test_haproxy_config():
-    text = peers.haproxy_config("198.18.100.1", BACKENDS, pidfile="/tmp/x.pid")
+    text = peers.haproxy_config("198.18.100.1", BACKENDS, pidfile="/tmp/x.pid",
+                                maxconn=peers.haproxy_maxconn(20000))
     assert "mode tcp" in text and "balance roundrobin" in text and "nbthread 1" in text
     assert "bind 198.18.100.1:80" in text and "bind 198.18.100.1:5201" in text
     assert text.count("server be") == 4

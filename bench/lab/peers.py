@@ -95,11 +95,19 @@ def sender_drop(dest: str) -> str:
 
 
 HAPROXY_SETTINGS = ("mode tcp, balance roundrobin, nbthread 1 (the one core the forwarder "
-                    "gets: CPU 1), maxconn 200000, tcp health checks every 1 s on the web pool, "
-                    "no logging, no splicing (HAProxy's defaults otherwise)")
+                    "gets: CPU 1), maxconn as high as the file-descriptor limit allows (2 "
+                    "descriptors per proxied connection), tcp health checks every 1 s on the web "
+                    "pool, no logging, no splicing (HAProxy's defaults otherwise)")
 
 
-def haproxy_config(vip: str, backends: Sequence[str], *, pidfile: str) -> str:
+def haproxy_maxconn(nofile_hard: int) -> int:
+    """The highest maxconn the descriptor limit allows: HAProxy needs two descriptors per
+    proxied connection plus a few for itself, and refuses to start otherwise."""
+    return max(1000, min(200000, (nofile_hard - 500) // 2))
+
+
+def haproxy_config(vip: str, backends: Sequence[str], *, pidfile: str,
+                   maxconn: int = 200000) -> str:
     """HAProxy in TCP mode with production settings (no artificial limits; see
     HAPROXY_SETTINGS). The VIP must be a local address of the gateway while HAProxy runs."""
     servers = "\n".join(f"    server be{i} {b}:{HTTP_PORT} check inter 1s"
@@ -107,13 +115,13 @@ def haproxy_config(vip: str, backends: Sequence[str], *, pidfile: str) -> str:
     return f"""\
 global
     nbthread 1
-    maxconn 200000
+    maxconn {maxconn}
     pidfile {pidfile}
 
 defaults
     mode tcp
     option dontlognull
-    maxconn 200000
+    maxconn {maxconn}
     timeout connect 5s
     timeout client 60s
     timeout server 60s

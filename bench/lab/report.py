@@ -53,19 +53,25 @@ class Row:
     fmt: Callable[[float], str]
     higher_is_better: bool = True
     show_ratio: bool = True
+    unit: str = ""
 
 
 ROWS: tuple[Row, ...] = (
     Row("udp", "delivered_pps", "UDP 64 B, delivered at the backends",
-        lambda v: fmt_rate(v, " pps")),
-    Row("udp", "offered_pps", "UDP 64 B, offered by the sender", lambda v: fmt_rate(v, " pps")),
-    Row("udp", "loss_pct", "UDP 64 B, loss", fmt_pct, higher_is_better=False, show_ratio=False),
-    Row("bulk1", "gbps", "TCP bulk, 1 stream (iperf3)", fmt_gbps),
-    Row("bulk4", "gbps", "TCP bulk, 4 streams (iperf3)", fmt_gbps),
-    Row("conn", "cps", "HTTP new connections/s (wrk, Connection: close)", fmt_rate),
-    Row("keepalive", "rps", "HTTP keep-alive requests/s (wrk)", fmt_rate),
-    Row("latency", "p50_us", "latency p50 at a fixed rate", fmt_us, higher_is_better=False),
-    Row("latency", "p99_us", "latency p99 at a fixed rate", fmt_us, higher_is_better=False),
+        lambda v: fmt_rate(v, " pps"), unit="packets/s"),
+    Row("udp", "offered_pps", "UDP 64 B, offered by the sender", lambda v: fmt_rate(v, " pps"),
+        unit="packets/s"),
+    Row("udp", "loss_pct", "UDP 64 B, loss", fmt_pct, higher_is_better=False, show_ratio=False,
+        unit="%"),
+    Row("bulk1", "gbps", "TCP bulk, 1 stream (iperf3)", fmt_gbps, unit="Gbit/s"),
+    Row("bulk4", "gbps", "TCP bulk, 4 streams (iperf3)", fmt_gbps, unit="Gbit/s"),
+    Row("conn", "cps", "HTTP new connections/s (wrk, Connection: close)", fmt_rate,
+        unit="connections/s"),
+    Row("keepalive", "rps", "HTTP keep-alive requests/s (wrk)", fmt_rate, unit="requests/s"),
+    Row("latency", "p50_us", "latency p50 at a fixed rate", fmt_us, higher_is_better=False,
+        unit="µs"),
+    Row("latency", "p99_us", "latency p99 at a fixed rate", fmt_us, higher_is_better=False,
+        unit="µs"),
 )
 
 WORKLOAD_LABELS = {
@@ -266,16 +272,19 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
 
     summary = doc["summary"]
     cols = [(sid, t) for sid, t, st in _columns(doc) if st == "ok"]
+    color = {sid: f"C{i}" for i, (sid, _) in enumerate(cols)}   # one colour per system
     rows = [r for r in ROWS if any(_summary(summary, sid, r.workload, r.metric)
                                    for sid, _ in cols)]
     written = []
 
-    # 1. ratios to kernel forwarding
-    ratio_rows = [r for r in rows if r.show_ratio and r.metric != "offered_pps"]
-    others = [(sid, t) for sid, t in cols if sid != KERNEL]
+    # 1. throughput as ratios to kernel forwarding (latency is in the absolute chart: a 7x
+    #    p99 would squash every other bar)
+    ratio_rows = [r for r in rows if r.show_ratio and r.higher_is_better
+                  and r.metric != "offered_pps"]
+    others = [(sid, t) for sid, t in cols if sid != KERNEL
+              and any(_summary(summary, sid, r.workload, r.metric) for r in ratio_rows)]
     if ratio_rows and others:
-        fig, ax = plt.subplots(figsize=(10, 0.6 + 0.45 * len(ratio_rows) * max(1, len(others))
-                                        / 2.2))
+        fig, ax = plt.subplots(figsize=(11, 1.4 + 0.32 * len(ratio_rows) * len(others)))
         height = 0.8 / len(others)
         for j, (sid, title) in enumerate(others):
             ys, xs, lo, hi = [], [], [], []
@@ -289,14 +298,16 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
                 xs.append(v)
                 lo.append(max(0.0, v - s.lo / ref.median))
                 hi.append(max(0.0, s.hi / ref.median - v))
-            ax.barh(ys, xs, height=height, xerr=[lo, hi], label=title, capsize=2)
+            ax.barh(ys, xs, height=height, xerr=[lo, hi], label=title, capsize=2,
+                    color=color[sid])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks([i + height * (len(others) - 1) / 2 for i in range(len(ratio_rows))])
         ax.set_yticklabels([r.label for r in ratio_rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("ratio to kernel forwarding (same run); latency: lower is better")
-        ax.set_title("lbcore lab benchmark: ratio to kernel forwarding")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlabel("ratio to kernel forwarding in the same run (higher is better; "
+                      "whiskers: min..max)", fontsize=9)
+        ax.set_title("lbcore lab benchmark: throughput relative to kernel forwarding")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         p = stem.with_name(stem.name + "-ratios.png")
         fig.savefig(p, dpi=110)
@@ -311,7 +322,7 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
         fig, axes = plt.subplots(nrows, ncols, figsize=(13, 3.1 * nrows), squeeze=False)
         for k, r in enumerate(rows):
             ax = axes[k // ncols][k % ncols]
-            names, vals, lo, hi = [], [], [], []
+            names, vals, lo, hi, colors = [], [], [], [], []
             for sid, title in cols:
                 s = _summary(summary, sid, r.workload, r.metric)
                 if s is None:
@@ -320,15 +331,17 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
                 vals.append(s.median)
                 lo.append(s.median - s.lo)
                 hi.append(s.hi - s.median)
-            ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3,
-                   color=[f"C{i}" for i in range(len(vals))])
+                colors.append(color[sid])
+            ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color=colors)
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
-            ax.set_title(r.label, fontsize=9)
+            ax.set_title(r.label + ("" if r.higher_is_better else " (lower is better)"),
+                         fontsize=9)
+            ax.set_ylabel(r.unit, fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         for k in range(n, nrows * ncols):
             axes[k // ncols][k % ncols].axis("off")
-        fig.suptitle("lbcore lab benchmark: medians, bars span min..max of the repetitions")
+        fig.suptitle("lbcore lab benchmark: medians; whiskers span min..max of the repetitions")
         fig.tight_layout()
         p = stem.with_name(stem.name + "-absolute.png")
         fig.savefig(p, dpi=100)

@@ -15,8 +15,8 @@
    the markdown table and two PNG charts beside it (:mod:`bench.lab.report`).
 
 The lab is always taken down at the end, also on failure or Ctrl-C, and every process the bench
-started is stopped by its PID. A lab that was already up (someone else's) is never touched: the
-bench refuses to start.
+started is stopped by its PID. Each round holds the lab lock that test sessions take, so they
+take turns; a lab that someone brought up by hand is never touched: the bench stops instead.
 
 Pinning: load generators, the backends' servers and this driver on CPU 0; the forwarder on
 CPU 1 (HAProxy and lbcore by taskset; lbcore's workers pin themselves to the highest CPU). Kernel
@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -66,6 +67,10 @@ WRK_TIMEOUT = "2s"
 LAT_CONNS = 10          # latency cell: 10 connections ...
 LAT_DELAY_MS = 10       # ... each waiting 10 ms after a response: about 1000 requests/s
 SETTLE_S = 1.0          # pause between cells (queues drain, sockets close)
+# The lab's names are one per machine: test sessions take turns through lbcore's lab lock (and
+# remove any lab they find). The bench holds that lock for each round (one lab, up to down), so
+# tests wait for a round instead of pulling the lab away mid-cell.
+LOCK_TIMEOUT = 1200.0
 
 
 # --------------------------------------------------------------------------- systems
@@ -206,6 +211,12 @@ def machine_facts() -> dict[str, Any]:
             "gcc": _first_line(["gcc", "--version"]),
         },
     }
+
+
+def haproxy_maxconn() -> int:
+    """HAProxy's maxconn on this machine: as high as our descriptor limit lets it go."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return peers.haproxy_maxconn(hard if hard != resource.RLIM_INFINITY else 1 << 20)
 
 
 def set_affinity(pid: int, cpu: int) -> None:
@@ -385,9 +396,14 @@ class Bench:
     def lab(self, group: str) -> Iterator[Any]:
         """Bring up the lab for ``group`` and prepare it; always take it down again."""
         from lbcore import lab
+        from lbcore._testbase.netns import lab_lock
         spec = self._lab_spec(group)
-        log(f"lab up ({group})")
-        state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
+        with lab_lock(timeout=LOCK_TIMEOUT):
+            log(f"lab up ({group})")
+            state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
+            yield from self._use_lab(lab, group, state)
+
+    def _use_lab(self, lab: Any, group: str, state: Any) -> Iterator[Any]:
         self.lab_created = state.created
         try:
             try:
@@ -522,7 +538,7 @@ class Bench:
         elif sid == "haproxy":
             BUILD.mkdir(parents=True, exist_ok=True)
             cfg = BUILD / "haproxy.cfg"
-            cfg.write_text(peers.haproxy_config(lab.VIP_V4, backends,
+            cfg.write_text(peers.haproxy_config(lab.VIP_V4, backends, maxconn=haproxy_maxconn(),
                                                 pidfile=str(BUILD / "haproxy.pid")))
             netconf.addr_add("lo", f"{lab.VIP_V4}/32", netns=lab.GW_NS)
             hp = None
@@ -708,9 +724,6 @@ class Bench:
 
     def execute(self) -> dict[str, Any]:
         from lbcore import lab
-        if lab.present_namespaces() or lab.load_state() is not None:
-            raise SystemExit("bench-lab: a lab is up already (someone else's?); not touching it. "
-                             "`lbcore lab down` removes a stale one.")
         flood = build_flood()
         started = dt.datetime.now(dt.UTC)
         doc: dict[str, Any] = {
@@ -720,6 +733,7 @@ class Bench:
             "settings": {"reps": self.reps, "seconds": self.seconds,
                          "workloads": self.workloads, "systems": self.systems,
                          "gen_cpu": GEN_CPU, "fwd_cpu": FWD_CPU, "wrk_conns": WRK_CONNS,
+                         "haproxy_maxconn": haproxy_maxconn(),
                          "latency": {"conns": LAT_CONNS, "delay_ms": LAT_DELAY_MS},
                          "udp": {"payload": 64, "flows": peers.FLOOD_FLOWS, "batch": 64},
                          "notes": NOTES},
@@ -749,8 +763,8 @@ class Bench:
                     del self.samples[mark:]      # a partial round: run it again at the end
                     rounds.append((rep, members, True))
             except lab.LabError as e:
-                if "already exists" in str(e):
-                    raise SystemExit(f"bench-lab: {e}") from e
+                if "already exists" in str(e):   # someone's lab, built without the lock
+                    raise SystemExit(f"bench-lab: {e}; not touching it") from e
                 self._lab_failed(group, live, e, rep, doc)
         finished = dt.datetime.now(dt.UTC)
         doc["finished"] = finished.isoformat(timespec="seconds")
