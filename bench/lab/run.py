@@ -314,6 +314,7 @@ class Bench:
     samples: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    take_lock: bool = True
     lab_created: float | None = None     # our lab's state.json "created": who owns the lab
     fwd_pid: int | None = None
     iperf_pid: int | None = None
@@ -398,7 +399,7 @@ class Bench:
         from lbcore import lab
         from lbcore._testbase.netns import lab_lock
         spec = self._lab_spec(group)
-        with lab_lock(timeout=LOCK_TIMEOUT):
+        with lab_lock(timeout=LOCK_TIMEOUT) if self.take_lock else contextlib.nullcontext():
             log(f"lab up ({group})")
             state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
             yield from self._use_lab(lab, group, state)
@@ -790,6 +791,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", help="comma-separated, of: " + ",".join(ALL_WORKLOADS))
     p.add_argument("--out", type=Path, help="output stem (default bench/results/lab-<date>)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get missing tools")
+    p.add_argument("--no-lab-lock", action="store_true",
+                   help="do not take lbcore's lab lock (the caller holds it, as tests do)")
     a = p.parse_args(argv)
     a.reps = a.reps or (1 if a.quick else 3)
     a.seconds = a.seconds or (3.0 if a.quick else 8.0)
@@ -819,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
     stem = a.out or RESULTS / f"lab-{stamp}{'-quick' if a.quick else ''}"
     bench = Bench(reps=a.reps, seconds=a.seconds, workloads=a.workloads, systems=a.systems,
-                  out_stem=stem, command=_command(argv))
+                  out_stem=stem, command=_command(argv), take_lock=not a.no_lab_lock)
 
     main_pid = os.getpid()
 
