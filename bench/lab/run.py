@@ -193,6 +193,14 @@ def machine_facts() -> dict[str, Any]:
         from lbcore import __version__ as lbv
     except ImportError:
         lbv = "?"
+    try:
+        import lbcore._core as core
+        core_path = str(Path(core.__file__).resolve())
+    except ImportError as e:
+        core_path = f"not importable: {e}"
+    if not core_path.startswith(str(ROOT)):
+        log(f"warning: lbcore._core comes from {core_path}, not this tree ({ROOT}): "
+            "the figures are of that build (make build)")
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,
@@ -201,6 +209,9 @@ def machine_facts() -> dict[str, Any]:
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         "lbcore_version": lbv,
         "lbcore_commit": commit + ("+dirty" if dirty else ""),
+        "lbcore_commit_subject": _first_line(["git", "-C", str(ROOT), "log", "-1",
+                                              "--format=%s"]),
+        "lbcore_core": core_path,
         "python": platform.python_version(),
         "versions": {
             "haproxy": _first_line(["haproxy", "-v"]).replace("HAProxy version ", "")
