@@ -461,18 +461,17 @@ def render_config(spec: LabSpec, state_dir: Path | None = None) -> str:
     return "\n".join(out)
 
 
-def _balancer_ready(log: Path, sock: Path) -> bool:
+def _balancer_ready(log: Path, offset: int) -> bool:
+    """True once the balancer wrote its "ready" line past ``offset`` (the log is appended to
+    across restarts, so an earlier run's line must not count)."""
     try:
         with open(log, "rb") as f:
+            f.seek(offset)
             for line in f:
                 if re.search(rb"\bready\b", line) and not re.search(rb"\bnot ready\b", line):
                     return True
     except FileNotFoundError:
         pass
-    if sock.exists():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, contextlib.suppress(OSError):
-            s.connect(str(sock))
-            return True
     return False
 
 
@@ -481,16 +480,17 @@ def _start_balancer(state: LabState) -> None:
     p["config"].write_text(render_config(state.spec))
     argv = (list(state.spec.balancer_argv) if state.spec.balancer_argv
             else [sys.executable, "-m", "lbcore", "run", "-c", str(p["config"])])
+    offset = p["balancer_log"].stat().st_size if p["balancer_log"].exists() else 0
     child = _spawn(state, "balancer", GW_NS, argv, p["balancer_log"])
     deadline = time.monotonic() + BALANCER_READY_TIMEOUT
-    while not _balancer_ready(p["balancer_log"], p["control_socket"]):
+    while not _balancer_ready(p["balancer_log"], offset):
         rc = child.poll()
         if rc is not None:
             raise LabError(f"the balancer exited (status {rc}) before it was ready; the end of "
                            f"its log {p['balancer_log']}:\n{log_tail(p['balancer_log'])}")
         if time.monotonic() > deadline:
             raise LabError(f"the balancer was not ready after {BALANCER_READY_TIMEOUT:.0f} s "
-                           f"(no control socket {p['control_socket']}, no 'ready' in its log); "
+                           f"(no 'ready' line in its log); "
                            f"the end of its log:\n{log_tail(p['balancer_log'])}")
         time.sleep(0.05)
 
@@ -525,6 +525,45 @@ def up(spec: LabSpec | None = None, *, out: Callable[[str], object] = print) -> 
         f"balancer {'in ' + GW_NS if spec.balancer else 'not started'}; "
         f"VIP {VIP_V4}{' ' + VIP_V6 if spec.ipv6 else ''} tcp/{HTTP_PORT} udp/{UDP_PORT}")
     return state
+
+
+def stop_balancer(sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> bool:
+    """Send the lab's balancer ``sig`` (SIGKILL simulates a crash) and wait until it is gone
+    and reaped; False if there was none running. The lab stays up without a balancer."""
+    with _locked():
+        state = load_state()
+        procs = [p for p in state.processes if p.role == "balancer"] if state else []
+        for p in procs:
+            if proc_alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+                child = _children.pop(p.pid, None)
+                if child is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(timeout=timeout)
+                deadline = time.monotonic() + timeout
+                while proc_alive(p) and time.monotonic() < deadline:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(p.pid, os.WNOHANG)
+                    time.sleep(0.02)
+            _stop(p)   # SIGKILL if it ignored sig; reaps
+            state.processes.remove(p)
+        if state is not None:
+            _save(state)
+        return bool(procs)
+
+
+def restart_balancer(*, kill_signal: int = signal.SIGTERM) -> Proc:
+    """Stop the lab's balancer with ``kill_signal`` and start it again from the same config;
+    returns the new process. For tests of restart and crash recovery."""
+    stop_balancer(kill_signal)
+    with _locked():
+        state = load_state()
+        if state is None or not state.spec.balancer:
+            raise LabError("no lab with a balancer is up")
+        _start_balancer(state)
+        _save(state)
+        return [p for p in state.processes if p.role == "balancer"][-1]
 
 
 # --------------------------------------------------------------------------- down / status

@@ -23,6 +23,7 @@ import pytest
 from lbcore import lab, netconf
 from lbcore._testbase import netns as tb
 from lbcore._testbase.traffic import _read_response
+from lbcore.config import parse_config
 
 LAB_NETS = [ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8::/32")]
 
@@ -376,17 +377,24 @@ def test_render_config_is_the_lab():
         "rawsock", 2, "lbc0", "127.0.0.1:9150")
     vips = {(v["address"], v["port"], v["protocol"]): v["pool"] for v in c["vip"]}
     assert vips == {("198.18.100.1", 80, "tcp"): "web", ("198.18.100.1", 5300, "udp"): "dns",
+                    ("198.18.100.1", 9000, "tcp"): "sink", ("198.18.100.1", 9001, "tcp"): "source",
                     ("2001:db8:100::1", 80, "tcp"): "web6",
-                    ("2001:db8:100::1", 5300, "udp"): "dns6"}
+                    ("2001:db8:100::1", 5300, "udp"): "dns6",
+                    ("2001:db8:100::1", 9000, "tcp"): "sink6",
+                    ("2001:db8:100::1", 9001, "tcp"): "source6"}
     assert [b["address"] for b in c["pool"]["web"]["backends"]] == [
         "198.19.0.11", "198.19.0.12", "198.19.0.13"]
     assert [b["address"] for b in c["pool"]["dns6"]["backends"]] == [
         "2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"]
     assert {b["port"] for b in c["pool"]["dns"]["backends"]} == {5300}
-    assert c["pool"]["web"]["health"]["type"] == "tcp"
+    assert c["pool"]["web"]["health"]["type"] == "http"
     assert c["pool"]["dns"]["health"]["type"] == "udp"
-    v4only = tomllib.loads(lab.render_config(lab.LabSpec(backends=1)))
-    assert set(v4only["pool"]) == {"web", "dns"}
+    assert c["pool"]["sink"]["health"]["type"] == "tcp"
+    v4only = lab.render_config(lab.LabSpec(backends=1))
+    assert set(tomllib.loads(v4only)["pool"]) == {"web", "dns", "sink", "source"}
+    # the balancer accepts what the lab generates
+    cfg = parse_config(v4only)
+    assert len(cfg.vips) == 4 and cfg.backend_count == 4
 
 
 def test_lab_spec_is_checked():

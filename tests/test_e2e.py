@@ -1,0 +1,201 @@
+"""End to end: real packets from lbc-client through the balancer (tun mode) in
+lbc-gw to the backends, in the namespace lab (issue 3's contract)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from lbcore import lab as lab_mod
+from lbcore import netconf
+from lbcore._testbase.netns import (
+    bulk_sink,
+    bulk_source,
+    http_requests,
+    ns_python,
+    running_lab,
+    udp_requests,
+)
+from lbcore.control import request
+
+pytestmark = pytest.mark.netns
+
+VIP4, VIP6 = lab_mod.VIP_V4, lab_mod.VIP_V6
+CLIENT4 = "198.18.0.2"
+N = 3
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab(backends=N, ipv6=True) as state:
+        yield state
+
+
+def ctl(cmd: dict):
+    return request(str(lab_mod.paths()["control_socket"]), cmd)
+
+
+def share_ok(counts: dict, total: int, n: int) -> bool:
+    return len(counts) == n and all(abs(c - total / n) <= 0.25 * total / n
+                                    for c in counts.values())
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6], ids=["ipv4", "ipv6"])
+def test_300_http_requests_on_new_connections_spread_evenly(lab, vip):
+    r = http_requests("lbc-client", vip, n=300)
+    assert r["ok"] == 300 and r["errors"] == 0, r["error_samples"]
+    assert share_ok(r["counts"], 300, N), r["counts"]
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6], ids=["ipv4", "ipv6"])
+def test_udp_request_response_spread(lab, vip):
+    r = udp_requests("lbc-client", vip, n=300)
+    assert r["ok"] == 300, r
+    assert share_ok(r["counts"], 300, N), r["counts"]
+
+
+def test_one_connection_stays_on_one_backend_for_seconds(lab):
+    """Keep-alive requests on one connection for 3 s (data both ways), then
+    three shorter ones: each is answered by one backend throughout."""
+    code = f"""
+import json, socket, time
+out = []
+for c in range(4):
+    s = socket.create_connection(("{VIP4}", 80), timeout=5)
+    names = set(); n = 0; t0 = time.monotonic()
+    while time.monotonic() - t0 < (3.0 if c == 0 else 0.5) and n < 1000:
+        s.sendall(b"GET /x HTTP/1.1\\r\\nHost: vip\\r\\n\\r\\n")
+        buf = b""
+        while b"\\r\\n\\r\\n" not in buf or not buf.endswith(b"\\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        names.add(buf.split(b"\\r\\n\\r\\n", 1)[1].strip().decode())
+        n += 1
+        time.sleep(0.01)
+    s.close()
+    out.append([n, sorted(names)])
+print(json.dumps(out))
+"""
+    res = ns_python("lbc-client", code, timeout=60)
+    for n, names in res:
+        assert n >= 20 and len(names) == 1, res
+
+
+def test_bulk_100MB_both_ways_arrives_intact(lab):
+    up = bulk_sink("lbc-client", VIP4, 100_000_000)
+    assert up["ok"] and up["count"] == 100_000_000 and up["sha256"] == up["server_sha256"]
+    down = bulk_source("lbc-client", VIP4, 100_000_000)
+    assert down["ok"] and down["received"] == 100_000_000
+
+
+CAPTURE = """
+import json, sys, threading, time
+from scapy.all import AsyncSniffer
+from scapy.layers.inet import IP, TCP, UDP
+sn = AsyncSniffer(iface="{iface}", store=True,
+                  lfilter=lambda p: IP in p and (TCP in p and 30000 <= p[TCP].sport < 30030
+                                                 or UDP in p and 31000 <= p[UDP].sport < 31030))
+sn.start()
+time.sleep(0.5)
+print("ready", flush=True)
+sys.stdin.readline()
+time.sleep(0.5)
+pk = sn.stop()
+print(json.dumps([bytes(p[IP]).hex() for p in pk]))
+"""
+
+SEND = """
+from scapy.all import send
+from scapy.layers.inet import IP, TCP, UDP
+pk = [IP(src="198.18.0.2", dst="{vip}") / TCP(sport=30000 + i, dport=80, flags="S", seq=i)
+      for i in range(30)]
+pk += [IP(src="198.18.0.2", dst="{vip}") / UDP(sport=31000 + i, dport=5300) / b"q"
+       for i in range(30)]
+send(pk, verbose=False)
+print(len(pk))
+"""
+
+
+def test_capture_at_backends_shows_client_address_and_valid_checksums(lab):
+    """scapy sends fully checksummed SYNs and datagrams from lbc-client; a
+    capture in each backend namespace sees the client's real address, its
+    own address as destination, and checksums that scapy recomputes alike."""
+    env_py = [sys.executable, "-c"]
+    sniffers = []
+    for i in range(1, N + 1):
+        code = CAPTURE.format(iface=lab_mod.backend_if(i))
+        p = netconf.popen_in_netns(lab_mod.backend_ns(i), env_py + [code],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        sniffers.append((i, p))
+    try:
+        for _, p in sniffers:
+            assert p.stdout.readline().strip() == "ready"
+        assert ns_python("lbc-client", SEND.format(vip=VIP4), timeout=60) == 60
+        syns, dgrams, where = 0, 0, {}
+        from scapy.layers.inet import IP, TCP, UDP
+        for i, p in sniffers:
+            out, _ = p.communicate("go\n", timeout=60)
+            for hx in json.loads(out.strip().splitlines()[-1]):
+                pkt = IP(bytes.fromhex(hx))
+                assert pkt.src == CLIENT4
+                assert pkt.dst == lab_mod.backend_v4(i)
+                again = IP(bytes.fromhex(hx))
+                del again.chksum
+                l4 = TCP if TCP in again else UDP
+                del again[l4].chksum
+                again = IP(bytes(again))
+                assert again.chksum == pkt.chksum and again[l4].chksum == pkt[l4].chksum
+                syns += l4 is TCP and pkt[TCP].flags == "S"
+                dgrams += l4 is UDP
+                where.setdefault((l4.__name__, pkt[l4].sport), set()).add(i)
+        # every SYN and datagram arrived (the client kernel's RSTs for the
+        # backends' SYN-ACKs follow their flows too), each flow at one backend
+        assert (syns, dgrams) == (30, 30)
+        assert all(len(b) == 1 for b in where.values())
+        assert len({b for s in where.values() for b in s}) == N
+    finally:
+        for _, p in sniffers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_status_and_pick_agree_with_traffic(lab):
+    st = ctl({"cmd": "status"})
+    web = [v for v in st["vips"] if v["address"] == VIP4 and v["port"] == 80][0]
+    assert web["new_flows"] >= 300 and all(b["state"] == "up" for b in web["backends"])
+    r = http_requests("lbc-client", VIP4, n=20)
+    for cport, name in r["results"]:
+        got = ctl({"cmd": "pick", "vip": f"{VIP4}:80", "src": CLIENT4, "sport": cport})
+        idx = int(name[2:])
+        assert got["backend"] == f"{lab_mod.backend_v4(idx)}:80", (cport, name, got)
+
+
+def test_sigkill_then_restart_starts_clean_and_works(lab):
+    """A crashed balancer leaves no TUN (non-persistent) and its stale rules
+    are removed by the next start, which forwards again."""
+    lab_mod.restart_balancer(kill_signal=signal.SIGKILL)
+    rules = [r for r in netconf.rules("lbc-gw") if r.priority == 4242]
+    # one rule per (backend, port) of the config, no duplicates from the old run
+    assert len(rules) == len({(r.src, r.ipproto, r.sport) for r in rules}) > 0
+    r = http_requests("lbc-client", VIP4, n=60)
+    assert r["ok"] == 60
+    assert [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
+
+
+def test_sigterm_undoes_everything_in_the_gateway(lab):
+    assert [r for r in netconf.rules("lbc-gw") if r.priority == 4242]
+    log = lab_mod.paths()["balancer_log"]
+    offset = log.stat().st_size
+    assert lab_mod.stop_balancer(signal.SIGTERM, timeout=30)
+    assert "stopped cleanly" in log.read_text()[offset:]
+    assert not [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
+    assert not [r for r in netconf.rules("lbc-gw") if r.priority == 4242]
+    assert not [r for r in netconf.routes("lbc-gw", table=4242)]
+    lab_mod.restart_balancer()
+    assert http_requests("lbc-client", VIP4, n=10)["ok"] == 10
