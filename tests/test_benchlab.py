@@ -207,6 +207,8 @@ def _doc():
                     "lbcore-rawsock-1w": {"label": "lbcore rawsock",
                                           "status": "n/a (not implemented)"}},
         "samples": samples,
+        "lab_errors": [{"group": "peers", "rep": 1,
+                        "error": "the lab was removed while the bench used it\ndetails"}],
     }
 
 
@@ -245,6 +247,7 @@ def test_markdown_table_has_figures_ratios_and_statuses():
     assert "haproxy / conn: up to 3 HTTP errors" in md
     assert "| HTTP new connections | 10 % (90 / 10) |" in md
     assert "- a note" in md
+    assert "- lab for peers, repetition 2: the lab was removed while the bench used it\n" in md
 
 
 def test_charts_and_outputs(tmp_path):

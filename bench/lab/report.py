@@ -214,6 +214,10 @@ def sender_line(doc: dict[str, Any]) -> str | None:
 def error_lines(doc: dict[str, Any]) -> list[str]:
     """Failed cells and HTTP errors, one line each (a table must not hide them)."""
     out = []
+    for le in doc.get("lab_errors", []):
+        first = str(le.get("error", "")).strip().splitlines()
+        out.append(f"- lab for {le.get('group')}, repetition {le.get('rep', 0) + 1}: "
+                   f"{first[0] if first else '?'}")
     for sid, wl in doc["summary"].items():
         for w, metrics in wl.items():
             if metrics.get("failed"):
@@ -236,7 +240,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"Command: `{doc.get('command', '?')}`  ",
         f"Machine: {m.get('nproc', '?')} CPUs ({m.get('cpu_model', '?')}), "
         f"{m.get('mem_gib', '?')} GiB, Linux {m.get('kernel', '?')}; "
-        f"lbcore {m.get('lbcore_commit', '?')}; load average at start {m.get('loadavg', '?')}.  ",
+        f"lbcore {m.get('lbcore_commit', '?')}; load average at start {m.get('loadavg', '?')}, "
+        f"CPUs busy before the run (other jobs) {m.get('background_busy_pct', '?')} %.  ",
         f"Repetitions: {st.get('reps', '?')} per cell, {st.get('seconds', '?')} s each, "
         "interleaved across systems; medians, ± half the range of the repetitions, "
         "**ratio to kernel forwarding in the same run**.",
@@ -247,6 +252,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     sl = sender_line(doc)
     if sl:
         lines += [sl, ""]
+    if doc.get("interrupted"):
+        lines += ["**This run was interrupted: partial results.**", ""]
     lines += ["Forwarder CPU, % of one core (in brackets: busy % of CPU 0 / CPU 1):", "",
               cpu_table(doc), ""]
     errs = error_lines(doc)

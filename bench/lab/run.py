@@ -71,6 +71,7 @@ SETTLE_S = 1.0          # pause between cells (queues drain, sockets close)
 # remove any lab they find). The bench holds that lock for each round (one lab, up to down), so
 # tests wait for a round instead of pulling the lab away mid-cell.
 LOCK_TIMEOUT = 1200.0
+ROUND_GAP_S = 1.5       # between rounds, outside the lock (lab_lock polls every 0.2 s)
 
 
 # --------------------------------------------------------------------------- systems
@@ -224,6 +225,14 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def background_busy(seconds: float = 2.0) -> dict[str, float]:
+    """Busy % of each CPU while the bench does nothing: what other jobs on the machine take."""
+    before = parse.parse_proc_stat(Path("/proc/stat").read_text())
+    time.sleep(seconds)
+    after = parse.parse_proc_stat(Path("/proc/stat").read_text())
+    return {str(c): round(d["busy"], 1) for c, d in parse.cpu_delta_pct(before, after).items()}
+
+
 def haproxy_maxconn() -> int:
     """HAProxy's maxconn on this machine: as high as our descriptor limit lets it go."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -326,6 +335,7 @@ class Bench:
     status: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     take_lock: bool = True
+    doc: dict[str, Any] | None = None
     lab_created: float | None = None     # our lab's state.json "created": who owns the lab
     fwd_pid: int | None = None
     iperf_pid: int | None = None
@@ -410,10 +420,14 @@ class Bench:
         from lbcore import lab
         from lbcore._testbase.netns import lab_lock
         spec = self._lab_spec(group)
-        with lab_lock(timeout=LOCK_TIMEOUT) if self.take_lock else contextlib.nullcontext():
-            log(f"lab up ({group})")
-            state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
-            yield from self._use_lab(lab, group, state)
+        try:
+            with lab_lock(timeout=LOCK_TIMEOUT) if self.take_lock else contextlib.nullcontext():
+                log(f"lab up ({group})")
+                state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
+                yield from self._use_lab(lab, group, state)
+        finally:
+            if self.take_lock:
+                time.sleep(ROUND_GAP_S)   # a test session waiting for the lock gets its turn
 
     def _use_lab(self, lab: Any, group: str, state: Any) -> Iterator[Any]:
         self.lab_created = state.created
@@ -421,7 +435,7 @@ class Bench:
             try:
                 self._prepare(lab, state)
             except (OSError, CellError, TimeoutError, subprocess.SubprocessError) as e:
-                self.check_lab()    # LabGone if it vanished under us
+                self.check_lab(e)   # LabGone if it vanished under us
                 raise lab.LabError(f"preparing the lab for {group}: {e}") from e
             yield state
         finally:
@@ -444,16 +458,19 @@ class Bench:
             return False
         return st is not None and self.lab_created is not None and st.created == self.lab_created
 
-    def check_lab(self) -> None:
-        """LabGone unless our lab is still there, whole."""
+    def check_lab(self, after: BaseException | None = None) -> None:
+        """LabGone unless our lab is still there, whole (``after``: the error that made us
+        look, quoted in the LabGone)."""
         from lbcore import lab
+        why = f" (the cell's error: {str(after)[:300]})" if after is not None else ""
         if not self.owns_lab():
-            raise LabGone("the lab was removed while the bench used it (another user of the "
-                          "lab ran `lbcore lab down`?)")
+            raise LabGone("the lab was removed while the bench used it (someone ran `lbcore lab "
+                          "down` or `lbcore demo` without the lab lock?)" + why)
         st = lab.load_state()
         missing = [n for n in st.spec.namespaces if n not in lab.present_namespaces()]
         if missing:
-            raise LabGone(f"lab namespaces vanished while the bench ran: {', '.join(missing)}")
+            raise LabGone(f"lab namespaces vanished while the bench ran: {', '.join(missing)}"
+                          + why)
 
     def _lab_spec(self, group: str) -> Any:
         from lbcore import lab
@@ -608,7 +625,7 @@ class Bench:
                 f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
                 + f", fwd cpu {sample['cpu']['forwarder_pct']}%")
         except (CellError, parse.ParseError, OSError, subprocess.SubprocessError) as e:
-            self.check_lab()    # a cell that failed because the lab went: LabGone instead
+            self.check_lab(e)   # a cell that failed because the lab went: LabGone instead
             sample["error"] = str(e)
             log(f"  {sid:<18} {workload:<10} FAILED: {e}")
         self.samples.append(sample)
@@ -712,7 +729,7 @@ class Bench:
                 except LabGone:
                     raise
                 except CellError as e:
-                    self.check_lab()
+                    self.check_lab(e)
                     log(f"  {sid}: set-up failed: {e}")
                     self.samples += [{"system": sid, "workload": w, "rep": rep,
                                       "error": f"set-up: {e}"} for w in self.workloads]
@@ -735,13 +752,20 @@ class Bench:
                 self.status[sid] = f"failed: {msg[:120]}"
 
     def execute(self) -> dict[str, Any]:
+        """The whole run; the result document (also in ``self.doc`` as it grows, so that an
+        interrupted run can still be written out)."""
         from lbcore import lab
         flood = build_flood()
         started = dt.datetime.now(dt.UTC)
+        machine = machine_facts()
+        machine["background_busy_pct"] = background_busy()
+        if max(machine["background_busy_pct"].values(), default=0) > 25:
+            log(f"warning: the machine is busy before we start ({machine['background_busy_pct']}"
+                " % per CPU): expect lower and noisier figures; compare ratios")
         doc: dict[str, Any] = {
             "schema": 1, "command": self.command,
             "started": started.isoformat(timespec="seconds"),
-            "machine": machine_facts(),
+            "machine": machine,
             "settings": {"reps": self.reps, "seconds": self.seconds,
                          "workloads": self.workloads, "systems": self.systems,
                          "gen_cpu": GEN_CPU, "fwd_cpu": FWD_CPU, "wrk_conns": WRK_CONNS,
@@ -750,11 +774,13 @@ class Bench:
                          "udp": {"payload": 64, "flows": peers.FLOOD_FLOWS, "batch": 64},
                          "notes": NOTES},
         }
+        self.doc = doc
         groups: dict[str, list[str]] = {}
         for sid in self.systems:
             groups.setdefault(SYSTEMS[sid].group, []).append(sid)
         for sid in self.systems:
             self.status[sid] = "ok"
+        self._finish(doc, started, "peers" in groups)
         rounds = [(rep, members, False) for rep, members in
                   interleave(self.reps, list(groups.values()))]
         while rounds:
@@ -778,16 +804,19 @@ class Bench:
                 if "already exists" in str(e):   # someone's lab, built without the lock
                     raise SystemExit(f"bench-lab: {e}; not touching it") from e
                 self._lab_failed(group, live, e, rep, doc)
+        self._finish(doc, started, "peers" in groups)
+        return doc
+
+    def _finish(self, doc: dict[str, Any], started: dt.datetime, with_sender: bool) -> None:
         finished = dt.datetime.now(dt.UTC)
         doc["finished"] = finished.isoformat(timespec="seconds")
         doc["duration_s"] = round((finished - started).total_seconds())
         systems = {"sender": {"label": "udpflood alone", "status": "ok"}} \
-            if "udp" in self.workloads and "peers" in groups else {}
+            if "udp" in self.workloads and with_sender else {}
         for sid in self.systems:
             systems[sid] = {"label": SYSTEMS[sid].label, "status": self.status[sid]}
         doc["systems"] = systems
         doc["samples"] = self.samples
-        return doc
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -849,7 +878,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         doc = bench.execute()
     except KeyboardInterrupt:
+        bench.stop_all()
         log("interrupted; the lab was taken down")
+        if bench.doc is not None and bench.samples:
+            bench.doc["interrupted"] = True
+            bench.doc["samples"] = bench.samples
+            for path in report.write_outputs(bench.doc, stem.with_name(stem.name + "-interrupted")):
+                log(f"wrote {path} (partial)")
         return 130
     finally:
         bench.stop_all()
