@@ -71,6 +71,7 @@ SETTLE_S = 1.0          # pause between cells (queues drain, sockets close)
 # remove any lab they find). The bench holds that lock for each round (one lab, up to down), so
 # tests wait for a round instead of pulling the lab away mid-cell.
 LOCK_TIMEOUT = 1200.0
+FOREIGN_LAB_WAIT = 600.0   # s: how long to wait for a lab built without the lock to go
 ROUND_GAP_S = 1.5       # between rounds, outside the lock (lab_lock polls every 0.2 s)
 
 
@@ -423,11 +424,28 @@ class Bench:
         try:
             with lab_lock(timeout=LOCK_TIMEOUT) if self.take_lock else contextlib.nullcontext():
                 log(f"lab up ({group})")
-                state = lab.up(spec, out=lambda _: None)   # LabError if a lab (anyone's) exists
+                state = self._up(lab, spec)
                 yield from self._use_lab(lab, group, state)
         finally:
             if self.take_lock:
                 time.sleep(ROUND_GAP_S)   # a test session waiting for the lock gets its turn
+
+    def _up(self, lab: Any, spec: Any) -> Any:
+        """lab.up(); if someone's lab is up (built without the lock, as `lbcore demo` or a
+        hand-made `lbcore lab up` does), wait for it to go rather than touch it."""
+        deadline = time.monotonic() + FOREIGN_LAB_WAIT
+        said = False
+        while True:
+            try:
+                return lab.up(spec, out=lambda _: None)
+            except lab.LabError as e:
+                if "already exists" not in str(e) or time.monotonic() > deadline:
+                    raise
+                if not said:
+                    log(f"someone else's lab is up; waiting up to {FOREIGN_LAB_WAIT:.0f} s for "
+                        "it to go (the bench never takes down a lab it did not build)")
+                    said = True
+                time.sleep(2.0)
 
     def _use_lab(self, lab: Any, group: str, state: Any) -> Iterator[Any]:
         self.lab_created = state.created
