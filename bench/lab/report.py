@@ -68,10 +68,10 @@ ROWS: tuple[Row, ...] = (
     Row("conn", "cps", "HTTP new connections/s (wrk, Connection: close)", fmt_rate,
         unit="connections/s"),
     Row("keepalive", "rps", "HTTP keep-alive requests/s (wrk)", fmt_rate, unit="requests/s"),
-    Row("latency", "p50_us", "latency p50 at a fixed rate", fmt_us, higher_is_better=False,
-        unit="µs"),
-    Row("latency", "p99_us", "latency p99 at a fixed rate", fmt_us, higher_is_better=False,
-        unit="µs"),
+    Row("latency", "p50_us", "latency p50 at ~1k req/s (lower is better)", fmt_us,
+        higher_is_better=False, unit="µs"),
+    Row("latency", "p99_us", "latency p99 at ~1k req/s (lower is better)", fmt_us,
+        higher_is_better=False, unit="µs"),
 )
 
 WORKLOAD_LABELS = {
@@ -342,8 +342,7 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
             ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color=colors)
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
-            ax.set_title(r.label + ("" if r.higher_is_better else " (lower is better)"),
-                         fontsize=9)
+            ax.set_title(r.label, fontsize=9)
             ax.set_ylabel(r.unit, fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         for k in range(n, nrows * ncols):
