@@ -204,7 +204,9 @@ def _doc():
                     "kernel": {"label": "kernel forwarding", "status": "ok"},
                     "nftables": {"label": "nftables DNAT", "status": "ok"},
                     "haproxy": {"label": "HAProxy", "status": "ok"},
-                    "lbcore-rawsock-1w": {"label": "lbcore rawsock",
+                    "lbcore-rawsock-1w": {"label": "lbcore rawsock, 1 worker",
+                                          "status": "n/a (not implemented)"},
+                    "lbcore-rawsock-2w": {"label": "lbcore rawsock, 2 workers",
                                           "status": "n/a (not implemented)"}},
         "samples": samples,
         "lab_errors": [{"group": "peers", "rep": 1,
@@ -230,6 +232,7 @@ def test_markdown_table_has_figures_ratios_and_statuses():
     head = table.splitlines()[0]
     assert head.index("kernel forwarding") < head.index("nftables DNAT")   # reference first
     assert "udpflood alone" not in head                                     # not a column
+    assert head.endswith("| lbcore rawsock |")        # two n/a variants share one column
     bulk = next(line for line in table.splitlines() if line.startswith("| TCP bulk, 4"))
     cells = [c.strip() for c in bulk.strip("|").split("|")]
     assert cells[1] == "15 Gbit/s ±10%"                   # the reference: no ratio
@@ -247,7 +250,8 @@ def test_markdown_table_has_figures_ratios_and_statuses():
     assert "haproxy / conn: up to 3 HTTP errors" in md
     assert "| HTTP new connections | 10 % (90 / 10) |" in md
     assert "- a note" in md
-    assert "- lab for peers, repetition 2: the lab was removed while the bench used it\n" in md
+    assert ("- lab for peers, repetition 2: the lab was removed while the bench used it "
+            "… details") in md
 
 
 def test_charts_and_outputs(tmp_path):

@@ -135,11 +135,23 @@ def _cell(row: Row, s: Summary | None, ref: Summary | None, is_ref: bool) -> str
 
 
 def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(system id, column title, status) of every system but the sender, kernel first."""
+    """(system id, column title, status) of every system but the sender, kernel first.
+    Neighbours that were not measured for the same reason ("lbcore rawsock, 1 worker" and
+    "..., 2 workers": n/a) share one column ("lbcore rawsock")."""
     systems = doc.get("systems", {})
     order = [k for k in systems if k != SENDER]
     order.sort(key=lambda k: k != KERNEL)
-    return [(k, systems[k].get("label", k), systems[k].get("status", "ok")) for k in order]
+    cols = [(k, systems[k].get("label", k), systems[k].get("status", "ok")) for k in order]
+    out: list[tuple[str, str, str]] = []
+    for sid, title, status in cols:
+        if out and status != "ok" and out[-1][2] == status:
+            prev_sid, prev_title, _ = out[-1]
+            base = prev_title.split(",")[0]
+            if base == title.split(",")[0]:
+                out[-1] = (prev_sid, base, status)
+                continue
+        out.append((sid, title, status))
+    return out
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
@@ -215,9 +227,11 @@ def error_lines(doc: dict[str, Any]) -> list[str]:
     """Failed cells and HTTP errors, one line each (a table must not hide them)."""
     out = []
     for le in doc.get("lab_errors", []):
-        first = str(le.get("error", "")).strip().splitlines()
-        out.append(f"- lab for {le.get('group')}, repetition {le.get('rep', 0) + 1}: "
-                   f"{first[0] if first else '?'}")
+        lines = [x.strip() for x in str(le.get("error", "")).strip().splitlines() if x.strip()]
+        text = lines[0] if lines else "?"
+        if len(lines) > 1:
+            text += f" … {lines[-1]}"      # the end of a log says why
+        out.append(f"- lab for {le.get('group')}, repetition {le.get('rep', 0) + 1}: {text}")
     for sid, wl in doc["summary"].items():
         for w, metrics in wl.items():
             if metrics.get("failed"):
@@ -228,6 +242,12 @@ def error_lines(doc: dict[str, Any]) -> list[str]:
                 out.append(f"- {sid} / {w}: up to {e['max']:.0f} HTTP errors per repetition "
                            f"(median {e['median']:.0f}; socket errors + non-2xx)")
     return out
+
+
+def _busy(per_cpu: dict[str, float] | None) -> str:
+    if not per_cpu:
+        return "?"
+    return ", ".join(f"CPU {c} {v:.0f} %" for c, v in sorted(per_cpu.items()))
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -241,7 +261,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m.get('nproc', '?')} CPUs ({m.get('cpu_model', '?')}), "
         f"{m.get('mem_gib', '?')} GiB, Linux {m.get('kernel', '?')}; "
         f"lbcore {m.get('lbcore_commit', '?')}; load average at start {m.get('loadavg', '?')}, "
-        f"CPUs busy before the run (other jobs) {m.get('background_busy_pct', '?')} %.  ",
+        f"busy before the run (other jobs): {_busy(m.get('background_busy_pct'))}.  ",
         f"Repetitions: {st.get('reps', '?')} per cell, {st.get('seconds', '?')} s each, "
         "interleaved across systems; medians, ± half the range of the repetitions, "
         "**ratio to kernel forwarding in the same run**.",
