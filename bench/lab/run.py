@@ -121,7 +121,9 @@ NOTES = [
     f"wrk -t1 -c{WRK_CONNS} -H 'Connection: close', three wrk processes (to the three backends "
     "for kernel forwarding, to the VIP otherwise); keep-alive: the same without the header. The "
     "backends' Python servers share CPU 0 with wrk: where the kernel column is no higher than "
-    "the balancers', the servers, not the forwarder, set the figure.",
+    "the balancers', the servers, not the forwarder, set the figure (kernel forwarding and "
+    "nftables add their softirq work to that CPU 0, user-space forwarders theirs to CPU 1, so "
+    "these can exceed 1.0x).",
     f"Latency: one wrk, -c{LAT_CONNS} keep-alive connections, each waiting {LAT_DELAY_MS} ms "
     "after a response (a Lua delay()), so about 1000 requests/s; wrk --latency's p50/p99 "
     "(wrk2 is not in Debian).",
