@@ -59,6 +59,13 @@ bench: build
 	$(VPY) -m pytest bench -q --benchmark-only --benchmark-autosave \
 	  --benchmark-storage=file://bench/results/micro --benchmark-columns=min,median,mean,stddev,ops
 
+# The lab benchmark (root; ~20 min): lbcore beside kernel forwarding, nftables DNAT and
+# HAProxy on the namespace lab. Installs nftables/haproxy/iperf3/wrk itself. Quick look:
+# make bench-lab BENCH_LAB_ARGS=--quick. See bench/README.md.
+BENCH_LAB_ARGS ?=
+bench-lab: build
+	$(VPY) -m bench.lab.run $(BENCH_LAB_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lbcore tests bench
 
