@@ -31,7 +31,7 @@ deps: $(STAMP)
 build: $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
-test: build vagrant-check
+test: build vagrant-check test-sanitize
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
