@@ -344,7 +344,9 @@ CASES = [
     ("bad mode", _set(["global", "mode"], "tap"),
      'global.mode: expected "tun" or "rawsock", got "tap"'),
     ("bad all_down", _set(["global", "all_down"], "rst"),
-     'global.all_down: expected "drop" or "reject", got "rst"'),
+     'global.all_down: expected "drop", got "rst"'),
+    ("reject is not implemented", _set(["global", "all_down"], "reject"),
+     'global.all_down: expected "drop", got "reject"'),
     ("bad log level", _set(["global", "log_level"], "warn"),
      'global.log_level: expected "debug" or "info" or "warning" or "error", got "warn"; '
      'did you mean "warning"?'),
