@@ -3,6 +3,12 @@
 import os as _dp_os
 
 
+def now_ms() -> int:
+    """The data plane's clock (CLOCK_MONOTONIC_COARSE, ms, wraps at 2^32):
+    what flow timestamps and FlowTable's `now` arguments are measured in."""
+    return lb_now_ms()
+
+
 @cython.final
 cdef class Dataplane:
     """The C data plane: one flow table, the published forwarding table, and
@@ -15,6 +21,7 @@ cdef class Dataplane:
     cdef lb_dataplane *dp
     cdef readonly uint32_t workers
     cdef object _lock
+    cdef dict _timeouts
 
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
                   flow_seed=None, timeouts=None):
@@ -28,7 +35,7 @@ cdef class Dataplane:
             seed = int.from_bytes(_dp_os.urandom(8), "little")
         else:
             seed = <uint64_t>flow_seed
-        _fill_timeouts(&tmo, timeouts)
+        self._timeouts = _fill_timeouts(&tmo, timeouts)
         with nogil:
             self.dp = lb_dp_new(workers, flow_capacity, seed, &tmo)
         if self.dp == NULL:
@@ -248,76 +255,12 @@ cdef class Dataplane:
 
     # ---- flow table -------------------------------------------------------
 
-    def expire(self, now=None, uint32_t max_entries=1 << 20):
-        """Remove up to max_entries idle flows; returns how many."""
-        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
-        cdef uint32_t n
-        with nogil:
-            n = lb_flow_expire(lb_dp_flows(self.dp), tnow, max_entries)
-        return n
-
-    def purge_backend(self, addr, int port, proto):
-        """Forget every flow pinned to a backend (it failed or was removed):
-        their next packets are re-picked from the current table."""
-        cdef uint8_t a[16]
-        cdef uint8_t fam
-        cdef uint8_t pr = _proto(proto)
-        cdef uint16_t pbe = _port_be(port)
-        cdef uint32_t n
-        fam = _fill_addr(a, addr)
-        with nogil:
-            n = lb_flow_purge_backend(lb_dp_flows(self.dp), a, pbe, pr)
-        return n
-
-    def flows(self, limit=None):
-        """Tracked flows as dicts (client, cport, vip, vport, backend, bport,
-        proto, state, ...), at most `limit`."""
-        cdef uint32_t cursor = 0, got, k
-        cdef lb_flow_entry buf[256]
-        out = []
-        while limit is None or len(out) < limit:
-            got = lb_flow_walk(lb_dp_flows(self.dp), &cursor, buf, 256)
-            if got == 0:
-                break
-            for k in range(got):
-                out.append(_entry_dict(&buf[k]))
-        return out if limit is None else out[:limit]
-
-    def lookup(self, src, int sport, dst, int dport, proto, bint reverse=False):
-        """The tracked flow of a key (forward: client->VIP; reverse:
-        backend->client), or None. Refreshes it like a packet with no flags."""
-        cdef lb_flow_key k
-        cdef lb_flow_entry e
-        _fill_key(&k, src, dst, sport, dport, proto)
-        if lb_flow_lookup(lb_dp_flows(self.dp), &k, LB_DIR_REV if reverse else LB_DIR_FWD, 0,
-                          lb_now_ms(), &e):
-            return _entry_dict(&e)
-        return None
-
     @property
-    def flow_count(self):
-        return lb_flow_count(lb_dp_flows(self.dp))
-
-    @property
-    def flow_capacity(self):
-        return lb_flow_capacity(lb_dp_flows(self.dp))
-
-    @property
-    def flow_memory(self):
-        return lb_flow_memory(lb_dp_flows(self.dp))
-
-    def flow_counters(self):
-        cdef lb_flow_counters c
-        lb_flow_get_counters(lb_dp_flows(self.dp), &c)
-        return {"inserted": c.inserted, "refused_full": c.refused_full,
-                "refused_exists": c.refused_exists, "evicted_expired": c.evicted_expired,
-                "evicted_halfopen": c.evicted_halfopen, "expired": c.expired,
-                "deleted": c.deleted}
-
-    def active_flows(self, vip_stats=(), backend_stats=()):
-        ft = lb_dp_flows(self.dp)
-        return ({s: lb_flow_active_vip(ft, s) for s in vip_stats},
-                {s: lb_flow_active_backend(ft, s) for s in backend_stats})
+    def flow_table(self):
+        """The data plane's flow table as a FlowTable (walk, lookup, expire,
+        purge_backend, counters, active_vip/backend, len): a view that keeps
+        this Dataplane alive and never frees the table."""
+        return _flowtable_view(lb_dp_flows(self.dp), self, self._timeouts)
 
     # ---- counters ---------------------------------------------------------
 

@@ -143,6 +143,23 @@ static inline void count_flow(struct lb_worker *w, const struct lb_flow_entry *e
     }
 }
 
+/* The NAT translation of a flow: client:cport <-> vip, served by backend. */
+static inline void set_flow(struct lb_flow_entry *e, const uint8_t *client, uint16_t cport,
+                            const struct lb_vip *vip, const struct lb_backend *be,
+                            const struct lb_flow_key *k)
+{
+    memcpy(e->client, client, 16);
+    memcpy(e->vip, vip->addr, 16);
+    memcpy(e->backend, be->addr, 16);
+    e->cport = cport;
+    e->vport = vip->port;
+    e->bport = be->port;
+    e->proto = k->proto;
+    e->family = k->family;
+    e->vip_stat = vip->stat_id;
+    e->be_stat = be->stat_id;
+}
+
 /* A new flow to vip: pick its backend, track it. LB_DROP_NONE or a drop
  * reason; *is_new is 0 when a racing packet of the same flow (another worker,
  * or earlier in this batch) inserted it first: *e is then that entry. */
@@ -157,21 +174,12 @@ static inline enum lb_drop_reason new_flow(struct lb_worker *w, const struct lb_
     if (idx == LB_RING_EMPTY || idx >= vip->n_backends)
         return LB_DROP_NO_BACKEND;
     be = &vip->backends[idx];
-    memcpy(e->client, p->key.src, 16);
-    memcpy(e->vip, vip->addr, 16);
-    memcpy(e->backend, be->addr, 16);
-    e->cport = p->key.sport;
-    e->vport = vip->port;
-    e->bport = be->port;
-    e->proto = p->key.proto;
-    e->family = p->key.family;
+    set_flow(e, p->key.src, p->key.sport, vip, be, &p->key);
     /* a TCP non-SYN miss (restart, ECMP move) is picked up as half-open: it
      * becomes established once the backend answers and the client ACKs */
     e->state = p->key.proto == IPPROTO_TCP_ ? LB_FS_SYN : LB_FS_UDP;
     e->pad0 = 0;
     e->pad1 = 0;
-    e->vip_stat = vip->stat_id;
-    e->be_stat = be->stat_id;
     e->last_seen = now;
     rc = lb_flow_insert(w->dp->ft, e, now);
     *is_new = rc != -EEXIST;
@@ -225,16 +233,7 @@ static inline enum lb_verdict finish(struct lb_worker *w, const struct lb_table 
                 count_drop(w, LB_DROP_NO_VIP, reason);
                 return LB_DROP;
             }
-            memcpy(e->client, p->key.dst, 16);
-            memcpy(e->vip, v2->addr, 16);
-            memcpy(e->backend, be->addr, 16);
-            e->cport = p->key.dport;
-            e->vport = v2->port;
-            e->bport = be->port;
-            e->proto = p->key.proto;
-            e->family = p->key.family;
-            e->vip_stat = v2->stat_id;
-            e->be_stat = be->stat_id;
+            set_flow(e, p->key.dst, p->key.dport, v2, be, &p->key);
         }
     }
     lb_nat_rewrite(p, e, dir);

@@ -202,7 +202,7 @@ class Daemon:
         last_slow = 0.0
         while True:
             await asyncio.sleep(EXPIRE_EVERY_S)
-            self.dp.expire()
+            self.dp.flow_table.expire(_core.now_ms())
             assert self.balancer is not None
             now = time.monotonic()
             if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
