@@ -91,6 +91,12 @@ class Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as stack:
+            # first, so that a SIGTERM during start-up still undoes what was done
+            # (it is acted on once start-up returns to the event loop)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            stack.callback(self._remove_signal_handlers, loop)
+
             self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
                                       timeouts=cfg.timeouts.as_ms())
             self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size)
@@ -116,10 +122,7 @@ class Daemon:
 
             await self._start_control(stack)
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-            stack.callback(self._remove_signal_handlers, loop)
 
             housekeeping = asyncio.ensure_future(self._housekeeping())
             stack.callback(housekeeping.cancel)
@@ -273,6 +276,7 @@ def cmd_run(args) -> int:
         return 2
     try:
         return asyncio.run(Daemon(config, args.config).serve())
-    except OSError as e:
-        log.error("%s", e)
+    except Exception as e:  # noqa: BLE001 - every network change is undone by now
+        log.error("lbcore failed: %s", e)
+        log.debug("details", exc_info=True)
         return 1
