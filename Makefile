@@ -31,7 +31,7 @@ deps: $(STAMP)
 build: $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
-test: build vagrant-check
+test: build vagrant-check test-sanitize
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
@@ -40,7 +40,7 @@ test: build vagrant-check
 # one). Test files that do not exist (yet) are skipped; netns tests and the
 # thread hammer are left out (too slow under ASan). --capture=sys leaves fd 2
 # alone, so a sanitizer report is not swallowed by pytest's fd capture.
-SAN_TESTS := tests/test_packet.py tests/test_fuzz.py tests/test_maglev.py tests/test_flow.py
+SAN_TESTS := tests/test_packet.py tests/test_fuzz.py tests/test_maglev.py tests/test_flow.py tests/test_pipeline.py
 SAN_DIR   := build/sanitize
 test-sanitize: $(STAMP)
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
@@ -58,6 +58,13 @@ bench: build
 	mkdir -p bench/results
 	$(VPY) -m pytest bench -q --benchmark-only --benchmark-autosave \
 	  --benchmark-storage=file://bench/results/micro --benchmark-columns=min,median,mean,stddev,ops
+
+# The lab benchmark (root; ~20 min): lbcore beside kernel forwarding, nftables DNAT and
+# HAProxy on the namespace lab. Installs nftables/haproxy/iperf3/wrk itself. Quick look:
+# make bench-lab BENCH_LAB_ARGS=--quick. See bench/README.md.
+BENCH_LAB_ARGS ?=
+bench-lab: build
+	$(VPY) -m bench.lab.run $(BENCH_LAB_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lbcore tests bench

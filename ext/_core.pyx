@@ -12,6 +12,7 @@ from lb cimport *
 
 include "consts.pxi"
 include "errors.pxi"
+include "addr.pxi"
 include "maglev.pxi"
 include "flowtable.pxi"
 include "packet.pxi"

@@ -1,40 +1,12 @@
 # dataplane.pxi - the Dataplane: flow table, published forwarding table,
 # worker loops. The only `with nogil` sites that run the packet path are here.
-import ipaddress as _ipaddress
 import os as _dp_os
 
-PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 
-
-cdef int _dp_fill_addr(uint8_t *dst16, uint8_t *family, object addr) except -1:
-    """Address (str or ipaddress object) -> 16 bytes + LB_AF_* (IPv4 zero-padded)."""
-    ip = addr if isinstance(addr, (_ipaddress.IPv4Address, _ipaddress.IPv6Address)) \
-        else _ipaddress.ip_address(addr)
-    cdef bytes b = ip.packed
-    memset(dst16, 0, 16)
-    memcpy(dst16, <const char *>b, len(b))
-    family[0] = LB_AF_INET if ip.version == 4 else LB_AF_INET6
-    return 0
-
-
-cdef object _dp_addr_str(const uint8_t *a16, uint8_t family):
-    if family == LB_AF_INET:
-        return str(_ipaddress.IPv4Address(bytes(a16[:4])))
-    return str(_ipaddress.IPv6Address(bytes(a16[:16])))
-
-
-cdef inline uint16_t _dp_be16(int v):
-    return <uint16_t>(((v & 0xff) << 8) | ((v >> 8) & 0xff))
-
-
-cdef dict _dp_entry_dict(const lb_flow_entry *e):
-    return {
-        "client": _dp_addr_str(e.client, e.family), "cport": _dp_be16(e.cport),
-        "vip": _dp_addr_str(e.vip, e.family), "vport": _dp_be16(e.vport),
-        "backend": _dp_addr_str(e.backend, e.family), "bport": _dp_be16(e.bport),
-        "proto": e.proto, "state": FLOW_STATES.get(e.state, str(e.state)),
-        "vip_stat": e.vip_stat, "be_stat": e.be_stat, "last_seen": e.last_seen,
-    }
+def now_ms() -> int:
+    """The data plane's clock (CLOCK_MONOTONIC_COARSE, ms, wraps at 2^32):
+    what flow timestamps and FlowTable's `now` arguments are measured in."""
+    return lb_now_ms()
 
 
 @cython.final
@@ -50,6 +22,7 @@ cdef class Dataplane:
     cdef lb_rawsock *rs
     cdef readonly uint32_t workers
     cdef object _lock
+    cdef dict _timeouts
 
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
                   flow_seed=None, timeouts=None):
@@ -63,7 +36,7 @@ cdef class Dataplane:
             seed = int.from_bytes(_dp_os.urandom(8), "little")
         else:
             seed = <uint64_t>flow_seed
-        _dp_timeouts(&tmo, timeouts)
+        self._timeouts = _fill_timeouts(&tmo, timeouts)
         with nogil:
             self.dp = lb_dp_new(workers, flow_capacity, seed, &tmo)
         if self.dp == NULL:
@@ -101,9 +74,9 @@ cdef class Dataplane:
         try:
             for i, (addr, port, proto, stat_id, ring_size, backends) in enumerate(vips):
                 memset(&v, 0, sizeof(v))
-                _dp_fill_addr(v.addr, &v.family, addr)
-                v.port = _dp_be16(port)
-                v.proto = PROTO_NUMBERS.get(proto, proto)
+                v.family = _fill_addr(v.addr, addr)
+                v.port = _port_be(port)
+                v.proto = _proto(proto)
                 v.stat_id = stat_id
                 v.ring_size = ring_size
                 nb = len(backends)
@@ -111,12 +84,12 @@ cdef class Dataplane:
                 if bes == NULL:
                     raise MemoryError()
                 for j, (baddr, bport, weight, bstat, draining) in enumerate(backends):
-                    _dp_fill_addr(bes[j].addr, &bes[j].family, baddr)
+                    bes[j].family = _fill_addr(bes[j].addr, baddr)
                     if bes[j].family != v.family:
                         raise ValueError(f"backend {baddr} is not of the family of VIP {addr}")
                     if weight < 0:
                         raise ValueError(f"negative weight {weight} for backend {baddr}")
-                    bes[j].port = _dp_be16(bport)
+                    bes[j].port = _port_be(bport)
                     bes[j].stat_id = bstat
                     bes[j].weight = 0 if draining else weight
                     bes[j].flags = F_BACKEND_DRAINING if draining else 0
@@ -159,7 +132,7 @@ cdef class Dataplane:
         cdef uint16_t idx
         cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
         cdef const lb_table *t
-        _dp_fill_key(&k, src, dst, sport, dport, PROTO_NUMBERS.get(proto, proto))
+        _fill_key(&k, src, dst, sport, dport, proto)
         self._lock.acquire()
         t = lb_dp_enter(w)
         try:
@@ -171,8 +144,8 @@ cdef class Dataplane:
             idx = lb_maglev_pick(vip, &k, t.sel_seed)
             if idx == LB_RING_EMPTY or idx >= vip.n_backends:
                 return (vip.stat_id, None, None, None)
-            return (vip.stat_id, idx, _dp_addr_str(vip.backends[idx].addr, vip.family),
-                    _dp_be16(vip.backends[idx].port))
+            return (vip.stat_id, idx, _addr_str(vip.backends[idx].addr, vip.family),
+                    _be16(vip.backends[idx].port))
         finally:
             lb_dp_leave(w)
             self._lock.release()
@@ -415,76 +388,12 @@ cdef class Dataplane:
 
     # ---- flow table -------------------------------------------------------
 
-    def expire(self, now=None, uint32_t max_entries=1 << 20):
-        """Remove up to max_entries idle flows; returns how many."""
-        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
-        cdef uint32_t n
-        with nogil:
-            n = lb_flow_expire(lb_dp_flows(self.dp), tnow, max_entries)
-        return n
-
-    def purge_backend(self, addr, int port, proto):
-        """Forget every flow pinned to a backend (it failed or was removed):
-        their next packets are re-picked from the current table."""
-        cdef uint8_t a[16]
-        cdef uint8_t fam
-        cdef uint8_t pr = PROTO_NUMBERS.get(proto, proto)
-        cdef uint16_t pbe = _dp_be16(port)
-        cdef uint32_t n
-        _dp_fill_addr(a, &fam, addr)
-        with nogil:
-            n = lb_flow_purge_backend(lb_dp_flows(self.dp), a, pbe, pr)
-        return n
-
-    def flows(self, limit=None):
-        """Tracked flows as dicts (client, cport, vip, vport, backend, bport,
-        proto, state, ...), at most `limit`."""
-        cdef uint32_t cursor = 0, got, k
-        cdef lb_flow_entry buf[256]
-        out = []
-        while limit is None or len(out) < limit:
-            got = lb_flow_walk(lb_dp_flows(self.dp), &cursor, buf, 256)
-            if got == 0:
-                break
-            for k in range(got):
-                out.append(_dp_entry_dict(&buf[k]))
-        return out if limit is None else out[:limit]
-
-    def lookup(self, src, int sport, dst, int dport, proto, bint reverse=False):
-        """The tracked flow of a key (forward: client->VIP; reverse:
-        backend->client), or None. Refreshes it like a packet with no flags."""
-        cdef lb_flow_key k
-        cdef lb_flow_entry e
-        _dp_fill_key(&k, src, dst, sport, dport, PROTO_NUMBERS.get(proto, proto))
-        if lb_flow_lookup(lb_dp_flows(self.dp), &k, LB_DIR_REV if reverse else LB_DIR_FWD, 0,
-                          lb_now_ms(), &e):
-            return _dp_entry_dict(&e)
-        return None
-
     @property
-    def flow_count(self):
-        return lb_flow_count(lb_dp_flows(self.dp))
-
-    @property
-    def flow_capacity(self):
-        return lb_flow_capacity(lb_dp_flows(self.dp))
-
-    @property
-    def flow_memory(self):
-        return lb_flow_memory(lb_dp_flows(self.dp))
-
-    def flow_counters(self):
-        cdef lb_flow_counters c
-        lb_flow_get_counters(lb_dp_flows(self.dp), &c)
-        return {"inserted": c.inserted, "refused_full": c.refused_full,
-                "refused_exists": c.refused_exists, "evicted_expired": c.evicted_expired,
-                "evicted_halfopen": c.evicted_halfopen, "expired": c.expired,
-                "deleted": c.deleted}
-
-    def active_flows(self, vip_stats=(), backend_stats=()):
-        ft = lb_dp_flows(self.dp)
-        return ({s: lb_flow_active_vip(ft, s) for s in vip_stats},
-                {s: lb_flow_active_backend(ft, s) for s in backend_stats})
+    def flow_table(self):
+        """The data plane's flow table as a FlowTable (walk, lookup, expire,
+        purge_backend, counters, active_vip/backend, len): a view that keeps
+        this Dataplane alive and never frees the table."""
+        return _flowtable_view(lb_dp_flows(self.dp), self, self._timeouts)
 
     # ---- counters ---------------------------------------------------------
 
@@ -536,41 +445,3 @@ cdef class Dataplane:
     def __init__(self, *args, **kwargs):
         import threading
         self._lock = threading.Lock()
-
-
-cdef int _dp_timeouts(lb_timeouts *tmo, object timeouts) except -1:
-    lb_flow_default_timeouts(tmo)
-    if not timeouts:
-        return 0
-    for key, val in timeouts.items():
-        if key == "tcp_syn":
-            tmo.tcp_syn = val
-        elif key == "tcp_established":
-            tmo.tcp_est = val
-        elif key == "tcp_fin":
-            tmo.tcp_fin = val
-        elif key == "tcp_close":
-            tmo.tcp_close = val
-        elif key == "udp":
-            tmo.udp = val
-        elif key == "udp_stream":
-            tmo.udp_stream = val
-        else:
-            raise ValueError(f"unknown timeout {key!r}; known: {sorted(DEFAULT_TIMEOUTS_MS)}")
-    return 0
-
-
-cdef int _dp_fill_key(lb_flow_key *k, src, dst, int sport, int dport, int proto) except -1:
-    cdef uint8_t f1, f2
-    memset(k, 0, sizeof(lb_flow_key))
-    _dp_fill_addr(k.src, &f1, src)
-    _dp_fill_addr(k.dst, &f2, dst)
-    if f1 != f2:
-        raise ValueError(f"{src} and {dst} are of different address families")
-    if not (0 <= sport <= 65535 and 0 <= dport <= 65535):
-        raise ValueError("ports must be 0..65535")
-    k.family = f1
-    k.sport = _dp_be16(sport)
-    k.dport = _dp_be16(dport)
-    k.proto = proto
-    return 0

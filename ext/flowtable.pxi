@@ -9,116 +9,11 @@ from libc.errno cimport EEXIST, EINVAL, ENOSPC
 from libc.string cimport memcmp
 
 import os as _ft_os
-import socket as _ft_socket
 import threading as _ft_threading
 
-_FT_STATE_IDS = {name: sid for sid, name in FLOW_STATES.items()}
-_FT_PROTOS = {"tcp": 6, "udp": 17}
 _FT_COUNTERS = ("inserted", "refused_full", "refused_exists", "evicted_expired",
                 "evicted_halfopen", "expired", "deleted")
 _FT_WALK_CHUNK = 256
-
-
-cdef int _ft_addr16(object addr, uint8_t *out) except -1:
-    """Write an IPv4/IPv6 address (str or ipaddress object) as 16 bytes
-    (IPv4 zero-padded, as in lb_types.h) into out; return LB_AF_INET/INET6."""
-    cdef bytes raw
-    cdef int family
-    s = str(addr)
-    try:
-        if ":" in s:
-            raw = _ft_socket.inet_pton(_ft_socket.AF_INET6, s)
-            family = LB_AF_INET6
-        else:
-            raw = _ft_socket.inet_pton(_ft_socket.AF_INET, s)
-            family = LB_AF_INET
-    except OSError:
-        raise ValueError(f"not an IP address: {addr!r}") from None
-    memset(out, 0, 16)
-    memcpy(out, <const char *>raw, len(raw))
-    return family
-
-
-cdef str _ft_addr_str(const uint8_t *a, int family):
-    cdef bytes raw = (<const char *>a)[:4] if family == LB_AF_INET else (<const char *>a)[:16]
-    return _ft_socket.inet_ntop(
-        _ft_socket.AF_INET if family == LB_AF_INET else _ft_socket.AF_INET6, raw)
-
-
-cdef inline void _ft_put_port(uint16_t *field, uint32_t port) noexcept nogil:
-    """Store a host-order port as big-endian (endian-agnostic)."""
-    cdef uint8_t *p = <uint8_t *>field
-    p[0] = <uint8_t>(port >> 8)
-    p[1] = <uint8_t>(port & 0xFF)
-
-
-cdef inline uint32_t _ft_get_port(const uint16_t *field) noexcept nogil:
-    cdef const uint8_t *p = <const uint8_t *>field
-    return (<uint32_t>p[0] << 8) | p[1]
-
-
-cdef int _ft_port(object port) except -1:
-    cdef long v = port
-    if v < 0 or v > 0xFFFF:
-        raise ValueError(f"port out of range: {port!r}")
-    return <int>v
-
-
-cdef int _ft_proto(object proto) except -1:
-    if isinstance(proto, str):
-        try:
-            return _FT_PROTOS[proto.lower()]
-        except KeyError:
-            raise ValueError(f"unknown protocol: {proto!r}") from None
-    cdef long v = proto
-    if v != 6 and v != 17:
-        raise ValueError(f"protocol must be 6 (tcp) or 17 (udp): {proto!r}")
-    return <int>v
-
-
-cdef int _ft_state(object state) except -1:
-    if isinstance(state, str):
-        try:
-            return _FT_STATE_IDS[state]
-        except KeyError:
-            raise ValueError(f"unknown flow state: {state!r}") from None
-    cdef long v = state
-    if v not in FLOW_STATES:
-        raise ValueError(f"unknown flow state: {state!r}")
-    return <int>v
-
-
-cdef int _ft_key(lb_flow_key *k, object src, object dst, object sport, object dport,
-                 object proto) except -1:
-    memset(k, 0, sizeof(lb_flow_key))
-    cdef int f1 = _ft_addr16(src, k.src)
-    cdef int f2 = _ft_addr16(dst, k.dst)
-    if f1 != f2:
-        raise ValueError(f"address families differ: {src!r}, {dst!r}")
-    k.family = <uint8_t>f1
-    _ft_put_port(&k.sport, _ft_port(sport))
-    _ft_put_port(&k.dport, _ft_port(dport))
-    k.proto = <uint8_t>_ft_proto(proto)
-    return 0
-
-
-cdef dict _ft_entry_dict(const lb_flow_entry *e):
-    return {
-        "client": _ft_addr_str(e.client, e.family),
-        "cport": _ft_get_port(&e.cport),
-        "vip": _ft_addr_str(e.vip, e.family),
-        "vport": _ft_get_port(&e.vport),
-        "backend": _ft_addr_str(e.backend, e.family),
-        "bport": _ft_get_port(&e.bport),
-        "proto": e.proto,
-        "family": e.family,
-        "state": FLOW_STATES.get(e.state, str(e.state)),
-        "flags": e.pad0,
-        "rev_seen": bool(e.pad0 & F_FLOW_REV_SEEN),
-        "vip_stat": e.vip_stat,
-        "be_stat": e.be_stat,
-        "last_seen": e.last_seen,
-    }
 
 
 # ---- synthetic flows for the batch entry points -----------------------------
@@ -145,9 +40,9 @@ cdef inline void _ft_synth(uint32_t i, uint8_t proto, uint8_t state, uint32_t vp
     e.backend[1] = 19
     e.backend[2] = 254
     e.backend[3] = <uint8_t>(1 + i % _FT_NBACKENDS)
-    _ft_put_port(&e.cport, 1024 + (i & 0x3FFFu))
-    _ft_put_port(&e.vport, vport)
-    _ft_put_port(&e.bport, 8080)
+    e.cport = _be16(1024 + (i & 0x3FFFu))
+    e.vport = _be16(vport)
+    e.bport = _be16(8080)
     e.proto = proto
     e.family = LB_AF_INET
     e.state = state
@@ -253,7 +148,7 @@ cdef void _ft_hammer_loop(lb_flowtable *ft, uint64_t seed, uint64_t ops, uint32_
             st.walked += got
             for j in range(got):
                 ci = ((((buf[j].client[1] & 1u) << 16) | (<uint32_t>buf[j].client[2] << 8)
-                       | buf[j].client[3]) << 14) | ((_ft_get_port(&buf[j].cport) - 1024) & 0x3FFFu)
+                       | buf[j].client[3]) << 14) | ((_host16(buf[j].cport) - 1024) & 0x3FFFu)
                 _ft_synth(ci, buf[j].proto, 0, 80, &want)
                 if not _ft_same_key(&buf[j], &want) or buf[j].state > LB_FS_UDP_STREAM:
                     st.bad += 1
@@ -297,7 +192,7 @@ cdef class FlowTable:
             raise ValueError(f"flow table capacity must be 1..{LB_FLOW_MAX}: {capacity!r}")
         if seed is None:
             seed = int.from_bytes(_ft_os.urandom(8), "little")
-        self._fill_timeouts(timeouts, &tmo)
+        self._timeouts = _fill_timeouts(&tmo, timeouts)
         self.ft = lb_flow_new(<uint32_t>cap, <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF), &tmo)
         if self.ft is NULL:
             raise MemoryError(f"cannot allocate a flow table of {cap} flows")
@@ -313,29 +208,12 @@ cdef class FlowTable:
             raise RuntimeError("FlowTable is not initialised")
         return self.ft
 
-    cdef int _fill_timeouts(self, object timeouts, lb_timeouts *tmo) except -1:
-        merged = dict(DEFAULT_TIMEOUTS_MS)
-        for key, value in (timeouts or {}).items():
-            if key not in merged:
-                raise ValueError(f"unknown flow timeout {key!r}; known: {sorted(merged)}")
-            if not 0 < int(value) < 2 ** 31:
-                raise ValueError(f"flow timeout {key}={value!r} must be 1..2^31-1 ms")
-            merged[key] = int(value)
-        tmo.tcp_syn = merged["tcp_syn"]
-        tmo.tcp_est = merged["tcp_established"]
-        tmo.tcp_fin = merged["tcp_fin"]
-        tmo.tcp_close = merged["tcp_close"]
-        tmo.udp = merged["udp"]
-        tmo.udp_stream = merged["udp_stream"]
-        self._timeouts = merged
-        return 0
-
     def set_timeouts(self, timeouts: dict) -> None:
         """Change idle timeouts (ms) of the live table; missing keys reset to
         their defaults. Takes effect at the next expiry check."""
         cdef lb_timeouts tmo
         cdef lb_flowtable *t = self._t()
-        self._fill_timeouts(timeouts, &tmo)
+        self._timeouts = _fill_timeouts(&tmo, timeouts)
         lb_flow_set_timeouts(t, &tmo)
 
     @property
@@ -361,17 +239,17 @@ cdef class FlowTable:
         cdef lb_flowtable *t = self._t()
         cdef int rc
         memset(e, 0, sizeof(lb_flow_entry))
-        cdef int f1 = _ft_addr16(client, e.client)
-        cdef int f2 = _ft_addr16(vip, e.vip)
-        cdef int f3 = _ft_addr16(backend, e.backend)
+        cdef int f1 = _fill_addr(e.client, client)
+        cdef int f2 = _fill_addr(e.vip, vip)
+        cdef int f3 = _fill_addr(e.backend, backend)
         if f1 != f2 or f1 != f3:
             raise ValueError("client, vip and backend must be of one address family")
         e.family = <uint8_t>f1
-        _ft_put_port(&e.cport, _ft_port(cport))
-        _ft_put_port(&e.vport, _ft_port(vport))
-        _ft_put_port(&e.bport, _ft_port(bport))
-        e.proto = <uint8_t>_ft_proto(proto)
-        e.state = <uint8_t>_ft_state(state)
+        e.cport = _port_be(cport)
+        e.vport = _port_be(vport)
+        e.bport = _port_be(bport)
+        e.proto = <uint8_t>_proto(proto)
+        e.state = <uint8_t>_state(state)
         e.vip_stat = vip_stat
         e.be_stat = be_stat
         rc = lb_flow_insert(t, e, now)
@@ -395,7 +273,7 @@ cdef class FlowTable:
         cdef lb_flow_entry e
         rc = self._insert(&e, client, cport, vip, vport, backend, bport, proto, state,
                           now, vip_stat, be_stat)
-        return rc, (_ft_entry_dict(&e) if rc == 0 or rc == -EEXIST else None)
+        return rc, (_entry_dict(&e) if rc == 0 or rc == -EEXIST else None)
 
     def lookup(self, src, dst, sport, dport, proto, int dir=LB_DIR_FWD,
                uint8_t tcp_flags=0, uint32_t now=0):
@@ -406,18 +284,18 @@ cdef class FlowTable:
         cdef lb_flowtable *t = self._t()
         cdef lb_flow_key k
         cdef lb_flow_entry e
-        _ft_key(&k, src, dst, sport, dport, proto)
+        _fill_key(&k, src, dst, sport, dport, _proto(proto))
         if dir != LB_DIR_FWD and dir != LB_DIR_REV:
             raise ValueError(f"dir must be DIR_FWD or DIR_REV: {dir!r}")
         if lb_flow_lookup(t, &k, <lb_dir>dir, tcp_flags, now, &e):
-            return _ft_entry_dict(&e)
+            return _entry_dict(&e)
         return None
 
     def delete(self, client, vip, cport, vport, proto) -> bool:
         """Remove the flow with this forward key; False when there was none."""
         cdef lb_flowtable *t = self._t()
         cdef lb_flow_key k
-        _ft_key(&k, client, vip, cport, vport, proto)
+        _fill_key(&k, client, vip, cport, vport, _proto(proto))
         return lb_flow_delete(t, &k) == 1
 
     def expire(self, uint32_t now, uint32_t max=0xFFFFFFFF) -> int:
@@ -435,10 +313,10 @@ cdef class FlowTable:
         cdef lb_flowtable *t = self._t()
         cdef uint8_t a[16]
         cdef uint16_t p
-        cdef uint8_t pr = <uint8_t>_ft_proto(proto)
+        cdef uint8_t pr = <uint8_t>_proto(proto)
         cdef uint32_t n
-        _ft_addr16(addr, a)
-        _ft_put_port(&p, _ft_port(port))
+        _fill_addr(a, addr)
+        p = _port_be(port)
         with nogil:
             n = lb_flow_purge_backend(t, a, p, pr)
         return n
@@ -462,7 +340,7 @@ cdef class FlowTable:
                 if got == 0:
                     break
                 for i in range(got):
-                    out.append(_ft_entry_dict(&buf[i]))
+                    out.append(_entry_dict(&buf[i]))
         finally:
             free(buf)
         return out
@@ -506,8 +384,8 @@ cdef class FlowTable:
         """Insert synthetic flows start..start+n-1 in one C loop; returns how
         many were inserted (rc 0)."""
         cdef lb_flowtable *t = self._t()
-        cdef uint8_t st = <uint8_t>_ft_state(state)
-        cdef uint8_t pr = <uint8_t>_ft_proto(proto)
+        cdef uint8_t st = <uint8_t>_state(state)
+        cdef uint8_t pr = <uint8_t>_proto(proto)
         cdef uint32_t i, ok = 0
         cdef lb_flow_entry e
         if <uint64_t>start + n > 0x80000000:
@@ -528,7 +406,7 @@ cdef class FlowTable:
         that is not in the table. batched: LB_BATCH keys per
         lb_flow_lookup_batch call (as the data plane does), else one
         lb_flow_lookup per key. Returns the number of hits."""
-        cdef uint8_t pr = <uint8_t>_ft_proto(proto)
+        cdef uint8_t pr = <uint8_t>_proto(proto)
         cdef uint32_t j, m, hits = 0
         cdef uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1
         cdef lb_flow_entry e
@@ -553,8 +431,8 @@ cdef class FlowTable:
                 for j in range(m):
                     _ft_synth(<uint32_t>(_ft_rng(&x) % nspan), pr, 0, 80, &e)
                     if not hit:
-                        _ft_put_port(&e.vport, 81)
-                        _ft_put_port(&e.bport, 8081)
+                        e.vport = _be16(81)
+                        e.bport = _be16(8081)
                     if d == LB_DIR_FWD:
                         lb_flow_key_fwd(&e, &keys[j])
                     else:

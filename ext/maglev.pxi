@@ -1,7 +1,5 @@
 # maglev.pxi - the seeded flow hash and Maglev tables (ext/lb_hash.c,
-# ext/lb_maglev.c) seen from Python; included first by _core.pyx, so the
-# address/key helpers defined here (_addr16, _fill_key) serve the later .pxi.
-import socket as _socket
+# ext/lb_maglev.c) seen from Python. Address and key helpers: addr.pxi.
 
 cdef uint64_t _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -11,55 +9,11 @@ cdef enum:
     _BATCH_KEYS = 4096
 
 
-cdef tuple _addr16(str addr):
-    """(family, 16 bytes) of an IPv4 or IPv6 address string.
-
-    IPv4 fills the first 4 bytes and zeroes the rest (lb_types.h). Raises
-    ValueError naming the address if it is neither.
-    """
-    if addr is None:
-        raise ValueError("address is None")
-    try:
-        if ":" in addr:
-            return LB_AF_INET6, _socket.inet_pton(_socket.AF_INET6, addr)
-        return LB_AF_INET, _socket.inet_pton(_socket.AF_INET, addr) + bytes(12)
-    except (OSError, UnicodeError, ValueError):
-        raise ValueError(f"not an IPv4 or IPv6 address: {addr!r}") from None
-
-
 cdef uint64_t _seed64(object seed) except? 0:
     """A seed as uint64_t; ValueError outside [0, 2**64)."""
     if not (0 <= seed <= _MASK64):
         raise ValueError(f"seed must be in [0, 2**64): {seed!r}")
     return <uint64_t>seed
-
-
-cdef int _fill_key(lb_flow_key *k, src, dst, sport, dport, proto) except -1:
-    """Fill a flow key from a Python 5-tuple: addresses as strings, ports in
-    host order (stored big-endian, as the packet has them), pad zeroed."""
-    cdef bytes s16, d16
-    fs, s16 = _addr16(src)
-    fd, d16 = _addr16(dst)
-    if fs != fd:
-        raise ValueError(f"address families differ: {src!r}, {dst!r}")
-    if not (0 <= sport <= 0xFFFF):
-        raise ValueError(f"sport out of range: {sport!r}")
-    if not (0 <= dport <= 0xFFFF):
-        raise ValueError(f"dport out of range: {dport!r}")
-    if not (0 <= proto <= 0xFF):
-        raise ValueError(f"proto out of range: {proto!r}")
-    memset(k, 0, sizeof(lb_flow_key))
-    memcpy(k.src, <const char *>s16, 16)
-    memcpy(k.dst, <const char *>d16, 16)
-    cdef uint8_t *p = <uint8_t *>&k.sport
-    p[0] = <uint8_t>(sport >> 8)
-    p[1] = <uint8_t>(sport & 0xFF)
-    p = <uint8_t *>&k.dport
-    p[0] = <uint8_t>(dport >> 8)
-    p[1] = <uint8_t>(dport & 0xFF)
-    k.proto = <uint8_t>proto
-    k.family = <uint8_t>fs
-    return 0
 
 
 cdef int _fill_backends(lb_backend *out, list backends) except -1:

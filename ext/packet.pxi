@@ -5,50 +5,9 @@
 # the C core then reads the caller's bytes through a pointer whose end is the
 # end of an allocation, which is what lets the sanitizer build catch a
 # one-byte over-read (a bytes object has slack after its data).
-#
-# The small address helpers are prefixed _pk_ so that they do not collide
-# with the ones maglev.pxi defines; the two are meant to be unified.
-import ipaddress as _pk_ipaddress
+# Address and port helpers: addr.pxi.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-
-
-cdef inline uint16_t _pk_htons(uint16_t v) noexcept nogil:
-    """Host-order port -> the network-order value stored in the structs."""
-    cdef uint8_t b[2]
-    cdef uint16_t r
-    b[0] = <uint8_t>(v >> 8)
-    b[1] = <uint8_t>(v & 0xff)
-    memcpy(&r, b, 2)
-    return r
-
-
-cdef inline uint16_t _pk_ntohs(uint16_t v) noexcept nogil:
-    cdef const uint8_t *b = <const uint8_t *>&v
-    return <uint16_t>((b[0] << 8) | b[1])
-
-
-cdef int _pk_addr16(object addr, uint8_t *out) except -1:
-    """Pack an address string into 16 bytes (IPv4 in the first 4, rest 0);
-    returns LB_AF_INET or LB_AF_INET6. Raises ValueError for a bad address."""
-    a = _pk_ipaddress.ip_address(addr)
-    cdef bytes b = a.packed
-    memset(out, 0, 16)
-    memcpy(out, PyBytes_AS_STRING(b), len(b))
-    return LB_AF_INET if a.version == 4 else LB_AF_INET6
-
-
-cdef str _pk_addr_str(const uint8_t *a, uint8_t family):
-    if family == LB_AF_INET:
-        return str(_pk_ipaddress.IPv4Address(a[:4]))
-    return str(_pk_ipaddress.IPv6Address(a[:16]))
-
-
-cdef uint16_t _pk_port(object port) except? 0:
-    cdef long v = port
-    if v < 0 or v > 0xffff:
-        raise ValueError(f"port out of range: {port!r}")
-    return _pk_htons(<uint16_t>v)
 
 
 cdef int _pk_entry(object entry, lb_flow_entry *e) except -1:
@@ -62,14 +21,14 @@ cdef int _pk_entry(object entry, lb_flow_entry *e) except -1:
         if len(vals) != 7:
             raise ValueError("entry: (client, cport, vip, vport, backend, bport, proto)")
     memset(e, 0, sizeof(lb_flow_entry))
-    fam = {_pk_addr16(vals[0], e.client), _pk_addr16(vals[2], e.vip),
-           _pk_addr16(vals[4], e.backend)}
+    fam = {_fill_addr(e.client, vals[0]), _fill_addr(e.vip, vals[2]),
+           _fill_addr(e.backend, vals[4])}
     if len(fam) != 1:
         raise ValueError("entry: client, vip and backend must be of one family")
     e.family = <uint8_t>fam.pop()
-    e.cport = _pk_port(vals[1])
-    e.vport = _pk_port(vals[3])
-    e.bport = _pk_port(vals[5])
+    e.cport = _port_be(vals[1])
+    e.vport = _port_be(vals[3])
+    e.bport = _port_be(vals[5])
     if vals[6] not in (6, 17):
         raise ValueError(f"entry: proto must be 6 (TCP) or 17 (UDP), not {vals[6]!r}")
     e.proto = <uint8_t>vals[6]
@@ -104,10 +63,10 @@ cdef dict _pk_pkt_dict(const lb_pkt *p):
         "inner_off": p.inner_off,
         "inner_l4_off": p.inner_l4_off,
         "key": {
-            "src": _pk_addr_str(k.src, k.family),
-            "dst": _pk_addr_str(k.dst, k.family),
-            "sport": _pk_ntohs(k.sport),
-            "dport": _pk_ntohs(k.dport),
+            "src": _addr_str(k.src, k.family),
+            "dst": _addr_str(k.dst, k.family),
+            "sport": _host16(k.sport),
+            "dport": _host16(k.dport),
             "proto": k.proto,
             "family": k.family,
         },

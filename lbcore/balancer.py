@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from ._core import now_ms
+
 log = logging.getLogger("lbcore.balancer")
 
 IPAddress = IPv4Address | IPv6Address
@@ -78,8 +80,9 @@ class VipState:
 class Balancer:
     """Desired forwarding state -> published tables.
 
-    dataplane: anything with publish(vips, seed), purge_backend(addr, port,
-    proto) and pick(...) (lbcore._core.Dataplane, or a fake in tests).
+    dataplane: anything with publish(vips, seed), pick(...) and a flow_table
+    with purge_backend() and lookup() (lbcore._core.Dataplane, or a fake in
+    tests).
     """
 
     def __init__(self, dataplane, seed: int = 0, ring_size: int = 65537) -> None:
@@ -245,7 +248,7 @@ class Balancer:
         self.last_rebuild_s = time.perf_counter() - t0
         self.rebuilds += 1
         for addr, port, proto in self._purge_after_publish:
-            n = self.dp.purge_backend(str(addr), port, proto)
+            n = self.dp.flow_table.purge_backend(str(addr), port, proto)
             if n:
                 log.info("re-picking %d flows of %s:%d/%s", n, addr, port, proto)
         self._purge_after_publish = []
@@ -257,7 +260,8 @@ class Balancer:
         if not vips:
             raise KeyError(f"no VIP matches {vip_spec!r}")
         v = vips[0]
-        flow = self.dp.lookup(src, sport, str(v.address), v.port, v.proto)
+        flow = self.dp.flow_table.lookup(src, str(v.address), sport, v.port, v.proto,
+                                         now=now_ms())
         if flow is not None:
             return {"vip": v.name, "backend": f"{flow['backend']}:{flow['bport']}",
                     "why": f"tracked flow (state {flow['state']})"}

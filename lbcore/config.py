@@ -88,7 +88,11 @@ DEFAULT_EXPECT_STATUS = (200,)
 
 MODES = ("tun", "rawsock")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-ALL_DOWN_ACTIONS = ("drop", "reject")
+# A VIP with no usable backend drops new flows (counted as no_backend): clients
+# retransmit and ride out a short total outage, and the gateway never answers
+# a spoofed flood (no reflection). Answering with RST / ICMP unreachable is
+# not implemented, so it is not accepted either.
+ALL_DOWN_ACTIONS = ("drop",)
 PROTOCOLS = ("tcp", "udp")
 HEALTH_TYPES = ("tcp", "http", "udp", "exec")
 TIMEOUT_KEYS = ("tcp_syn", "tcp_established", "tcp_fin", "tcp_close", "udp", "udp_stream")

@@ -111,7 +111,7 @@ async def handle(daemon, req: dict) -> Any:
         return status(daemon)
     if cmd == "flows":
         limit = int(req.get("limit") or 100)
-        flows = daemon.dp.flows(limit=None if req.get("vip") else limit)
+        flows = daemon.dp.flow_table.walk(limit=None if req.get("vip") else limit)
         if req.get("vip"):
             vips = [v for v in bal.vips.values() if _vip_match(v, req["vip"])]
             if not vips:
@@ -162,7 +162,7 @@ def status(daemon) -> dict:
     vstats = [v.stat_id for v in bal.vips.values()]
     bstats = [b.stat_id for v in bal.vips.values() for b in v.backends.values()]
     st = daemon.dp.stats(vip_stats=vstats, backend_stats=bstats)
-    act_v, act_b = daemon.dp.active_flows(vstats, bstats)
+    ft = daemon.dp.flow_table
     now = time.monotonic()
     vips = []
     for v in bal.vips.values():
@@ -176,19 +176,18 @@ def status(daemon) -> dict:
                 "state": "up" if b.up else "down", "draining": b.draining,
                 "weight": b.weight if b.weight_override is None else b.weight_override,
                 "effective_weight": b.effective_weight(v.slow_start, now),
-                "active_flows": act_b[b.stat_id], "packets": bp, "bytes": bb,
+                "active_flows": ft.active_backend(b.stat_id), "packets": bp, "bytes": bb,
                 "new_flows": bn, "last_change": b.last_change, "reason": b.reason,
                 "health": hs,
             })
         vips.append({"name": v.name, "address": str(v.address), "port": v.port,
-                     "protocol": v.proto, "pool": v.pool, "active_flows": act_v[v.stat_id],
+                     "protocol": v.proto, "pool": v.pool, "active_flows": ft.active_vip(v.stat_id),
                      "packets": pk, "bytes": by, "new_flows": nf, "backends": bes})
     return {
         "version": _version(), "pid": os.getpid(), "uptime": time.time() - daemon.started,
         "config": daemon.config_path, "mode": daemon.config.mode,
         "workers": daemon.config.workers, "vips": vips,
-        "flows": {"active": daemon.dp.flow_count, "capacity": daemon.dp.flow_capacity,
-                  **daemon.dp.flow_counters()},
+        "flows": {"active": len(ft), "capacity": ft.capacity, **ft.counters()},
         "totals": {k: st[k] for k in ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit",
                                       "flow_miss", "flow_new", "tx_errors")},
         "drops": st["drops"], "worker_loops": st["workers"],

@@ -134,6 +134,12 @@ class Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as stack:
+            # first, so that a SIGTERM during start-up still undoes what was done
+            # (it is acted on once start-up returns to the event loop)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            stack.callback(self._remove_signal_handlers, loop)
+
             self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
                                       timeouts=cfg.timeouts.as_ms())
             self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size)
@@ -155,10 +161,7 @@ class Daemon:
 
             await self._start_control(stack)
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-            stack.callback(self._remove_signal_handlers, loop)
 
             housekeeping = asyncio.ensure_future(self._housekeeping())
             stack.callback(housekeeping.cancel)
@@ -240,7 +243,7 @@ class Daemon:
         last_slow = 0.0
         while True:
             await asyncio.sleep(EXPIRE_EVERY_S)
-            self.dp.expire()
+            self.dp.flow_table.expire(_core.now_ms())
             assert self.balancer is not None
             now = time.monotonic()
             if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
@@ -307,6 +310,7 @@ def cmd_run(args) -> int:
         return 2
     try:
         return asyncio.run(Daemon(config, args.config).serve())
-    except OSError as e:
-        log.error("%s", e)
+    except Exception as e:  # noqa: BLE001 - every network change is undone by now
+        log.error("lbcore failed: %s", e)
+        log.debug("details", exc_info=True)
         return 1

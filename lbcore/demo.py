@@ -13,7 +13,7 @@ import time
 from collections import Counter, defaultdict
 
 from . import lab
-from ._testbase.netns import http_requests, udp_requests
+from ._testbase.netns import http_requests, running_lab, udp_requests
 from .control import request
 
 KEEPALIVE_CONNS = 10
@@ -30,18 +30,16 @@ def cmd_demo(args) -> int:
     n_be = args.backends
     con.print(f"[bold]lbcore demo[/]: a client, a gateway running lbcore (tun mode) and "
               f"{n_be} backends in network namespaces; VIP {lab.VIP_V4} tcp/80, udp/5300")
-    lab.down(out=lambda _: None)
     t0 = time.monotonic()
-    lab.up(lab.LabSpec(backends=n_be), out=lambda _: None)
-    con.print(f"lab up in {time.monotonic() - t0:.1f} s; sending traffic from lbc-client ...")
-    try:
+    # running_lab takes the lab lock (tests and bench-lab share the lab
+    # names), replaces any lab left over, and always tears down
+    with running_lab(backends=n_be):
+        con.print(f"lab up in {time.monotonic() - t0:.1f} s; sending traffic from lbc-client")
         http = http_requests("lbc-client", lab.VIP_V4, n=args.requests, deadline=60)
         udp = udp_requests("lbc-client", lab.VIP_V4, n=args.udp, deadline=60)
         sticky = [http_requests("lbc-client", lab.VIP_V4, n=KEEPALIVE_REQS, keepalive=True,
                                 deadline=30) for _ in range(KEEPALIVE_CONNS)]
         st = request(str(lab.paths()["control_socket"]), {"cmd": "status"})
-    finally:
-        lab.down(out=lambda _: None)
     con.print("lab down: namespaces, TUN, routes and rules removed\n")
 
     names = [lab.backend_name(i) for i in range(1, n_be + 1)]

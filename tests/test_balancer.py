@@ -30,13 +30,9 @@ backends = [
 """
 
 
-class FakeDataplane:
+class FakeFlows:
     def __init__(self):
-        self.tables = []
         self.purged = []
-
-    def publish(self, spec, seed):
-        self.tables.append((spec, seed))
 
     def purge_backend(self, addr, port, proto):
         self.purged.append((addr, port, proto))
@@ -44,6 +40,16 @@ class FakeDataplane:
 
     def lookup(self, *a, **k):
         return None
+
+
+class FakeDataplane:
+    def __init__(self):
+        self.tables = []
+        self.flow_table = FakeFlows()
+        self.purged = self.flow_table.purged
+
+    def publish(self, spec, seed):
+        self.tables.append((spec, seed))
 
     def pick(self, src, sport, dst, dport, proto):
         return (1, 0, "198.19.0.11", 80)

@@ -3,6 +3,7 @@ drain, reload, metrics and `status --json`, with real traffic."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -183,7 +184,7 @@ print(json.dumps(urllib.request.urlopen("http://127.0.0.1:9150/metrics", timeout
 def test_metrics_and_status_json_match_the_traffic(lab):
     before = ctl({"cmd": "status"})
     dns_before = [v for v in before["vips"] if v["port"] == 5300][0]
-    r = udp_requests("lbc-client", VIP, n=50)
+    r = udp_requests("lbc-client", VIP, n=50, timeout=10)
     assert r["ok"] == 50
     st = json.loads(subprocess.run(
         [sys.executable, "-m", "lbcore", "status", "--json", "-s",
@@ -207,3 +208,26 @@ def test_metrics_and_status_json_match_the_traffic(lab):
         assert any(k[0] == name for k in samples), name
     ups = [v for (n, _), v in samples.items() if n == "lbcore_backend_up"]
     assert ups and all(v in (0.0, 1.0) for v in ups)
+
+
+def test_sighup_reloads_socket_is_root_only_and_flows_cli(lab):
+    import os
+    import stat
+
+    sock = lab_mod.paths()["control_socket"]
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    state = lab_mod.load_state()
+    [bal] = [p for p in state.processes if p.role == "balancer"]
+    log = lab_mod.paths()["balancer_log"]
+    offset = log.stat().st_size
+    os.kill(bal.pid, signal.SIGHUP)
+    wait_for(lambda: "reload applied" in log.read_text()[offset:], 20, "reloaded on SIGHUP")
+    http_requests("lbc-client", VIP, n=5)
+    out = subprocess.run([sys.executable, "-m", "lbcore", "flows", "--vip", "198.18.100.1:80",
+                          "--limit", "3", "--json", "-s", str(sock)],
+                         capture_output=True, text=True, check=True).stdout
+    flows = json.loads(out)
+    assert 1 <= len(flows) <= 3 and all(f["vport"] == 80 for f in flows)
+    human = subprocess.run([sys.executable, "-m", "lbcore", "status", "-s", str(sock)],
+                           capture_output=True, text=True, check=True).stdout
+    assert VIP in human and "up" in human

@@ -74,7 +74,7 @@ def test_one_flow_stays_on_one_backend_and_replies_come_from_the_vip(dp):
     p = checked(out)
     assert v == TX and p[IP].src == VIP and p[TCP].sport == 80 and p[IP].dst == CLIENT
     assert dp.stats()["flow_hit"] >= 4
-    flows = dp.flows()
+    flows = dp.flow_table.walk()
     assert len(flows) == 1 and flows[0]["backend"] == be and flows[0]["client"] == CLIENT
 
 
@@ -147,7 +147,7 @@ def test_failed_backend_flows_are_repicked_after_purge(dp):
     pinned = {s: IP(dp.process([syn(sport=s)])[0][2]).dst for s in range(44000, 44100)}
     dead = BACKENDS[2]
     dp.publish(table(backends=BACKENDS[:2]), seed=42)
-    n = dp.purge_backend(dead, 8080, "tcp")
+    n = dp.flow_table.purge_backend(dead, 8080, "tcp")
     assert n == sum(1 for b in pinned.values() if b == dead) > 0
     for s, be in pinned.items():
         now = IP(dp.process([syn(sport=s, flags="A")])[0][2]).dst
@@ -199,7 +199,7 @@ def test_malformed_packets_get_a_reason_not_a_crash(dp):
            bytes(IP(src=CLIENT, dst=VIP, flags="MF") / UDP() / Raw(b"x" * 20))]
     for v, reason, _ in dp.process(bad):
         assert v == DROP and reason != "none"
-    assert dp.flow_count == 0
+    assert len(dp.flow_table) == 0
 
 
 def test_table_swaps_under_a_running_worker_are_safe(dp):

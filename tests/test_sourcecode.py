@@ -37,3 +37,30 @@ def test_c_core_strict_warnings(path):
                         "-Wno-unused-parameter", "-I", str(ROOT / "ext"), path],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_type_stub_covers_the_extension():
+    """lbcore/_core.pyi names every public name of the compiled module, and
+    every public method of its classes."""
+    import ast
+
+    from lbcore import _core
+    tree = ast.parse((ROOT / "lbcore" / "_core.pyi").read_text())
+    top: set[str] = set()
+    methods: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            top.add(node.name)
+            methods[node.name] = {n.name for n in node.body
+                                  if isinstance(n, ast.FunctionDef)} | {
+                n.target.id for n in node.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        elif isinstance(node, ast.FunctionDef):
+            top.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            top.add(node.target.id)
+    public = {n for n in dir(_core) if not n.startswith("_")}
+    assert public <= top, sorted(public - top)
+    for cls, names in methods.items():
+        have = {m for m in dir(getattr(_core, cls)) if not m.startswith("_")}
+        assert have <= names, (cls, sorted(have - names))

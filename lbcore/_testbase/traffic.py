@@ -116,7 +116,7 @@ def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bo
 
 
 def udp_requests(addr: str, port: int = UDP_PORT, n: int = 1, *, new_socket: bool = True,
-                 payload: bytes | str = b"ping", timeout: float = 2.0,
+                 payload: bytes | str = b"ping", timeout: float = 5.0,
                  deadline: float = 60.0) -> dict[str, Any]:
     """``n`` UDP request/response exchanges with ``addr:port``.
 
