@@ -314,13 +314,13 @@ cdef class Dataplane:
                     raise ValueError(f"source MAC of link {i} is not 6 bytes")
                 memcpy(l2.src_mac[i], <const char *>mac, 6)
             for i, (link, net, gw) in enumerate(routes):
-                net = _ipaddress.ip_network(net)
+                net = _rs_ipaddress.ip_network(net)
                 memset(&r, 0, sizeof(r))
-                _dp_fill_addr(r.prefix, &r.family, net.network_address)
+                r.family = _fill_addr(r.prefix, net.network_address)
                 r.plen = net.prefixlen
                 r.link = link
                 if gw is not None:
-                    _dp_fill_addr(r.gw, &fam, gw)
+                    fam = _fill_addr(r.gw, gw)
                     if fam != r.family:
                         raise ValueError(f"gateway {gw} of route {net} is of another family")
                     r.has_gw = 1
@@ -329,7 +329,7 @@ cdef class Dataplane:
             for link, addr, mac in neighbours:
                 if len(mac) != 6:
                     raise ValueError(f"MAC of {addr} is not 6 bytes")
-                _dp_fill_addr(a, &fam, addr)
+                fam = _fill_addr(a, addr)
                 rc = lb_l2_add_neigh(l2, link, fam, a, <const uint8_t *><const char *>mac)
                 if rc < 0:
                     raise ValueError(f"bad neighbour {link, addr, mac}")
@@ -355,7 +355,7 @@ cdef class Dataplane:
         cdef const uint8_t *mac
         cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
         cdef const lb_l2 *l2
-        _dp_fill_addr(d, &fam, dst)
+        fam = _fill_addr(d, dst)
         self._lock.acquire()
         lb_dp_enter(w)
         try:
@@ -363,7 +363,7 @@ cdef class Dataplane:
             if not lb_l2_nexthop(l2, link, fam, d, nh):
                 return None, None
             mac = lb_l2_mac(l2, link, fam, nh)
-            return _dp_addr_str(nh, fam), (bytes(mac[:6]) if mac != NULL else None)
+            return _addr_str(nh, fam), (bytes(mac[:6]) if mac != NULL else None)
         finally:
             lb_dp_leave(w)
             self._lock.release()
@@ -377,7 +377,7 @@ cdef class Dataplane:
         if self.rs == NULL:
             return []
         n = lb_rawsock_misses(self.rs, out, 16)
-        return [(out[i].link, _dp_addr_str(out[i].addr, out[i].family)) for i in range(n)]
+        return [(out[i].link, _addr_str(out[i].addr, out[i].family)) for i in range(n)]
 
     def stop(self):
         """Ask every worker loop to return (within its 100 ms poll timeout)."""

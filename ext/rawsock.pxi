@@ -1,6 +1,7 @@
 # rawsock.pxi - AF_PACKET sockets with TPACKET_V3 rings (mode "rawsock").
 # The sockets are opened here (C does the setsockopt/mmap sequence, see
 # lb_rawsock.c); lbcore.rawsock decides links, filters and fanout groups.
+import ipaddress as _rs_ipaddress
 
 @cython.final
 cdef class RawSocket:
