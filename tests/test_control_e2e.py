@@ -27,11 +27,11 @@ INTERVAL, RISE, FALL = 1.0, 1, 2
 DOWN_BOUND = INTERVAL * FALL + 1 + 3
 
 
-@pytest.fixture(scope="module")
-def lab():
+@pytest.fixture(scope="module", params=["tun", "rawsock"])
+def lab(request):
     """A lab of 4 backends whose balancer serves only be1..be3 at first: the
-    reload test adds the fourth."""
-    with running_lab(backends=N + 1) as state:
+    reload test adds the fourth. Once per forwarding mode."""
+    with running_lab(backends=N + 1, mode=request.param) as state:
         cfg = lab_mod.paths()["config"]
         full = cfg.read_text()
         cfg.write_text(_pool_without(full, lab_mod.backend_v4(N + 1)))

@@ -167,6 +167,43 @@ def test_capture_at_backends_shows_client_address_and_valid_checksums(lab):
                 p.wait()
 
 
+CLIENT_CAPTURE = """
+import json, sys, time
+from scapy.all import AsyncSniffer
+from scapy.layers.inet import IP, ICMP
+sn = AsyncSniffer(iface="lbc-cl-gw", store=True, lfilter=lambda p: IP in p)
+sn.start()
+time.sleep(0.5)
+print("ready", flush=True)
+sys.stdin.readline()
+time.sleep(0.5)
+pk = sn.stop()
+print(json.dumps([[p[IP].src, p[IP].dst, ICMP in p] for p in pk]))
+"""
+
+
+def test_client_sees_only_the_vip_no_kernel_duplicates_or_icmp(lab):
+    """What reaches the client while it talks to the VIP comes from the VIP alone: the
+    gateway's kernel neither forwards a backend's un-NATed reply too nor answers the VIP's
+    packets with ICMP errors (rawsock: its copy of them dies in a blackhole)."""
+    sniffer = netconf.popen_in_netns("lbc-client", [sys.executable, "-c", CLIENT_CAPTURE],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert sniffer.stdout.readline().strip() == "ready"
+        assert http_requests("lbc-client", VIP4, n=30)["ok"] == 30
+        assert udp_requests("lbc-client", VIP4, n=30)["ok"] == 30
+        out, _ = sniffer.communicate("go\n", timeout=60)
+    finally:
+        if sniffer.poll() is None:
+            sniffer.kill()
+            sniffer.wait()
+    pkts = json.loads(out.strip().splitlines()[-1])
+    to_client = [p for p in pkts if p[1] == CLIENT4]
+    assert len(to_client) >= 60
+    assert {src for src, _, _ in to_client} <= {VIP4, "198.18.0.1"}, to_client
+    assert not [p for p in to_client if p[2]], "ICMP to the client"
+
+
 def test_status_and_pick_agree_with_traffic(lab):
     st = ctl({"cmd": "status"})
     web = [v for v in st["vips"] if v["address"] == VIP4 and v["port"] == 80][0]
