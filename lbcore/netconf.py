@@ -601,6 +601,7 @@ class RouteInfo:
     oif: str | None
     table: int
     type: int
+    proto: int = 0          # who installed it (RTPROT_*; lbcore tags its own)
 
 
 def _dst(dst: str, gateway: str | None, family: int | None
@@ -664,7 +665,7 @@ def routes(netns: str | None = None, *, family: int | None = None, table: int | 
             out.append(RouteInfo(
                 family=m["family"], dst=f"{dst}/{m['dst_len']}" if dst else "default",
                 gateway=m.get("RTA_GATEWAY"), oif=names.get(m.get("RTA_OIF")),
-                table=m.get("RTA_TABLE", m["table"]), type=m["type"]))
+                table=m.get("RTA_TABLE", m["table"]), type=m["type"], proto=m["proto"]))
     return out
 
 

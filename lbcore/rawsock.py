@@ -387,6 +387,8 @@ class L2Resolver:
 
 # --------------------------------------------------------------------------- the plane
 
+RTPROT_LBCORE = 0xF4     # route protocol of our blackhole routes: a crashed run's are found
+RTN_BLACKHOLE = 6
 BLOCK_SIZE = 1 << 18     # bytes: a whole 64 KiB GSO packet fits in a block
 BLOCK_NR = 64            # 16 MiB of receive ring per socket
 
@@ -430,6 +432,7 @@ class RawsockPlane:
         """Kernel routes/rules, the L2 table, the sockets; or undo what was done and raise."""
         try:
             Gateway._remove_stale_rules()
+            self._remove_stale_routes()
             ifindex = []
             for name in self.links:
                 idx = netconf.link_index(name)
@@ -523,7 +526,8 @@ class RawsockPlane:
         for vip in want:
             if vip in self.vips:
                 continue
-            netconf.route_add(_host(vip), type="blackhole", family=_af(vip), changes=ch)
+            netconf.route_add(_host(vip), type="blackhole", family=_af(vip), changes=ch,
+                              proto=RTPROT_LBCORE)
             if vip.version == 6:
                 link = self.client_link
                 netconf.sysctl_set(f"net/ipv6/conf/{link}/forwarding", 1, changes=ch)
@@ -542,7 +546,7 @@ class RawsockPlane:
                 self._rule(rp, add=False)
         for fam in sorted({r.address.version for r in want} - self._reply_tables):
             netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", table=RULE_TABLE,
-                              type="blackhole", changes=self._changes)
+                              type="blackhole", changes=self._changes, proto=RTPROT_LBCORE)
             self._reply_tables.add(fam)
         for rp in want:
             if rp not in self.replies:
@@ -555,6 +559,17 @@ class RawsockPlane:
         """A reload: new VIPs and reply paths."""
         self.set_vips(vips)
         self.set_replies(replies)
+
+    @staticmethod
+    def _remove_stale_routes() -> None:
+        """Blackhole routes of an earlier run that was SIGKILLed (routes outlive it); a VIP
+        that is no longer configured must not stay unreachable from the gateway."""
+        for r in netconf.routes(table=None):
+            if r.proto == RTPROT_LBCORE and r.type == RTN_BLACKHOLE:
+                dst = r.dst if r.dst != "default" else (
+                    "::/0" if r.family == socket.AF_INET6 else "0.0.0.0/0")
+                netconf.route_del(dst, table=r.table, family=r.family)
+                log.info("removed a stale blackhole route (%s) of an earlier run", dst)
 
     @staticmethod
     def _rule(rp: ReplyPath, add: bool) -> None:
