@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import select
 import socket
 import struct
 import threading
@@ -396,3 +397,64 @@ def test_kernel_accepts_generated_filters_and_reloads_them(nsname):
     s.close()
     with pytest.raises(OSError):
         netconf.run_in_netns(nsname, _core.RawSocket, 999999, 0, [], 1 << 16, 2)
+
+
+# --------------------------------------------------------------------------- netconf additions
+
+@pytest.fixture
+def two_ns(netns_factory):
+    a, b = netns_factory(), netns_factory()
+    netconf.veth_add("a0", "b0", netns=a, peer_netns=b)
+    netconf.addr_add("a0", "198.18.200.1/24", netns=a)
+    netconf.addr_add("b0", "198.18.200.2/24", netns=b)
+    netconf.addr_add("a0", "2001:db8:200::1/64", netns=a)
+    netconf.addr_add("b0", "2001:db8:200::2/64", netns=b)
+    return a, b
+
+
+def _wait_neigh(ns: str, ifname: str, addr: str, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, ip_, mac, state in netconf.neighbours(ns, ifname):
+            if ip_ == addr and mac and state & 0xDE:   # a valid NUD state
+                return mac
+        time.sleep(0.02)
+    raise AssertionError(f"{addr} not resolved on {ifname} in {ns}")
+
+
+@pytest.mark.netns
+def test_neigh_resolve_makes_the_kernel_resolve_now(two_ns):
+    a, b = two_ns
+    assert not [n for n in netconf.neighbours(a, "a0") if n[1] == "198.18.200.2"]
+    netconf.neigh_resolve("a0", "198.18.200.2", netns=a)
+    mac = _wait_neigh(a, "a0", "198.18.200.2")
+    assert mac == [x.mac for x in netconf.links(b) if x.name == "b0"][0]
+
+
+@pytest.mark.netns
+def test_proxy_ndp_entry_answers_for_an_unassigned_ipv6_vip(two_ns):
+    """The rawsock set-up's NDP answer for an on-link IPv6 VIP: a proxy entry, proxy_ndp
+    and forwarding on the link, no delay; the VIP itself is assigned nowhere."""
+    a, b = two_ns
+    with netconf.NetChanges() as ch:
+        netconf.sysctl_set("net/ipv6/conf/a0/forwarding", 1, netns=a, changes=ch)
+        netconf.sysctl_set("net/ipv6/conf/a0/proxy_ndp", 1, netns=a, changes=ch)
+        netconf.sysctl_set("net/ipv6/neigh/a0/proxy_delay", 0, netns=a, changes=ch)
+        netconf.neigh_proxy_add("a0", "2001:db8:200::100", netns=a, changes=ch)
+        netconf.neigh_resolve("b0", "2001:db8:200::100", netns=b)
+        mac = _wait_neigh(b, "b0", "2001:db8:200::100")
+        assert mac == [x.mac for x in netconf.links(a) if x.name == "a0"][0]
+    assert netconf.neigh_proxy_del("a0", "2001:db8:200::100", netns=a) is False
+
+
+@pytest.mark.netns
+def test_change_notifier_wakes_on_a_neighbour_change(two_ns):
+    a, _ = two_ns
+    s = netconf.change_notifier(a)
+    try:
+        netconf.drain_notifier(s)
+        netconf.neigh_add("a0", "198.18.200.77", "02:00:00:00:00:77", netns=a)
+        assert select.select([s], [], [], 5)[0]
+        assert netconf.drain_notifier(s) >= 1
+    finally:
+        s.close()
