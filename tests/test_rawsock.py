@@ -9,6 +9,8 @@ import random
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -458,3 +460,75 @@ def test_change_notifier_wakes_on_a_neighbour_change(two_ns):
         assert netconf.drain_notifier(s) >= 1
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- `lbcore run`
+
+RAW_CONFIG = """
+[global]
+mode = "rawsock"
+control_socket = "{sock}"
+metrics_listen = ""
+
+[rawsock]
+client_link = "c1"
+backend_link = "{backend}"
+
+[[vip]]
+address = "198.18.200.1"
+port = 80
+protocol = "tcp"
+pool = "p"
+
+[[vip]]
+address = "2001:db8:200::1"
+port = 80
+protocol = "tcp"
+pool = "p6"
+
+[pool.p]
+backends = [{{ address = "198.19.200.11", port = 80 }}]
+
+[pool.p6]
+backends = [{{ address = "2001:db8:201::11", port = 80 }}]
+"""
+
+
+def _run(ns: str, cfg_path) -> subprocess.CompletedProcess:
+    p = netconf.popen_in_netns(ns, [sys.executable, "-m", "lbcore", "run", "-c", str(cfg_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, "")
+
+
+def _leftovers(ns: str) -> list:
+    return ([r for r in netconf.rules(ns) if r.priority == 4242]
+            + netconf.routes(ns, table=4242)
+            + [r for r in netconf.routes(ns, table=None) if r.proto == 0xF4])
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", ["missing-link", "half-way"])
+def test_run_rawsock_failure_undoes_everything(nsname, tmp_path, case):
+    """`lbcore run` in mode rawsock that fails - a link that does not exist, or the control
+    socket after the sockets, routes, rules and sysctls are made - exits 1 and leaves
+    nothing behind."""
+    ns = nsname
+    netconf.veth_add("c0", "c1", netns=ns, peer_netns=ns)
+    netconf.veth_add("b0", "b1", netns=ns, peer_netns=ns)
+    sock = tmp_path / "s.sock"
+    if case == "half-way":
+        (tmp_path / "notadir").write_text("")
+        sock = tmp_path / "notadir" / "s.sock"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(RAW_CONFIG.format(sock=sock, backend="nosuch0" if case == "missing-link"
+                                     else "b1"))
+    proxy = netconf.sysctl_get("net/ipv6/conf/c1/proxy_ndp", netns=ns)
+    r = _run(ns, cfg)
+    assert r.returncode == 1, r.stdout
+    if case == "missing-link":
+        assert "nosuch0" in r.stdout
+    else:
+        assert "rawsock: c1 + b1" in r.stdout     # it got as far as the sockets
+    assert _leftovers(ns) == []
+    assert netconf.sysctl_get("net/ipv6/conf/c1/proxy_ndp", netns=ns) == proxy
