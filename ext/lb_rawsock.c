@@ -531,6 +531,8 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     }
     mac = lb_l2_lookup(l2, out_link, family, dst, nh);
     if (!mac) {
+        /* the pipeline counted it as sent; it is a drop after all (the VIP
+         * and backend counters keep it: the flow did see the packet) */
         w->stats.tx--;
         w->stats.tx_bytes -= iplen;
         w->stats.drops[LB_DROP_NO_NEIGH]++;
