@@ -46,6 +46,55 @@ class ReplyPath:
     port: int
 
 
+class ReplyRules:
+    """The policy rules `from BACKEND ipproto P sport PORT lookup RULE_TABLE`, one per
+    reply path, shared by both modes; what RULE_TABLE's default route does with the
+    replies (into the TUN, or a blackhole behind AF_PACKET) is the mode's business."""
+
+    def __init__(self) -> None:
+        self.paths: list[ReplyPath] = []
+
+    def set(self, replies: Iterable[ReplyPath]) -> list[ReplyPath]:
+        """Make the rules exactly `replies` (start and reload); returns them."""
+        want = list(dict.fromkeys(replies))
+        for rp in list(self.paths):
+            if rp not in want:
+                _rule(rp, add=False)
+                self.paths.remove(rp)
+        for rp in want:
+            if rp not in self.paths:
+                _rule(rp, add=True)
+                self.paths.append(rp)     # recorded at once: clear() after a failure
+        self.paths = want
+        return want
+
+    def clear(self) -> None:
+        """Remove every rule; never raises (the way out)."""
+        for rp in self.paths:
+            try:
+                _rule(rp, add=False)
+            except Exception as e:  # noqa: BLE001 - best effort on the way out
+                log.debug("removing rule for %s failed: %s", rp, e)
+        self.paths = []
+
+    @staticmethod
+    def remove_stale() -> None:
+        """Rules of an earlier run that was SIGKILLed (rules outlive the process)."""
+        for r in netconf.rules():
+            if r.priority == RULE_PRIORITY and r.table == RULE_TABLE:
+                lo, _, hi = (r.sport or "").partition(":")
+                netconf.rule_del(priority=r.priority, table=r.table, src=r.src,
+                                 ipproto=r.ipproto, family=r.family,
+                                 sport=(int(lo), int(hi or lo)) if r.sport else None)
+                log.info("removed a stale reply rule (from %s) of an earlier run", r.src)
+
+
+def _rule(rp: ReplyPath, add: bool) -> None:
+    fn = netconf.rule_add if add else netconf.rule_del
+    fn(priority=RULE_PRIORITY, table=RULE_TABLE, src=_host(rp.address), ipproto=rp.proto,
+       sport=rp.port, family=_af(rp.address))
+
+
 @dataclass
 class Gateway:
     """Routes, rules and sysctls for one TUN device; undo() reverts them."""
@@ -53,13 +102,14 @@ class Gateway:
     vips: list[IPAddress]
     replies: list[ReplyPath]
     _changes: netconf.NetChanges = field(default_factory=netconf.NetChanges)
+    _rules: ReplyRules = field(default_factory=ReplyRules)
 
     def setup(self) -> None:
         """Apply everything, or undo what was done and raise."""
         ch = self._changes
         replies, self.replies = list(dict.fromkeys(self.replies)), []
         try:
-            self._remove_stale_rules()
+            ReplyRules.remove_stale()
             netconf.link_set(self.tun_name, state="up", txqueuelen=TXQUEUELEN)
             families = {a.version for a in self.vips} | {r.address.version for r in replies}
             if 4 in families:
@@ -79,18 +129,11 @@ class Gateway:
     def set_replies(self, replies: Iterable[ReplyPath]) -> None:
         """Make the reply rules exactly `replies` (setup and reload)."""
         want = list(dict.fromkeys(replies))
-        for rp in self.replies:
-            if rp not in want:
-                self._rule(rp, add=False)
         for fam in sorted({r.address.version for r in want}
-                          - {r.address.version for r in self.replies}):
+                          - {r.address.version for r in self._rules.paths}):
             netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", oif=self.tun_name,
                               table=RULE_TABLE, changes=self._changes)
-        for rp in want:
-            if rp not in self.replies:
-                self._rule(rp, add=True)
-                self.replies.append(rp)
-        self.replies = want
+        self.replies = self._rules.set(want)
 
     def set_vips(self, vips: Iterable[IPAddress]) -> None:
         """Make the VIP routes exactly `vips` (reload)."""
@@ -105,11 +148,7 @@ class Gateway:
 
     def undo(self) -> None:
         """Revert every change in reverse order; never raises."""
-        for rp in self.replies:
-            try:
-                self._rule(rp, add=False)
-            except Exception as e:  # noqa: BLE001 - best effort on the way out
-                log.debug("removing rule for %s failed: %s", rp, e)
+        self._rules.clear()
         self.replies = []
         for failure in self._changes.undo():
             log.debug("undo: %s", failure)
@@ -117,23 +156,6 @@ class Gateway:
     def _route(self, vip: IPAddress) -> None:
         # the route also dies with the TUN; the undo is for a live device
         netconf.route_add(_host(vip), oif=self.tun_name, changes=self._changes)
-
-    @staticmethod
-    def _rule(rp: ReplyPath, add: bool) -> None:
-        fn = netconf.rule_add if add else netconf.rule_del
-        fn(priority=RULE_PRIORITY, table=RULE_TABLE, src=_host(rp.address), ipproto=rp.proto,
-           sport=rp.port, family=_af(rp.address))
-
-    @staticmethod
-    def _remove_stale_rules() -> None:
-        """Rules of an earlier run that was SIGKILLed (rules outlive the TUN)."""
-        for r in netconf.rules():
-            if r.priority == RULE_PRIORITY and r.table == RULE_TABLE:
-                lo, _, hi = (r.sport or "").partition(":")
-                netconf.rule_del(priority=r.priority, table=r.table, src=r.src,
-                                 ipproto=r.ipproto, family=r.family,
-                                 sport=(int(lo), int(hi or lo)) if r.sport else None)
-                log.info("removed a stale reply rule (from %s) of an earlier run", r.src)
 
 
 def _af(a: IPAddress) -> int:

@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _core, netconf
-from .gateway import RULE_PRIORITY, RULE_TABLE, Gateway, ReplyPath
+from .gateway import RULE_TABLE, ReplyPath, ReplyRules, _af, _host
 
 log = logging.getLogger("lbcore.rawsock")
 
@@ -393,14 +393,6 @@ BLOCK_SIZE = 1 << 18     # bytes: a whole 64 KiB GSO packet fits in a block
 BLOCK_NR = 64            # 16 MiB of receive ring per socket
 
 
-def _host(a: IPAddress) -> str:
-    return f"{a}/{a.max_prefixlen}"
-
-
-def _af(a: IPAddress) -> int:
-    return socket.AF_INET if a.version == 4 else socket.AF_INET6
-
-
 class RawsockPlane:
     """Mode rawsock's data-plane back end for Daemon.serve: setup(), run_worker(i) in each
     worker thread, update() on reload, undo() on exit (also after a failed setup)."""
@@ -424,6 +416,7 @@ class RawsockPlane:
         self.ring_drops = 0
         self._drops_logged_at = 0.0
         self._changes = netconf.NetChanges()
+        self._rules = ReplyRules()
         self._reply_tables: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------
@@ -431,7 +424,7 @@ class RawsockPlane:
     def setup(self) -> None:
         """Kernel routes/rules, the L2 table, the sockets; or undo what was done and raise."""
         try:
-            Gateway._remove_stale_rules()
+            ReplyRules.remove_stale()
             self._remove_stale_routes()
             ifindex = []
             for name in self.links:
@@ -478,11 +471,7 @@ class RawsockPlane:
             for s in socks:
                 s.close()
         self.socks = []
-        for rp in self.replies:
-            try:
-                self._rule(rp, add=False)
-            except Exception as e:  # noqa: BLE001 - best effort on the way out
-                log.debug("removing rule for %s failed: %s", rp, e)
+        self._rules.clear()
         self.replies = []
         self.vips = []
         for failure in self._changes.undo():
@@ -541,17 +530,11 @@ class RawsockPlane:
         """Make the reply rules exactly ``replies`` (the kernel drops its copy of a backend's
         reply through table RULE_TABLE's blackhole default), and the socket filters."""
         want = list(dict.fromkeys(replies))
-        for rp in self.replies:
-            if rp not in want:
-                self._rule(rp, add=False)
         for fam in sorted({r.address.version for r in want} - self._reply_tables):
             netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", table=RULE_TABLE,
                               type="blackhole", changes=self._changes, proto=RTPROT_LBCORE)
             self._reply_tables.add(fam)
-        for rp in want:
-            if rp not in self.replies:
-                self._rule(rp, add=True)
-        self.replies = want
+        self.replies = self._rules.set(want)
         self.resolver.wanted = list(dict.fromkeys(r.address for r in want))
         self._refilter()
 
@@ -570,9 +553,3 @@ class RawsockPlane:
                     "::/0" if r.family == socket.AF_INET6 else "0.0.0.0/0")
                 netconf.route_del(dst, table=r.table, family=r.family)
                 log.info("removed a stale blackhole route (%s) of an earlier run", dst)
-
-    @staticmethod
-    def _rule(rp: ReplyPath, add: bool) -> None:
-        fn = netconf.rule_add if add else netconf.rule_del
-        fn(priority=RULE_PRIORITY, table=RULE_TABLE, src=_host(rp.address), ipproto=rp.proto,
-           sport=rp.port, family=_af(rp.address))
