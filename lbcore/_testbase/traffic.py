@@ -60,14 +60,26 @@ def _read_response(sock: socket.socket, buf: bytes) -> tuple[int, bytes, bytes, 
     return status, buf[:length], buf[length:], close
 
 
+def _bind(sock: socket.socket, source: str | None, sport: int | None) -> None:
+    """Bind to source address / port when asked. A fixed client port makes a flow, and so
+    its backend, reproducible (SO_REUSEADDR: the port may still be in TIME_WAIT)."""
+    if sport is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if source is not None or sport is not None:
+        wildcard = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+        sock.bind((source or wildcard, sport or 0))
+
+
 def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bool = False,
                   path: str = "/", timeout: float = 5.0, deadline: float = 60.0,
-                  source: str | None = None) -> dict[str, Any]:
+                  source: str | None = None, first_sport: int | None = None
+                  ) -> dict[str, Any]:
     """``n`` GET requests to ``addr:port``.
 
     ``keepalive=False``: each on a new connection (a new flow each, what a balancer spreads);
     ``keepalive=True``: all on one HTTP/1.1 connection (one flow; reconnects if the server
-    closes). Returns ``{"ok", "errors", "counts": {body: n}, "results": [[local_port, body],
+    closes). ``first_sport``: connection i uses client port first_sport + i (reproducible
+    flows). Returns ``{"ok", "errors", "counts": {body: n}, "results": [[local_port, body],
     ...], "error_samples": [...], "seconds"}``; a body is the response text stripped (the
     backend's name). Stops at ``deadline`` seconds and counts the rest as errors.
     """
@@ -80,7 +92,7 @@ def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bo
     req_ka = (f"GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").encode()
     req_close = (f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").encode()
     try:
-        for _ in range(n):
+        for i in range(n):
             if time.monotonic() - t0 > deadline:
                 errors.append("deadline")
                 continue
@@ -88,8 +100,7 @@ def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bo
                 if sock is None:
                     sock = socket.socket(fam, socket.SOCK_STREAM)
                     sock.settimeout(timeout)
-                    if source is not None:
-                        sock.bind((source, 0))
+                    _bind(sock, source, None if first_sport is None else first_sport + i)
                     sock.connect((addr, port))
                     leftover = b""
                 sock.sendall(req_ka if keepalive else req_close)
@@ -117,11 +128,12 @@ def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bo
 
 def udp_requests(addr: str, port: int = UDP_PORT, n: int = 1, *, new_socket: bool = True,
                  payload: bytes | str = b"ping", timeout: float = 5.0,
-                 deadline: float = 60.0) -> dict[str, Any]:
+                 deadline: float = 60.0, first_sport: int | None = None) -> dict[str, Any]:
     """``n`` UDP request/response exchanges with ``addr:port``.
 
     ``new_socket=True``: each from a fresh socket (a new source port, a new flow each);
-    otherwise all from one socket. A reply that does not come within ``timeout`` is an error.
+    otherwise all from one socket. ``first_sport``: socket i uses client port first_sport + i.
+    A reply that does not come within ``timeout`` is an error.
     Returns the same shape as :func:`http_requests`.
     """
     if isinstance(payload, str):
@@ -132,13 +144,14 @@ def udp_requests(addr: str, port: int = UDP_PORT, n: int = 1, *, new_socket: boo
     t0 = time.monotonic()
     sock: socket.socket | None = None
     try:
-        for _ in range(n):
+        for i in range(n):
             if time.monotonic() - t0 > deadline:
                 errors.append("deadline")
                 continue
             if sock is None:
                 sock = socket.socket(fam, socket.SOCK_DGRAM)
                 sock.settimeout(timeout)
+                _bind(sock, None, None if first_sport is None else first_sport + i)
                 sock.connect((addr, port))
             try:
                 sock.send(payload)
