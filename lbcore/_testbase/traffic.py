@@ -60,6 +60,13 @@ def _read_response(sock: socket.socket, buf: bytes) -> tuple[int, bytes, bytes, 
     return status, buf[:length], buf[length:], close
 
 
+def _summary(results: list[list[Any]], errors: list[str], t0: float) -> dict[str, Any]:
+    """The result every request helper returns: answers per backend name and each answer."""
+    return {"ok": len(results), "errors": len(errors), "error_samples": errors[:5],
+            "counts": dict(Counter(body for _, body in results)), "results": results,
+            "seconds": time.monotonic() - t0}
+
+
 def _bind(sock: socket.socket, source: str | None, sport: int | None) -> None:
     """Bind to source address / port when asked. A fixed client port makes a flow, and so
     its backend, reproducible (SO_REUSEADDR: the port may still be in TIME_WAIT)."""
@@ -121,9 +128,7 @@ def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bo
     finally:
         if sock is not None:
             sock.close()
-    return {"ok": len(results), "errors": len(errors), "error_samples": errors[:5],
-            "counts": dict(Counter(body for _, body in results)), "results": results,
-            "seconds": time.monotonic() - t0}
+    return _summary(results, errors, t0)
 
 
 def udp_requests(addr: str, port: int = UDP_PORT, n: int = 1, *, new_socket: bool = True,
@@ -165,9 +170,7 @@ def udp_requests(addr: str, port: int = UDP_PORT, n: int = 1, *, new_socket: boo
     finally:
         if sock is not None:
             sock.close()
-    return {"ok": len(results), "errors": len(errors), "error_samples": errors[:5],
-            "counts": dict(Counter(body for _, body in results)), "results": results,
-            "seconds": time.monotonic() - t0}
+    return _summary(results, errors, t0)
 
 
 def bulk_sink(addr: str, nbytes: int, port: int = SINK_PORT, *, timeout: float = 30.0
