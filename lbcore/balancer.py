@@ -4,10 +4,10 @@ into forwarding tables for the data plane (katran's KatranLb analogue).
 Balancer(dataplane) holds the desired state - VIPs, their backends, each
 backend's health, drain flag and weight - and after every change builds a new
 Maglev table in C and publishes it atomically (`Dataplane.publish`). Verbs
-follow STYLE.md rule 7: add_vip/del_vip/add_backend/del_backend/
+are verb_noun, one per change: add_vip/del_vip/add_backend/del_backend/
 set_backend_weight/drain/set_health/pick; deleting something absent is a no-op.
 
-Flow semantics on a change (DESIGN.md "Selection and flow state"):
+Flow semantics on a change:
   - draining: weight 0 in the ring, but its flows stay pinned to it;
   - down (health) or removed: weight 0 / gone, and its flows are purged from
     the flow table after the publish, so their next packets are re-picked;
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-
-from ._core import now_ms
 
 log = logging.getLogger("lbcore.balancer")
 
 IPAddress = IPv4Address | IPv6Address
 PROTO = {"tcp": 6, "udp": 17}
+PROTO_NAMES = {n: name for name, n in PROTO.items()}
 
 
 @dataclass
@@ -47,12 +46,17 @@ class BackendState:
     def key(self) -> tuple[IPAddress, int]:
         return (self.address, self.port)
 
+    @property
+    def current_weight(self) -> int:
+        """The operator's runtime weight if set, else the configured one."""
+        return self.weight if self.weight_override is None else self.weight_override
+
     def effective_weight(self, slow_start: float, now: float) -> int:
         """Weight in the ring: 0 when down or draining; ramps up linearly
         during slow start after the backend came up."""
         if not self.up or self.draining:
             return 0
-        w = self.weight if self.weight_override is None else self.weight_override
+        w = self.current_weight
         if slow_start > 0 and w > 0:
             frac = (now - self.up_since) / slow_start
             if frac < 1:
@@ -85,8 +89,11 @@ class Balancer:
     tests).
     """
 
-    def __init__(self, dataplane, seed: int = 0, ring_size: int = 65537) -> None:
+    def __init__(self, dataplane, seed: int = 0, ring_size: int = 65537,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.dp = dataplane
+        # the flow table's clock (lbcore._core.now_ms, ms of CLOCK_MONOTONIC_COARSE)
+        self.clock_ms = clock_ms or _monotonic_ms
         self.seed = seed
         self.ring_size = ring_size
         self.vips: dict[tuple[IPAddress, int, str], VipState] = {}
@@ -102,6 +109,8 @@ class Balancer:
     def add_vip(self, name: str, address: str | IPAddress, port: int, proto: str,
                 pool: str = "", ring_size: int | None = None,
                 slow_start: float = 0.0) -> VipState:
+        """Add a VIP (address, port, protocol), or update the name, pool, ring size and slow
+        start of the one that exists; returns it."""
         addr = ip_address(address) if isinstance(address, str) else address
         key = (addr, port, proto)
         if key in self.vips:
@@ -116,6 +125,7 @@ class Balancer:
         return v
 
     def del_vip(self, key: tuple[IPAddress, int, str]) -> None:
+        """Remove the VIP (address, port, protocol); its flows go after the next publish."""
         v = self.vips.pop(key, None)
         if v is not None:
             for b in v.backends.values():
@@ -123,6 +133,8 @@ class Balancer:
 
     def add_backend(self, vip: VipState, address: str | IPAddress, port: int,
                     weight: int = 1) -> BackendState:
+        """Add a backend to ``vip``, or set the configured weight of the one that exists;
+        keeps its health, drain and runtime-weight state. Returns it."""
         addr = ip_address(address) if isinstance(address, str) else address
         if addr.version != vip.address.version:
             raise ValueError(f"backend {addr} is not of the address family of VIP {vip.address}")
@@ -135,6 +147,8 @@ class Balancer:
         return b
 
     def del_backend(self, vip: VipState, key: tuple[IPAddress, int]) -> None:
+        """Remove the backend (address, port) of ``vip``; its flows go after the next
+        publish."""
         b = vip.backends.pop(key, None)
         if b is not None:
             self._queue_purge(b, vip)
@@ -180,12 +194,16 @@ class Balancer:
         (None = every VIP)."""
         out = []
         for v in self.vips.values():
-            if vip_spec is not None and not _vip_matches(v, vip_spec):
+            if vip_spec is not None and not vip_matches(v, vip_spec):
                 continue
             for b in v.backends.values():
                 if _backend_matches(b, backend_spec):
                     out.append((v, b))
         return out
+
+    def find_vips(self, spec: str) -> list[VipState]:
+        """VIPs matching 'NAME', 'ADDR', 'ADDR:PORT', '[ADDR]:PORT' or 'ADDR:PORT/PROTO'."""
+        return [v for v in self.vips.values() if vip_matches(v, spec)]
 
     def set_health(self, vip: VipState, b: BackendState, up: bool, reason: str) -> bool:
         """Record a health transition; True if it changed anything."""
@@ -203,6 +221,8 @@ class Balancer:
         return True
 
     def drain(self, vip: VipState, b: BackendState, draining: bool = True) -> bool:
+        """Drain (weight 0 for new flows, tracked flows stay) or undrain a backend; True if
+        that changed anything."""
         if b.draining == draining:
             return False
         b.draining = draining
@@ -213,6 +233,8 @@ class Balancer:
         return True
 
     def set_backend_weight(self, vip: VipState, b: BackendState, weight: int) -> bool:
+        """Set a runtime weight that overrides the configured one until the next restart;
+        True if that changed anything."""
         if weight < 0:
             raise ValueError(f"weight must be >= 0, not {weight}")
         if b.weight_override == weight:
@@ -224,6 +246,7 @@ class Balancer:
         return True
 
     def in_slow_start(self) -> bool:
+        """Whether some backend's weight is still ramping up (tables must be rebuilt)."""
         now = time.monotonic()
         return any(v.slow_start > 0 and b.up and now - b.up_since < v.slow_start
                    for v in self.vips.values() for b in v.backends.values())
@@ -242,26 +265,42 @@ class Balancer:
 
     def publish(self) -> None:
         """Build and publish the table; then forget the flows of backends that
-        went down or away (only now can no worker pick them any more)."""
+        went down or away (only now can no worker pick them any more).
+
+        The daemon does the same in steps (table_spec, take_purges, the data plane's publish in
+        a worker thread, published, purge) so that the event loop is not held up."""
+        spec, purges = self.table_spec(), self.take_purges()
         t0 = time.perf_counter()
-        self.dp.publish(self.table_spec(), self.seed)
-        self.last_rebuild_s = time.perf_counter() - t0
+        self.dp.publish(spec, self.seed)
+        self.published(time.perf_counter() - t0)
+        self.purge(purges)
+
+    def take_purges(self) -> list[tuple[IPAddress, int, str]]:
+        """The backends whose flows must go once the next table is live (and forget them)."""
+        purges, self._purge_after_publish = self._purge_after_publish, []
+        return purges
+
+    def published(self, seconds: float) -> None:
+        """Record a table that was built in ``seconds`` and is now live."""
+        self.last_rebuild_s = seconds
         self.rebuilds += 1
-        for addr, port, proto in self._purge_after_publish:
+
+    def purge(self, purges: Iterable[tuple[IPAddress, int, str]]) -> None:
+        """Drop the tracked flows of these (address, port, protocol) backends: their next
+        packet is picked again from the live table. Safe from a worker thread."""
+        for addr, port, proto in purges:
             n = self.dp.flow_table.purge_backend(str(addr), port, proto)
             if n:
                 log.info("re-picking %d flows of %s:%d/%s", n, addr, port, proto)
-        self._purge_after_publish = []
 
     def pick(self, vip_spec: str, src: str, sport: int, proto: str | None = None) -> dict:
         """Which backend a flow from src:sport to the VIP goes to, and why."""
-        vips = [v for v in self.vips.values() if _vip_matches(v, vip_spec)
-                and (proto is None or v.proto == proto)]
+        vips = [v for v in self.find_vips(vip_spec) if proto is None or v.proto == proto]
         if not vips:
             raise KeyError(f"no VIP matches {vip_spec!r}")
         v = vips[0]
         flow = self.dp.flow_table.lookup(src, str(v.address), sport, v.port, v.proto,
-                                         now=now_ms())
+                                         now=self.clock_ms())
         if flow is not None:
             return {"vip": v.name, "backend": f"{flow['backend']}:{flow['bport']}",
                     "why": f"tracked flow (state {flow['state']})"}
@@ -289,18 +328,15 @@ class Balancer:
         return self._next_be_stat
 
 
-def _vip_matches(v: VipState, spec: str) -> bool:
-    if spec in (v.name, str(v.address), f"{v.address}:{v.port}",
-                f"[{v.address}]:{v.port}", f"{v.address}:{v.port}/{v.proto}"):
-        return True
-    return False
+def vip_matches(v: VipState, spec: str) -> bool:
+    """Whether ``spec`` names the VIP (see Balancer.find_vips)."""
+    return spec in (v.name, str(v.address), f"{v.address}:{v.port}",
+                    f"[{v.address}]:{v.port}", f"{v.address}:{v.port}/{v.proto}")
 
 
 def _backend_matches(b: BackendState, spec: str) -> bool:
     return spec in (str(b.address), f"{b.address}:{b.port}", f"[{b.address}]:{b.port}")
 
 
-def iter_backends(vips: Iterable[VipState]):
-    for v in vips:
-        for b in v.backends.values():
-            yield v, b
+def _monotonic_ms() -> int:
+    return (time.monotonic_ns() // 1_000_000) & 0xFFFFFFFF

@@ -1,8 +1,8 @@
 """`lbcore`: the one command line for running, checking, inspecting and the lab.
 
 Only argument parsing lives here; every verb calls into the module that owns
-it (config, daemon, control, lab), imported lazily so that `lbcore --help`
-and `check-config` stay fast and need no root.
+it (config, daemon, control.client, lab), imported lazily so that
+`lbcore --help` and `check-config` stay fast and need no root.
 """
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbs = {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}
         return verbs[args.lab_cmd](args)
     if args.cmd in ("status", "flows", "pick", "backend", "reload"):
-        from . import control
+        from .control import client
         try:
-            return getattr(control, f"cmd_{args.cmd}")(args)
-        except control.ControlError as e:
+            return getattr(client, f"cmd_{args.cmd}")(args)
+        except client.ControlError as e:
             print(f"lbcore {args.cmd}: {e}", file=sys.stderr)
             return 1
     if args.cmd == "demo":
-        from .demo import cmd_demo
+        from .lab.demo import cmd_demo
         return cmd_demo(args)
     print(f"lbcore: unknown command {args.cmd}", file=sys.stderr)  # unreachable: argparse
     return 2

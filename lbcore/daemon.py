@@ -5,8 +5,13 @@ control socket, metrics, flow expiry) and one C worker loop per TUN queue (or
 per set of AF_PACKET sockets, mode rawsock) in threads of their own, GIL
 released, pinned to CPUs. Start-up order makes a failure at any step undo the
 ones before it (AsyncExitStack): data plane and first table, the mode's
-devices and gateway routes/rules/sysctls (a TunPlane or a RawsockPlane),
-workers, control.
+devices and gateway routes/rules/sysctls (lbcore.dataplane), workers, health
+checks, the control socket and metrics.
+
+The event loop never waits on slow work: building and publishing tables,
+netlink changes on reload and flow-table walks (expiry, purges) run in a
+worker thread (asyncio.to_thread), so health checks keep their timing while
+a reload builds tables for many backends.
 """
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ from typing import Any
 from . import _core
 from .balancer import PROTO, Balancer
 from .config import Config, ConfigError, load_config
-from .gateway import Gateway, ReplyPath
+from .control.metrics import start_metrics
+from .control.server import start_control
+from .control.status import StatusView
+from .dataplane import Plane, make_plane
+from .dataplane.replies import ReplyPath
 from .health import HealthMonitor, targets_from_config
-from .tun import close_tun, open_tun
 
 log = logging.getLogger("lbcore")
 
@@ -55,7 +63,8 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
 def worker_cpus(workers: int) -> list[int | None]:
     """CPU for each worker: from the highest CPU down, leaving CPU 0 - where
     interrupts and softirq work usually land - to the kernel as long as there
-    are enough CPUs (BASELINE.md lesson 5: receive livelock)."""
+    are enough CPUs (a busy-polling worker on the CPU that also runs the
+    kernel's receive work starves it: receive livelock)."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except OSError:
@@ -67,49 +76,9 @@ def worker_cpus(workers: int) -> list[int | None]:
 
 
 def reply_paths(bal: Balancer) -> list[ReplyPath]:
+    """The (backend, protocol, port) whose replies the data plane must see."""
     return [ReplyPath(b.address, PROTO[v.proto], b.port)
             for v in bal.vips.values() for b in v.backends.values()]
-
-
-class TunPlane:
-    """Mode tun's data-plane back end: the TUN queues and the Gateway (VIP routes into the
-    TUN, reply rules, sysctls). RawsockPlane (lbcore.rawsock) has the same four verbs."""
-
-    def __init__(self, config: Config, dp: Any, vips: list, replies: list[ReplyPath]) -> None:
-        self.config, self.dp = config, dp
-        self.fds: list[int] = []
-        self.gateway = Gateway(config.tun_name, vips, replies)
-
-    def setup(self) -> None:
-        cfg = self.config
-        self.fds, offload = open_tun(cfg.tun_name, cfg.workers, vnet_hdr=True)
-        log.info("TUN %s: %d queue(s), offloads 0x%x", cfg.tun_name, len(self.fds), offload)
-        try:
-            self.gateway.setup()
-        except BaseException:
-            close_tun(self.fds)
-            self.fds = []
-            raise
-
-    def run_worker(self, i: int) -> None:
-        self.dp.run_worker(i, self.fds[i], True)
-
-    def update(self, vips: list, replies: list[ReplyPath]) -> None:
-        self.gateway.set_vips(vips)
-        self.gateway.set_replies(replies)
-
-    def undo(self) -> None:
-        self.gateway.undo()
-        close_tun(self.fds)
-        self.fds = []
-
-
-def make_plane(config: Config, dp: Any, vips: list, replies: list[ReplyPath]) -> Any:
-    """The data-plane back end of config.mode."""
-    if config.mode == "rawsock":
-        from .rawsock import RawsockPlane
-        return RawsockPlane(config, dp, vips, replies)
-    return TunPlane(config, dp, vips, replies)
 
 
 class Daemon:
@@ -120,13 +89,15 @@ class Daemon:
         self.config_path = config_path
         self.dp: Any = None
         self.balancer: Balancer | None = None
-        self.plane: Any = None
+        self.plane: Plane | None = None
+        self.view = StatusView(self)
         self.started = time.time()
         self._stop = asyncio.Event()
         self._threads: list[threading.Thread] = []
         self._worker_error: BaseException | None = None
         self._reload_lock = asyncio.Lock()
-        self.health: Any = None
+        self._publish_lock = asyncio.Lock()
+        self.health: HealthMonitor | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -142,7 +113,8 @@ class Daemon:
 
             self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
                                       timeouts=cfg.timeouts.as_ms())
-            self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size)
+            self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size,
+                                     clock_ms=_core.now_ms)
             for change in self.balancer.configure(cfg):
                 log.debug("%s", change)
             self.balancer.publish()
@@ -184,6 +156,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {cpu})   # 0 = this thread
         try:
+            assert self.plane is not None
             self.plane.run_worker(i)
         except BaseException as e:  # noqa: BLE001 - reported, then shut down
             self._worker_error = e
@@ -206,12 +179,11 @@ class Daemon:
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
         """Health checks, then the control socket and metrics."""
-        from .control import start_control
-
         self.health = HealthMonitor(on_change=self._on_health)
         stack.push_async_callback(self.health.close)
         self.health.update(targets_from_config(self.config))
-        await start_control(self, stack)
+        await start_control(self, self.view, stack)
+        start_metrics(self.config.metrics_listen, self.view, stack)
 
     def _on_health(self, key, up: bool, reason: str) -> None:
         """A backend of pool key[0] changed state (after rise/fall): every VIP
@@ -224,7 +196,7 @@ class Daemon:
             if b is not None:
                 changed |= self.balancer.set_health(v, b, up, reason)
         if changed:
-            self.republish()
+            asyncio.ensure_future(self.republish())
 
     def health_of(self, vip, backend) -> dict:
         """Health-check status of one backend of one VIP, for `status`."""
@@ -239,23 +211,35 @@ class Daemon:
                 "failures": st.failures}
 
     async def _housekeeping(self) -> None:
-        """Flow expiry every second; table rebuilds while a slow start ramps."""
+        """Flow expiry every second (a lap of the table, in a worker thread); table rebuilds
+        while a slow start ramps."""
         last_slow = 0.0
         while True:
             await asyncio.sleep(EXPIRE_EVERY_S)
-            self.dp.flow_table.expire(_core.now_ms())
+            await asyncio.to_thread(self.dp.flow_table.expire, _core.now_ms())
             assert self.balancer is not None
             now = time.monotonic()
             if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
-                self.balancer.publish()
+                await self.republish()
                 last_slow = now
 
     # -- changes -------------------------------------------------------------
 
-    def republish(self) -> None:
-        """Publish the balancer's current state (after drain/weight/health)."""
-        assert self.balancer is not None
-        self.balancer.publish()
+    async def republish(self) -> None:
+        """Publish the balancer's current state (after drain/weight/health/reload).
+
+        The table spec is taken on the event loop (the Python state cannot change under it);
+        building the Maglev rings and waiting for the workers to pass a quiescent point run in
+        a worker thread, one publish at a time, and so do the flow purges that follow."""
+        bal = self.balancer
+        assert bal is not None
+        async with self._publish_lock:
+            spec, purges = bal.table_spec(), bal.take_purges()
+            t0 = time.perf_counter()
+            await asyncio.to_thread(self.dp.publish, spec, bal.seed)
+            bal.published(time.perf_counter() - t0)
+            if purges:
+                await asyncio.to_thread(bal.purge, purges)
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Re-read the config, validate, diff, apply. An invalid config is
@@ -274,8 +258,9 @@ class Daemon:
                 return False, problems
             assert self.balancer is not None and self.plane is not None
             changes = self.balancer.configure(new)
-            self.plane.update([v.address for v in new.vips], reply_paths(self.balancer))
-            self.balancer.publish()
+            await asyncio.to_thread(self.plane.update, [v.address for v in new.vips],
+                                    reply_paths(self.balancer))
+            await self.republish()
             self.config = new
             if self.health is not None:
                 self.health.update(targets_from_config(new))

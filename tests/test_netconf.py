@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from lbcore import netconf as nc
-from lbcore._testbase.netns import ns_call, ns_python, ns_run
+from lbcore.lab.ns import ns_call, ns_python, ns_run
 
 pytestmark = pytest.mark.netns
 

@@ -17,20 +17,10 @@ import time
 import pytest
 
 from lbcore import _core, netconf
-from lbcore.gateway import ReplyPath
-from lbcore.rawsock import (
-    BPF_JA,
-    BPF_JEQ_K,
-    BPF_JSET_K,
-    BPF_LD_B_ABS,
-    BPF_LD_H_ABS,
-    BPF_LD_H_IND,
-    BPF_LD_W_ABS,
-    BPF_LDX_B_MSH,
-    BPF_RET_K,
-    build_filter,
-    nexthop,
-)
+from lbcore.dataplane.rawsock.bpf import build_filter
+from lbcore.dataplane.rawsock.l2 import nexthop
+from lbcore.dataplane.replies import ReplyPath
+from lbcore.reference.bpf import bpf_run
 
 ip = ipaddress.ip_address
 VIP4, VIP6 = ip("198.18.100.1"), ip("2001:db8:100::1")
@@ -38,47 +28,6 @@ BE4, BE6 = ip("198.19.0.11"), ip("2001:db8:1::11")
 CLIENT4, CLIENT6 = ip("198.18.0.2"), ip("2001:db8::2")
 GW_LOCAL = ip("198.19.0.1")
 TCP, UDP = 6, 17
-
-
-# --------------------------------------------------------------------------- a BPF interpreter
-
-def bpf_run(prog: list[tuple[int, int, int, int]], pkt: bytes) -> int:
-    """Classic BPF as the kernel runs a socket filter (only the opcodes build_filter emits);
-    a load beyond the packet ends the program with 0, as in the kernel."""
-    a = x = pc = 0
-    steps = 0
-
-    def load(off: int, n: int) -> int | None:
-        if off < 0 or off + n > len(pkt):
-            return None
-        return int.from_bytes(pkt[off:off + n], "big")
-
-    while True:
-        steps += 1
-        assert steps < 100_000 and 0 <= pc < len(prog)
-        code, jt, jf, k = prog[pc]
-        pc += 1
-        if code in (BPF_LD_W_ABS, BPF_LD_H_ABS, BPF_LD_B_ABS, BPF_LD_H_IND):
-            n = {BPF_LD_W_ABS: 4, BPF_LD_H_ABS: 2, BPF_LD_B_ABS: 1, BPF_LD_H_IND: 2}[code]
-            v = load(k + (x if code == BPF_LD_H_IND else 0), n)
-            if v is None:
-                return 0
-            a = v
-        elif code == BPF_LDX_B_MSH:
-            v = load(k, 1)
-            if v is None:
-                return 0
-            x = 4 * (v & 0xF)
-        elif code == BPF_JA:
-            pc += k
-        elif code == BPF_JEQ_K:
-            pc += jt if a == k else jf
-        elif code == BPF_JSET_K:
-            pc += jt if a & k else jf
-        elif code == BPF_RET_K:
-            return k
-        else:
-            raise AssertionError(f"unexpected opcode {code:#x}")
 
 
 def eth(payload: bytes, etype: int) -> bytes:

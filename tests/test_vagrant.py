@@ -126,8 +126,8 @@ def test_gateway_config_is_valid_and_lists_every_backend_vm(tmp_path: pathlib.Pa
 
 def test_gateway_provisioner_uses_lbcore_code():
     """No second implementation in shell: the gateway runs `lbcore run` on
-    lbcore.lab's config, the backends run lbcore.labservers."""
+    lbcore.lab's config, the backends run lbcore.lab.servers."""
     gw = (VAGRANT / "provision" / "gateway.sh").read_text()
     assert "from lbcore.lab import LabSpec, render_config" in gw
     assert "lbcore run -c" in gw
-    assert "-m lbcore.labservers --name" in (VAGRANT / "provision" / "backend.sh").read_text()
+    assert "-m lbcore.lab.servers --name" in (VAGRANT / "provision" / "backend.sh").read_text()

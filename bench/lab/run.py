@@ -21,7 +21,7 @@ take turns; a lab that someone brought up by hand is never touched: the bench st
 Pinning: load generators, the backends' servers and this driver on CPU 0; the forwarder on
 CPU 1 (HAProxy and lbcore by taskset; lbcore's workers pin themselves to the highest CPU). Kernel
 forwarding and nftables run in softirq context wherever the packet is; with veth that is mostly
-the sender's CPU (BASELINE.md lesson 6), which the CPU table shows.
+the sender's CPU, which the CPU table shows.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ SETTLE_S = 1.0          # pause between cells (queues drain, sockets close)
 # tests wait for a round instead of pulling the lab away mid-cell.
 LOCK_TIMEOUT = 1200.0
 FOREIGN_LAB_WAIT = 600.0   # s: how long to wait for a lab built without the lock to go
-ROUND_GAP_S = 1.5       # between rounds, outside the lock (lab_lock polls every 0.2 s)
+ROUND_GAP_S = 1.5       # between rounds, outside the lock (lab.turn polls every 0.2 s)
 
 
 # --------------------------------------------------------------------------- systems
@@ -117,7 +117,7 @@ NOTES = [
     "TCP bulk: iperf3 3.x, -P 1 and -P 4, -O 1 (first second omitted), receiver's figure; "
     "one iperf3 server on backend 1 (its control and data connections must meet one server, so "
     "the bulk VIP port 5201 has a one-backend pool in every system).",
-    "HTTP: the lab's backend servers (lbcore.labservers, Python asyncio) on :80. New connections: "
+    "HTTP: the lab's backend servers (lbcore.lab.servers, Python asyncio) on :80. New connections: "
     f"wrk -t1 -c{WRK_CONNS} -H 'Connection: close', three wrk processes (to the three backends "
     "for kernel forwarding, to the VIP otherwise); keep-alive: the same without the header. The "
     "backends' Python servers share CPU 0 with wrk: where the kernel column is no higher than "
@@ -421,10 +421,9 @@ class Bench:
     def lab(self, group: str) -> Iterator[Any]:
         """Bring up the lab for ``group`` and prepare it; always take it down again."""
         from lbcore import lab
-        from lbcore._testbase.netns import lab_lock
         spec = self._lab_spec(group)
         try:
-            with lab_lock(timeout=LOCK_TIMEOUT) if self.take_lock else contextlib.nullcontext():
+            with lab.turn(timeout=LOCK_TIMEOUT) if self.take_lock else contextlib.nullcontext():
                 log(f"lab up ({group})")
                 state = self._up(lab, spec)
                 yield from self._use_lab(lab, group, state)
@@ -440,8 +439,8 @@ class Bench:
         while True:
             try:
                 return lab.up(spec, out=lambda _: None)
-            except lab.LabError as e:
-                if "already exists" not in str(e) or time.monotonic() > deadline:
+            except lab.LabExists:
+                if time.monotonic() > deadline:
                     raise
                 if not said:
                     log(f"someone else's lab is up; waiting up to {FOREIGN_LAB_WAIT:.0f} s for "

@@ -12,9 +12,9 @@ import sys
 import time
 from collections import Counter, defaultdict
 
-from . import lab
-from ._testbase.netns import http_requests, running_lab, udp_requests
-from .control import request
+from .. import lab
+from ..control.client import request
+from .ns import http_requests, udp_requests
 
 KEEPALIVE_CONNS = 10
 KEEPALIVE_REQS = 20
@@ -31,9 +31,9 @@ def cmd_demo(args) -> int:
     con.print(f"[bold]lbcore demo[/]: a client, a gateway running lbcore (tun mode) and "
               f"{n_be} backends in network namespaces; VIP {lab.VIP_V4} tcp/80, udp/5300")
     t0 = time.monotonic()
-    # running_lab takes the lab lock (tests and bench-lab share the lab
+    # lease() waits for the lab's turn (tests and bench-lab share the lab
     # names), replaces any lab left over, and always tears down
-    with running_lab(backends=n_be):
+    with lab.lease(backends=n_be):
         con.print(f"lab up in {time.monotonic() - t0:.1f} s; sending traffic from lbc-client")
         http = http_requests("lbc-client", lab.VIP_V4, n=args.requests, deadline=60)
         udp = udp_requests("lbc-client", lab.VIP_V4, n=args.udp, deadline=60)

@@ -1,4 +1,4 @@
-"""Client side of the lab's servers (lbcore.labservers): HTTP, UDP and bulk TCP requests.
+"""Client side of the lab's servers (lbcore.lab.servers): HTTP, UDP and bulk TCP requests.
 
 Standard library only, and every function returns plain JSON-able data, so that the same code
 runs three ways:
@@ -6,8 +6,8 @@ runs three ways:
 * in the calling process, in a thread that has entered a namespace
   (``netconf.run_in_netns("lbc-client", http_requests, "198.18.100.1", n=300)``);
 * in a subprocess inside a namespace that runs many requests and prints one JSON result
-  (``python -m lbcore._testbase.traffic`` reading ``{"fn": ..., "kwargs": ...}`` on stdin;
-  :func:`lbcore._testbase.netns.traffic` does this);
+  (``python -m lbcore.lab.traffic`` reading ``{"fn": ..., "kwargs": ...}`` on stdin;
+  :func:`lbcore.lab.ns.traffic` does this);
 * on a VM of the Vagrant lab.
 
 Every loop is bounded by a count and by a deadline; failures are counted and returned, never
@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..labservers import HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT, pattern, pattern_sha256
+from .servers import HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT, pattern, pattern_sha256
 
 __all__ = ["http_requests", "udp_requests", "bulk_sink", "bulk_source", "FUNCTIONS"]
 
@@ -32,7 +32,7 @@ def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
-def _read_response(sock: socket.socket, buf: bytes) -> tuple[int, bytes, bytes, bool]:
+def read_response(sock: socket.socket, buf: bytes) -> tuple[int, bytes, bytes, bool]:
     """Read one HTTP response (Content-Length framed). Returns status, body, leftover, and
     whether the server said Connection: close."""
     while b"\r\n\r\n" not in buf:
@@ -111,7 +111,7 @@ def http_requests(addr: str, port: int = HTTP_PORT, n: int = 1, *, keepalive: bo
                     sock.connect((addr, port))
                     leftover = b""
                 sock.sendall(req_ka if keepalive else req_close)
-                status, body, leftover, close = _read_response(sock, leftover)
+                status, body, leftover, close = read_response(sock, leftover)
                 lport = sock.getsockname()[1]
                 if status != 200:
                     errors.append(f"status {status}")

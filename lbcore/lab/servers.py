@@ -1,6 +1,6 @@
 """The servers of one lab backend: small, fast, and standard library only.
 
-``python3 -m lbcore.labservers --name be2`` runs, in one asyncio loop, what the lab's traffic
+``python3 -m lbcore.lab.servers --name be2`` runs, in one asyncio loop, what the lab's traffic
 and the tests talk to (the namespace lab starts one per backend namespace; the Vagrant lab runs
 the same on a VM, which is why this module imports nothing outside the standard library):
 
@@ -319,7 +319,7 @@ async def serve(name: str, binds: Sequence[str], *, http_port: int = HTTP_PORT,
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m lbcore.labservers",
+    p = argparse.ArgumentParser(prog="python3 -m lbcore.lab.servers",
                                 description="HTTP, UDP and bulk TCP servers of one lab backend.")
     p.add_argument("--name", required=True, help="the name the servers answer (e.g. be2)")
     p.add_argument("--ipv6", action="store_true", help="also listen on ::")

@@ -1,7 +1,7 @@
 """`lbcore lab up|down|status`: a whole rack in network namespaces on this machine.
 
-The topology (issue 3, "The lab"; the names and addresses are a contract that tests, the demo
-and the benchmarks rely on)::
+The topology (the names and addresses are a contract that tests, the demo, the benchmarks and
+operators' scripts rely on)::
 
     lbc-client                 lbc-gw                                 lbc-be1 .. lbc-beN
     lbc-cl-gw  <--veth-->  lbc-gw-cl                 lbc-gw-beI <--veth-->  lbc-beI-gw
@@ -12,7 +12,7 @@ and the benchmarks rely on)::
 The VIP 198.18.100.1 (2001:db8:100::1 with --ipv6) serves TCP 80 and UDP 5300; the lab assigns it
 to no interface: the balancer in lbc-gw routes it into its TUN device (``--mode rawsock``: takes
 its frames off lbc-gw-cl and sends them out of lbc-br0 with AF_PACKET, docs/rawsock.md).
-Each backend runs ``lbcore.labservers`` (HTTP :80, UDP :5300, bulk sink :9000 and source
+Each backend runs ``lbcore.lab.servers`` (HTTP :80, UDP :5300, bulk sink :9000 and source
 :9001). Unless ``--no-balancer``, ``lbcore run`` is started in lbc-gw from a config generated
 here.
 
@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import netconf
-from .labservers import HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT
+from .. import netconf
+from .servers import HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT
 
 __all__ = [
     "BRIDGE", "CLIENT_NS", "CLIENT_V4", "CLIENT_V6", "GW_BACKEND_V4", "GW_BACKEND_V6",
@@ -76,6 +76,8 @@ MAX_BACKENDS = 240             # 198.19.0.(10+i) must stay below .255
 
 STATE_DIR = Path("/run/lbcore-lab")
 LOCK_FILE = Path("/run/lbcore-lab.lock")   # serialises up/down of concurrent callers
+LEASE_FILE = Path("/run/lbcore-lab.test.lock")  # one user of the lab at a time: see turn()
+LEASE_TIMEOUT = 600.0
 
 SERVER_READY_TIMEOUT = 15.0     # s: a backend's servers must listen by then
 BALANCER_READY_TIMEOUT = 30.0   # s: the balancer's control socket or "ready" log line
@@ -121,6 +123,10 @@ def is_lab_netns(name: str) -> bool:
 
 class LabError(RuntimeError):
     """The lab could not be built (the message says why and what to do)."""
+
+
+class LabExists(LabError):
+    """``up()`` found a lab (namespaces or a state file) already there."""
 
 
 @dataclass(frozen=True)
@@ -240,7 +246,7 @@ def present_namespaces() -> list[str]:
 _children: dict[int, subprocess.Popen] = {}
 
 
-def _starttime(pid: int) -> int | None:
+def starttime(pid: int) -> int | None:
     """Start time (clock ticks since boot) of a live, non-zombie process, else None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -255,7 +261,7 @@ def _starttime(pid: int) -> int | None:
 
 def proc_alive(p: Proc) -> bool:
     """True if the recorded process is still the one the lab started and has not exited."""
-    return _starttime(p.pid) == p.starttime
+    return starttime(p.pid) == p.starttime
 
 
 def _reap(pid: int) -> None:
@@ -298,11 +304,11 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment of lab processes: they import this very lbcore (a worktree or an
     install), unbuffered so that their logs are current."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -315,9 +321,9 @@ def _spawn(state: LabState, role: str, netns: str, argv: list[str], log: Path,
     with open(log, "ab") as logf:
         child = netconf.popen_in_netns(
             netns, argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-            start_new_session=True, env=_child_env(), cwd="/", pass_fds=tuple(pass_fds))
+            start_new_session=True, env=child_env(), cwd="/", pass_fds=tuple(pass_fds))
     _children[child.pid] = child
-    start = _starttime(child.pid)
+    start = starttime(child.pid)
     state.processes.append(Proc(role=role, netns=netns, pid=child.pid,
                                 starttime=start if start is not None else -1,
                                 argv=list(argv), log=str(log)))
@@ -412,7 +418,7 @@ def _start_servers(state: LabState, which: Sequence[int] | None = None) -> None:
     started = []
     for i in which or range(1, spec.backends + 1):
         r, w = os.pipe()
-        argv = [sys.executable, "-m", "lbcore.labservers", "--name", backend_name(i),
+        argv = [sys.executable, "-m", "lbcore.lab.servers", "--name", backend_name(i),
                 "--ready-fd", str(w)]
         if spec.ipv6:
             argv.append("--ipv6")
@@ -513,7 +519,7 @@ def up(spec: LabSpec | None = None, *, out: Callable[[str], object] = print) -> 
         existing = present_namespaces()
         if paths()["state"].exists() or existing:
             what = ", ".join(existing) if existing else str(paths()["state"])
-            raise LabError(f"a lab already exists ({what}); `lbcore lab down` removes it")
+            raise LabExists(f"a lab already exists ({what}); `lbcore lab down` removes it")
         paths()["dir"].mkdir(mode=0o755, parents=True, exist_ok=True)
         state = LabState(spec=spec)
         _save(state)  # before anything is made: `down` can always clean up
@@ -702,6 +708,46 @@ def status_text() -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------- CLI verbs
+
+# --------------------------------------------------------------------------- turns
+
+@contextlib.contextmanager
+def turn(timeout: float = LEASE_TIMEOUT) -> Iterator[None]:
+    """Machine-wide turn-taking among the lab's users (tests, the lab benchmark, the demo):
+    the lab's names are fixed, so only one of them can have a lab at a time.
+
+    Held for a whole use of the lab (many up/down calls), unlike up/down's own short lock,
+    which only makes each call atomic; a user holding its turn can still run `lbcore lab`
+    commands in subprocesses."""
+    fd = os.open(LEASE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another user of the lab holds {LEASE_FILE}") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lease(spec: LabSpec | None = None, *, timeout: float = LEASE_TIMEOUT,
+          **kwargs: Any) -> Iterator[LabState]:
+    """The lab (``spec`` or ``LabSpec(**kwargs)``) for the duration of the ``with``: waits for
+    its turn, removes a lab left over by a crash, builds this one and always removes it."""
+    spec = spec or LabSpec(**kwargs)
+    with turn(timeout):
+        down(out=lambda _: None)
+        try:
+            yield up(spec, out=lambda _: None)
+        finally:
+            down(out=lambda _: None)
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     """`lbcore lab up`."""

@@ -2,13 +2,14 @@
 
 Opened with ioctl on /dev/net/tun (TUN creation is not a netlink operation);
 everything else about the link (up, txqueuelen, routes) goes through pyroute2
-in lbcore.gateway. The device is not persistent: when the last queue fd closes
+in lbcore.dataplane.tun.routes. The device is not persistent: when the last queue fd closes
 - on a clean exit or when the process is SIGKILLed - the kernel removes the
 device and every route through it, so a crash leaves no TUN behind.
 
-Offloads (BASELINE.md lesson 2): IFF_VNET_HDR + TUNSETOFFLOAD (checksum,
-TSO4/6, USO4/6) let TCP cross as 64 KiB super-packets in one read/write; the
-C rewrite handles their virtio_net_hdr and partial checksums.
+Offloads: IFF_VNET_HDR + TUNSETOFFLOAD (checksum, TSO4/6, USO4/6) let TCP
+cross as 64 KiB super-packets in one read/write instead of one per MSS (the
+per-packet cost, not the bytes, bounds a user-space forwarder); the C rewrite
+handles their virtio_net_hdr and partial checksums.
 """
 from __future__ import annotations
 

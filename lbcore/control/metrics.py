@@ -1,31 +1,34 @@
 """Prometheus metrics (prometheus-client), every name prefixed `lbcore_`.
 
-A custom collector reads the live counters at scrape time; it asks the
-control plane's event loop for the snapshot (control.status), so a scrape
-never races a reload or a health change.
+A custom collector reads the live counters at scrape time through the
+StatusView; it asks the control plane's event loop for the snapshot, so a
+scrape never races a reload or a health change.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from ipaddress import IPv4Address, IPv6Address
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .status import StatusView
 
 log = logging.getLogger("lbcore.metrics")
 
 
 class LbCollector:
-    def __init__(self, daemon, loop: asyncio.AbstractEventLoop) -> None:
-        self.daemon = daemon
+    """prometheus-client collector over a StatusView (called in the HTTP server's thread)."""
+
+    def __init__(self, view: StatusView, loop: asyncio.AbstractEventLoop) -> None:
+        self.view = view
         self.loop = loop
 
     def _snapshot(self) -> dict:
-        from .control import status
-
         async def snap() -> dict:
-            return status(self.daemon)
+            return self.view.snapshot()
         return asyncio.run_coroutine_threadsafe(snap(), self.loop).result(timeout=10)
 
     def collect(self):
@@ -111,14 +114,14 @@ class LbCollector:
                                 value=s["uptime"])
 
 
-def start_metrics(daemon, stack: contextlib.AsyncExitStack) -> None:
-    """Serve /metrics on config.metrics_listen (None = off)."""
-    listen = daemon.config.metrics_listen
+def start_metrics(listen: tuple[IPv4Address | IPv6Address, int] | None, view: StatusView,
+                  stack: contextlib.AsyncExitStack) -> None:
+    """Serve /metrics on ``listen`` (config.metrics_listen; None = off)."""
     if not listen:
         return
     addr, port = listen
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LbCollector(daemon, asyncio.get_running_loop()))
+    registry.register(LbCollector(view, asyncio.get_running_loop()))
     server, thread = start_http_server(port, addr=str(addr), registry=registry)
 
     def _stop() -> None:

@@ -1,0 +1,160 @@
+"""Runtime control, client side: the CLI verbs that talk to a running lbcore.
+
+`status`, `flows`, `pick`, `backend` and `reload` send one request each over the control
+socket (see :mod:`.server` for the protocol) and render the answer with rich, or as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from ..balancer import PROTO_NAMES
+from ..config import DEFAULT_CONTROL_SOCKET, ConfigError, load_config
+
+
+class ControlError(RuntimeError):
+    pass
+
+
+def request(path: str, req: dict, timeout: float = 10.0) -> Any:
+    """Send one request to a running lbcore; return its result or raise."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {path}: is lbcore running?") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path}: run as root") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"nothing listens on {path}: lbcore is not running") from None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    if not buf:
+        raise ControlError("lbcore closed the connection without an answer")
+    resp = json.loads(buf)
+    if not resp.get("ok"):
+        raise ControlError(resp.get("error", "unknown error"))
+    return resp["result"]
+
+
+def socket_path(args) -> str:
+    """--socket, else the config's control_socket, else the default."""
+    if getattr(args, "socket", None):
+        return args.socket
+    cfg_path = getattr(args, "config", None)
+    if cfg_path and os.path.exists(cfg_path):
+        try:
+            return load_config(cfg_path).control_socket
+        except ConfigError:
+            pass
+    return DEFAULT_CONTROL_SOCKET
+
+
+def _ago(ts: float) -> str:
+    d = max(0, time.time() - ts)
+    if d < 120:
+        return f"{d:.0f}s ago"
+    if d < 7200:
+        return f"{d / 60:.0f}m ago"
+    return f"{d / 3600:.1f}h ago"
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def cmd_status(args) -> int:
+    st = request(socket_path(args), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    f = st["flows"]
+    con.print(f"lbcore {st['version']} pid {st['pid']}  mode {st['mode']}  "
+              f"workers {st['workers']}  up {st['uptime']:.0f}s  config {st['config']}")
+    con.print(f"flows {f['active']}/{f['capacity']}  rx {st['totals']['rx']}  "
+              f"tx {st['totals']['tx']}  table rebuilds {st['table']['rebuilds']}")
+    t = Table(show_lines=False)
+    for col in ("VIP", "backend", "health", "weight", "flows", "packets", "bytes",
+                "last change"):
+        t.add_column(col, justify="right" if col in ("weight", "flows", "packets", "bytes")
+                     else "left")
+    for v in st["vips"]:
+        t.add_row(f"[bold]{v['name']}[/]", f"{v['address']}:{v['port']}/{v['protocol']}", "",
+                  "", str(v["active_flows"]), _human(v["packets"]), _human(v["bytes"]), "")
+        for b in v["backends"]:
+            health = "[green]up[/]" if b["state"] == "up" else "[red]down[/]"
+            if b["draining"]:
+                health += " [yellow]draining[/]"
+            t.add_row("", f"{b['address']}:{b['port']}", health,
+                      f"{b['effective_weight']}/{b['weight']}", str(b["active_flows"]),
+                      _human(b["packets"]), _human(b["bytes"]),
+                      f"{_ago(b['last_change'])} ({b['reason']})")
+    con.print(t)
+    drops = {k: v for k, v in st["drops"].items() if v}
+    if drops:
+        con.print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return 0
+
+
+def cmd_flows(args) -> int:
+    flows = request(socket_path(args), {"cmd": "flows", "vip": args.vip, "limit": args.limit})
+    if args.json:
+        print(json.dumps(flows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    t = Table()
+    for col in ("proto", "client", "VIP", "backend", "state"):
+        t.add_column(col)
+    for fl in flows:
+        t.add_row(PROTO_NAMES.get(fl["proto"], str(fl["proto"])), f"{fl['client']}:{fl['cport']}",
+                  f"{fl['vip']}:{fl['vport']}", f"{fl['backend']}:{fl['bport']}", fl["state"])
+    Console().print(t)
+    print(f"{len(flows)} flow(s) shown")
+    return 0
+
+
+def cmd_pick(args) -> int:
+    r = request(socket_path(args), {"cmd": "pick", "vip": args.vip, "src": args.src,
+                                    "sport": args.sport, "proto": args.proto})
+    print(f"{r['vip']}: {args.src}:{args.sport} -> {r['backend'] or 'nothing'} ({r['why']})")
+    return 0 if r["backend"] else 1
+
+
+def cmd_backend(args) -> int:
+    req = {"cmd": "backend", "action": args.action, "vip": args.vip, "backend": args.backend}
+    if args.action == "weight":
+        if args.weight is None:
+            raise ControlError("`backend weight` needs a weight")
+        req["weight"] = args.weight
+    r = request(socket_path(args), req)
+    print(("changed: " if r["changed"] else "unchanged: ") + ", ".join(r["backends"]))
+    return 0
+
+
+def cmd_reload(args) -> int:
+    r = request(socket_path(args), {"cmd": "reload"}, timeout=60)
+    for c in r["changes"]:
+        print(c)
+    print(f"reloaded: {len(r['changes'])} change(s)")
+    return 0

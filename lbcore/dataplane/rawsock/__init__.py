@@ -1,0 +1,218 @@
+"""Mode "rawsock": the AF_PACKET data plane's set-up (docs/rawsock.md).
+
+The workers (ext/lb_rawsock.c) read frames from TPACKET_V3 rings on the client-facing and the
+backend-facing link and send the rewritten frames with sendmmsg() on the other link. This module
+prepares everything around them, in the gateway's own namespace, and undoes it on exit:
+
+* **Sockets**: per worker one :class:`lbcore._core.RawSocket` per link, in a PACKET_FANOUT_HASH
+  group per link (the workers share a link by flow hash), with a classic-BPF filter generated
+  here (:func:`build_filter`): on the client link only frames to a VIP, on the backend link only
+  replies from a (backend, protocol, port) of the config that are not addressed to the gateway
+  itself (its health checks).
+* **The kernel keeps out** of what the balancer forwards. AF_PACKET gets a copy of each frame;
+  the kernel's own copy must die quietly (no ICMP, no second, un-NATed forward). The VIPs get
+  blackhole routes (the kernel drops a packet to a blackhole silently, before forwarding), and
+  the backends' replies are steered by the same narrow policy rules as in tun mode
+  (``from BACKEND ipproto P sport PORT``, priority 4242) into a table whose default route is a
+  blackhole. Health-check replies are addressed to the gateway, which the local table (always
+  consulted first) delivers. Plain routes and rules: no nftables/tc dependency, nothing that
+  matches more than the balancer's own traffic, the same clean-up of a crashed run as tun mode.
+* **ARP/NDP for the VIPs**: a VIP is normally routed to the gateway (as in the lab), so nobody
+  asks for it; for a VIP on the client link's subnet: the kernel answers NDP for an IPv6 VIP
+  through a proxy entry (``proxy_ndp``, proxy_delay 0), and the data plane answers ARP for an
+  IPv4 VIP itself (the kernel's proxy ARP needs a unicast route to the VIP, which would make
+  it forward the VIP's traffic too).
+* **L2**: :class:`L2Resolver` fills the data plane's MAC table (next hop -> MAC per link, plus
+  each link's own MAC and its routes) from the kernel's neighbour and routing tables. It re-reads
+  them (one dump each) whenever rtnetlink reports a link/address/route/neighbour change, and
+  once a second anyway: the events only wake it, so a lost event (netlink overflow) delays an
+  update by a second at most, and the kernel's own neighbour machinery (ARP/NDP, gratuitous
+  ARP, NUD probes) is what notices a new MAC. Next hops the table lacks - the backends, the
+  routes' gateways, and whatever the workers reported as unresolved - are resolved on demand
+  by the kernel (a neighbour entry flagged NTF_USE), at most once a second each; frames to an
+  unresolved next hop are dropped and counted (``no_neigh``).
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ... import _core, netconf
+from ..replies import RULE_TABLE, IPAddress, ReplyPath, ReplyRules, af, host_prefix
+from .bpf import Insn, build_filter
+from .l2 import L2Resolver
+
+log = logging.getLogger("lbcore.rawsock")
+
+RTPROT_LBCORE = 0xF4     # route protocol of our blackhole routes: a crashed run's are found
+RTN_BLACKHOLE = 6
+BLOCK_SIZE = 1 << 18     # bytes: a whole 64 KiB GSO packet fits in a block
+BLOCK_NR = 64            # 16 MiB of receive ring per socket
+
+
+class RawsockPlane:
+    """Mode rawsock's data-plane back end for Daemon.serve: setup(), run_worker(i) in each
+    worker thread, update() on reload, undo() on exit (also after a failed setup)."""
+
+    def __init__(self, config: Any, dp: Any, vips: Sequence[IPAddress],
+                 replies: Sequence[ReplyPath]) -> None:
+        rs = config.rawsock
+        if rs is None:
+            raise ValueError('mode "rawsock" needs a [rawsock] table')
+        self.dp = dp
+        self.workers = config.workers
+        self.client_link = rs.client_link
+        self.backend_link = rs.backend_link
+        self.links = list(dict.fromkeys([rs.client_link, rs.backend_link]))
+        self.vips: list[IPAddress] = []
+        self.replies: list[ReplyPath] = []
+        self._want_vips = list(dict.fromkeys(vips))
+        self._want_replies = list(dict.fromkeys(replies))
+        self.socks: list[list[Any]] = []
+        self.resolver = L2Resolver(dp, self.links, len(self.links) - 1, self._check_rings)
+        self.ring_drops = 0
+        self._drops_logged_at = 0.0
+        self._changes = netconf.NetChanges()
+        self._rules = ReplyRules()
+        self._reply_tables: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Kernel routes/rules, the L2 table, the sockets; or undo what was done and raise."""
+        try:
+            ReplyRules.remove_stale()
+            self._remove_stale_routes()
+            ifindex = []
+            for name in self.links:
+                idx = netconf.link_index(name)
+                if idx is None:
+                    raise OSError(errno.ENODEV, f"rawsock link {name!r} does not exist")
+                ifindex.append(idx)
+                netconf.link_set(name, state="up")
+            self.set_vips(self._want_vips)
+            self.set_replies(self._want_replies)
+            self.resolver.refresh()
+            self._open_sockets(ifindex)
+            self.resolver.start()
+            log.info("rawsock: %s, %d worker(s), %d socket(s) of %d KiB ring each",
+                     " + ".join(self.links), self.workers, sum(map(len, self.socks)),
+                     BLOCK_SIZE * BLOCK_NR // 1024)
+        except BaseException:
+            self.undo()
+            raise
+
+    def run_worker(self, i: int) -> None:
+        self.dp.run_rawsock_worker(i, self.socks[i])
+
+    def _check_rings(self) -> None:
+        """Sum the frames the receive rings dropped (full: the workers fell behind); warn at
+        most every 10 s while it goes on."""
+        drops = 0
+        for socks in self.socks:
+            for s in socks:
+                drops += s.ring_stats()[1]
+        if drops:
+            self.ring_drops += drops
+            now = time.monotonic()
+            if now - self._drops_logged_at >= 10.0:
+                self._drops_logged_at = now
+                log.warning("receive rings full: %d frame(s) dropped so far (workers behind)",
+                            self.ring_drops)
+
+    def undo(self) -> None:
+        """Close the sockets, revert routes, rules and sysctls; never raises. The workers must
+        have stopped (Daemon stops them first)."""
+        self.resolver.stop()
+        for socks in self.socks:
+            for s in socks:
+                s.close()
+        self.socks = []
+        self._rules.clear()
+        self.replies = []
+        self.vips = []
+        for failure in self._changes.undo():
+            log.debug("undo: %s", failure)
+
+    # -- pieces ----------------------------------------------------------------
+
+    def _filters(self) -> list[list[Insn]]:
+        local = [ipaddress.ip_interface(a).ip for _, a in netconf.addresses()]
+        if len(self.links) == 1:
+            return [build_filter(self.vips, self.replies, local)]
+        return [build_filter(self.vips, ()), build_filter((), self.replies, local)]
+
+    def _open_sockets(self, ifindex: list[int]) -> None:
+        filters = self._filters()
+        # one fanout group per link and process (ids are per namespace)
+        fanout = [((os.getpid() << 1) + j) % 0xFFFF + 1 for j in range(len(self.links))]
+        for _ in range(self.workers):
+            self.socks.append([_core.RawSocket(ifindex[j], fanout[j], filters[j], BLOCK_SIZE,
+                                               BLOCK_NR, True)
+                               for j in range(len(self.links))])
+
+    def _refilter(self) -> None:
+        if not self.socks:
+            return
+        filters = self._filters()
+        for socks in self.socks:
+            for s, f in zip(socks, filters, strict=True):
+                s.set_filter(f)
+
+    def set_vips(self, vips: Iterable[IPAddress]) -> None:
+        """Make the VIPs exactly ``vips``: blackhole routes (the kernel drops its copy of their
+        traffic silently), IPv6 proxy NDP on the client link, the socket filters."""
+        want = list(dict.fromkeys(vips))
+        ch = self._changes
+        for vip in self.vips:
+            if vip not in want:
+                netconf.route_del(host_prefix(vip), family=af(vip))
+                if vip.version == 6:
+                    netconf.neigh_proxy_del(self.client_link, str(vip))
+        for vip in want:
+            if vip in self.vips:
+                continue
+            netconf.route_add(host_prefix(vip), type="blackhole", family=af(vip), changes=ch,
+                              proto=RTPROT_LBCORE)
+            if vip.version == 6:
+                link = self.client_link
+                netconf.sysctl_set(f"net/ipv6/conf/{link}/forwarding", 1, changes=ch)
+                netconf.sysctl_set(f"net/ipv6/conf/{link}/proxy_ndp", 1, changes=ch)
+                netconf.sysctl_set(f"net/ipv6/neigh/{link}/proxy_delay", 0, changes=ch)
+                netconf.neigh_proxy_add(link, str(vip), changes=ch)
+        self.vips = want
+        self._refilter()
+
+    def set_replies(self, replies: Iterable[ReplyPath]) -> None:
+        """Make the reply rules exactly ``replies`` (the kernel drops its copy of a backend's
+        reply through table RULE_TABLE's blackhole default), and the socket filters."""
+        want = list(dict.fromkeys(replies))
+        for fam in sorted({r.address.version for r in want} - self._reply_tables):
+            netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", table=RULE_TABLE,
+                              type="blackhole", changes=self._changes, proto=RTPROT_LBCORE)
+            self._reply_tables.add(fam)
+        self.replies = self._rules.set(want)
+        self.resolver.wanted = list(dict.fromkeys(r.address for r in want))
+        self._refilter()
+
+    def update(self, vips: Iterable[IPAddress], replies: Iterable[ReplyPath]) -> None:
+        """A reload: new VIPs and reply paths."""
+        self.set_vips(vips)
+        self.set_replies(replies)
+
+    @staticmethod
+    def _remove_stale_routes() -> None:
+        """Blackhole routes of an earlier run that was SIGKILLed (routes outlive it); a VIP
+        that is no longer configured must not stay unreachable from the gateway."""
+        for r in netconf.routes(table=None):
+            if r.proto == RTPROT_LBCORE and r.type == RTN_BLACKHOLE:
+                dst = r.dst if r.dst != "default" else (
+                    "::/0" if r.family == socket.AF_INET6 else "0.0.0.0/0")
+                netconf.route_del(dst, table=r.table, family=r.family)
+                log.info("removed a stale blackhole route (%s) of an earlier run", dst)

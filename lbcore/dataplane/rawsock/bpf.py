@@ -1,0 +1,189 @@
+"""The rawsock sockets' classic-BPF filters: a tiny assembler and the filter generator.
+
+On the client link a socket takes only frames to a VIP (and ARP for them); on the backend
+link only replies from a (backend, protocol, port) of the config that are not addressed to the
+gateway itself (its own health checks). lbcore.reference.bpf runs these programs in Python for
+the tests.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from ..replies import IPAddress, ReplyPath
+
+# opcodes (linux/filter.h, bpf_common.h)
+BPF_LD_W_ABS = 0x20     # A = word at k
+BPF_LD_H_ABS = 0x28     # A = half at k
+BPF_LD_B_ABS = 0x30     # A = byte at k
+BPF_LD_H_IND = 0x48     # A = half at X + k
+BPF_LDX_B_MSH = 0xB1    # X = 4 * (byte at k & 0xf): the IPv4 header length
+BPF_JA = 0x05           # pc += k
+BPF_JEQ_K = 0x15        # pc += (A == k) ? jt : jf
+BPF_JSET_K = 0x45       # pc += (A & k) ? jt : jf
+BPF_RET_K = 0x06        # return k (bytes to keep; 0 = drop)
+ACCEPT = 0xFFFFFFFF
+REJECT = 0
+
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
+
+Insn = tuple[int, int, int, int]
+
+
+class _Asm:
+    """A tiny classic-BPF assembler: jumps may name labels; a conditional jump further than 255
+    instructions is an error (the programs below only jump over their own short blocks, and
+    use the 32-bit BPF_JA for the long ones)."""
+
+    def __init__(self) -> None:
+        self.code: list[tuple[int, Any, Any, Any]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def op(self, code: int, k: Any = 0, jt: Any = 0, jf: Any = 0) -> None:
+        self.code.append((code, jt, jf, k))
+
+    def assemble(self) -> list[Insn]:
+        out = []
+        for pc, (code, jt, jf, k) in enumerate(self.code):
+            def rel(t: Any, pc: int = pc) -> int:
+                return self.labels[t] - pc - 1 if isinstance(t, str) else t
+            if code == BPF_JA:
+                k = rel(k)
+            else:
+                jt, jf = rel(jt), rel(jf)
+                if not (0 <= jt <= 255 and 0 <= jf <= 255):
+                    raise ValueError(f"BPF jump out of range at {pc}: {jt}/{jf}")
+            out.append((code, jt, jf, k & 0xFFFFFFFF))
+        return out
+
+
+def _words(a: ipaddress.IPv6Address) -> tuple[int, ...]:
+    return struct.unpack("!4I", a.packed)
+
+
+def _v6_equal(a: _Asm, off: int, addr: ipaddress.IPv6Address, ret: int) -> None:
+    """if the 16 bytes at off == addr: return ret; else fall through (9 instructions)."""
+    w = _words(addr)
+    for i in range(4):
+        a.op(BPF_LD_W_ABS, off + 4 * i)
+        a.op(BPF_JEQ_K, w[i], 0, 7 - 2 * i)
+    a.op(BPF_RET_K, ret)
+
+
+BPF_MAXINSNS = 4096
+
+
+def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
+                 local: Iterable[IPAddress] = ()) -> list[Insn]:
+    """The socket filter of one link, as (code, jt, jf, k) instructions.
+
+    Accepted: Ethernet frames (no VLAN tag) carrying IPv4/IPv6 packets to one of ``vips`` (any
+    protocol: the pipeline also translates ICMP errors for a VIP), ARP requests for an IPv4 VIP
+    (the data plane answers them), or a TCP/UDP packet from one
+    of ``replies`` (backend address, protocol, source port; IPv6 without extension headers) to
+    an address that is not in ``local`` (the gateway's own: its health checks are the kernel's).
+    A client-side socket gets only VIPs, a backend-side one only replies, one socket on a shared
+    link both. Everything else stays with the kernel alone.
+
+    A config too big for one program (BPF_MAXINSNS) gets a coarser reply test: protocol and
+    source port only, whatever the address. The pipeline then drops what is no reply of a
+    tracked flow (counted ``no_vip``), and the kernel still handles those frames as before.
+    """
+    vips = list(dict.fromkeys(vips))
+    replies = list(dict.fromkeys(replies))
+    local = list(dict.fromkeys(local))
+    prog = _build(vips, replies, local, coarse=False)
+    if len(prog) > BPF_MAXINSNS:
+        prog = _build(vips, replies, local, coarse=True)
+    if len(prog) > BPF_MAXINSNS:
+        raise ValueError(f"socket filter of {len(prog)} instructions (max {BPF_MAXINSNS}): "
+                         "too many VIPs for mode rawsock")
+    return prog
+
+
+def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddress],
+           coarse: bool) -> list[Insn]:
+    if coarse:   # one test per (family, protocol, port): the address matches anything
+        replies = list(dict.fromkeys(
+            ReplyPath(ipaddress.ip_address(0) if r.address.version == 4
+                      else ipaddress.IPv6Address(0), r.proto, r.port) for r in replies))
+    a = _Asm()
+    a.op(BPF_LD_H_ABS, 12)
+    a.op(BPF_JEQ_K, ETH_P_IP, 0, 1)
+    a.op(BPF_JA, "v4")
+    a.op(BPF_JEQ_K, ETH_P_IPV6, 0, 1)
+    a.op(BPF_JA, "v6")
+    v4 = [v for v in vips if v.version == 4]
+    if v4:
+        a.op(BPF_JEQ_K, ETH_P_ARP, 0, 1)
+        a.op(BPF_JA, "arp")
+    a.op(BPF_RET_K, REJECT)
+
+    if v4:
+        # ARP requests for a VIP: the data plane answers them (the kernel cannot: the VIP is
+        # not a local address, and its blackhole route is no unicast route to proxy for)
+        a.label("arp")
+        a.op(BPF_LD_H_ABS, 14 + 6)                  # operation
+        a.op(BPF_JEQ_K, 1, 1, 0)
+        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_LD_W_ABS, 14 + 24)                 # target protocol address
+        for v in v4:
+            a.op(BPF_JEQ_K, int(v), 0, 1)
+            a.op(BPF_RET_K, ACCEPT)
+        a.op(BPF_RET_K, REJECT)
+
+    a.label("v4")
+    if v4:
+        a.op(BPF_LD_W_ABS, 14 + 16)                 # destination
+        for v in v4:
+            a.op(BPF_JEQ_K, int(v), 0, 1)
+            a.op(BPF_RET_K, ACCEPT)
+    r4 = [r for r in replies if r.address.version == 4]
+    if r4:
+        a.op(BPF_LD_W_ABS, 14 + 16)
+        for addr in (x for x in local if x.version == 4):
+            a.op(BPF_JEQ_K, int(addr), 0, 1)
+            a.op(BPF_RET_K, REJECT)
+        a.op(BPF_LD_H_ABS, 14 + 6)                  # flags + fragment offset
+        a.op(BPF_JSET_K, 0x1FFF, 0, 1)              # a later fragment has no ports
+        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_LDX_B_MSH, 14)
+        for r in r4:
+            if not coarse:
+                a.op(BPF_LD_W_ABS, 14 + 12)         # source
+                a.op(BPF_JEQ_K, int(r.address), 0, 5)
+            a.op(BPF_LD_B_ABS, 14 + 9)              # protocol
+            a.op(BPF_JEQ_K, r.proto, 0, 3)
+            a.op(BPF_LD_H_IND, 14)                  # source port
+            a.op(BPF_JEQ_K, r.port, 0, 1)
+            a.op(BPF_RET_K, ACCEPT)
+    a.op(BPF_RET_K, REJECT)
+
+    a.label("v6")
+    for v in vips:
+        if v.version == 6:
+            _v6_equal(a, 14 + 24, v, ACCEPT)
+    r6 = [r for r in replies if r.address.version == 6]
+    if r6:
+        for addr in local:
+            if addr.version == 6:
+                _v6_equal(a, 14 + 24, addr, REJECT)
+        for r in r6:
+            w = _words(r.address)
+            for i in range(4 if not coarse else 0):
+                a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)  # source
+                a.op(BPF_JEQ_K, w[i], 0, 11 - 2 * i)
+            a.op(BPF_LD_B_ABS, 14 + 6)              # next header
+            a.op(BPF_JEQ_K, r.proto, 0, 3)
+            a.op(BPF_LD_H_ABS, 14 + 40)             # source port
+            a.op(BPF_JEQ_K, r.port, 0, 1)
+            a.op(BPF_RET_K, ACCEPT)
+    a.op(BPF_RET_K, REJECT)
+    return a.assemble()
+
+

@@ -1,0 +1,91 @@
+"""Tun mode's kernel set-up, through lbcore.netconf (pyroute2).
+
+What tun mode needs from the kernel:
+  - the TUN device up, with a deep queue (txqueuelen 10000: a burst of small packets must not
+    overflow the default 500-packet queue while the worker is between reads);
+  - a route for each VIP into the TUN (the balancer reads client packets);
+  - the return path (lbcore.dataplane.replies): replies from a backend's service port enter
+    the TUN through a narrow policy rule, and RULE_TABLE's default route points into the TUN.
+    The packets the balancer writes back have the VIP as source, so they never loop;
+  - forwarding on, and loose reverse-path filtering on the TUN (the packets it emits carry
+    client addresses that route out another link).
+
+Everything is recorded and undone in reverse order on exit. A SIGKILLed run leaves only policy
+rules and sysctls behind (the TUN and its routes die with the process); setup() removes stale
+rules of our priority first, so the next run starts clean.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ... import netconf
+from ..replies import RULE_TABLE, IPAddress, ReplyPath, ReplyRules, host_prefix
+
+log = logging.getLogger("lbcore.tun")
+
+TXQUEUELEN = 10000
+
+
+@dataclass
+class TunRoutes:
+    """Routes, rules and sysctls for one TUN device; undo() reverts them."""
+    tun_name: str
+    vips: list[IPAddress]
+    replies: list[ReplyPath]
+    _changes: netconf.NetChanges = field(default_factory=netconf.NetChanges)
+    _rules: ReplyRules = field(default_factory=ReplyRules)
+
+    def setup(self) -> None:
+        """Apply everything, or undo what was done and raise."""
+        ch = self._changes
+        replies, self.replies = list(dict.fromkeys(self.replies)), []
+        try:
+            ReplyRules.remove_stale()
+            netconf.link_set(self.tun_name, state="up", txqueuelen=TXQUEUELEN)
+            families = {a.version for a in self.vips} | {r.address.version for r in replies}
+            if 4 in families:
+                netconf.sysctl_set("net/ipv4/ip_forward", 1, changes=ch)
+            if 6 in families:
+                netconf.sysctl_set("net/ipv6/conf/all/forwarding", 1, changes=ch)
+                # a packet pipe, not a host link: no router advertisements on it
+                netconf.sysctl_set(f"net/ipv6/conf/{self.tun_name}/accept_ra", 0)
+            netconf.sysctl_set(f"net/ipv4/conf/{self.tun_name}/rp_filter", 2)
+            for vip in self.vips:
+                self._route(vip)
+            self.set_replies(replies)
+        except BaseException:
+            self.undo()
+            raise
+
+    def set_replies(self, replies: Iterable[ReplyPath]) -> None:
+        """Make the reply rules exactly `replies` (setup and reload)."""
+        want = list(dict.fromkeys(replies))
+        for fam in sorted({r.address.version for r in want}
+                          - {r.address.version for r in self._rules.paths}):
+            netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", oif=self.tun_name,
+                              table=RULE_TABLE, changes=self._changes)
+        self.replies = self._rules.set(want)
+
+    def set_vips(self, vips: Iterable[IPAddress]) -> None:
+        """Make the VIP routes exactly `vips` (reload)."""
+        want = list(dict.fromkeys(vips))
+        for vip in self.vips:
+            if vip not in want:
+                netconf.route_del(host_prefix(vip), oif=self.tun_name)
+        for vip in want:
+            if vip not in self.vips:
+                self._route(vip)
+        self.vips = want
+
+    def undo(self) -> None:
+        """Revert every change in reverse order; never raises."""
+        self._rules.clear()
+        self.replies = []
+        for failure in self._changes.undo():
+            log.debug("undo: %s", failure)
+
+    def _route(self, vip: IPAddress) -> None:
+        # the route also dies with the TUN; the undo is for a live device
+        netconf.route_add(host_prefix(vip), oif=self.tun_name, changes=self._changes)
