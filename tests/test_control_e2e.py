@@ -1,4 +1,4 @@
-"""The control plane in the lab (issue 4): health failover and recovery,
+"""The control plane in the lab: health failover and recovery,
 drain, reload, metrics and `status --json`, with real traffic."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbcore import lab as lab_mod
 from lbcore import netconf
-from lbcore._testbase.netns import http_requests, ns_python, running_lab, udp_requests
 from lbcore.control import request
+from lbcore.lab.ns import http_requests, ns_python, udp_requests
 
 pytestmark = pytest.mark.netns
 
@@ -22,7 +22,7 @@ VIP = lab_mod.VIP_V4
 N = 3
 # the lab's health checks: interval 1 s, rise 1, fall 2 (lab.render_config)
 INTERVAL, RISE, FALL = 1.0, 1, 2
-# the issue's bound is interval x fall + 1 s; on a loaded 2-core machine the
+# the promised bound is interval x fall + 1 s; on a loaded 2-core machine the
 # event loop may run late, so 3 s more are allowed before calling it a failure
 DOWN_BOUND = INTERVAL * FALL + 1 + 3
 
@@ -31,7 +31,7 @@ DOWN_BOUND = INTERVAL * FALL + 1 + 3
 def lab(request):
     """A lab of 4 backends whose balancer serves only be1..be3 at first: the
     reload test adds the fourth. Once per forwarding mode."""
-    with running_lab(backends=N + 1, mode=request.param) as state:
+    with lab_mod.lease(backends=N + 1, mode=request.param) as state:
         cfg = lab_mod.paths()["config"]
         full = cfg.read_text()
         cfg.write_text(_pool_without(full, lab_mod.backend_v4(N + 1)))

@@ -1,6 +1,6 @@
 """End to end: real packets from lbc-client through the balancer in lbc-gw to
-the backends, in the namespace lab (issue 3's contract), once per forwarding
-mode: tun, and rawsock (AF_PACKET, issue 5)."""
+the backends, in the namespace lab (its names and addresses are a contract),
+once per forwarding mode: tun, and rawsock (AF_PACKET)."""
 from __future__ import annotations
 
 import json
@@ -13,15 +13,14 @@ import pytest
 
 from lbcore import lab as lab_mod
 from lbcore import netconf
-from lbcore._testbase.netns import (
+from lbcore.control import request
+from lbcore.lab.ns import (
     bulk_sink,
     bulk_source,
     http_requests,
     ns_python,
-    running_lab,
     udp_requests,
 )
-from lbcore.control import request
 
 pytestmark = pytest.mark.netns
 
@@ -32,7 +31,7 @@ N = 3
 
 @pytest.fixture(scope="module", params=["tun", "rawsock"])
 def lab(request):
-    with running_lab(backends=N, ipv6=True, mode=request.param) as state:
+    with lab_mod.lease(backends=N, ipv6=True, mode=request.param) as state:
         yield state
 
 

@@ -1,8 +1,8 @@
-"""`lbcore lab`: the namespaces, addresses and routes of issue 3, the backend servers, status,
+"""`lbcore lab`: the namespaces, addresses and routes of the lab's contract, the backend servers,
 and a `down` that leaves nothing behind (also after a crash).
 
 The lab's names are fixed by contract, so every test that builds it holds the machine-wide lab
-lock (lbcore._testbase.netns.lab_lock) and tears the lab down whatever happens. Traffic goes
+lock (lbcore.lab.turn) and tears the lab down whatever happens. Traffic goes
 from lbc-client straight to the backends' addresses (kernel routing through lbc-gw); the tests
 through the balancer and its VIP are the end-to-end tests'.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from lbcore import lab, netconf
-from lbcore._testbase import netns as tb
-from lbcore._testbase.traffic import _read_response
 from lbcore.config import parse_config
+from lbcore.lab import ns as tb
+from lbcore.lab.traffic import read_response
 
 LAB_NETS = [ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8::/32")]
 
@@ -52,7 +52,7 @@ def assert_no_lab_left(pids: list[int]) -> None:
     assert lab.present_namespaces() == []
     assert not lab.paths()["dir"].exists()
     for pid in pids:
-        assert lab._starttime(pid) is None, f"pid {pid} still runs"
+        assert lab.starttime(pid) is None, f"pid {pid} still runs"
 
 
 def _lab_pids() -> list[int]:
@@ -68,10 +68,10 @@ def built():
     """`lab up --no-balancer --backends 2 --ipv6` through the Python API, for TestLab (torn
     down after it, before the lifecycle tests below build their own), and the root
     namespace's lab footprint from before."""
-    with tb.lab_lock():
+    with lab.turn():
         lab.down(out=lambda _: None)
         before = root_lab_footprint()
-    with tb.running_lab(backends=2, ipv6=True, balancer=False) as state:
+    with lab.lease(backends=2, ipv6=True, balancer=False) as state:
         yield state, before
 
 
@@ -128,9 +128,9 @@ class TestLab:
             with socket.create_connection(("198.19.0.12", 80), timeout=5) as c:
                 c.sendall(payload)
                 if not read_all:
-                    _, body, _, _ = _read_response(c, b"")
+                    _, body, _, _ = read_response(c, b"")
                     c.sendall(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")  # still open
-                    _, body2, _, _ = _read_response(c, b"")
+                    _, body2, _, _ = read_response(c, b"")
                     return body + body2
                 data = b""
                 while chunk := c.recv(65536):
@@ -220,12 +220,12 @@ class TestLab:
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lbcore", "lab", *args], capture_output=True,
-                          text=True, timeout=timeout, env=lab._child_env())
+                          text=True, timeout=timeout, env=lab.child_env())
 
 
 @pytest.mark.netns
 def test_cli_up_status_down_twice():
-    with tb.lab_lock():
+    with lab.turn():
         lab.down(out=lambda _: None)
         before = root_lab_footprint()
         try:
@@ -251,7 +251,7 @@ def test_cli_up_status_down_twice():
 
 @pytest.mark.netns
 def test_down_cleans_up_after_a_crash():
-    with tb.lab_lock():
+    with lab.turn():
         lab.down(out=lambda _: None)
         try:
             # 1. everything was SIGKILLed: dead processes, namespaces and state left behind.
@@ -267,7 +267,7 @@ def test_down_cleans_up_after_a_crash():
             said: list[str] = []
             try:
                 done = lab.down(out=said.append)
-                assert lab._starttime(stray.pid) is not None
+                assert lab.starttime(stray.pid) is not None
             finally:
                 stray.kill()
                 stray.wait()
@@ -295,7 +295,7 @@ def test_failure_half_way_through_up_removes_everything(monkeypatch):
         raise RuntimeError("servers cannot start")
 
     monkeypatch.setattr(lab, "_start_servers", broken)
-    with tb.lab_lock():
+    with lab.turn():
         lab.down(out=lambda _: None)
         try:
             with pytest.raises(RuntimeError, match="servers cannot start"):
@@ -313,7 +313,7 @@ FAKE_BALANCER = ("import signal, sys, time; "
 @pytest.mark.netns
 def test_balancer_is_started_in_gw_waited_for_and_stopped(capsys):
     spec = lab.LabSpec(backends=1, ipv6=True, balancer_argv=(sys.executable, "-c", FAKE_BALANCER))
-    with tb.lab_lock():
+    with lab.turn():
         lab.down(out=lambda _: None)
         try:
             state = lab.up(spec, out=lambda _: None)
@@ -337,7 +337,7 @@ def test_balancer_is_started_in_gw_waited_for_and_stopped(capsys):
 @pytest.mark.netns
 def test_a_balancer_that_dies_fails_up_with_its_log():
     die = (sys.executable, "-c", "import sys; print('cannot open /dev/net/tun: boom'); sys.exit(3)")
-    with tb.lab_lock():
+    with lab.turn():
         lab.down(out=lambda _: None)
         try:
             t0 = time.monotonic()
@@ -351,10 +351,10 @@ def test_a_balancer_that_dies_fails_up_with_its_log():
 
 @pytest.mark.netns
 def test_labservers_standalone_defaults(nsname):
-    """`python3 -m lbcore.labservers --name be7` as on a VM: default ports, SIGTERM ends it."""
-    p = netconf.popen_in_netns(nsname, [sys.executable, "-m", "lbcore.labservers", "--name",
+    """`python3 -m lbcore.lab.servers --name be7` as on a VM: default ports, SIGTERM ends it."""
+    p = netconf.popen_in_netns(nsname, [sys.executable, "-m", "lbcore.lab.servers", "--name",
                                         "be7"], stdout=subprocess.PIPE, text=True,
-                               env=lab._child_env())
+                               env=lab.child_env())
     try:
         assert "labservers be7 ready" in p.stdout.readline()
         assert tb.http_get(nsname, "127.0.0.1") == "be7"
