@@ -205,7 +205,8 @@ def cpu_table(doc: dict[str, Any]) -> str:
 
 
 def sender_line(doc: dict[str, Any]) -> str | None:
-    """The sender's own ceiling (BASELINE lesson 6), and which systems reached ~90 % of it."""
+    """The sender's own ceiling (kernel forwarding is bounded by it, not by the gateway), and
+    which systems reached ~90 % of it."""
     summary = doc["summary"]
     s = _summary(summary, SENDER, "udp", "offered_pps")
     if s is None:

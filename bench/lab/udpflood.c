@@ -4,7 +4,7 @@
  * Why C and sendmmsg: a forwarder is measured by the small-packet rate it
  * delivers, so the sender must be able to outrun it. One syscall per packet
  * (a Python loop, or iperf3 -u) tops out far below what kernel forwarding
- * does; sendmmsg() hands the kernel a batch per syscall (BASELINE.md lesson 3).
+ * does; sendmmsg() hands the kernel a batch per syscall.
  *
  * Flows: F sockets, each bound to its own source port (sport0 .. sport0+F-1),
  * each sending to every destination in turn, so a balancer hashing the
