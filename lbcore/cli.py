@@ -15,7 +15,7 @@ from ._version import __version__
 DEFAULT_CONFIG = "/etc/lbcore/lbcore.toml"
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lbcore",
         description="A layer-4 load balancer: VIPs spread over backends by Maglev "
@@ -85,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.cmd == "check-config":
         from .config import cmd_check_config
         return cmd_check_config(args)

@@ -257,10 +257,18 @@ class Daemon:
                 log.error("reload refused: %s", "; ".join(problems))
                 return False, problems
             assert self.balancer is not None and self.plane is not None
+            old_vips, old_replies = [v.address for v in self.config.vips], reply_paths(
+                self.balancer)
             changes = self.balancer.configure(new)
-            await asyncio.to_thread(self.plane.update, [v.address for v in new.vips],
-                                    reply_paths(self.balancer))
+            new_vips, new_replies = [v.address for v in new.vips], reply_paths(self.balancer)
+            # Before the new table: routes of VIPs that go are removed, reply rules of
+            # backends that come are added; after it: routes of the VIPs that come, and the
+            # rules of backends that went. So no packet reaches a table that lacks its VIP,
+            # and no reply of a new backend bypasses the data plane.
+            await asyncio.to_thread(self.plane.update, [a for a in old_vips if a in new_vips],
+                                    list(dict.fromkeys(old_replies + new_replies)))
             await self.republish()
+            await asyncio.to_thread(self.plane.update, new_vips, new_replies)
             self.config = new
             if self.health is not None:
                 self.health.update(targets_from_config(new))

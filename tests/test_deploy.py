@@ -6,7 +6,7 @@ import configparser
 import pathlib
 import shlex
 
-from lbcore.cli import _build_parser
+from lbcore.cli import build_parser
 from lbcore.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ def test_systemd_unit_runs_check_config_then_run_and_reloads_with_hup():
     env = dict(kv.split("=", 1) for kv in shlex.split(svc["Environment"]))
     pre = shlex.split(svc["ExecStartPre"].replace("${LBCORE_CONFIG}", env["LBCORE_CONFIG"]))
     run = shlex.split(svc["ExecStart"].replace("${LBCORE_CONFIG}", env["LBCORE_CONFIG"]))
-    parser = _build_parser()
+    parser = build_parser()
     assert parser.parse_args(pre[1:]).cmd == "check-config"
     args = parser.parse_args(run[1:])
     assert (args.cmd, args.config) == ("run", "/etc/lbcore/lbcore.toml")
