@@ -261,6 +261,8 @@ _HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
 
 
 def _hostport(address: IPAddress, port: int) -> str:
+    """address:port as written in a URL or a log: "198.18.0.1:80", "[2001:db8::1]:80".
+    Also used by lbcore.health, so a backend reads the same in both."""
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
@@ -286,7 +288,8 @@ def _show(v: Any, limit: int = 80) -> str:
 
 
 def _num(x: float) -> str:
-    """A number of seconds without float noise: 2.0 -> "2", 0.05 -> "0.05"."""
+    """A number of seconds without float noise: 2.0 -> "2", 0.05 -> "0.05" (also used by
+    lbcore.health in its timeout reasons)."""
     return f"{x:.3f}".rstrip("0").rstrip(".")
 
 
