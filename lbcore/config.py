@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -451,6 +451,60 @@ class _Checker:
             return None
         return v
 
+    def checked_string(self, tbl: dict, key: str, path: str, what: str,
+                       valid: Callable[[str], object], expected: str,
+                       default: Any = _MISSING) -> str | None:
+        """A string for which `valid` is true. `what` is the message when it is
+        missing or not a string, `expected` when `valid` rejects it."""
+        v = self.string(tbl, key, path, what, default)
+        if v is not None and not valid(v):
+            self.bad(_join(path, key), v, expected)
+            return None
+        return v
+
+    def array(self, tbl: dict, key: str, path: str, what: str,
+              default: Any = _MISSING) -> list | None:
+        """An array of anything (`what` says what it should hold)."""
+        p = _join(path, key)
+        if key not in tbl:
+            if default is _MISSING:
+                self.error(p, f"missing; expected {what}")
+                return None
+            return default
+        v = tbl[key]
+        if not isinstance(v, list):
+            self.wrong_type(p, v, what)
+            return None
+        return v
+
+    def array_of(self, tbl: dict, key: str, path: str, what: str,
+                 item_ok: Callable[[Any], bool], default: Any = _MISSING) -> tuple | None:
+        """A non-empty array whose every element passes `item_ok`, as a tuple.
+        `what` describes the whole array in every message."""
+        if key not in tbl and default is not _MISSING:
+            return default
+        v = self.array(tbl, key, path, what)
+        if v is None:
+            return None
+        if not v or not all(item_ok(x) for x in v):
+            self.bad(_join(path, key), v, what)
+            return None
+        return tuple(v)
+
+    def table_array(self, items: list, path: str, what: str,
+                    keys: Iterable[str]) -> Iterator[tuple[str, dict]]:
+        """(key path, table) for each element of an array of tables, with the
+        path ``path[i]``. An element that is not a table is reported (`what` is
+        what it should be) and skipped; unknown keys are reported as each table
+        comes up, so errors stay in file order."""
+        for i, t in enumerate(items):
+            p = f"{path}[{i}]"
+            if not isinstance(t, dict):
+                self.wrong_type(p, t, what)
+                continue
+            self.known_keys(t, p, keys)
+            yield p, t
+
     def choice(self, tbl: dict, key: str, path: str, choices: tuple[str, ...],
                default: Any = _MISSING) -> str | None:
         what = " or ".join(f'"{c}"' for c in choices)
@@ -622,19 +676,22 @@ def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig |
     return RawsockConfig(**links)
 
 
-def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None:
-    typ = c.choice(tbl, "type", path, HEALTH_TYPES)
-    own = set(_HEALTH_COMMON) | {k for k, t in _HEALTH_ONLY.items() if t == typ}
-    if typ is None:        # unknown type: accept any known key, report the type only
-        own |= set(_HEALTH_ONLY)
+# --- health checks: the keys every type has, then one parser per type -----------------
+
+def _check_health_keys(c: _Checker, tbl: dict, path: str, typ: str | None) -> None:
+    """Unknown keys, and keys of another check type than `typ`. When the type
+    itself is wrong (None), the keys of every type are accepted: only the type
+    is reported."""
+    own = set(_HEALTH_COMMON) | {k for k, t in _HEALTH_ONLY.items() if typ in (t, None)}
     elsewhere = {k: f'only for type "{t}" (this check is type "{typ}")'
                  for k, t in _HEALTH_ONLY.items() if k not in own}
     c.known_keys(tbl, path, own, elsewhere)
-    ok = typ is not None
-    kw: dict[str, Any] = {"type": typ}
+
+
+def _parse_health_timing(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    """interval, timeout (which must end before the next check starts), rise, fall."""
     interval = c.seconds(tbl, "interval", path, HEALTH_INTERVAL_MIN_S, HEALTH_INTERVAL_MAX_S,
                          DEFAULT_HEALTH_INTERVAL)
-    kw["interval"] = interval
     timeout_default = min(DEFAULT_HEALTH_TIMEOUT, interval or DEFAULT_HEALTH_TIMEOUT)
     timeout = c.seconds(tbl, "timeout", path, 0.0, HEALTH_INTERVAL_MAX_S, timeout_default,
                         lo_open=True)
@@ -642,65 +699,69 @@ def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None
         c.bad(_join(path, "timeout"), tbl["timeout"], f"seconds > 0 and <= interval "
               f"({_num(interval)})", "a check must end before the next one starts")
         timeout = None
-    kw["timeout"] = timeout
-    kw["rise"] = c.integer(tbl, "rise", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_RISE)
-    kw["fall"] = c.integer(tbl, "fall", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_FALL)
-    if "port" in tbl:
+    return {"interval": interval, "timeout": timeout,
+            "rise": c.integer(tbl, "rise", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_RISE),
+            "fall": c.integer(tbl, "fall", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_FALL)}
+
+
+def _parse_tcp_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    return {}       # a connect: nothing beyond the keys every type has
+
+
+def _parse_http_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {"path": c.checked_string(
+        tbl, "path", path, 'an HTTP path starting with "/"', _HTTP_PATH.fullmatch,
+        'an HTTP path starting with "/", without spaces or control characters',
+        DEFAULT_HTTP_PATH)}
+    if "host" in tbl:    # absent: the backend's address:port (None is not an error here)
+        kw["host"] = c.checked_string(tbl, "host", path, "a Host header value",
+                                      _HEADER_VALUE.fullmatch,
+                                      "a Host header value without spaces")
+    kw["expect_status"] = c.array_of(
+        tbl, "expect_status", path, "a non-empty array of HTTP status codes 100..599, e.g. [200]",
+        lambda x: type(x) is int and 100 <= x <= 599, DEFAULT_EXPECT_STATUS)
+    kw["body_match"] = c.string(tbl, "body_match", path, "a string", "")
+    return kw
+
+
+def _parse_udp_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    return {"payload": c.checked_string(tbl, "payload", path, 'the text to send, e.g. "ping"',
+                                        lambda s: len(s.encode()) <= UDP_PAYLOAD_MAX,
+                                        f"at most {UDP_PAYLOAD_MAX} bytes"),
+            "expect": c.string(tbl, "expect", path, "a string", "")}
+
+
+def _parse_exec_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    what = 'a non-empty array of strings (program and arguments), e.g. ["/usr/bin/true"]'
+    p = _join(path, "command")
+    cmd = c.array_of(tbl, "command", path, what, lambda x: isinstance(x, str) and "\0" not in x)
+    if cmd is not None and not cmd[0]:          # arguments may be "", the program may not
+        c.bad(p, list(cmd), what)
+        cmd = None
+    elif cmd is not None and shutil.which(cmd[0]) is None:
+        c.warn(p, f"{_show(cmd[0])} is not an executable file on this host")
+    return {"command": cmd}
+
+
+# The keys of each check type beyond _HEALTH_COMMON; the order is HEALTH_TYPES'.
+_HEALTH_PARSERS: dict[str, Callable[[_Checker, dict, str], dict[str, Any]]] = {
+    "tcp": _parse_tcp_check, "http": _parse_http_check, "udp": _parse_udp_check,
+    "exec": _parse_exec_check,
+}
+
+
+def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None:
+    typ = c.choice(tbl, "type", path, HEALTH_TYPES)
+    _check_health_keys(c, tbl, path, typ)
+    kw = _parse_health_timing(c, tbl, path)
+    if "port" in tbl:    # absent: the backend's own port
         kw["port"] = c.integer(tbl, "port", path, 1, 65535)
-        ok = ok and kw["port"] is not None
-    if typ == "http":
-        hp = c.string(tbl, "path", path, 'an HTTP path starting with "/"', DEFAULT_HTTP_PATH)
-        if hp is not None and not _HTTP_PATH.fullmatch(hp):
-            c.bad(_join(path, "path"), hp, 'an HTTP path starting with "/", without spaces or '
-                  "control characters")
-            hp = None
-        kw["path"] = hp
-        if "host" in tbl:
-            host = c.string(tbl, "host", path, "a Host header value")
-            if host is not None and not _HEADER_VALUE.fullmatch(host):
-                c.bad(_join(path, "host"), host, "a Host header value without spaces")
-                host = None
-            kw["host"] = host
-            ok = ok and host is not None
-        es = tbl.get("expect_status", list(DEFAULT_EXPECT_STATUS))
-        es_what = "a non-empty array of HTTP status codes 100..599, e.g. [200]"
-        if not isinstance(es, list):
-            c.wrong_type(_join(path, "expect_status"), es, es_what)
-            kw["expect_status"] = None
-        elif not es or not all(type(x) is int and 100 <= x <= 599 for x in es):
-            c.bad(_join(path, "expect_status"), es, es_what)
-            kw["expect_status"] = None
-        else:
-            kw["expect_status"] = tuple(es)
-        kw["body_match"] = c.string(tbl, "body_match", path, "a string", "")
-    elif typ == "udp":
-        pl = c.string(tbl, "payload", path, 'the text to send, e.g. "ping"')
-        if pl is not None and len(pl.encode()) > UDP_PAYLOAD_MAX:
-            c.bad(_join(path, "payload"), pl, f"at most {UDP_PAYLOAD_MAX} bytes")
-            pl = None
-        kw["payload"] = pl
-        kw["expect"] = c.string(tbl, "expect", path, "a string", "")
-    elif typ == "exec":
-        p = _join(path, "command")
-        what = 'a non-empty array of strings (program and arguments), e.g. ["/usr/bin/true"]'
-        cmd = tbl.get("command", _MISSING)
-        if cmd is _MISSING:
-            c.error(p, f"missing; expected {what}")
-            kw["command"] = None
-        elif not isinstance(cmd, list):
-            c.wrong_type(p, cmd, what)
-            kw["command"] = None
-        elif (not cmd or not all(isinstance(x, str) and "\0" not in x for x in cmd)
-              or not cmd[0]):
-            c.bad(p, cmd, what)
-            kw["command"] = None
-        else:
-            kw["command"] = tuple(cmd)
-            if shutil.which(cmd[0]) is None:
-                c.warn(p, f"{_show(cmd[0])} is not an executable file on this host")
-    if not ok or None in kw.values():
+    if typ is None:
         return None
-    return HealthCheckConfig(**{k: v for k, v in kw.items() if k != "port" or v is not None})
+    kw.update(_HEALTH_PARSERS[typ](c, tbl, path))
+    if None in kw.values():
+        return None
+    return HealthCheckConfig(type=typ, **kw)
 
 
 def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
