@@ -764,123 +764,131 @@ def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None
     return HealthCheckConfig(type=typ, **kw)
 
 
-def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
-    path = _join("pool", name)
-    if not isinstance(tbl, dict):
-        c.wrong_type(path, tbl, "a table ([pool.NAME])")
-        return None
-    ok = True
-    if not _POOL_NAME.fullmatch(name):
-        c.bad(path, name, "a pool name of 1..64 letters, digits, \"_\", \".\" or \"-\"")
-        ok = False
-    c.known_keys(tbl, path, _POOL_KEYS)
-    slow = c.seconds(tbl, "slow_start", path, 0.0, MAX_SLOW_START_S, DEFAULT_SLOW_START)
-    health = None
-    h = c.table(tbl, "health", path)
-    if h is not None:
-        health = _parse_health(c, h, _join(path, "health"))
-        ok = ok and health is not None
-    elif "health" in tbl:
-        ok = False
+# --- pools and VIPs -------------------------------------------------------------------
+
+def _parse_backends(c: _Checker, pool: dict, path: str) -> tuple[BackendConfig, ...] | None:
+    """The ``backends`` array of the pool at `path`; None after any error."""
+    errors = len(c.errors)
     bp = _join(path, "backends")
-    raw = tbl.get("backends", _MISSING)
-    backends: list[BackendConfig] = []
-    if raw is _MISSING:
-        c.error(bp, "missing; expected an array of { address, port, weight } tables")
-        return None
-    if not isinstance(raw, list):
-        c.wrong_type(bp, raw, "an array of { address, port, weight } tables")
+    raw = c.array(pool, "backends", path, "an array of { address, port, weight } tables")
+    if raw is None:
         return None
     if not raw:
         c.warn(bp, "no backends: VIPs using this pool have no backend (see global.all_down)")
     if len(raw) > MAX_BACKENDS:
         c.error(bp, f"expected at most {MAX_BACKENDS} backends per pool, got {len(raw)}")
-        ok = False
+    backends: list[BackendConfig] = []
     seen: dict[tuple[IPAddress, int], str] = {}
-    for i, b in enumerate(raw):
-        p = f"{bp}[{i}]"
-        if not isinstance(b, dict):
-            c.wrong_type(p, b, "a table { address = ..., port = ..., weight = ... }")
-            ok = False
-            continue
-        c.known_keys(b, p, _BACKEND_KEYS)
+    for p, b in c.table_array(raw, bp, "a table { address = ..., port = ..., weight = ... }",
+                              _BACKEND_KEYS):
         addr = c.address(b, "address", p)
         port = c.integer(b, "port", p, 1, 65535)
         weight = c.integer(b, "weight", p, 0, MAX_WEIGHT, DEFAULT_WEIGHT)
-        if addr is None or port is None or weight is None:
-            ok = False
+        if None in (addr, port, weight):
             continue
         be = BackendConfig(addr, port, weight)
         if be.key in seen:
             c.error(p, f"duplicate backend {be}, already at {seen[be.key]}")
-            ok = False
             continue
         seen[be.key] = p
         backends.append(be)
-    if backends and ok and all(b.weight == 0 for b in backends):
+    if len(c.errors) > errors:
+        return None
+    if backends and all(b.weight == 0 for b in backends):
         c.warn(bp, "every backend has weight 0: VIPs using this pool have no backend "
                "(see global.all_down)")
-    if not ok or slow is None:
+    return tuple(backends)
+
+
+def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
+    path = _join("pool", name)
+    if not isinstance(tbl, dict):
+        c.wrong_type(path, tbl, "a table ([pool.NAME])")
         return None
-    return PoolConfig(name=name, backends=tuple(backends), health=health, slow_start=slow)
+    errors = len(c.errors)
+    if not _POOL_NAME.fullmatch(name):
+        c.bad(path, name, "a pool name of 1..64 letters, digits, \"_\", \".\" or \"-\"")
+    c.known_keys(tbl, path, _POOL_KEYS)
+    slow = c.seconds(tbl, "slow_start", path, 0.0, MAX_SLOW_START_S, DEFAULT_SLOW_START)
+    h = c.table(tbl, "health", path)
+    health = _parse_health(c, h, _join(path, "health")) if h is not None else None
+    backends = _parse_backends(c, tbl, path)
+    if len(c.errors) > errors or backends is None or slow is None:
+        return None
+    return PoolConfig(name=name, backends=backends, health=health, slow_start=slow)
+
+
+def _parse_vip_pool(c: _Checker, v: dict, path: str, pool_names: list[str]) -> str | None:
+    """The name of a defined pool; an undefined one is answered with the
+    closest name, or the list of names."""
+    pool = c.string(v, "pool", path, "the name of a [pool.NAME] table")
+    if pool is None or pool in pool_names:
+        return pool
+    close = difflib.get_close_matches(pool, pool_names, n=1, cutoff=0.6)
+    if close:
+        hint = f'; did you mean "{close[0]}"?'
+    elif pool_names:
+        hint = "; defined pools: " + ", ".join(pool_names)
+    else:
+        hint = "; no pool is defined"
+    c.error(_join(path, "pool"), f"{_show(pool)} is not defined: expected the name of a "
+            f"[pool.NAME] table{hint}")
+    return None
+
+
+def _vip_name_ok(name: str) -> bool:
+    return len(name) <= 64 and not any(ch.isspace() or not ch.isprintable() for ch in name)
+
+
+def _parse_vip(c: _Checker, v: dict, path: str, pool_names: list[str]) -> VipConfig | None:
+    addr = c.address(v, "address", path)
+    port = c.integer(v, "port", path, 1, 65535)
+    proto = c.choice(v, "protocol", path, PROTOCOLS)
+    pool = _parse_vip_pool(c, v, path, pool_names)
+    what = "a name (1..64 characters, no spaces)"
+    name = c.checked_string(v, "name", path, what, _vip_name_ok, what, "")
+    if None in (addr, port, proto, pool, name):
+        return None
+    return VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}")
 
 
 def _parse_vips(c: _Checker, data: dict, pool_names: Iterable[str]) -> list[VipConfig] | None:
-    raw = data.get("vip", [])
-    if not isinstance(raw, list):
-        c.wrong_type("vip", raw, "an array of tables ([[vip]])")
+    """The [[vip]] array; None after any error in it."""
+    errors = len(c.errors)
+    raw = c.array(data, "vip", "", "an array of tables ([[vip]])", [])
+    if raw is None:
         return None
     if len(raw) > MAX_VIPS:
         c.error("vip", f"expected at most {MAX_VIPS} VIPs, got {len(raw)}")
     pool_names = sorted(pool_names)
     vips: list[VipConfig] = []
-    ok = True
     by_key: dict[tuple, str] = {}
     by_name: dict[str, str] = {}
-    for i, v in enumerate(raw):
-        p = f"vip[{i}]"
-        if not isinstance(v, dict):
-            c.wrong_type(p, v, "a table ([[vip]])")
-            ok = False
+    for p, v in c.table_array(raw, "vip", "a table ([[vip]])", _VIP_KEYS):
+        vip = _parse_vip(c, v, p, pool_names)
+        if vip is None:
             continue
-        c.known_keys(v, p, _VIP_KEYS)
-        addr = c.address(v, "address", p)
-        port = c.integer(v, "port", p, 1, 65535)
-        proto = c.choice(v, "protocol", p, PROTOCOLS)
-        pool = c.string(v, "pool", p, "the name of a [pool.NAME] table")
-        if pool is not None and pool not in pool_names:
-            close = difflib.get_close_matches(pool, pool_names, n=1, cutoff=0.6)
-            if close:
-                hint = f'; did you mean "{close[0]}"?'
-            elif pool_names:
-                hint = "; defined pools: " + ", ".join(pool_names)
-            else:
-                hint = "; no pool is defined"
-            c.error(_join(p, "pool"), f"{_show(pool)} is not defined: expected the name of a "
-                    f"[pool.NAME] table{hint}")
-            pool = None
-        name = c.string(v, "name", p, "a name (1..64 characters, no spaces)", "")
-        if name and (len(name) > 64 or any(ch.isspace() or not ch.isprintable()
-                                           for ch in name)):
-            c.bad(_join(p, "name"), name, "a name (1..64 characters, no spaces)")
-            name = None
-        if None in (addr, port, proto, pool, name):
-            ok = False
-            continue
-        vip = VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}")
         if vip.key in by_key:
             c.error(p, f"duplicate VIP {vip}, already defined at {by_key[vip.key]}")
-            ok = False
-            continue
-        if vip.name in by_name:
+        elif vip.name in by_name:
             c.error(_join(p, "name"), f"duplicate VIP name {_show(vip.name)}, already used by "
                     f"{by_name[vip.name]}; expected a unique name")
-            ok = False
-            continue
-        by_key[vip.key] = p
-        by_name[vip.name] = p
-        vips.append(vip)
-    return vips if ok else None
+        else:
+            by_key[vip.key] = by_name[vip.name] = p
+            vips.append(vip)
+    return None if len(c.errors) > errors else vips
+
+
+def _check_ring_size(c: _Checker, ring_size: int, pool: str, n: int) -> None:
+    """The ring must have a slot for every backend, and should have 100 per
+    backend for an even spread (Maglev §3.4)."""
+    if n >= ring_size:
+        c.error("global.ring_size", f"expected a prime larger than the {n} backends of "
+                f"pool {_show(pool)}, got {ring_size}")
+    elif n and ring_size < 100 * n:
+        c.warn("global.ring_size", f"{ring_size} is less than 100 slots per backend of "
+               f"pool {_show(pool)} ({n} backends): the load spreads unevenly "
+               "(Maglev §3.4)")
 
 
 def _cross_check(c: _Checker, vips: list[VipConfig], pools: dict[str, PoolConfig],
@@ -904,14 +912,7 @@ def _cross_check(c: _Checker, vips: list[VipConfig], pools: dict[str, PoolConfig
                 c.error(ap, f"{be.address} is also the address of vip[{vip_addrs[be.address]}]; "
                         "expected a backend address that is not a VIP")
         if ring_size is not None and users:
-            n = len(pool.backends)
-            if n >= ring_size:
-                c.error("global.ring_size", f"expected a prime larger than the {n} backends of "
-                        f"pool {_show(name)}, got {ring_size}")
-            elif n and ring_size < 100 * n:
-                c.warn("global.ring_size", f"{ring_size} is less than 100 slots per backend of "
-                       f"pool {_show(name)} ({n} backends): the load spreads unevenly "
-                       "(Maglev §3.4)")
+            _check_ring_size(c, ring_size, name, len(pool.backends))
 
 
 def config_from_dict(data: dict, source: str = "<string>") -> Config:
