@@ -553,11 +553,16 @@ _HEALTH_ONLY = {
     "path": "http", "host": "http", "expect_status": "http", "body_match": "http",
     "payload": "udp", "expect": "udp", "command": "exec",
 }
+_IFNAME_WHAT = 'a network interface name (1..15 characters, no "/", ":" or spaces)'
 
 
-def _parse_metrics_listen(c: _Checker, v: str, p: str) -> tuple[IPAddress, int] | None | str:
+def _parse_metrics_listen(c: _Checker, g: dict) -> tuple[IPAddress, int] | None | str:
     """"" -> None (disabled); "HOST:PORT" / "[V6]:PORT" -> (address, port).
     Returns the string "bad" after recording an error."""
+    p = "global.metrics_listen"
+    v = c.string(g, "metrics_listen", "global", '"ADDRESS:PORT" or ""', DEFAULT_METRICS_LISTEN)
+    if v is None:
+        return "bad"
     if v == "":
         return None
     what = '"ADDRESS:PORT" with an IP address ("[::1]:9150" for IPv6), or "" to disable'
@@ -580,76 +585,86 @@ def _parse_metrics_listen(c: _Checker, v: str, p: str) -> tuple[IPAddress, int] 
     return (addr, int(port))
 
 
-def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
-    g = c.table(data, "global", "") or {}
-    c.known_keys(g, "global", _GLOBAL_KEYS)
-    out: dict[str, Any] = {}
-    out["mode"] = c.choice(g, "mode", "global", MODES, DEFAULT_MODE)
-    out["workers"] = c.integer(g, "workers", "global", 1, MAX_WORKERS, DEFAULT_WORKERS)
-    out["flow_table_size"] = c.integer(g, "flow_table_size", "global", 1, FLOW_MAX,
-                                       DEFAULT_FLOW_TABLE_SIZE)
+def _parse_hash_seed(c: _Checker, g: dict) -> int | None:
+    """An integer 0..2^64-1, or a string that `hash_seed_of` turns into one."""
     seed = g.get("hash_seed", DEFAULT_HASH_SEED)
     p = "global.hash_seed"
-    seed_what = "an integer 0..2^64-1 or a non-empty string"
+    what = "an integer 0..2^64-1 or a non-empty string"
     if isinstance(seed, str):
         if seed:
-            out["hash_seed"] = hash_seed_of(seed)
-        else:
-            c.bad(p, seed, seed_what)
+            return hash_seed_of(seed)
+        c.bad(p, seed, what)
     elif isinstance(seed, bool) or not isinstance(seed, int):
-        c.wrong_type(p, seed, seed_what)
+        c.wrong_type(p, seed, what)
     elif not 0 <= seed < 2**64:
-        c.bad(p, seed, seed_what)
+        c.bad(p, seed, what)
     else:
-        out["hash_seed"] = seed
+        return seed
+    return None
 
+
+def _parse_ring_size(c: _Checker, g: dict) -> int | None:
+    """A prime up to RING_SIZE_MAX; a non-prime is answered with its nearest primes."""
     ring = g.get("ring_size", DEFAULT_RING_SIZE)
     p = "global.ring_size"
-    ring_what = f"a prime number 2..{RING_SIZE_MAX}"
+    what = f"a prime number 2..{RING_SIZE_MAX}"
     if isinstance(ring, bool) or not isinstance(ring, int):
-        c.wrong_type(p, ring, ring_what)
+        c.wrong_type(p, ring, what)
     elif not 2 <= ring <= RING_SIZE_MAX:
-        c.bad(p, ring, ring_what)
+        c.bad(p, ring, what)
     elif not is_prime(ring):
         lo, hi = _nearest_primes(ring)
         near = " or ".join(str(x) for x in (lo, hi) if x is not None)
-        c.bad(p, ring, ring_what, f"{ring} is not prime; nearest primes: {near}")
+        c.bad(p, ring, what, f"{ring} is not prime; nearest primes: {near}")
     else:
-        out["ring_size"] = ring
+        return ring
+    return None
 
-    tun = c.string(g, "tun_name", "global", "a network interface name (1..15 characters, "
-                   "no \"/\", \":\" or spaces)", DEFAULT_TUN_NAME)
-    if tun is not None and not valid_ifname(tun):
-        c.bad("global.tun_name", tun, "a network interface name (1..15 characters, no "
-              "\"/\", \":\" or spaces)")
-        tun = None
-    out["tun_name"] = tun
 
+def _parse_control_socket(c: _Checker, g: dict) -> str | None:
+    p = "global.control_socket"
     sock = c.string(g, "control_socket", "global", "an absolute path", DEFAULT_CONTROL_SOCKET)
-    if sock is not None:
-        if not sock.startswith("/"):
-            c.bad("global.control_socket", sock,
-                  "an absolute path (the daemon and the CLI may run in different directories)")
-            sock = None
-        elif len(sock.encode()) > SUN_PATH_MAX or "\0" in sock:
-            c.bad("global.control_socket", sock,
-                  f"a Unix socket path of at most {SUN_PATH_MAX} bytes")
-            sock = None
-    out["control_socket"] = sock
+    if sock is None:
+        return None
+    if not sock.startswith("/"):
+        c.bad(p, sock,
+              "an absolute path (the daemon and the CLI may run in different directories)")
+    elif len(sock.encode()) > SUN_PATH_MAX or "\0" in sock:
+        c.bad(p, sock, f"a Unix socket path of at most {SUN_PATH_MAX} bytes")
+    else:
+        return sock
+    return None
 
-    ml = c.string(g, "metrics_listen", "global", '"ADDRESS:PORT" or ""', DEFAULT_METRICS_LISTEN)
-    out["metrics_listen"] = "bad" if ml is None else _parse_metrics_listen(
-        c, ml, "global.metrics_listen")
-    out["log_level"] = c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL)
-    out["all_down"] = c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN)
 
+def _parse_timeouts(c: _Checker, g: dict) -> Timeouts | None:
     t = c.table(g, "timeouts", "global") or {}
     c.known_keys(t, "global.timeouts", TIMEOUT_KEYS)
     defaults = Timeouts()
     tvals = {k: c.seconds(t, k, "global.timeouts", 0.001, MAX_TIMEOUT_S, getattr(defaults, k))
              for k in TIMEOUT_KEYS}
-    out["timeouts"] = None if None in tvals.values() else Timeouts(**tvals)
-    return out
+    return None if None in tvals.values() else Timeouts(**tvals)
+
+
+def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
+    """The [global] values by key (None, or "bad" for metrics_listen, after an
+    error). The keys are checked in file-documentation order, so are the errors."""
+    g = c.table(data, "global", "") or {}
+    c.known_keys(g, "global", _GLOBAL_KEYS)
+    return {
+        "mode": c.choice(g, "mode", "global", MODES, DEFAULT_MODE),
+        "workers": c.integer(g, "workers", "global", 1, MAX_WORKERS, DEFAULT_WORKERS),
+        "flow_table_size": c.integer(g, "flow_table_size", "global", 1, FLOW_MAX,
+                                     DEFAULT_FLOW_TABLE_SIZE),
+        "hash_seed": _parse_hash_seed(c, g),
+        "ring_size": _parse_ring_size(c, g),
+        "tun_name": c.checked_string(g, "tun_name", "global", _IFNAME_WHAT, valid_ifname,
+                                     _IFNAME_WHAT, DEFAULT_TUN_NAME),
+        "control_socket": _parse_control_socket(c, g),
+        "metrics_listen": _parse_metrics_listen(c, g),
+        "log_level": c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL),
+        "all_down": c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN),
+        "timeouts": _parse_timeouts(c, g),
+    }
 
 
 def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig | None:
@@ -660,14 +675,9 @@ def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig |
                     "client_link and backend_link")
         return None
     c.known_keys(r, "rawsock", ("client_link", "backend_link"))
-    links = {}
     what = "a network interface name (1..15 characters)"
-    for k in ("client_link", "backend_link"):
-        v = c.string(r, k, "rawsock", what)
-        if v is not None and not valid_ifname(v):
-            c.bad(_join("rawsock", k), v, what)
-            v = None
-        links[k] = v
+    links = {k: c.checked_string(r, k, "rawsock", what, valid_ifname, what)
+             for k in ("client_link", "backend_link")}
     if mode != "rawsock":
         c.warn("rawsock", f'ignored: global.mode is "{mode}", not "rawsock"')
         return None
