@@ -25,9 +25,21 @@ What undo reverts (the ownership rule):
   a crashed run of ours is then cleaned by the next run's exit);
 * link attributes (state, mtu, txqueuelen, master) and sysctls: set back to their old value.
 
-The API is synchronous. Called from a thread that runs an asyncio loop, each function moves its
-netlink work to a short-lived helper thread, because pyroute2's synchronous facade drives an
-event loop of its own. Nothing here shells out to ip, tc or sysctl.
+What blocks: everything. The API is synchronous: a function that changes something returns only
+once the kernel shows the change. A call is a few netlink round trips plus, after a change, the
+poll (usually done within milliseconds; at most ``POLL_TIMEOUT``, 5 s, then TimeoutError). In
+the caller's own namespace that is a few milliseconds. With ``netns`` set, pyroute2 also forks a
+short-lived child process to open the netlink socket inside that namespace, so a call takes tens
+of milliseconds; :func:`netns_create` forks one too.
+
+Called from a thread that runs an asyncio loop, a netlink function moves its work to a
+short-lived helper thread, because pyroute2's synchronous facade would try to run an event loop
+of its own inside the running one. The caller then join()s that thread, so its loop still stops
+for the whole call: the hop is for correctness, not concurrency. A loop that must keep serving
+meanwhile calls these through ``asyncio.to_thread``. The functions without netlink block as
+well: :func:`sysctl_get`/:func:`sysctl_set` with ``netns`` and :func:`run_in_netns` wait for a
+helper thread that enters the namespace (and, for run_in_netns, for whatever the callable does),
+and :func:`netns_pids` scans /proc. Nothing here shells out to ip, tc or sysctl.
 
 Processes and threads inside a namespace: :func:`run_in_netns` runs a Python callable in a fresh
 thread that has done ``setns()`` (the namespace is per thread, so the caller's thread never
@@ -257,7 +269,8 @@ def popen_in_netns(netns: str | None, argv: Sequence[str], **popen_kwargs: Any
 
 
 def _off_loop(fn: Callable[P, T]) -> Callable[P, T]:
-    """Run ``fn`` in a helper thread when called from inside a running asyncio loop."""
+    """Run ``fn`` in a helper thread when called from inside a running asyncio loop, and wait
+    for it there: pyroute2 must not see the running loop, but the loop still waits."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
