@@ -784,6 +784,8 @@ class RuleInfo:
     fwmark: int | None
 
 
+# The protocol names rule_add accepts. netconf imports nothing else of lbcore, so it keeps its
+# own table.
 _IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP,
             "icmpv6": socket.IPPROTO_ICMPV6}
 
