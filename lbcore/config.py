@@ -753,7 +753,7 @@ def _parse_exec_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
     return {"command": cmd}
 
 
-# The keys of each check type beyond _HEALTH_COMMON; the order is HEALTH_TYPES'.
+# One parser per check type, for its keys beyond _HEALTH_COMMON (in HEALTH_TYPES order).
 _HEALTH_PARSERS: dict[str, Callable[[_Checker, dict, str], dict[str, Any]]] = {
     "tcp": _parse_tcp_check, "http": _parse_http_check, "udp": _parse_udp_check,
     "exec": _parse_exec_check,
@@ -778,7 +778,7 @@ def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None
 
 def _parse_backends(c: _Checker, pool: dict, path: str) -> tuple[BackendConfig, ...] | None:
     """The ``backends`` array of the pool at `path`; None after any error."""
-    errors = len(c.errors)
+    errors_before = len(c.errors)
     bp = _join(path, "backends")
     raw = c.array(pool, "backends", path, "an array of { address, port, weight } tables")
     if raw is None:
@@ -802,7 +802,7 @@ def _parse_backends(c: _Checker, pool: dict, path: str) -> tuple[BackendConfig, 
             continue
         seen[be.key] = p
         backends.append(be)
-    if len(c.errors) > errors:
+    if len(c.errors) > errors_before:
         return None
     if backends and all(b.weight == 0 for b in backends):
         c.warn(bp, "every backend has weight 0: VIPs using this pool have no backend "
@@ -815,7 +815,7 @@ def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
     if not isinstance(tbl, dict):
         c.wrong_type(path, tbl, "a table ([pool.NAME])")
         return None
-    errors = len(c.errors)
+    errors_before = len(c.errors)
     if not _POOL_NAME.fullmatch(name):
         c.bad(path, name, "a pool name of 1..64 letters, digits, \"_\", \".\" or \"-\"")
     c.known_keys(tbl, path, _POOL_KEYS)
@@ -823,7 +823,7 @@ def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
     h = c.table(tbl, "health", path)
     health = _parse_health(c, h, _join(path, "health")) if h is not None else None
     backends = _parse_backends(c, tbl, path)
-    if len(c.errors) > errors or backends is None or slow is None:
+    if len(c.errors) > errors_before or backends is None or slow is None:
         return None
     return PoolConfig(name=name, backends=backends, health=health, slow_start=slow)
 
@@ -864,7 +864,7 @@ def _parse_vip(c: _Checker, v: dict, path: str, pool_names: list[str]) -> VipCon
 
 def _parse_vips(c: _Checker, data: dict, pool_names: Iterable[str]) -> list[VipConfig] | None:
     """The [[vip]] array; None after any error in it."""
-    errors = len(c.errors)
+    errors_before = len(c.errors)
     raw = c.array(data, "vip", "", "an array of tables ([[vip]])", [])
     if raw is None:
         return None
@@ -886,7 +886,7 @@ def _parse_vips(c: _Checker, data: dict, pool_names: Iterable[str]) -> list[VipC
         else:
             by_key[vip.key] = by_name[vip.name] = p
             vips.append(vip)
-    return None if len(c.errors) > errors else vips
+    return None if len(c.errors) > errors_before else vips
 
 
 def _check_ring_size(c: _Checker, ring_size: int, pool: str, n: int) -> None:
