@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -261,6 +261,8 @@ _HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
 
 
 def _hostport(address: IPAddress, port: int) -> str:
+    """address:port as written in a URL or a log: "198.18.0.1:80", "[2001:db8::1]:80".
+    Also used by lbcore.health, so a backend reads the same in both."""
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
@@ -286,7 +288,8 @@ def _show(v: Any, limit: int = 80) -> str:
 
 
 def _num(x: float) -> str:
-    """A number of seconds without float noise: 2.0 -> "2", 0.05 -> "0.05"."""
+    """A number of seconds without float noise: 2.0 -> "2", 0.05 -> "0.05" (also used by
+    lbcore.health in its timeout reasons)."""
     return f"{x:.3f}".rstrip("0").rstrip(".")
 
 
@@ -448,6 +451,60 @@ class _Checker:
             return None
         return v
 
+    def checked_string(self, tbl: dict, key: str, path: str, what: str,
+                       valid: Callable[[str], object], expected: str,
+                       default: Any = _MISSING) -> str | None:
+        """A string for which `valid` is true. `what` is the message when it is
+        missing or not a string, `expected` when `valid` rejects it."""
+        v = self.string(tbl, key, path, what, default)
+        if v is not None and not valid(v):
+            self.bad(_join(path, key), v, expected)
+            return None
+        return v
+
+    def array(self, tbl: dict, key: str, path: str, what: str,
+              default: Any = _MISSING) -> list | None:
+        """An array of anything (`what` says what it should hold)."""
+        p = _join(path, key)
+        if key not in tbl:
+            if default is _MISSING:
+                self.error(p, f"missing; expected {what}")
+                return None
+            return default
+        v = tbl[key]
+        if not isinstance(v, list):
+            self.wrong_type(p, v, what)
+            return None
+        return v
+
+    def array_of(self, tbl: dict, key: str, path: str, what: str,
+                 item_ok: Callable[[Any], bool], default: Any = _MISSING) -> tuple | None:
+        """A non-empty array whose every element passes `item_ok`, as a tuple.
+        `what` describes the whole array in every message."""
+        if key not in tbl and default is not _MISSING:
+            return default
+        v = self.array(tbl, key, path, what)
+        if v is None:
+            return None
+        if not v or not all(item_ok(x) for x in v):
+            self.bad(_join(path, key), v, what)
+            return None
+        return tuple(v)
+
+    def table_array(self, items: list, path: str, what: str,
+                    keys: Iterable[str]) -> Iterator[tuple[str, dict]]:
+        """(key path, table) for each element of an array of tables, with the
+        path ``path[i]``. An element that is not a table is reported (`what` is
+        what it should be) and skipped; unknown keys are reported as each table
+        comes up, so errors stay in file order."""
+        for i, t in enumerate(items):
+            p = f"{path}[{i}]"
+            if not isinstance(t, dict):
+                self.wrong_type(p, t, what)
+                continue
+            self.known_keys(t, p, keys)
+            yield p, t
+
     def choice(self, tbl: dict, key: str, path: str, choices: tuple[str, ...],
                default: Any = _MISSING) -> str | None:
         what = " or ".join(f'"{c}"' for c in choices)
@@ -496,11 +553,16 @@ _HEALTH_ONLY = {
     "path": "http", "host": "http", "expect_status": "http", "body_match": "http",
     "payload": "udp", "expect": "udp", "command": "exec",
 }
+_IFNAME_WHAT = 'a network interface name (1..15 characters, no "/", ":" or spaces)'
 
 
-def _parse_metrics_listen(c: _Checker, v: str, p: str) -> tuple[IPAddress, int] | None | str:
+def _parse_metrics_listen(c: _Checker, g: dict) -> tuple[IPAddress, int] | None | str:
     """"" -> None (disabled); "HOST:PORT" / "[V6]:PORT" -> (address, port).
     Returns the string "bad" after recording an error."""
+    p = "global.metrics_listen"
+    v = c.string(g, "metrics_listen", "global", '"ADDRESS:PORT" or ""', DEFAULT_METRICS_LISTEN)
+    if v is None:
+        return "bad"
     if v == "":
         return None
     what = '"ADDRESS:PORT" with an IP address ("[::1]:9150" for IPv6), or "" to disable'
@@ -523,76 +585,86 @@ def _parse_metrics_listen(c: _Checker, v: str, p: str) -> tuple[IPAddress, int] 
     return (addr, int(port))
 
 
-def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
-    g = c.table(data, "global", "") or {}
-    c.known_keys(g, "global", _GLOBAL_KEYS)
-    out: dict[str, Any] = {}
-    out["mode"] = c.choice(g, "mode", "global", MODES, DEFAULT_MODE)
-    out["workers"] = c.integer(g, "workers", "global", 1, MAX_WORKERS, DEFAULT_WORKERS)
-    out["flow_table_size"] = c.integer(g, "flow_table_size", "global", 1, FLOW_MAX,
-                                       DEFAULT_FLOW_TABLE_SIZE)
+def _parse_hash_seed(c: _Checker, g: dict) -> int | None:
+    """An integer 0..2^64-1, or a string that `hash_seed_of` turns into one."""
     seed = g.get("hash_seed", DEFAULT_HASH_SEED)
     p = "global.hash_seed"
-    seed_what = "an integer 0..2^64-1 or a non-empty string"
+    what = "an integer 0..2^64-1 or a non-empty string"
     if isinstance(seed, str):
         if seed:
-            out["hash_seed"] = hash_seed_of(seed)
-        else:
-            c.bad(p, seed, seed_what)
+            return hash_seed_of(seed)
+        c.bad(p, seed, what)
     elif isinstance(seed, bool) or not isinstance(seed, int):
-        c.wrong_type(p, seed, seed_what)
+        c.wrong_type(p, seed, what)
     elif not 0 <= seed < 2**64:
-        c.bad(p, seed, seed_what)
+        c.bad(p, seed, what)
     else:
-        out["hash_seed"] = seed
+        return seed
+    return None
 
+
+def _parse_ring_size(c: _Checker, g: dict) -> int | None:
+    """A prime up to RING_SIZE_MAX; a non-prime is answered with its nearest primes."""
     ring = g.get("ring_size", DEFAULT_RING_SIZE)
     p = "global.ring_size"
-    ring_what = f"a prime number 2..{RING_SIZE_MAX}"
+    what = f"a prime number 2..{RING_SIZE_MAX}"
     if isinstance(ring, bool) or not isinstance(ring, int):
-        c.wrong_type(p, ring, ring_what)
+        c.wrong_type(p, ring, what)
     elif not 2 <= ring <= RING_SIZE_MAX:
-        c.bad(p, ring, ring_what)
+        c.bad(p, ring, what)
     elif not is_prime(ring):
         lo, hi = _nearest_primes(ring)
         near = " or ".join(str(x) for x in (lo, hi) if x is not None)
-        c.bad(p, ring, ring_what, f"{ring} is not prime; nearest primes: {near}")
+        c.bad(p, ring, what, f"{ring} is not prime; nearest primes: {near}")
     else:
-        out["ring_size"] = ring
+        return ring
+    return None
 
-    tun = c.string(g, "tun_name", "global", "a network interface name (1..15 characters, "
-                   "no \"/\", \":\" or spaces)", DEFAULT_TUN_NAME)
-    if tun is not None and not valid_ifname(tun):
-        c.bad("global.tun_name", tun, "a network interface name (1..15 characters, no "
-              "\"/\", \":\" or spaces)")
-        tun = None
-    out["tun_name"] = tun
 
+def _parse_control_socket(c: _Checker, g: dict) -> str | None:
+    p = "global.control_socket"
     sock = c.string(g, "control_socket", "global", "an absolute path", DEFAULT_CONTROL_SOCKET)
-    if sock is not None:
-        if not sock.startswith("/"):
-            c.bad("global.control_socket", sock,
-                  "an absolute path (the daemon and the CLI may run in different directories)")
-            sock = None
-        elif len(sock.encode()) > SUN_PATH_MAX or "\0" in sock:
-            c.bad("global.control_socket", sock,
-                  f"a Unix socket path of at most {SUN_PATH_MAX} bytes")
-            sock = None
-    out["control_socket"] = sock
+    if sock is None:
+        return None
+    if not sock.startswith("/"):
+        c.bad(p, sock,
+              "an absolute path (the daemon and the CLI may run in different directories)")
+    elif len(sock.encode()) > SUN_PATH_MAX or "\0" in sock:
+        c.bad(p, sock, f"a Unix socket path of at most {SUN_PATH_MAX} bytes")
+    else:
+        return sock
+    return None
 
-    ml = c.string(g, "metrics_listen", "global", '"ADDRESS:PORT" or ""', DEFAULT_METRICS_LISTEN)
-    out["metrics_listen"] = "bad" if ml is None else _parse_metrics_listen(
-        c, ml, "global.metrics_listen")
-    out["log_level"] = c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL)
-    out["all_down"] = c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN)
 
+def _parse_timeouts(c: _Checker, g: dict) -> Timeouts | None:
     t = c.table(g, "timeouts", "global") or {}
     c.known_keys(t, "global.timeouts", TIMEOUT_KEYS)
     defaults = Timeouts()
     tvals = {k: c.seconds(t, k, "global.timeouts", 0.001, MAX_TIMEOUT_S, getattr(defaults, k))
              for k in TIMEOUT_KEYS}
-    out["timeouts"] = None if None in tvals.values() else Timeouts(**tvals)
-    return out
+    return None if None in tvals.values() else Timeouts(**tvals)
+
+
+def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
+    """The [global] values by key (None, or "bad" for metrics_listen, after an
+    error). The keys are checked in file-documentation order, so are the errors."""
+    g = c.table(data, "global", "") or {}
+    c.known_keys(g, "global", _GLOBAL_KEYS)
+    return {
+        "mode": c.choice(g, "mode", "global", MODES, DEFAULT_MODE),
+        "workers": c.integer(g, "workers", "global", 1, MAX_WORKERS, DEFAULT_WORKERS),
+        "flow_table_size": c.integer(g, "flow_table_size", "global", 1, FLOW_MAX,
+                                     DEFAULT_FLOW_TABLE_SIZE),
+        "hash_seed": _parse_hash_seed(c, g),
+        "ring_size": _parse_ring_size(c, g),
+        "tun_name": c.checked_string(g, "tun_name", "global", _IFNAME_WHAT, valid_ifname,
+                                     _IFNAME_WHAT, DEFAULT_TUN_NAME),
+        "control_socket": _parse_control_socket(c, g),
+        "metrics_listen": _parse_metrics_listen(c, g),
+        "log_level": c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL),
+        "all_down": c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN),
+        "timeouts": _parse_timeouts(c, g),
+    }
 
 
 def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig | None:
@@ -603,14 +675,9 @@ def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig |
                     "client_link and backend_link")
         return None
     c.known_keys(r, "rawsock", ("client_link", "backend_link"))
-    links = {}
     what = "a network interface name (1..15 characters)"
-    for k in ("client_link", "backend_link"):
-        v = c.string(r, k, "rawsock", what)
-        if v is not None and not valid_ifname(v):
-            c.bad(_join("rawsock", k), v, what)
-            v = None
-        links[k] = v
+    links = {k: c.checked_string(r, k, "rawsock", what, valid_ifname, what)
+             for k in ("client_link", "backend_link")}
     if mode != "rawsock":
         c.warn("rawsock", f'ignored: global.mode is "{mode}", not "rawsock"')
         return None
@@ -619,19 +686,22 @@ def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig |
     return RawsockConfig(**links)
 
 
-def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None:
-    typ = c.choice(tbl, "type", path, HEALTH_TYPES)
-    own = set(_HEALTH_COMMON) | {k for k, t in _HEALTH_ONLY.items() if t == typ}
-    if typ is None:        # unknown type: accept any known key, report the type only
-        own |= set(_HEALTH_ONLY)
+# --- health checks: the keys every type has, then one parser per type -----------------
+
+def _check_health_keys(c: _Checker, tbl: dict, path: str, typ: str | None) -> None:
+    """Unknown keys, and keys of another check type than `typ`. When the type
+    itself is wrong (None), the keys of every type are accepted: only the type
+    is reported."""
+    own = set(_HEALTH_COMMON) | {k for k, t in _HEALTH_ONLY.items() if typ in (t, None)}
     elsewhere = {k: f'only for type "{t}" (this check is type "{typ}")'
                  for k, t in _HEALTH_ONLY.items() if k not in own}
     c.known_keys(tbl, path, own, elsewhere)
-    ok = typ is not None
-    kw: dict[str, Any] = {"type": typ}
+
+
+def _parse_health_timing(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    """interval, timeout (which must end before the next check starts), rise, fall."""
     interval = c.seconds(tbl, "interval", path, HEALTH_INTERVAL_MIN_S, HEALTH_INTERVAL_MAX_S,
                          DEFAULT_HEALTH_INTERVAL)
-    kw["interval"] = interval
     timeout_default = min(DEFAULT_HEALTH_TIMEOUT, interval or DEFAULT_HEALTH_TIMEOUT)
     timeout = c.seconds(tbl, "timeout", path, 0.0, HEALTH_INTERVAL_MAX_S, timeout_default,
                         lo_open=True)
@@ -639,65 +709,105 @@ def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None
         c.bad(_join(path, "timeout"), tbl["timeout"], f"seconds > 0 and <= interval "
               f"({_num(interval)})", "a check must end before the next one starts")
         timeout = None
-    kw["timeout"] = timeout
-    kw["rise"] = c.integer(tbl, "rise", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_RISE)
-    kw["fall"] = c.integer(tbl, "fall", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_FALL)
-    if "port" in tbl:
+    return {"interval": interval, "timeout": timeout,
+            "rise": c.integer(tbl, "rise", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_RISE),
+            "fall": c.integer(tbl, "fall", path, 1, HEALTH_COUNT_MAX, DEFAULT_HEALTH_FALL)}
+
+
+def _parse_tcp_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    return {}       # a connect: nothing beyond the keys every type has
+
+
+def _parse_http_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {"path": c.checked_string(
+        tbl, "path", path, 'an HTTP path starting with "/"', _HTTP_PATH.fullmatch,
+        'an HTTP path starting with "/", without spaces or control characters',
+        DEFAULT_HTTP_PATH)}
+    if "host" in tbl:    # absent: the backend's address:port (None is not an error here)
+        kw["host"] = c.checked_string(tbl, "host", path, "a Host header value",
+                                      _HEADER_VALUE.fullmatch,
+                                      "a Host header value without spaces")
+    kw["expect_status"] = c.array_of(
+        tbl, "expect_status", path, "a non-empty array of HTTP status codes 100..599, e.g. [200]",
+        lambda x: type(x) is int and 100 <= x <= 599, DEFAULT_EXPECT_STATUS)
+    kw["body_match"] = c.string(tbl, "body_match", path, "a string", "")
+    return kw
+
+
+def _parse_udp_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    return {"payload": c.checked_string(tbl, "payload", path, 'the text to send, e.g. "ping"',
+                                        lambda s: len(s.encode()) <= UDP_PAYLOAD_MAX,
+                                        f"at most {UDP_PAYLOAD_MAX} bytes"),
+            "expect": c.string(tbl, "expect", path, "a string", "")}
+
+
+def _parse_exec_check(c: _Checker, tbl: dict, path: str) -> dict[str, Any]:
+    what = 'a non-empty array of strings (program and arguments), e.g. ["/usr/bin/true"]'
+    p = _join(path, "command")
+    cmd = c.array_of(tbl, "command", path, what, lambda x: isinstance(x, str) and "\0" not in x)
+    if cmd is not None and not cmd[0]:          # arguments may be "", the program may not
+        c.bad(p, list(cmd), what)
+        cmd = None
+    elif cmd is not None and shutil.which(cmd[0]) is None:
+        c.warn(p, f"{_show(cmd[0])} is not an executable file on this host")
+    return {"command": cmd}
+
+
+# One parser per check type, for its keys beyond _HEALTH_COMMON (in HEALTH_TYPES order).
+_HEALTH_PARSERS: dict[str, Callable[[_Checker, dict, str], dict[str, Any]]] = {
+    "tcp": _parse_tcp_check, "http": _parse_http_check, "udp": _parse_udp_check,
+    "exec": _parse_exec_check,
+}
+
+
+def _parse_health(c: _Checker, tbl: dict, path: str) -> HealthCheckConfig | None:
+    typ = c.choice(tbl, "type", path, HEALTH_TYPES)
+    _check_health_keys(c, tbl, path, typ)
+    kw = _parse_health_timing(c, tbl, path)
+    if "port" in tbl:    # absent: the backend's own port
         kw["port"] = c.integer(tbl, "port", path, 1, 65535)
-        ok = ok and kw["port"] is not None
-    if typ == "http":
-        hp = c.string(tbl, "path", path, 'an HTTP path starting with "/"', DEFAULT_HTTP_PATH)
-        if hp is not None and not _HTTP_PATH.fullmatch(hp):
-            c.bad(_join(path, "path"), hp, 'an HTTP path starting with "/", without spaces or '
-                  "control characters")
-            hp = None
-        kw["path"] = hp
-        if "host" in tbl:
-            host = c.string(tbl, "host", path, "a Host header value")
-            if host is not None and not _HEADER_VALUE.fullmatch(host):
-                c.bad(_join(path, "host"), host, "a Host header value without spaces")
-                host = None
-            kw["host"] = host
-            ok = ok and host is not None
-        es = tbl.get("expect_status", list(DEFAULT_EXPECT_STATUS))
-        es_what = "a non-empty array of HTTP status codes 100..599, e.g. [200]"
-        if not isinstance(es, list):
-            c.wrong_type(_join(path, "expect_status"), es, es_what)
-            kw["expect_status"] = None
-        elif not es or not all(type(x) is int and 100 <= x <= 599 for x in es):
-            c.bad(_join(path, "expect_status"), es, es_what)
-            kw["expect_status"] = None
-        else:
-            kw["expect_status"] = tuple(es)
-        kw["body_match"] = c.string(tbl, "body_match", path, "a string", "")
-    elif typ == "udp":
-        pl = c.string(tbl, "payload", path, 'the text to send, e.g. "ping"')
-        if pl is not None and len(pl.encode()) > UDP_PAYLOAD_MAX:
-            c.bad(_join(path, "payload"), pl, f"at most {UDP_PAYLOAD_MAX} bytes")
-            pl = None
-        kw["payload"] = pl
-        kw["expect"] = c.string(tbl, "expect", path, "a string", "")
-    elif typ == "exec":
-        p = _join(path, "command")
-        what = 'a non-empty array of strings (program and arguments), e.g. ["/usr/bin/true"]'
-        cmd = tbl.get("command", _MISSING)
-        if cmd is _MISSING:
-            c.error(p, f"missing; expected {what}")
-            kw["command"] = None
-        elif not isinstance(cmd, list):
-            c.wrong_type(p, cmd, what)
-            kw["command"] = None
-        elif (not cmd or not all(isinstance(x, str) and "\0" not in x for x in cmd)
-              or not cmd[0]):
-            c.bad(p, cmd, what)
-            kw["command"] = None
-        else:
-            kw["command"] = tuple(cmd)
-            if shutil.which(cmd[0]) is None:
-                c.warn(p, f"{_show(cmd[0])} is not an executable file on this host")
-    if not ok or None in kw.values():
+    if typ is None:
         return None
-    return HealthCheckConfig(**{k: v for k, v in kw.items() if k != "port" or v is not None})
+    kw.update(_HEALTH_PARSERS[typ](c, tbl, path))
+    if None in kw.values():
+        return None
+    return HealthCheckConfig(type=typ, **kw)
+
+
+# --- pools and VIPs -------------------------------------------------------------------
+
+def _parse_backends(c: _Checker, pool: dict, path: str) -> tuple[BackendConfig, ...] | None:
+    """The ``backends`` array of the pool at `path`; None after any error."""
+    errors_before = len(c.errors)
+    bp = _join(path, "backends")
+    raw = c.array(pool, "backends", path, "an array of { address, port, weight } tables")
+    if raw is None:
+        return None
+    if not raw:
+        c.warn(bp, "no backends: VIPs using this pool have no backend (see global.all_down)")
+    if len(raw) > MAX_BACKENDS:
+        c.error(bp, f"expected at most {MAX_BACKENDS} backends per pool, got {len(raw)}")
+    backends: list[BackendConfig] = []
+    seen: dict[tuple[IPAddress, int], str] = {}
+    for p, b in c.table_array(raw, bp, "a table { address = ..., port = ..., weight = ... }",
+                              _BACKEND_KEYS):
+        addr = c.address(b, "address", p)
+        port = c.integer(b, "port", p, 1, 65535)
+        weight = c.integer(b, "weight", p, 0, MAX_WEIGHT, DEFAULT_WEIGHT)
+        if None in (addr, port, weight):
+            continue
+        be = BackendConfig(addr, port, weight)
+        if be.key in seen:
+            c.error(p, f"duplicate backend {be}, already at {seen[be.key]}")
+            continue
+        seen[be.key] = p
+        backends.append(be)
+    if len(c.errors) > errors_before:
+        return None
+    if backends and all(b.weight == 0 for b in backends):
+        c.warn(bp, "every backend has weight 0: VIPs using this pool have no backend "
+               "(see global.all_down)")
+    return tuple(backends)
 
 
 def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
@@ -705,118 +815,90 @@ def _parse_pool(c: _Checker, name: str, tbl: Any) -> PoolConfig | None:
     if not isinstance(tbl, dict):
         c.wrong_type(path, tbl, "a table ([pool.NAME])")
         return None
-    ok = True
+    errors_before = len(c.errors)
     if not _POOL_NAME.fullmatch(name):
         c.bad(path, name, "a pool name of 1..64 letters, digits, \"_\", \".\" or \"-\"")
-        ok = False
     c.known_keys(tbl, path, _POOL_KEYS)
     slow = c.seconds(tbl, "slow_start", path, 0.0, MAX_SLOW_START_S, DEFAULT_SLOW_START)
-    health = None
     h = c.table(tbl, "health", path)
-    if h is not None:
-        health = _parse_health(c, h, _join(path, "health"))
-        ok = ok and health is not None
-    elif "health" in tbl:
-        ok = False
-    bp = _join(path, "backends")
-    raw = tbl.get("backends", _MISSING)
-    backends: list[BackendConfig] = []
-    if raw is _MISSING:
-        c.error(bp, "missing; expected an array of { address, port, weight } tables")
+    health = _parse_health(c, h, _join(path, "health")) if h is not None else None
+    backends = _parse_backends(c, tbl, path)
+    if len(c.errors) > errors_before or backends is None or slow is None:
         return None
-    if not isinstance(raw, list):
-        c.wrong_type(bp, raw, "an array of { address, port, weight } tables")
+    return PoolConfig(name=name, backends=backends, health=health, slow_start=slow)
+
+
+def _parse_vip_pool(c: _Checker, v: dict, path: str, pool_names: list[str]) -> str | None:
+    """The name of a defined pool; an undefined one is answered with the
+    closest name, or the list of names."""
+    pool = c.string(v, "pool", path, "the name of a [pool.NAME] table")
+    if pool is None or pool in pool_names:
+        return pool
+    close = difflib.get_close_matches(pool, pool_names, n=1, cutoff=0.6)
+    if close:
+        hint = f'; did you mean "{close[0]}"?'
+    elif pool_names:
+        hint = "; defined pools: " + ", ".join(pool_names)
+    else:
+        hint = "; no pool is defined"
+    c.error(_join(path, "pool"), f"{_show(pool)} is not defined: expected the name of a "
+            f"[pool.NAME] table{hint}")
+    return None
+
+
+def _vip_name_ok(name: str) -> bool:
+    return len(name) <= 64 and not any(ch.isspace() or not ch.isprintable() for ch in name)
+
+
+def _parse_vip(c: _Checker, v: dict, path: str, pool_names: list[str]) -> VipConfig | None:
+    addr = c.address(v, "address", path)
+    port = c.integer(v, "port", path, 1, 65535)
+    proto = c.choice(v, "protocol", path, PROTOCOLS)
+    pool = _parse_vip_pool(c, v, path, pool_names)
+    what = "a name (1..64 characters, no spaces)"
+    name = c.checked_string(v, "name", path, what, _vip_name_ok, what, "")
+    if None in (addr, port, proto, pool, name):
         return None
-    if not raw:
-        c.warn(bp, "no backends: VIPs using this pool have no backend (see global.all_down)")
-    if len(raw) > MAX_BACKENDS:
-        c.error(bp, f"expected at most {MAX_BACKENDS} backends per pool, got {len(raw)}")
-        ok = False
-    seen: dict[tuple[IPAddress, int], str] = {}
-    for i, b in enumerate(raw):
-        p = f"{bp}[{i}]"
-        if not isinstance(b, dict):
-            c.wrong_type(p, b, "a table { address = ..., port = ..., weight = ... }")
-            ok = False
-            continue
-        c.known_keys(b, p, _BACKEND_KEYS)
-        addr = c.address(b, "address", p)
-        port = c.integer(b, "port", p, 1, 65535)
-        weight = c.integer(b, "weight", p, 0, MAX_WEIGHT, DEFAULT_WEIGHT)
-        if addr is None or port is None or weight is None:
-            ok = False
-            continue
-        be = BackendConfig(addr, port, weight)
-        if be.key in seen:
-            c.error(p, f"duplicate backend {be}, already at {seen[be.key]}")
-            ok = False
-            continue
-        seen[be.key] = p
-        backends.append(be)
-    if backends and ok and all(b.weight == 0 for b in backends):
-        c.warn(bp, "every backend has weight 0: VIPs using this pool have no backend "
-               "(see global.all_down)")
-    if not ok or slow is None:
-        return None
-    return PoolConfig(name=name, backends=tuple(backends), health=health, slow_start=slow)
+    return VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}")
 
 
 def _parse_vips(c: _Checker, data: dict, pool_names: Iterable[str]) -> list[VipConfig] | None:
-    raw = data.get("vip", [])
-    if not isinstance(raw, list):
-        c.wrong_type("vip", raw, "an array of tables ([[vip]])")
+    """The [[vip]] array; None after any error in it."""
+    errors_before = len(c.errors)
+    raw = c.array(data, "vip", "", "an array of tables ([[vip]])", [])
+    if raw is None:
         return None
     if len(raw) > MAX_VIPS:
         c.error("vip", f"expected at most {MAX_VIPS} VIPs, got {len(raw)}")
     pool_names = sorted(pool_names)
     vips: list[VipConfig] = []
-    ok = True
     by_key: dict[tuple, str] = {}
     by_name: dict[str, str] = {}
-    for i, v in enumerate(raw):
-        p = f"vip[{i}]"
-        if not isinstance(v, dict):
-            c.wrong_type(p, v, "a table ([[vip]])")
-            ok = False
+    for p, v in c.table_array(raw, "vip", "a table ([[vip]])", _VIP_KEYS):
+        vip = _parse_vip(c, v, p, pool_names)
+        if vip is None:
             continue
-        c.known_keys(v, p, _VIP_KEYS)
-        addr = c.address(v, "address", p)
-        port = c.integer(v, "port", p, 1, 65535)
-        proto = c.choice(v, "protocol", p, PROTOCOLS)
-        pool = c.string(v, "pool", p, "the name of a [pool.NAME] table")
-        if pool is not None and pool not in pool_names:
-            close = difflib.get_close_matches(pool, pool_names, n=1, cutoff=0.6)
-            if close:
-                hint = f'; did you mean "{close[0]}"?'
-            elif pool_names:
-                hint = "; defined pools: " + ", ".join(pool_names)
-            else:
-                hint = "; no pool is defined"
-            c.error(_join(p, "pool"), f"{_show(pool)} is not defined: expected the name of a "
-                    f"[pool.NAME] table{hint}")
-            pool = None
-        name = c.string(v, "name", p, "a name (1..64 characters, no spaces)", "")
-        if name and (len(name) > 64 or any(ch.isspace() or not ch.isprintable()
-                                           for ch in name)):
-            c.bad(_join(p, "name"), name, "a name (1..64 characters, no spaces)")
-            name = None
-        if None in (addr, port, proto, pool, name):
-            ok = False
-            continue
-        vip = VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}")
         if vip.key in by_key:
             c.error(p, f"duplicate VIP {vip}, already defined at {by_key[vip.key]}")
-            ok = False
-            continue
-        if vip.name in by_name:
+        elif vip.name in by_name:
             c.error(_join(p, "name"), f"duplicate VIP name {_show(vip.name)}, already used by "
                     f"{by_name[vip.name]}; expected a unique name")
-            ok = False
-            continue
-        by_key[vip.key] = p
-        by_name[vip.name] = p
-        vips.append(vip)
-    return vips if ok else None
+        else:
+            by_key[vip.key] = by_name[vip.name] = p
+            vips.append(vip)
+    return None if len(c.errors) > errors_before else vips
+
+
+def _check_ring_size(c: _Checker, ring_size: int, pool: str, n: int) -> None:
+    """The ring must have a slot for every backend, and should have 100 per
+    backend for an even spread (Maglev §3.4)."""
+    if n >= ring_size:
+        c.error("global.ring_size", f"expected a prime larger than the {n} backends of "
+                f"pool {_show(pool)}, got {ring_size}")
+    elif n and ring_size < 100 * n:
+        c.warn("global.ring_size", f"{ring_size} is less than 100 slots per backend of "
+               f"pool {_show(pool)} ({n} backends): the load spreads unevenly "
+               "(Maglev §3.4)")
 
 
 def _cross_check(c: _Checker, vips: list[VipConfig], pools: dict[str, PoolConfig],
@@ -840,14 +922,7 @@ def _cross_check(c: _Checker, vips: list[VipConfig], pools: dict[str, PoolConfig
                 c.error(ap, f"{be.address} is also the address of vip[{vip_addrs[be.address]}]; "
                         "expected a backend address that is not a VIP")
         if ring_size is not None and users:
-            n = len(pool.backends)
-            if n >= ring_size:
-                c.error("global.ring_size", f"expected a prime larger than the {n} backends of "
-                        f"pool {_show(name)}, got {ring_size}")
-            elif n and ring_size < 100 * n:
-                c.warn("global.ring_size", f"{ring_size} is less than 100 slots per backend of "
-                       f"pool {_show(name)} ({n} backends): the load spreads unevenly "
-                       "(Maglev §3.4)")
+            _check_ring_size(c, ring_size, name, len(pool.backends))
 
 
 def config_from_dict(data: dict, source: str = "<string>") -> Config:

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
-from .config import Config, HealthCheckConfig, IPAddress
+from .config import Config, HealthCheckConfig, IPAddress, _hostport, _num
 
 log = logging.getLogger("lbcore.health")
 
@@ -73,17 +73,9 @@ EXEC_OUTPUT_KEEP = 512   # bytes of a check command's output kept for the reason
 INITIAL_STATES = ("up", "down")
 
 
-def _num(x: float) -> str:
-    return f"{x:.3f}".rstrip("0").rstrip(".")
-
-
 def _sockaddr(address: IPAddress, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
     fam = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     return fam, (str(address), port)
-
-
-def _hostport(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _os_reason(e: OSError) -> str:

@@ -8,9 +8,11 @@ function here is
   caller's own namespace. A namespace that does not exist is an error (``FileNotFoundError``),
   never silently created.
 * **idempotent**: adding what is already there is not an error (add-or-replace) and deleting what
-  is absent is a no-op that returns ``False``. After a change the function polls until the kernel
-  shows it, because RTNL changes may become visible a little after the call returns (the reason
-  for pyroute2's ``ensure()``); the next step can rely on what the previous one did.
+  is absent is a no-op that returns ``False`` (absent also when its interface or its namespace is
+  gone). After a change the function polls until the kernel shows it, because RTNL changes may
+  become visible a little after the call returns (the reason for pyroute2's ``ensure()``); the
+  next step can rely on what the previous one did. Proxy neighbour entries are the exception: a
+  neighbour dump does not show them, so they are neither checked nor polled.
 * **undoable**: pass a :class:`NetChanges` as ``changes`` and it records how to revert what the
   call did; ``changes.undo()`` reverts everything in reverse order, so that a failure half-way
   leaves nothing behind.
@@ -23,9 +25,21 @@ What undo reverts (the ownership rule):
   a crashed run of ours is then cleaned by the next run's exit);
 * link attributes (state, mtu, txqueuelen, master) and sysctls: set back to their old value.
 
-The API is synchronous. Called from a thread that runs an asyncio loop, each function moves its
-netlink work to a short-lived helper thread, because pyroute2's synchronous facade drives an
-event loop of its own. Nothing here shells out to ip, tc or sysctl.
+What blocks: everything. The API is synchronous: a function that changes something returns only
+once the kernel shows the change. A call is a few netlink round trips plus, after a change, the
+poll (usually done within milliseconds; at most ``POLL_TIMEOUT``, 5 s, then TimeoutError). In
+the caller's own namespace that is a few milliseconds. With ``netns`` set, pyroute2 also forks a
+short-lived child process to open the netlink socket inside that namespace, so a call takes tens
+of milliseconds; :func:`netns_create` forks one too.
+
+Called from a thread that runs an asyncio loop, a netlink function moves its work to a
+short-lived helper thread, because pyroute2's synchronous facade would try to run an event loop
+of its own inside the running one. The caller then join()s that thread, so its loop still stops
+for the whole call: the hop is for correctness, not concurrency. A loop that must keep serving
+meanwhile calls these through ``asyncio.to_thread``. The functions without netlink block as
+well: :func:`sysctl_get`/:func:`sysctl_set` with ``netns`` and :func:`run_in_netns` wait for a
+helper thread that enters the namespace (and, for run_in_netns, for whatever the callable does),
+and :func:`netns_pids` scans /proc. Nothing here shells out to ip, tc or sysctl.
 
 Processes and threads inside a namespace: :func:`run_in_netns` runs a Python callable in a fresh
 thread that has done ``setns()`` (the namespace is per thread, so the caller's thread never
@@ -255,7 +269,8 @@ def popen_in_netns(netns: str | None, argv: Sequence[str], **popen_kwargs: Any
 
 
 def _off_loop(fn: Callable[P, T]) -> Callable[P, T]:
-    """Run ``fn`` in a helper thread when called from inside a running asyncio loop."""
+    """Run ``fn`` in a helper thread when called from inside a running asyncio loop, and wait
+    for it there: pyroute2 must not see the running loop, but the loop still waits."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -301,6 +316,77 @@ def _index(ipr: IPRoute, ifname: str, netns: str | None) -> int:
     if not found:
         raise OSError(errno.ENODEV, f"no interface {ifname!r}{_where(netns)}")
     return found[0]
+
+
+def _index_or_none(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _ip_family(address: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+# The add and delete halves of every primitive below. An object is named by a key that
+# find(ipr) resolves (an interface index, a route or rule spec); present(ipr, key) asks the
+# kernel whether the object is there; add/delete(ipr, key) sends the request.
+_Find = Callable[[IPRoute], Any]
+_Present = Callable[[IPRoute, Any], bool]
+_Request = Callable[[IPRoute, Any], object]
+
+
+def _ensure_present(netns: str | None, what: str, find: _Find, present: _Present | None,
+                    add: _Request, *, replace: bool = False) -> bool:
+    """Make one object exist in ``netns``, then poll until the kernel shows it.
+
+    ``find`` raises if what the object hangs on is missing (no such interface). Without
+    ``replace``, ``add`` is called only when ``present`` is false, and an EEXIST (a racing add)
+    counts as already there. With ``replace`` it is always called: a netlink "replace"
+    overwrites what is there. ``present=None``: the kernel cannot be asked (proxy neighbours
+    are not in a neighbour dump), so there is no check and no poll.
+    Returns True if this call added the object (always, with ``replace``).
+    """
+    with _ipr(netns) as ipr:
+        key = find(ipr)
+        if not replace and present is not None and present(ipr, key):
+            return False
+        try:
+            add(ipr, key)
+            added = True
+        except NetlinkError as e:
+            if replace or e.code != errno.EEXIST:
+                raise
+            added = False
+        if present is not None:
+            _poll(lambda: present(ipr, key), f"{what}{_where(netns)}")
+    return added
+
+
+def _ensure_absent(netns: str | None, what: str, find: _Find, present: _Present | None,
+                   delete: _Request) -> bool:
+    """Make one object not exist in ``netns``, then poll until the kernel shows it gone.
+
+    Returns False, and changes nothing, if it was not there: the namespace is gone, ``find``
+    returns None (its interface is gone), ``present`` is false, or ``delete`` fails with a
+    "gone" error (something else deleted it first). ``present=None`` skips the check and the
+    poll, as in :func:`_ensure_present`.
+    """
+    try:
+        with _ipr(netns) as ipr:
+            key = find(ipr)
+            if key is None or (present is not None and not present(ipr, key)):
+                return False
+            try:
+                delete(ipr, key)
+            except NetlinkError as e:
+                if is_gone(e):
+                    return False
+                raise
+            if present is not None:
+                _poll(lambda: not present(ipr, key), f"deleting {what}{_where(netns)}")
+    except FileNotFoundError:
+        return False  # the namespace is gone, and everything that was in it
+    return True
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -493,21 +579,10 @@ def link_set(ifname: str, *, netns: str | None = None, state: str | None = None,
 @_off_loop
 def link_del(ifname: str, *, netns: str | None = None) -> bool:
     """Delete an interface (a veth takes its peer with it). False if it was not there."""
-    try:
-        with _ipr(netns) as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                return False
-            try:
-                ipr.link("del", index=found[0])
-            except NetlinkError as e:
-                if is_gone(e):
-                    return False
-                raise
-            _poll(lambda: not ipr.link_lookup(ifname=ifname), f"deleting {ifname}")
-    except FileNotFoundError:
-        return False  # the namespace is gone, and the link with it
-    return True
+    return _ensure_absent(netns, f"link {ifname}",
+                          find=lambda ipr: _index_or_none(ipr, ifname),
+                          present=lambda ipr, idx: bool(ipr.link_lookup(ifname=ifname)),
+                          delete=lambda ipr, idx: ipr.link("del", index=idx))
 
 
 # --------------------------------------------------------------------------- addresses
@@ -548,19 +623,11 @@ def addr_add(ifname: str, address: str, *, netns: str | None = None,
     """
     iface = _iface(address)
     ip, plen = iface.ip, iface.network.prefixlen
-    added = False
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, ifname, netns)
-        if not _addr_present(ipr, idx, ip, plen):
-            kw: dict[str, Any] = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
-            try:
-                ipr.addr("add", index=idx, address=str(ip), prefixlen=plen, **kw)
-                added = True
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            _poll(lambda: _addr_present(ipr, idx, ip, plen),
-                  f"address {address} on {ifname}{_where(netns)}")
+    kw: dict[str, Any] = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
+    added = _ensure_present(
+        netns, f"address {address} on {ifname}", find=lambda ipr: _index(ipr, ifname, netns),
+        present=lambda ipr, idx: _addr_present(ipr, idx, ip, plen),
+        add=lambda ipr, idx: ipr.addr("add", index=idx, address=str(ip), prefixlen=plen, **kw))
     if changes is not None:
         changes.record(f"address {ip}/{plen} on {ifname}{_where(netns)}",
                        lambda: addr_del(ifname, f"{ip}/{plen}", netns=netns))
@@ -572,21 +639,10 @@ def addr_del(ifname: str, address: str, *, netns: str | None = None) -> bool:
     """Delete "ip/prefixlen" from ``ifname``. False if it (or the interface) was not there."""
     iface = _iface(address)
     ip, plen = iface.ip, iface.network.prefixlen
-    try:
-        with _ipr(netns) as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found or not _addr_present(ipr, found[0], ip, plen):
-                return False
-            try:
-                ipr.addr("del", index=found[0], address=str(ip), prefixlen=plen)
-            except NetlinkError as e:
-                if is_gone(e):
-                    return False
-                raise
-            _poll(lambda: not _addr_present(ipr, found[0], ip, plen), f"deleting {address}")
-    except FileNotFoundError:
-        return False
-    return True
+    return _ensure_absent(
+        netns, f"address {address} on {ifname}", find=lambda ipr: _index_or_none(ipr, ifname),
+        present=lambda ipr, idx: _addr_present(ipr, idx, ip, plen),
+        delete=lambda ipr, idx: ipr.addr("del", index=idx, address=str(ip), prefixlen=plen))
 
 
 # --------------------------------------------------------------------------- routes
@@ -679,15 +735,15 @@ def route_add(dst: str, *, gateway: str | None = None, oif: str | None = None,
     pyroute2 as is (e.g. ``priority`` for the metric, ``scope``, ``proto``). Replace semantics:
     a route to the same dst in the same table is overwritten. Undo deletes the route.
     """
-    with _ipr(netns) as ipr:
-        spec = _route_spec(ipr, dst, gateway, oif, table, family, netns)
-        ipr.route("replace", **spec, **extra)
-        _poll(lambda: _route_present(ipr, spec), f"route {dst}{_where(netns)}")
-    fam = spec["family"]
+    _ensure_present(netns, f"route {dst}",
+                    find=lambda ipr: _route_spec(ipr, dst, gateway, oif, table, family, netns),
+                    present=_route_present,
+                    add=lambda ipr, spec: ipr.route("replace", **spec, **extra), replace=True)
+    fam, _ = _dst(dst, gateway, family)
     if changes is not None:
         changes.record(
-            f"route {dst} via {gateway or '-'} dev {oif or '-'} table {spec['table']}"
-            f"{_where(netns)}",
+            f"route {dst} via {gateway or '-'} dev {oif or '-'} "
+            f"table {table if table is not None else MAIN_TABLE}{_where(netns)}",
             lambda: route_del(dst, gateway=gateway, oif=oif, table=table, family=fam,
                               netns=netns))
 
@@ -697,26 +753,16 @@ def route_del(dst: str, *, gateway: str | None = None, oif: str | None = None,
               table: int | None = None, family: int | None = None, netns: str | None = None
               ) -> bool:
     """Delete the route to ``dst`` (same arguments as route_add). False if it was not there."""
-    try:
-        with _ipr(netns) as ipr:
-            try:
-                spec = _route_spec(ipr, dst, gateway, oif, table, family, netns)
-            except OSError as e:
-                if is_gone(e):  # its interface is gone, and the route with it
-                    return False
-                raise
-            if not _route_present(ipr, spec):
-                return False
-            try:
-                ipr.route("del", **spec)
-            except NetlinkError as e:
-                if is_gone(e):
-                    return False
-                raise
-            _poll(lambda: not _route_present(ipr, spec), f"deleting route {dst}")
-    except FileNotFoundError:
-        return False
-    return True
+    def find(ipr: IPRoute) -> dict[str, Any] | None:
+        try:
+            return _route_spec(ipr, dst, gateway, oif, table, family, netns)
+        except OSError as e:
+            if is_gone(e):  # its interface is gone, and the route with it
+                return None
+            raise
+
+    return _ensure_absent(netns, f"route {dst}", find=find, present=_route_present,
+                          delete=lambda ipr, spec: ipr.route("del", **spec))
 
 
 # --------------------------------------------------------------------------- policy rules
@@ -738,6 +784,8 @@ class RuleInfo:
     fwmark: int | None
 
 
+# The protocol names rule_add accepts. netconf imports nothing else of lbcore, so it keeps its
+# own table.
 _IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP,
             "icmpv6": socket.IPPROTO_ICMPV6}
 
@@ -834,16 +882,8 @@ def rule_add(*, priority: int, table: int, src: str | None = None, dst: str | No
     The family comes from src/dst, else ``family``, else IPv4. Undo deletes the rule.
     """
     spec = _rule_spec(priority, table, src, dst, iif, oif, ipproto, sport, dport, fwmark, family)
-    added = False
-    with _ipr(netns) as ipr:
-        if not _rule_present(ipr, spec):
-            try:
-                ipr.rule("add", **spec)
-                added = True
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            _poll(lambda: _rule_present(ipr, spec), f"rule {spec}{_where(netns)}")
+    added = _ensure_present(netns, f"rule {spec}", find=lambda ipr: spec, present=_rule_present,
+                            add=lambda ipr, spec: ipr.rule("add", **spec))
     if changes is not None:
         kw = dict(priority=priority, table=table, src=src, dst=dst, iif=iif, oif=oif,
                   ipproto=ipproto, sport=sport, dport=dport, fwmark=fwmark, family=family)
@@ -859,20 +899,8 @@ def rule_del(*, priority: int, table: int, src: str | None = None, dst: str | No
              family: int | None = None, netns: str | None = None) -> bool:
     """Delete the rule rule_add made with the same arguments. False if it was not there."""
     spec = _rule_spec(priority, table, src, dst, iif, oif, ipproto, sport, dport, fwmark, family)
-    try:
-        with _ipr(netns) as ipr:
-            if not _rule_present(ipr, spec):
-                return False
-            try:
-                ipr.rule("del", **spec)
-            except NetlinkError as e:
-                if is_gone(e):
-                    return False
-                raise
-            _poll(lambda: not _rule_present(ipr, spec), f"deleting rule {spec}")
-    except FileNotFoundError:
-        return False
-    return True
+    return _ensure_absent(netns, f"rule {spec}", find=lambda ipr: spec, present=_rule_present,
+                          delete=lambda ipr, spec: ipr.rule("del", **spec))
 
 
 # --------------------------------------------------------------------------- neighbours
@@ -902,13 +930,13 @@ def neighbours(netns: str | None = None, ifname: str | None = None
 def neigh_add(ifname: str, dst: str, lladdr: str, *, netns: str | None = None,
               changes: NetChanges | None = None) -> None:
     """Add or replace a permanent neighbour entry ``dst`` -> ``lladdr`` on ``ifname``."""
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, ifname, netns)
-        fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
-        ipr.neigh("replace", ifindex=idx, dst=dst, lladdr=lladdr, state=NUD_PERMANENT,
-                  family=fam)
-        _poll(lambda: _neigh_present(ipr, idx, dst, lladdr),
-              f"neighbour {dst} on {ifname}{_where(netns)}")
+    fam = _ip_family(dst)
+    _ensure_present(netns, f"neighbour {dst} on {ifname}",
+                    find=lambda ipr: _index(ipr, ifname, netns),
+                    present=lambda ipr, idx: _neigh_present(ipr, idx, dst, lladdr),
+                    add=lambda ipr, idx: ipr.neigh("replace", ifindex=idx, dst=dst, lladdr=lladdr,
+                                                   state=NUD_PERMANENT, family=fam),
+                    replace=True)
     if changes is not None:
         changes.record(f"neighbour {dst} lladdr {lladdr} on {ifname}{_where(netns)}",
                        lambda: neigh_del(ifname, dst, netns=netns))
@@ -917,22 +945,12 @@ def neigh_add(ifname: str, dst: str, lladdr: str, *, netns: str | None = None,
 @_off_loop
 def neigh_del(ifname: str, dst: str, *, netns: str | None = None) -> bool:
     """Delete the neighbour entry for ``dst`` on ``ifname``. False if it was not there."""
-    try:
-        with _ipr(netns) as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found or not _neigh_present(ipr, found[0], dst, None):
-                return False
-            fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
-            try:
-                ipr.neigh("del", ifindex=found[0], dst=dst, family=fam)
-            except NetlinkError as e:
-                if is_gone(e):
-                    return False
-                raise
-            _poll(lambda: not _neigh_present(ipr, found[0], dst, None), f"deleting {dst}")
-    except FileNotFoundError:
-        return False
-    return True
+    fam = _ip_family(dst)
+    return _ensure_absent(netns, f"neighbour {dst} on {ifname}",
+                          find=lambda ipr: _index_or_none(ipr, ifname),
+                          present=lambda ipr, idx: _neigh_present(ipr, idx, dst, None),
+                          delete=lambda ipr, idx: ipr.neigh("del", ifindex=idx, dst=dst,
+                                                            family=fam))
 
 
 @_off_loop
@@ -943,19 +961,21 @@ def neigh_resolve(ifname: str, dst: str, *, netns: str | None = None) -> None:
     kernel's own, and ages out like any other."""
     with _ipr(netns) as ipr:
         idx = _index(ipr, ifname, netns)
-        fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
-        ipr.neigh("replace", ifindex=idx, dst=dst, flags=NTF_USE, state=0, family=fam)
+        ipr.neigh("replace", ifindex=idx, dst=dst, flags=NTF_USE, state=0, family=_ip_family(dst))
 
 
 @_off_loop
 def neigh_proxy_add(ifname: str, dst: str, *, netns: str | None = None,
                     changes: NetChanges | None = None) -> None:
     """Add a proxy neighbour entry: the kernel answers NDP (and ARP, where proxying applies) for
-    ``dst`` on ``ifname``. Undo deletes it."""
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, ifname, netns)
-        fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
-        ipr.neigh("replace", ifindex=idx, dst=dst, flags=NTF_PROXY, family=fam)
+    ``dst`` on ``ifname``. Undo deletes it. Not polled: proxy entries are not in a neighbour
+    dump."""
+    fam = _ip_family(dst)
+    _ensure_present(netns, f"proxy neighbour {dst} on {ifname}",
+                    find=lambda ipr: _index(ipr, ifname, netns), present=None,
+                    add=lambda ipr, idx: ipr.neigh("replace", ifindex=idx, dst=dst,
+                                                   flags=NTF_PROXY, family=fam),
+                    replace=True)
     if changes is not None:
         changes.record(f"proxy neighbour {dst} on {ifname}{_where(netns)}",
                        lambda: neigh_proxy_del(ifname, dst, netns=netns))
@@ -963,22 +983,13 @@ def neigh_proxy_add(ifname: str, dst: str, *, netns: str | None = None,
 
 @_off_loop
 def neigh_proxy_del(ifname: str, dst: str, *, netns: str | None = None) -> bool:
-    """Delete the proxy neighbour entry for ``dst`` on ``ifname``. False if it was not there."""
-    try:
-        with _ipr(netns) as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                return False
-            fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
-            try:
-                ipr.neigh("del", ifindex=found[0], dst=dst, flags=NTF_PROXY, family=fam)
-            except NetlinkError as e:
-                if is_gone(e):
-                    return False
-                raise
-    except FileNotFoundError:
-        return False
-    return True
+    """Delete the proxy neighbour entry for ``dst`` on ``ifname``. False if it was not there
+    (known only from the kernel's answer: proxy entries are not in a neighbour dump)."""
+    fam = _ip_family(dst)
+    return _ensure_absent(netns, f"proxy neighbour {dst} on {ifname}",
+                          find=lambda ipr: _index_or_none(ipr, ifname), present=None,
+                          delete=lambda ipr, idx: ipr.neigh("del", ifindex=idx, dst=dst,
+                                                            flags=NTF_PROXY, family=fam))
 
 
 # rtnetlink multicast groups (linux/rtnetlink.h RTMGRP_*)

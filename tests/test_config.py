@@ -3,8 +3,9 @@
 Each error case checks the whole message: the key path it starts with, the bad
 value and what was expected. Most cases mutate one valid document (BASE) and
 go through `config_from_dict`, which is what `parse_config` calls after
-tomllib; the file-level cases (syntax, missing, unreadable) go through files
-and through `python -m lbcore check-config`.
+tomllib; health checks have their own table (HEALTH_CASES: one whole health
+section per mistake). The file-level cases (syntax, missing, unreadable) go
+through files and through `python -m lbcore check-config`.
 """
 from __future__ import annotations
 
@@ -281,11 +282,6 @@ CASES = [
      'vips: unknown key; did you mean "vip"?'),
     ("unknown key, no close match", _set(["pool", "web", "backends", 0, "zzz"], 1),
      "pool.web.backends[0].zzz: unknown key; expected one of: address, port, weight"),
-    ("unknown key in health", _set(["pool", "web", "health", "intervall"], 2),
-     'pool.web.health.intervall: unknown key; did you mean "interval"?'),
-    ("health key of another type", _set(["pool", "web", "health", "payload"], "x"),
-     'pool.web.health.payload: not allowed here: only for type "udp" (this check is type '
-     '"http")'),
     ("wrong type", _set(["vip", 0, "port"], "80"),
      'vip[0].port: expected an integer 1..65535, got "80" (a string)'),
     ("boolean is not an integer", _set(["global", "workers"], True),
@@ -342,6 +338,16 @@ CASES = [
      "defined pools: v6, web"),
     ("backends missing", _del(["pool", "v6", "backends"]),
      "pool.v6.backends: missing; expected an array of { address, port, weight } tables"),
+    ("backends not an array", _set(["pool", "v6", "backends"], {"address": "2001:db8:200::1"}),
+     'pool.v6.backends: expected an array of { address, port, weight } tables, got '
+     '{ address = "2001:db8:200::1" } (a table)'),
+    ("backend not a table", _set(["pool", "web", "backends", 1], "198.19.0.12:80"),
+     "pool.web.backends[1]: expected a table { address = ..., port = ..., weight = ... }, "
+     'got "198.19.0.12:80" (a string)'),
+    ("vip not a table", _set(["vip", 1], "2001:db8:100::1"),
+     'vip[1]: expected a table ([[vip]]), got "2001:db8:100::1" (a string)'),
+    ("health not a table", _set(["pool", "web", "health"], "http"),
+     'pool.web.health: expected a table, got "http" (a string)'),
     ("bad mode", _set(["global", "mode"], "tap"),
      'global.mode: expected "tun" or "rawsock", got "tap"'),
     ("bad all_down", _set(["global", "all_down"], "rst"),
@@ -396,45 +402,6 @@ CASES = [
      'got "we b"'),
     ("negative slow start", _set(["pool", "web", "slow_start"], -5),
      "pool.web.slow_start: expected seconds >= 0 and <= 86400, got -5"),
-    # health checks
-    ("health type", _set(["pool", "web", "health", "type"], "icmp"),
-     'pool.web.health.type: expected "tcp" or "http" or "udp" or "exec", got "icmp"'),
-    ("health type missing", _del(["pool", "web", "health", "type"]),
-     'pool.web.health.type: missing; expected "tcp" or "http" or "udp" or "exec"'),
-    ("rise zero", _set(["pool", "web", "health", "rise"], 0),
-     "pool.web.health.rise: expected an integer 1..1000, got 0"),
-    ("fall zero", _set(["pool", "web", "health", "fall"], 0),
-     "pool.web.health.fall: expected an integer 1..1000, got 0"),
-    ("interval zero", _set(["pool", "web", "health", "interval"], 0),
-     "pool.web.health.interval: expected seconds >= 0.01 and <= 3600, got 0"),
-    ("timeout above interval", lambda d: web_health(d).update(interval=2, timeout=3),
-     "pool.web.health.timeout: expected seconds > 0 and <= interval (2), got 3; a check must "
-     "end before the next one starts"),
-    ("timeout zero", _set(["pool", "web", "health", "timeout"], 0),
-     "pool.web.health.timeout: expected seconds > 0 and <= 3600, got 0"),
-    ("health port", _set(["pool", "web", "health", "port"], 65536),
-     "pool.web.health.port: expected an integer 1..65535, got 65536"),
-    ("http path", _set(["pool", "web", "health", "path"], "healthz"),
-     'pool.web.health.path: expected an HTTP path starting with "/", without spaces or '
-     'control characters, got "healthz"'),
-    ("http path injection", _set(["pool", "web", "health", "path"], "/x HTTP/1.0\r\nX: y"),
-     'pool.web.health.path: expected an HTTP path starting with "/", without spaces or '
-     'control characters, got "/x HTTP/1.0\\r\\nX: y"'),
-    ("expect_status not an array", _set(["pool", "web", "health", "expect_status"], 200),
-     "pool.web.health.expect_status: expected a non-empty array of HTTP status codes 100..599, "
-     "e.g. [200], got 200 (an integer)"),
-    ("expect_status out of range", _set(["pool", "web", "health", "expect_status"], [200, 99]),
-     "pool.web.health.expect_status: expected a non-empty array of HTTP status codes 100..599, "
-     "e.g. [200], got [200, 99]"),
-    ("udp payload missing", _del(["pool", "v6", "health", "payload"]),
-     'pool.v6.health.payload: missing; expected the text to send, e.g. "ping"'),
-    ("exec command empty", _set(["pool", "web", "health"], {"type": "exec", "command": []}),
-     'pool.web.health.command: expected a non-empty array of strings (program and arguments), '
-     'e.g. ["/usr/bin/true"], got []'),
-    ("exec command string", _set(["pool", "web", "health"],
-                                 {"type": "exec", "command": "/usr/bin/true"}),
-     'pool.web.health.command: expected a non-empty array of strings (program and arguments), '
-     'e.g. ["/usr/bin/true"], got "/usr/bin/true" (a string)'),
     ("rawsock mode without [rawsock]", _set(["global", "mode"], "rawsock"),
      'rawsock: missing; mode "rawsock" needs a [rawsock] table with client_link and '
      'backend_link'),
@@ -447,6 +414,157 @@ CASES = [
 @pytest.mark.parametrize("mutate,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_error_message(mutate, message):
     assert one_error(mutate) == message
+
+
+_STATUS = "a non-empty array of HTTP status codes 100..599, e.g. [200]"
+_COMMAND = 'a non-empty array of strings (program and arguments), e.g. ["/usr/bin/true"]'
+_HTTP_PATH = 'an HTTP path starting with "/", without spaces or control characters'
+_LONG = "x" * (C.UDP_PAYLOAD_MAX + 1)
+
+HEALTH_CASES = [
+    # (id, the whole [pool.web.health] table, the message after "pool.web.health.")
+    # the type, and which keys go with it
+    ("type unknown", {"type": "icmp"},
+     'type: expected "tcp" or "http" or "udp" or "exec", got "icmp"'),
+    ("type misspelt", {"type": "htp"},
+     'type: expected "tcp" or "http" or "udp" or "exec", got "htp"; did you mean "http"?'),
+    ("type missing", {"interval": 2},
+     'type: missing; expected "tcp" or "http" or "udp" or "exec"'),
+    ("type unknown: other keys are not blamed", {"type": "icmp", "payload": "x", "path": "/"},
+     'type: expected "tcp" or "http" or "udp" or "exec", got "icmp"'),
+    ("unknown key", {"type": "tcp", "intervall": 2},
+     'intervall: unknown key; did you mean "interval"?'),
+    ("udp key in http", {"type": "http", "payload": "x"},
+     'payload: not allowed here: only for type "udp" (this check is type "http")'),
+    ("http key in tcp", {"type": "tcp", "path": "/"},
+     'path: not allowed here: only for type "http" (this check is type "tcp")'),
+    ("exec key in udp", {"type": "udp", "payload": "x", "command": ["/bin/true"]},
+     'command: not allowed here: only for type "exec" (this check is type "udp")'),
+    # keys every type has
+    ("interval zero", {"type": "tcp", "interval": 0},
+     "interval: expected seconds >= 0.01 and <= 3600, got 0"),
+    ("interval too long", {"type": "tcp", "interval": 3601},
+     "interval: expected seconds >= 0.01 and <= 3600, got 3601"),
+    ("interval a string", {"type": "tcp", "interval": "2s"},
+     'interval: expected seconds (a number) >= 0.01 and <= 3600, got "2s" (a string)'),
+    ("timeout zero", {"type": "tcp", "timeout": 0},
+     "timeout: expected seconds > 0 and <= 3600, got 0"),
+    ("timeout above interval", {"type": "tcp", "interval": 2, "timeout": 3},
+     "timeout: expected seconds > 0 and <= interval (2), got 3; a check must end before the "
+     "next one starts"),
+    ("timeout above the default interval", {"type": "tcp", "timeout": 2.5},
+     "timeout: expected seconds > 0 and <= interval (2), got 2.5; a check must end before the "
+     "next one starts"),
+    ("rise zero", {"type": "tcp", "rise": 0}, "rise: expected an integer 1..1000, got 0"),
+    ("fall zero", {"type": "tcp", "fall": 0}, "fall: expected an integer 1..1000, got 0"),
+    ("fall too many", {"type": "tcp", "fall": 1001},
+     "fall: expected an integer 1..1000, got 1001"),
+    ("rise a float", {"type": "tcp", "rise": 2.0},
+     "rise: expected an integer 1..1000, got 2.0 (a float)"),
+    ("port out of range", {"type": "tcp", "port": 65536},
+     "port: expected an integer 1..65535, got 65536"),
+    ("port zero", {"type": "tcp", "port": 0}, "port: expected an integer 1..65535, got 0"),
+    ("port a string", {"type": "tcp", "port": "80"},
+     'port: expected an integer 1..65535, got "80" (a string)'),
+    # http
+    ("http path relative", {"type": "http", "path": "healthz"},
+     f'path: expected {_HTTP_PATH}, got "healthz"'),
+    ("http path injection", {"type": "http", "path": "/x HTTP/1.0\r\nX: y"},
+     f'path: expected {_HTTP_PATH}, got "/x HTTP/1.0\\r\\nX: y"'),
+    ("http path not a string", {"type": "http", "path": 1},
+     'path: expected an HTTP path starting with "/", got 1 (an integer)'),
+    ("http host with a space", {"type": "http", "host": "www example"},
+     'host: expected a Host header value without spaces, got "www example"'),
+    ("http host empty", {"type": "http", "host": ""},
+     'host: expected a Host header value without spaces, got ""'),
+    ("http host not a string", {"type": "http", "host": ["a"]},
+     'host: expected a Host header value, got ["a"] (an array)'),
+    ("expect_status not an array", {"type": "http", "expect_status": 200},
+     f"expect_status: expected {_STATUS}, got 200 (an integer)"),
+    ("expect_status empty", {"type": "http", "expect_status": []},
+     f"expect_status: expected {_STATUS}, got []"),
+    ("expect_status out of range", {"type": "http", "expect_status": [200, 99]},
+     f"expect_status: expected {_STATUS}, got [200, 99]"),
+    ("expect_status a boolean", {"type": "http", "expect_status": [True]},
+     f"expect_status: expected {_STATUS}, got [true]"),
+    ("expect_status strings", {"type": "http", "expect_status": ["200"]},
+     f'expect_status: expected {_STATUS}, got ["200"]'),
+    ("body_match not a string", {"type": "http", "body_match": 1},
+     "body_match: expected a string, got 1 (an integer)"),
+    # udp
+    ("udp payload missing", {"type": "udp"},
+     'payload: missing; expected the text to send, e.g. "ping"'),
+    ("udp payload not a string", {"type": "udp", "payload": 1},
+     'payload: expected the text to send, e.g. "ping", got 1 (an integer)'),
+    ("udp payload too long", {"type": "udp", "payload": _LONG},
+     f'payload: expected at most 65507 bytes, got "{"x" * 76}...'),
+    ("udp expect not a string", {"type": "udp", "payload": "ping", "expect": 1},
+     "expect: expected a string, got 1 (an integer)"),
+    # exec
+    ("exec command missing", {"type": "exec"}, f"command: missing; expected {_COMMAND}"),
+    ("exec command a string", {"type": "exec", "command": "/usr/bin/true"},
+     f'command: expected {_COMMAND}, got "/usr/bin/true" (a string)'),
+    ("exec command empty", {"type": "exec", "command": []},
+     f"command: expected {_COMMAND}, got []"),
+    ("exec program empty", {"type": "exec", "command": ["", "x"]},
+     f'command: expected {_COMMAND}, got ["", "x"]'),
+    ("exec argument not a string", {"type": "exec", "command": ["/usr/bin/true", 1]},
+     f'command: expected {_COMMAND}, got ["/usr/bin/true", 1]'),
+    ("exec argument with NUL", {"type": "exec", "command": ["/usr/bin/true", "a\0b"]},
+     f'command: expected {_COMMAND}, got ["/usr/bin/true", "a\\u0000b"]'),
+]
+
+
+@pytest.mark.parametrize("health,message", [c[1:] for c in HEALTH_CASES],
+                         ids=[c[0] for c in HEALTH_CASES])
+def test_bad_health_section(health, message):
+    assert one_error(_set(["pool", "web", "health"], health)) == "pool.web.health." + message
+
+
+def test_every_check_type_has_a_parser():
+    assert tuple(C._HEALTH_PARSERS) == C.HEALTH_TYPES
+    assert set(C._HEALTH_ONLY.values()) <= set(C.HEALTH_TYPES)
+
+
+def test_every_health_type_parses():
+    sections = {
+        "tcp": ({"type": "tcp", "port": 8080},
+                HealthCheckConfig(type="tcp", port=8080)),
+        "http": ({"type": "http", "host": "www.example", "expect_status": [200, 204],
+                  "body_match": "ok"},
+                 HealthCheckConfig(type="http", host="www.example", expect_status=(200, 204),
+                                   body_match="ok")),
+        "udp": ({"type": "udp", "payload": "ping", "expect": "pong"},
+                HealthCheckConfig(type="udp", payload="ping", expect="pong")),
+        "exec": ({"type": "exec", "command": [sys.executable, "-c", ""]},
+                 HealthCheckConfig(type="exec", command=(sys.executable, "-c", ""))),
+    }
+    assert set(sections) == set(C.HEALTH_TYPES)
+    for typ, (section, expected) in sections.items():
+        d = copy.deepcopy(BASE)
+        d["pool"]["web"]["health"] = section
+        cfg = config_from_dict(d)
+        assert cfg.pools["web"].health == expected, typ
+        assert cfg.warnings == (), typ
+
+
+def test_exec_command_not_found_is_a_warning():
+    d = copy.deepcopy(BASE)
+    d["pool"]["web"]["health"] = {"type": "exec", "command": ["/nonexistent/check", "x"]}
+    cfg = config_from_dict(d)
+    assert cfg.pools["web"].health.command == ("/nonexistent/check", "x")
+    assert cfg.warnings == ('pool.web.health.command: "/nonexistent/check" is not an '
+                            "executable file on this host",)
+
+
+def test_errors_keep_file_order_across_array_elements():
+    def two(d: dict) -> None:
+        web_backends(d)[0]["port"] = 0
+        web_backends(d)[1]["zzz"] = 1
+        d["vip"][0]["port"] = 0
+        d["vip"][1] = 5
+    assert [e.split(":")[0] for e in errors_of(two)] == [
+        "pool.web.backends[0].port", "pool.web.backends[1].zzz", "vip[0].port", "vip[1]"]
 
 
 def test_every_error_is_collected():

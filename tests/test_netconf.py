@@ -200,6 +200,43 @@ def test_neighbours(nsname):
     assert nc.neigh_del("v0", "198.18.9.7", netns=nsname) is False
 
 
+# --------------------------------------------------------------------------- every delete
+
+# (kind, add, delete that undoes the add, whether the object goes when interface v0 goes)
+ADD_DELETE = [
+    ("link", lambda ns: nc.veth_add("v0", "v1", netns=ns, peer_netns=ns),
+     lambda ns: nc.link_del("v0", netns=ns), True),
+    ("address", lambda ns: nc.addr_add("v0", "198.18.9.2/24", netns=ns),
+     lambda ns: nc.addr_del("v0", "198.18.9.2/24", netns=ns), True),
+    ("route", lambda ns: nc.route_add("198.18.50.0/24", oif="v0", netns=ns),
+     lambda ns: nc.route_del("198.18.50.0/24", oif="v0", netns=ns), True),
+    ("rule", lambda ns: nc.rule_add(priority=10, table=10, iif="v0", netns=ns),
+     lambda ns: nc.rule_del(priority=10, table=10, iif="v0", netns=ns), False),
+    ("neighbour", lambda ns: nc.neigh_add("v0", "198.18.9.7", "02:00:00:00:00:07", netns=ns),
+     lambda ns: nc.neigh_del("v0", "198.18.9.7", netns=ns), True),
+    ("proxy neighbour", lambda ns: nc.neigh_proxy_add("v0", "2001:db8:9::8", netns=ns),
+     lambda ns: nc.neigh_proxy_del("v0", "2001:db8:9::8", netns=ns), True),
+]
+
+
+@pytest.mark.parametrize("add,delete,goes_with_link", [r[1:] for r in ADD_DELETE],
+                         ids=[r[0] for r in ADD_DELETE])
+def test_delete_once_then_gone_is_false(netns_factory, add, delete, goes_with_link):
+    """A delete is True once; then every way of being gone is False, never an error: the
+    object, the interface it hangs on, the namespace."""
+    ns = netns_factory()
+    nc.veth_add("v0", "v1", netns=ns, peer_netns=ns)
+    nc.addr_add("v0", "198.18.9.1/24", netns=ns)
+    add(ns)
+    assert delete(ns) is True
+    assert delete(ns) is False
+    add(ns)
+    nc.link_del("v0", netns=ns)
+    assert delete(ns) is (not goes_with_link)   # a rule names v0; it outlives the link
+    nc.netns_remove(ns)
+    assert delete(ns) is False
+
+
 # --------------------------------------------------------------------------- sysctls
 
 def test_sysctl_in_netns_only_and_undo(nsname):
