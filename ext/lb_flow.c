@@ -114,6 +114,7 @@
 
 #include "lb_flow.h"
 #include "lb_debug.h"
+#include "lb_proto.h"
 
 #define FT_NSTRIPES     1024u   /* stripes per index (power of two) */
 #define FT_EVICT_BUDGET 64u     /* slots per eviction scan window */
@@ -122,11 +123,6 @@
 #define FT_STATE_FREE   0xFFu   /* state byte of an unused slot */
 #define FT_CACHELINE    64u
 #define FT_HUGE         (2u << 20)  /* arrays this big get their own mapping */
-
-#define TCP_FIN 0x01u
-#define TCP_SYN 0x02u
-#define TCP_RST 0x04u
-#define TCP_ACK 0x10u
 
 #define FT_KEYBYTES offsetof(struct lb_flow_entry, state)  /* 56: the key fields */
 
@@ -376,22 +372,22 @@ ft_advance(uint16_t sw, enum lb_dir dir, uint8_t tcp)
         }
         return ft_sw_make(st, fl);
     }
-    if (tcp & TCP_RST)
+    if (tcp & LB_TCP_RST)
         return ft_sw_make(LB_FS_CLOSE, fl);
     /* A client's fresh SYN on the tuple of a finished connection opens a
      * new one (port reuse after TIME_WAIT): start over as half-open. */
-    if (dir == LB_DIR_FWD && (tcp & (TCP_SYN | TCP_ACK | TCP_FIN)) == TCP_SYN &&
+    if (dir == LB_DIR_FWD && (tcp & (LB_TCP_SYN | LB_TCP_ACK | LB_TCP_FIN)) == LB_TCP_SYN &&
         (st == LB_FS_FIN || st == LB_FS_CLOSE))
         return ft_sw_make(LB_FS_SYN, 0);
     if (dir == LB_DIR_REV)
         fl |= F_FLOW_REV_SEEN;
-    if (tcp & TCP_FIN) {
+    if (tcp & LB_TCP_FIN) {
         if (st != LB_FS_CLOSE)
             st = LB_FS_FIN;
         return ft_sw_make(st, fl);
     }
     if (st == LB_FS_SYN && dir == LB_DIR_FWD && (fl & F_FLOW_REV_SEEN) &&
-        (tcp & (TCP_ACK | TCP_SYN)) == TCP_ACK) {
+        (tcp & (LB_TCP_ACK | LB_TCP_SYN)) == LB_TCP_ACK) {
         st = LB_FS_EST;
         fl |= F_FLOW_EST_SEEN;
     }

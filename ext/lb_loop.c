@@ -24,11 +24,8 @@
 #include "lb_maglev.h"
 #include "lb_nat.h"
 #include "lb_parse.h"
+#include "lb_proto.h"
 #include "lb_table.h"
-
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_ACK 0x10
-#define IPPROTO_TCP_ 6
 
 uint32_t lb_now_ms(void)
 {
@@ -177,7 +174,7 @@ static inline enum lb_drop_reason new_flow(struct lb_worker *w, const struct lb_
     set_flow(e, p->key.src, p->key.sport, vip, be, &p->key);
     /* a TCP non-SYN miss (restart, ECMP move) is picked up as half-open: it
      * becomes established once the backend answers and the client ACKs */
-    e->state = p->key.proto == IPPROTO_TCP_ ? LB_FS_SYN : LB_FS_UDP;
+    e->state = p->key.proto == LB_IPPROTO_TCP ? LB_FS_SYN : LB_FS_UDP;
     e->pad0 = 0;
     e->pad1 = 0;
     e->last_seen = now;
