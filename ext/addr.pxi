@@ -118,7 +118,7 @@ cdef dict _entry_dict(const lb_flow_entry *e):
         "backend": _addr_str(e.backend, e.family), "bport": _host16(e.bport),
         "proto": e.proto, "family": e.family,
         "state": FLOW_STATES.get(e.state, str(e.state)),
-        "flags": e.pad0, "rev_seen": bool(e.pad0 & F_FLOW_REV_SEEN),
+        "flags": e.flags, "rev_seen": bool(e.flags & F_FLOW_REV_SEEN),
         "vip_stat": e.vip_stat, "be_stat": e.be_stat, "last_seen": e.last_seen,
     }
 

@@ -59,8 +59,8 @@ cdef inline uint64_t _ft_rng(uint64_t *x) noexcept nogil:
 
 
 cdef inline bint _ft_same_key(const lb_flow_entry *a, const lb_flow_entry *b) noexcept nogil:
-    # the 56 key bytes: client, vip, backend, cport, vport, bport, proto, family
-    return memcmp(a, b, 56) == 0
+    # the key fields: client, vip, backend, cport, vport, bport, proto, family
+    return memcmp(a, b, LB_FLOW_KEYBYTES) == 0
 
 
 cdef struct _ft_hstats:

@@ -120,7 +120,7 @@ cdef extern from "lb_types.h" nogil:
         uint8_t proto
         uint8_t family
         uint8_t state
-        uint8_t pad0
+        uint8_t flags
         uint32_t vip_stat
         uint32_t be_stat
         uint32_t last_seen
@@ -156,6 +156,7 @@ cdef extern from "lb_maglev.h" nogil:
 cdef extern from "lb_flow.h" nogil:
     const uint32_t F_FLOW_REV_SEEN
     const uint32_t F_FLOW_EST_SEEN
+    const size_t LB_FLOW_KEYBYTES
     struct lb_flowtable:
         pass
     struct lb_flow_counters:

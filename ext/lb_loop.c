@@ -175,7 +175,7 @@ static inline enum lb_drop_reason new_flow(struct lb_worker *w, const struct lb_
     /* a TCP non-SYN miss (restart, ECMP move) is picked up as half-open: it
      * becomes established once the backend answers and the client ACKs */
     e->state = p->key.proto == LB_IPPROTO_TCP ? LB_FS_SYN : LB_FS_UDP;
-    e->pad0 = 0;
+    e->flags = 0;
     e->pad1 = 0;
     e->last_seen = now;
     rc = lb_flow_insert(w->dp->ft, e, now);
