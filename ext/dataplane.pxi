@@ -1,6 +1,7 @@
 # dataplane.pxi - the Dataplane: flow table, published forwarding table,
 # worker loops. The only `with nogil` sites that run the packet path are here.
 import os as _dp_os
+import threading as _dp_threading
 
 
 def now_ms() -> int:
@@ -37,6 +38,9 @@ cdef class Dataplane:
         else:
             seed = <uint64_t>flow_seed
         self._timeouts = _fill_timeouts(&tmo, timeouts)
+        # serialises the control side's use of the private worker slot
+        # (pick, process, l2_lookup)
+        self._lock = _dp_threading.Lock()
         with nogil:
             self.dp = lb_dp_new(workers, flow_capacity, seed, &tmo)
         if self.dp == NULL:
@@ -113,14 +117,6 @@ cdef class Dataplane:
             # a worker is stuck inside a batch: leaking the old table is the
             # only safe choice (freeing it could crash that worker)
             raise TimeoutError("workers did not pass a quiescent point; old table leaked")
-        lb_table_free(old)
-
-    def clear(self):
-        """Publish no table: every packet is then dropped as no_vip."""
-        cdef lb_table *old
-        with nogil:
-            old = lb_dp_publish(self.dp, NULL)
-            lb_dp_synchronize(self.dp, 2000)
         lb_table_free(old)
 
     def pick(self, src, int sport, dst, int dport, proto):
@@ -383,9 +379,6 @@ cdef class Dataplane:
         """Ask every worker loop to return (within its 100 ms poll timeout)."""
         lb_dp_set_stop(self.dp, 1)
 
-    def reset_stop(self):
-        lb_dp_set_stop(self.dp, 0)
-
     # ---- flow table -------------------------------------------------------
 
     @property
@@ -441,7 +434,3 @@ cdef class Dataplane:
         tot["backends"] = {k: tuple(v) for k, v in bes.items()}
         tot["workers"] = workers
         return tot
-
-    def __init__(self, *args, **kwargs):
-        import threading
-        self._lock = threading.Lock()

@@ -106,7 +106,6 @@ cdef extern from "lb_types.h" nogil:
 
     struct lb_table:
         uint64_t sel_seed
-        uint64_t generation
         uint32_t n_vips
         lb_vip *vips
 

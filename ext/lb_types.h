@@ -98,7 +98,6 @@ struct lb_vip {
 /* The forwarding state: immutable once published; replaced as a whole. */
 struct lb_table {
     uint64_t sel_seed;    /* selection hash seed, from the config */
-    uint64_t generation;
     uint32_t n_vips;
     uint32_t pad;
     struct lb_vip *vips;
