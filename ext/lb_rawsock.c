@@ -209,22 +209,21 @@ static inline int neigh_is(const struct lb_l2_neigh *n, uint8_t link, uint8_t fa
 int lb_l2_add_neigh(struct lb_l2 *l2, uint8_t link, uint8_t family, const uint8_t *addr16,
                     const uint8_t *mac6)
 {
-    uint32_t i, used = 0;
+    uint32_t i;
 
     if (link >= LB_RAW_LINKS || (family != LB_AF_INET && family != LB_AF_INET6))
         return -EINVAL;
-    for (i = 0; i <= l2->mask; i++)
-        used += l2->slots[i].used;
     i = neigh_hash(link, family, addr16) & l2->mask;
     for (;;) {
         struct lb_l2_neigh *n = &l2->slots[i];
         if (!n->used) {
-            if (2 * (used + 1) > l2->mask + 1)
+            if (2 * (l2->used + 1) > l2->mask + 1)
                 return -ENOSPC;
             memcpy(n->addr, addr16, 16);
             n->family = family;
             n->link = link;
             n->used = 1;
+            l2->used++;
             memcpy(n->mac, mac6, 6);
             return 0;
         }

@@ -71,6 +71,7 @@ struct lb_l2 {
     uint8_t src_mac[LB_RAW_LINKS][6];
     uint32_t n_routes;
     uint32_t mask;               /* slots - 1 */
+    uint32_t used;               /* slots taken */
     struct lb_l2_route *routes;
     struct lb_l2_neigh *slots;
 };
