@@ -241,7 +241,7 @@ cdef class Dataplane:
         w.fd = fd
         w.vnet_hdr = vnet_hdr
         with nogil:
-            rc = lb_loop_run_tun(w)
+            rc = lb_tun_run(w)
         w.fd = -1
         if rc < 0:
             raise convert_errno(rc, f"worker {i}")
@@ -275,7 +275,7 @@ cdef class Dataplane:
             s[j] = rsock.s
         w = lb_dp_worker(self.dp, i)
         with nogil:
-            rc = lb_loop_run_raw(w, rs, s, n)
+            rc = lb_rawsock_run(w, rs, s, n)
         if rc < 0:
             raise convert_errno(rc, f"rawsock worker {i}")
 
