@@ -19,7 +19,7 @@ def test_ruff_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "ext" / "lb_*.c"))),
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "ext" / "lb_*.[ch]"))),
                          ids=lambda p: pathlib.Path(p).name)
 def test_c_core_has_no_python(path):
     """The C data plane never includes Python.h nor calls into Python."""
