@@ -10,7 +10,6 @@ def now_ms() -> int:
     return lb_now_ms()
 
 
-@cython.final
 cdef class Dataplane:
     """The C data plane: one flow table, the published forwarding table, and
     `workers` worker slots (plus one private slot for `process()`).
@@ -19,12 +18,6 @@ cdef class Dataplane:
       flow_seed: None = random per start (against hash flooding).
       timeouts: ms per state, keys of DEFAULT_TIMEOUTS_MS; missing = default.
     """
-    cdef lb_dataplane *dp
-    cdef lb_rawsock *rs
-    cdef readonly uint32_t workers
-    cdef object _lock
-    cdef dict _timeouts
-
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
                   flow_seed=None, timeouts=None):
         cdef lb_timeouts tmo
@@ -180,49 +173,6 @@ cdef class Dataplane:
             return [(verdicts[i], DROP_REASONS[reasons[i]],
                      bytes(buf[i * stride: i * stride + lens[i]])) for i in range(n)]
         finally:
-            free(buf)
-            free(lens)
-            free(verdicts)
-            free(reasons)
-
-    def process_repeat(self, packets, uint32_t rounds, now=None):
-        """Benchmark entry: copy the packets into one buffer once, then run
-        the pipeline over them `rounds` times in one nogil call (each round
-        re-copies the pristine packets, as a device read would). Returns the
-        number of LB_TX verdicts."""
-        cdef Py_ssize_t n = len(packets), i
-        cdef uint32_t stride = 0, r, sent = 0
-        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
-        cdef uint8_t *orig
-        cdef uint8_t *buf
-        cdef uint32_t *lens
-        cdef uint8_t *verdicts
-        cdef uint8_t *reasons
-        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
-        if n == 0:
-            return 0
-        for p in packets:
-            stride = max(stride, len(p))
-        orig = <uint8_t *>calloc(n, stride)
-        buf = <uint8_t *>calloc(n, stride)
-        lens = <uint32_t *>calloc(n, sizeof(uint32_t))
-        verdicts = <uint8_t *>calloc(n, 1)
-        reasons = <uint8_t *>calloc(n, 1)
-        try:
-            if not (orig and buf and lens and verdicts and reasons):
-                raise MemoryError()
-            for i, p in enumerate(packets):
-                memcpy(orig + i * stride, <const char *>p, len(p))
-                lens[i] = len(p)
-            with self._lock:
-                with nogil:
-                    for r in range(rounds):
-                        memcpy(buf, orig, n * stride)
-                        sent += lb_process_batch(w, buf, stride, lens, verdicts, reasons,
-                                                 n, tnow)
-            return sent
-        finally:
-            free(orig)
             free(buf)
             free(lens)
             free(verdicts)

@@ -10,7 +10,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from lbcore import _core
+from lbcore import _core, _testing
 
 VIP = "198.18.100.1"
 CLIENT = "198.18.0.2"
@@ -211,7 +211,7 @@ def test_table_swaps_under_a_running_worker_are_safe(dp):
     result = {}
 
     def run():
-        result["sent"] = dp.process_repeat(pkts, 3000)
+        result["sent"] = _testing.process_repeat(dp, pkts, 3000)
         done.set()
 
     t = threading.Thread(target=run)

@@ -39,13 +39,15 @@ def test_c_core_strict_warnings(path):
     assert r.returncode == 0, r.stderr
 
 
-def test_type_stub_covers_the_extension():
-    """lbcore/_core.pyi names every public name of the compiled module, and
-    every public method of its classes."""
+@pytest.mark.parametrize("module", ["_core", "_testing"])
+def test_type_stub_covers_the_extension(module):
+    """lbcore/<module>.pyi names every public name of the compiled module,
+    and every public method of its classes."""
     import ast
+    import importlib
 
-    from lbcore import _core
-    tree = ast.parse((ROOT / "lbcore" / "_core.pyi").read_text())
+    mod = importlib.import_module(f"lbcore.{module}")
+    tree = ast.parse((ROOT / "lbcore" / f"{module}.pyi").read_text())
     top: set[str] = set()
     methods: dict[str, set[str]] = {}
     for node in tree.body:
@@ -59,8 +61,8 @@ def test_type_stub_covers_the_extension():
             top.add(node.name)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             top.add(node.target.id)
-    public = {n for n in dir(_core) if not n.startswith("_")}
+    public = {n for n in dir(mod) if not n.startswith("_")}
     assert public <= top, sorted(public - top)
     for cls, names in methods.items():
-        have = {m for m in dir(getattr(_core, cls)) if not m.startswith("_")}
+        have = {m for m in dir(getattr(mod, cls)) if not m.startswith("_")}
         assert have <= names, (cls, sorted(have - names))
