@@ -1,15 +1,17 @@
-"""The full per-packet path (ext/lb_loop.c lb_process_packet): parse -> VIP
+"""The full per-packet path (ext/lb_pipeline.c lb_pipeline_run): parse -> VIP
 lookup -> flow lookup (hit) or Maglev pick + flow insert (miss) -> NAT, on
 64-byte packets, with the flow table holding 1M flows.
 
 Each call runs _testing.process_repeat: the packets are copied into one C
 buffer once, then every round re-copies the pristine packets (as a device
-read would) and runs the pipeline over them with the GIL released. The
-per-packet figure is the call's median divided by packets x rounds.
+read would) and runs lb_process_batch over them with the GIL released,
+which hands lb_pipeline_run LB_BATCH (64) packets at a time (the TUN worker
+hands it up to LB_TUN_BATCH, 32). The per-packet figure is the call's median
+divided by packets x rounds.
 
     .venv/bin/python -m pytest bench/bench_pipeline.py --benchmark-only -q -s
 
-Goal (issue 2): >= 5 M packets/s on one core (<= 200 ns a packet).
+Goal: >= 5 M packets/s on one core (<= 200 ns a packet).
 """
 from __future__ import annotations
 

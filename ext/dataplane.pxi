@@ -56,9 +56,10 @@ cdef class Dataplane:
         vips: sequence of (address, port, proto, stat_id, ring_size, backends)
         with backends a sequence of (address, port, weight, stat_id, draining).
         A draining backend keeps its flows but gets no new ones (weight 0 in
-        the ring). Returns the number of ring slots that changed owner per VIP
-        is not tracked here; see lbcore.table for deltas. Raises ValueError on
-        a bad table (duplicate VIP, non-prime ring size, ...).
+        the ring). Every VIP's ring is rebuilt; the old table is freed once
+        no worker can hold it (TimeoutError, and the old table leaked, when
+        that takes longer than timeout_ms). Raises ValueError on a bad table
+        (duplicate VIP, non-prime ring size, ...).
         """
         cdef lb_table *t = lb_table_new(len(vips), seed)
         cdef lb_table *old

@@ -33,8 +33,8 @@ struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
     if (!dp)
         return NULL;
     dp->n_workers = n_workers;
-    /* one more worker than asked: the last one serves lb_process_batch
-     * calls from the control side (tests, `lbcore pick`, benchmarks) */
+    /* one more worker than asked: the last one is the control side's
+     * (Dataplane.process/pick/l2_lookup: tests, `lbcore pick`, benchmarks) */
     dp->workers = calloc(n_workers + 1, sizeof(struct lb_worker));
     dp->ft = lb_flow_new(flow_capacity, flow_seed, tmo);
     if (!dp->workers || !dp->ft)

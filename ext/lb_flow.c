@@ -81,7 +81,7 @@
  * later client ACK without SYN then makes it EST (so a SYN flood whose
  * clients never ACK stays half-open, and a flow picked up mid-stream becomes
  * EST once both sides have spoken); UDP becomes UDP_STREAM at the first
- * backend packet. Beyond the issue's rules: a client's bare SYN on a FIN or
+ * backend packet. One more rule: a client's bare SYN on a FIN or
  * CLOSE entry starts the tuple over as SYN (port reuse after TIME_WAIT), so a
  * reused tuple is not stuck with the short CLOSE timeout.
  *

@@ -116,7 +116,8 @@ def maglev_ring(backends, ring_size=RING_SIZE, seed=0):
 cdef class MaglevTable:
     """One VIP's Maglev table: the ring plus a pick() that runs the same C
     path as the data plane (lb_maglev_pick). Immutable once built; a change
-    of backends is a new MaglevTable (DESIGN.md: build aside, then swap)."""
+    of backends is a new MaglevTable (built aside, then swapped in, as the
+    data plane does with its tables: readers never see a half-built ring)."""
 
     def __init__(self, backends, ring_size=RING_SIZE, seed=0):
         """backends: sequence of (address, port, weight); raises ValueError as
