@@ -1,6 +1,7 @@
 """The full per-packet path (ext/lb_pipeline.c lb_pipeline_run): parse -> VIP
 lookup -> flow lookup (hit) or Maglev pick + flow insert (miss) -> NAT, on
-64-byte packets, with the flow table holding 1M flows.
+64-byte packets, with the flow table holding 1M flows; and the packets of
+each case of the pipeline case table (tests/pipeline_cases.py).
 
 Each call runs _testing.process_repeat: the packets are copied into one C
 buffer once, then every round re-copies the pristine packets (as a device
@@ -22,6 +23,8 @@ import pytest
 from scapy.all import IP, TCP, UDP, Raw
 
 from lbcore import _core, _testing
+from tests.pipeline_cases import NOW, PIPELINE_CASES, PipelineCase
+from tests.pipeline_cases import dataplane as case_dataplane
 
 BATCH = 1024          # packets per batch of the new-flow benchmark
 HOT = 1 << 16         # distinct flows the hit benchmark cycles through
@@ -97,6 +100,28 @@ def test_full_path_new_flows(benchmark) -> None:
     ns = benchmark.stats.stats.median / (4 * BATCH) * 1e9
     benchmark.extra_info["ns_per_packet"] = ns
     RESULTS["new flow tcp"] = ns
+
+
+CASE_ROUNDS = 20_000
+
+
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: c.description)
+def test_pipeline_case(benchmark, case: PipelineCase) -> None:
+    """The packets of one case of tests/pipeline_cases.py, replayed with the
+    state the case builds in place (its flows inserted): each round runs all
+    of the case's packets through one lb_process_batch call, so a stateful
+    case's later packets are flow hits, as in steady state."""
+    dp = case_dataplane()
+    for step in case.steps:
+        [(v, reason, _)] = dp.process([step.packet], now=NOW)
+        assert (v, reason) == (step.verdict, step.reason)
+    pkts = [step.packet for step in case.steps]
+    sent = benchmark.pedantic(_testing.process_repeat, args=(dp, pkts, CASE_ROUNDS, NOW),
+                              rounds=5, iterations=1, warmup_rounds=1)
+    assert sent == CASE_ROUNDS * sum(step.verdict == _core.VERDICT_TX for step in case.steps)
+    ns = benchmark.stats.stats.median / (len(pkts) * CASE_ROUNDS) * 1e9
+    benchmark.extra_info["ns_per_packet"] = ns
+    RESULTS[f"case '{case.description}'"] = ns
 
 
 def teardown_module(module) -> None:
