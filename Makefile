@@ -28,16 +28,18 @@ $(STAMP): pyproject.toml setup.py
 
 deps: $(STAMP)
 
+# LB_TESTING=1: also lbcore._testing, the benchmark and stress loops the
+# tests and bench/ use (a plain `pip install .` builds only lbcore._core).
 build: $(STAMP)
-	$(VPY) setup.py -q build_ext --inplace
+	LB_TESTING=1 $(VPY) setup.py -q build_ext --inplace
 
 test: build vagrant-check test-sanitize
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
-# tree so that the normal build is left alone. The generated ext/_core.c is
-# not copied (cp gives it a fresh mtime, so cythonize would trust a stale
-# one). Test files that do not exist (yet) are skipped; netns tests and the
+# tree so that the normal build is left alone. The generated ext/_*.c are
+# not copied (cp gives them a fresh mtime, so cythonize would trust stale
+# ones). Test files that do not exist (yet) are skipped; netns tests and the
 # thread hammer are left out (too slow under ASan). --capture=sys leaves fd 2
 # alone, so a sanitizer report is not swallowed by pytest's fd capture.
 SAN_TESTS := tests/test_packet.py tests/test_fuzz.py tests/test_maglev.py tests/test_flow.py tests/test_pipeline.py
@@ -45,9 +47,10 @@ SAN_DIR   := build/sanitize
 test-sanitize: $(STAMP)
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
 	cp -r lbcore ext tests setup.py pyproject.toml $(SAN_DIR)/
-	rm -f $(SAN_DIR)/lbcore/_core*.so $(SAN_DIR)/ext/_core.c
+	rm -f $(SAN_DIR)/lbcore/_core*.so $(SAN_DIR)/lbcore/_testing*.so $(SAN_DIR)/ext/_core.c \
+	  $(SAN_DIR)/ext/_testing.c
 	find $(SAN_DIR) -name __pycache__ -prune -exec rm -rf {} +
-	cd $(SAN_DIR) && LB_SANITIZE=1 $(abspath $(VPY)) setup.py -q build_ext --inplace
+	cd $(SAN_DIR) && LB_SANITIZE=1 LB_TESTING=1 $(abspath $(VPY)) setup.py -q build_ext --inplace
 	cd $(SAN_DIR) && \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
@@ -85,4 +88,5 @@ demo: build
 	$(VPY) -m lbcore demo
 
 clean:
-	rm -rf build ext/_core.c ext/*.html lbcore/_core*.so .pytest_cache
+	rm -rf build ext/_core.c ext/_testing.c ext/*.html lbcore/_core*.so lbcore/_testing*.so \
+	  .pytest_cache

@@ -1,6 +1,9 @@
-"""Build the one extension, lbcore._core, from ext/ (Cython + plain C).
+"""Build the extension lbcore._core from ext/ (Cython + plain C).
 
 Environment switches:
+  LB_TESTING=1   also build lbcore._testing (ext/_testing.pyx): benchmark and
+                 stress loops over _core's objects, for tests and bench/ only;
+                 the Makefile's build, test-sanitize and bench targets set it
   LB_DEBUG=1     -O0 -g, LB_DEBUG=1 (LB_ASSERT checks on)
   LB_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (run Python
                  with libasan preloaded: see `make test-sanitize`)
@@ -12,6 +15,7 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+TESTING = os.environ.get("LB_TESTING") == "1"
 DEBUG = os.environ.get("LB_DEBUG") == "1"
 SANITIZE = os.environ.get("LB_SANITIZE") == "1"
 
@@ -25,20 +29,29 @@ if SANITIZE:
     cflags += san + ["-O1", "-g"]
     ldflags += san
 
-ext = Extension(
-    "lbcore._core",
-    sources=["ext/_core.pyx"] + sorted(glob.glob("ext/lb_*.c")),
-    include_dirs=["ext"],
-    define_macros=macros,
-    extra_compile_args=cflags,
-    extra_link_args=ldflags,
-    depends=sorted(glob.glob("ext/*.h") + glob.glob("ext/*.pxi") + ["ext/lb.pxd"]),
-)
+C_SOURCES = sorted(glob.glob("ext/lb_*.c"))
+DEPENDS = sorted(glob.glob("ext/*.h") + glob.glob("ext/*.pxi") + ["ext/lb.pxd",
+                                                                "lbcore/_core.pxd"])
+
+
+def extension(name: str, pyx: str) -> Extension:
+    # lbcore._testing links its own copy of the C core: extension modules
+    # do not share C symbols, and its loops call the same functions the
+    # data plane runs, on the structs behind _core's objects
+    return Extension(name, sources=[pyx] + C_SOURCES, include_dirs=["ext"],
+                     define_macros=macros, extra_compile_args=cflags,
+                     extra_link_args=ldflags, depends=DEPENDS)
+
+
+extensions = [extension("lbcore._core", "ext/_core.pyx")]
+if TESTING:
+    extensions.append(extension("lbcore._testing", "ext/_testing.pyx"))
 
 setup(
     ext_modules=cythonize(
-        [ext],
-        include_path=["ext"],
+        extensions,
+        # ext for lb.pxd and the .pxi parts; the root for lbcore/_core.pxd
+        include_path=["ext", "."],
         annotate=os.environ.get("LB_ANNOTATE") == "1",
         compiler_directives={"language_level": 3, "embedsignature": True},
     ),

@@ -1,9 +1,10 @@
 """Flow-table speed: lookups (hit / miss, batched / one by one), inserts,
 evicting inserts under a SYN flood, and expiry, at 1M tracked flows.
 
-Every figure times a C loop run by one FlowTable call with the GIL released
-(fill, lookup_batch, expire), so it is the table's work and not Python call
-overhead; ops/s = OPS / median round time is put in extra_info ("Mops_s").
+Every figure times a C loop run by one call with the GIL released
+(_testing.fill, _testing.lookup_batch, FlowTable.expire), so it is the
+table's work and not Python call overhead; ops/s = OPS / median round time
+is put in extra_info ("Mops_s").
 
     python -m pytest bench/bench_flow.py --benchmark-only \
         --benchmark-columns=min,median,max,rounds
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from lbcore import _core
+from lbcore import _core, _testing
 
 FLOWS = 1 << 20          # tracked flows (and capacity)
 OPS = 1_000_000          # lookups per timed round
@@ -26,7 +27,7 @@ FWD, REV = _core.DIR_FWD, _core.DIR_REV
 def full_table() -> _core.FlowTable:
     """1M established flows, capacity 1M: hash chains at their longest."""
     ft = _core.FlowTable(FLOWS, seed=0xBE4C)
-    assert ft.fill(FLOWS, now=1, state="established") == FLOWS
+    assert _testing.fill(ft, FLOWS, now=1, state="established") == FLOWS
     return ft
 
 
@@ -36,7 +37,7 @@ def _rate(benchmark, ops: int) -> None:
 
 
 def _lookups(benchmark, ft: _core.FlowTable, *, hit: bool, batched: bool, direction: int):
-    n = benchmark.pedantic(ft.lookup_batch, args=(OPS, FLOWS),
+    n = benchmark.pedantic(_testing.lookup_batch, args=(ft, OPS, FLOWS),
                            kwargs={"hit": hit, "batched": batched, "dir": direction, "now": 2},
                            rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert n == (OPS if hit else 0)
@@ -67,7 +68,7 @@ def _fresh(fill: int, state: str = "established") -> Callable[[], tuple]:
     def setup() -> tuple:
         ft = _core.FlowTable(FLOWS, seed=0xF1E5)
         if fill:
-            assert ft.fill(fill, now=1, state=state) == fill
+            assert _testing.fill(ft, fill, now=1, state=state) == fill
         return (ft,), {}
     return setup
 
@@ -75,7 +76,7 @@ def _fresh(fill: int, state: str = "established") -> Callable[[], tuple]:
 def test_insert(benchmark):
     """1M inserts into an empty 1M table (free list / fresh slots)."""
     def run(ft: _core.FlowTable) -> None:
-        assert ft.fill(FLOWS, now=1) == FLOWS
+        assert _testing.fill(ft, FLOWS, now=1) == FLOWS
     benchmark.pedantic(run, setup=_fresh(0), rounds=ROUNDS, iterations=1)
     _rate(benchmark, FLOWS)
 
@@ -87,12 +88,12 @@ def test_insert_evicting_half_open(benchmark):
 
     def setup() -> tuple:
         ft = _core.FlowTable(FLOWS, seed=0xF1E5)
-        assert ft.fill(FLOWS // 2, now=1, state="established") == FLOWS // 2
-        assert ft.fill(FLOWS // 2, now=1, start=FLOWS // 2, state="syn") == FLOWS // 2
+        assert _testing.fill(ft, FLOWS // 2, now=1, state="established") == FLOWS // 2
+        assert _testing.fill(ft, FLOWS // 2, now=1, start=FLOWS // 2, state="syn") == FLOWS // 2
         return (ft,), {}
 
     def run(ft: _core.FlowTable) -> None:
-        assert ft.fill(n, now=2, start=FLOWS, state="syn") == n
+        assert _testing.fill(ft, n, now=2, start=FLOWS, state="syn") == n
         assert ft.counters()["evicted_halfopen"] == n
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
     _rate(benchmark, n)

@@ -1,6 +1,6 @@
 """Parse + NAT rewrite cost per packet (ext/lb_parse.c + ext/lb_nat.c).
 
-Each benchmark call runs _core.parse_rewrite_batch: BATCH packets copied
+Each benchmark call runs _testing.parse_rewrite_batch: BATCH packets copied
 once into one C buffer, then lb_parse + lb_nat_rewrite over all of them
 ROUNDS times with the GIL released. The per-packet figure is the call's
 median time divided by BATCH * ROUNDS; it is stored in extra_info
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from scapy.all import ICMP, IP, TCP, UDP, IPv6, Raw
 
-from lbcore import _core
+from lbcore import _core, _testing
 
 BATCH = 64
 ROUNDS = 2000
@@ -61,7 +61,7 @@ def test_parse_rewrite(benchmark, kind: str, csum_partial: bool) -> None:
     if csum_partial and kind.endswith("needed"):
         pytest.skip("CHECKSUM_PARTIAL does not apply to ICMP")
     pkts, entry = _packets(kind)
-    n = benchmark.pedantic(_core.parse_rewrite_batch,
+    n = benchmark.pedantic(_testing.parse_rewrite_batch,
                            args=(pkts, entry, _core.DIR_FWD, ROUNDS, csum_partial),
                            rounds=15, iterations=1, warmup_rounds=2)
     assert n == BATCH * ROUNDS

@@ -43,20 +43,7 @@ cdef str _addr_str(const uint8_t *a, int family):
     return _socket.inet_ntop(_socket.AF_INET if family == LB_AF_INET else _socket.AF_INET6, raw)
 
 
-cdef inline uint16_t _be16(uint32_t port) noexcept nogil:
-    """A host-order port as the big-endian value the structs hold."""
-    cdef uint8_t b[2]
-    cdef uint16_t r
-    b[0] = <uint8_t>(port >> 8)
-    b[1] = <uint8_t>(port & 0xFF)
-    memcpy(&r, b, 2)
-    return r
-
-
-cdef inline uint32_t _host16(uint16_t v) noexcept nogil:
-    """A big-endian struct field as a host-order number."""
-    cdef const uint8_t *b = <const uint8_t *>&v
-    return (<uint32_t>b[0] << 8) | b[1]
+# _be16 and _host16 (ports <-> struct fields) are inline in lbcore/_core.pxd.
 
 
 cdef uint16_t _port_be(object port, str what="port") except? 0:
@@ -118,7 +105,7 @@ cdef dict _entry_dict(const lb_flow_entry *e):
         "backend": _addr_str(e.backend, e.family), "bport": _host16(e.bport),
         "proto": e.proto, "family": e.family,
         "state": FLOW_STATES.get(e.state, str(e.state)),
-        "flags": e.pad0, "rev_seen": bool(e.pad0 & F_FLOW_REV_SEEN),
+        "flags": e.flags, "rev_seen": bool(e.flags & F_FLOW_REV_SEEN),
         "vip_stat": e.vip_stat, "be_stat": e.be_stat, "last_seen": e.last_seen,
     }
 

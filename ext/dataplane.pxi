@@ -1,6 +1,7 @@
 # dataplane.pxi - the Dataplane: flow table, published forwarding table,
 # worker loops. The only `with nogil` sites that run the packet path are here.
 import os as _dp_os
+import threading as _dp_threading
 
 
 def now_ms() -> int:
@@ -9,7 +10,6 @@ def now_ms() -> int:
     return lb_now_ms()
 
 
-@cython.final
 cdef class Dataplane:
     """The C data plane: one flow table, the published forwarding table, and
     `workers` worker slots (plus one private slot for `process()`).
@@ -18,12 +18,6 @@ cdef class Dataplane:
       flow_seed: None = random per start (against hash flooding).
       timeouts: ms per state, keys of DEFAULT_TIMEOUTS_MS; missing = default.
     """
-    cdef lb_dataplane *dp
-    cdef lb_rawsock *rs
-    cdef readonly uint32_t workers
-    cdef object _lock
-    cdef dict _timeouts
-
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
                   flow_seed=None, timeouts=None):
         cdef lb_timeouts tmo
@@ -37,6 +31,9 @@ cdef class Dataplane:
         else:
             seed = <uint64_t>flow_seed
         self._timeouts = _fill_timeouts(&tmo, timeouts)
+        # serialises the control side's use of the private worker slot
+        # (pick, process, l2_lookup)
+        self._lock = _dp_threading.Lock()
         with nogil:
             self.dp = lb_dp_new(workers, flow_capacity, seed, &tmo)
         if self.dp == NULL:
@@ -59,9 +56,10 @@ cdef class Dataplane:
         vips: sequence of (address, port, proto, stat_id, ring_size, backends)
         with backends a sequence of (address, port, weight, stat_id, draining).
         A draining backend keeps its flows but gets no new ones (weight 0 in
-        the ring). Returns the number of ring slots that changed owner per VIP
-        is not tracked here; see lbcore.table for deltas. Raises ValueError on
-        a bad table (duplicate VIP, non-prime ring size, ...).
+        the ring). Every VIP's ring is rebuilt; the old table is freed once
+        no worker can hold it (TimeoutError, and the old table leaked, when
+        that takes longer than timeout_ms). Raises ValueError on a bad table
+        (duplicate VIP, non-prime ring size, ...).
         """
         cdef lb_table *t = lb_table_new(len(vips), seed)
         cdef lb_table *old
@@ -113,14 +111,6 @@ cdef class Dataplane:
             # a worker is stuck inside a batch: leaking the old table is the
             # only safe choice (freeing it could crash that worker)
             raise TimeoutError("workers did not pass a quiescent point; old table leaked")
-        lb_table_free(old)
-
-    def clear(self):
-        """Publish no table: every packet is then dropped as no_vip."""
-        cdef lb_table *old
-        with nogil:
-            old = lb_dp_publish(self.dp, NULL)
-            lb_dp_synchronize(self.dp, 2000)
         lb_table_free(old)
 
     def pick(self, src, int sport, dst, int dport, proto):
@@ -189,49 +179,6 @@ cdef class Dataplane:
             free(verdicts)
             free(reasons)
 
-    def process_repeat(self, packets, uint32_t rounds, now=None):
-        """Benchmark entry: copy the packets into one buffer once, then run
-        the pipeline over them `rounds` times in one nogil call (each round
-        re-copies the pristine packets, as a device read would). Returns the
-        number of LB_TX verdicts."""
-        cdef Py_ssize_t n = len(packets), i
-        cdef uint32_t stride = 0, r, sent = 0
-        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
-        cdef uint8_t *orig
-        cdef uint8_t *buf
-        cdef uint32_t *lens
-        cdef uint8_t *verdicts
-        cdef uint8_t *reasons
-        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
-        if n == 0:
-            return 0
-        for p in packets:
-            stride = max(stride, len(p))
-        orig = <uint8_t *>calloc(n, stride)
-        buf = <uint8_t *>calloc(n, stride)
-        lens = <uint32_t *>calloc(n, sizeof(uint32_t))
-        verdicts = <uint8_t *>calloc(n, 1)
-        reasons = <uint8_t *>calloc(n, 1)
-        try:
-            if not (orig and buf and lens and verdicts and reasons):
-                raise MemoryError()
-            for i, p in enumerate(packets):
-                memcpy(orig + i * stride, <const char *>p, len(p))
-                lens[i] = len(p)
-            with self._lock:
-                with nogil:
-                    for r in range(rounds):
-                        memcpy(buf, orig, n * stride)
-                        sent += lb_process_batch(w, buf, stride, lens, verdicts, reasons,
-                                                 n, tnow)
-            return sent
-        finally:
-            free(orig)
-            free(buf)
-            free(lens)
-            free(verdicts)
-            free(reasons)
-
     # ---- worker loops -----------------------------------------------------
 
     def run_worker(self, uint32_t i, int fd, bint vnet_hdr=False):
@@ -245,7 +192,7 @@ cdef class Dataplane:
         w.fd = fd
         w.vnet_hdr = vnet_hdr
         with nogil:
-            rc = lb_loop_run_tun(w)
+            rc = lb_tun_run(w)
         w.fd = -1
         if rc < 0:
             raise convert_errno(rc, f"worker {i}")
@@ -279,7 +226,7 @@ cdef class Dataplane:
             s[j] = rsock.s
         w = lb_dp_worker(self.dp, i)
         with nogil:
-            rc = lb_loop_run_raw(w, rs, s, n)
+            rc = lb_rawsock_run(w, rs, s, n)
         if rc < 0:
             raise convert_errno(rc, f"rawsock worker {i}")
 
@@ -383,9 +330,6 @@ cdef class Dataplane:
         """Ask every worker loop to return (within its 100 ms poll timeout)."""
         lb_dp_set_stop(self.dp, 1)
 
-    def reset_stop(self):
-        lb_dp_set_stop(self.dp, 0)
-
     # ---- flow table -------------------------------------------------------
 
     @property
@@ -441,7 +385,3 @@ cdef class Dataplane:
         tot["backends"] = {k: tuple(v) for k, v in bes.items()}
         tot["workers"] = workers
         return tot
-
-    def __init__(self, *args, **kwargs):
-        import threading
-        self._lock = threading.Lock()

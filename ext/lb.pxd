@@ -106,7 +106,6 @@ cdef extern from "lb_types.h" nogil:
 
     struct lb_table:
         uint64_t sel_seed
-        uint64_t generation
         uint32_t n_vips
         lb_vip *vips
 
@@ -120,7 +119,7 @@ cdef extern from "lb_types.h" nogil:
         uint8_t proto
         uint8_t family
         uint8_t state
-        uint8_t pad0
+        uint8_t flags
         uint32_t vip_stat
         uint32_t be_stat
         uint32_t last_seen
@@ -156,6 +155,7 @@ cdef extern from "lb_maglev.h" nogil:
 cdef extern from "lb_flow.h" nogil:
     const uint32_t F_FLOW_REV_SEEN
     const uint32_t F_FLOW_EST_SEEN
+    const size_t LB_FLOW_KEYBYTES
     struct lb_flowtable:
         pass
     struct lb_flow_counters:
@@ -207,7 +207,7 @@ cdef extern from "lb_table.h" nogil:
     const lb_backend *lb_table_find_backend(const lb_table *t, const lb_flow_key *k,
                                             const lb_vip **vip_out)
 
-cdef extern from "lb_loop.h" nogil:
+cdef extern from "lb_dp.h" nogil:
     struct lb_dataplane:
         pass
     struct lb_worker:
@@ -228,35 +228,22 @@ cdef extern from "lb_loop.h" nogil:
     void lb_dp_set_stop(lb_dataplane *dp, int stop)
     const lb_table *lb_dp_enter(lb_worker *w)
     void lb_dp_leave(lb_worker *w)
-    lb_verdict lb_process_packet(lb_worker *w, const lb_table *t, uint8_t *data,
-                                 uint32_t len, uint32_t now, int csum_partial,
-                                 lb_drop_reason *reason)
+
+cdef extern from "lb_pipeline.h" nogil:
     uint32_t lb_process_batch(lb_worker *w, uint8_t *bufs, uint32_t stride,
                               const uint32_t *lens, uint8_t *verdicts,
                               uint8_t *reasons, uint32_t n, uint32_t now)
-    int lb_loop_run_tun(lb_worker *w)
+
+cdef extern from "lb_tun.h" nogil:
+    int lb_tun_run(lb_worker *w)
 
 cdef extern from "lb_csum.h" nogil:
     uint16_t lb_csum_fold(uint32_t sum)
     uint32_t lb_csum_partial(const uint8_t *p, size_t n, uint32_t sum)
 
-cdef extern from "lb_rawsock.h" nogil:
+cdef extern from "lb_l2.h" nogil:
     const uint32_t LB_RAW_LINKS
     const uint32_t LB_RAW_MISS
-    const uint32_t LB_RAW_FRAME
-    struct sock_filter:
-        uint16_t code
-        uint8_t jt
-        uint8_t jf
-        uint32_t k
-    struct lb_raw_sock:
-        int fd
-        uint32_t ifindex
-        uint8_t *ring
-        size_t ring_len
-        uint32_t block_size
-        uint32_t block_nr
-        uint32_t cur
     struct lb_l2_route:
         uint8_t prefix[16]
         uint8_t gw[16]
@@ -274,12 +261,6 @@ cdef extern from "lb_rawsock.h" nogil:
         uint8_t link
     struct lb_rawsock:
         pass
-    int lb_raw_open(lb_raw_sock *s, uint32_t ifindex, uint16_t fanout_id,
-                    const sock_filter *filter, uint16_t n_filter,
-                    uint32_t block_size, uint32_t block_nr, int qdisc_bypass)
-    void lb_raw_close(lb_raw_sock *s)
-    int lb_raw_ring_stats(lb_raw_sock *s, uint32_t *packets, uint32_t *drops)
-    int lb_raw_set_filter(lb_raw_sock *s, const sock_filter *filter, uint16_t n_filter)
     lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh)
     void lb_l2_free(lb_l2 *l2)
     int lb_l2_set_route(lb_l2 *l2, uint32_t i, const lb_l2_route *r)
@@ -297,4 +278,26 @@ cdef extern from "lb_rawsock.h" nogil:
     void lb_rawsock_free(lb_rawsock *rs)
     lb_l2 *lb_rawsock_publish(lb_dataplane *dp, lb_rawsock *rs, lb_l2 *l2)
     uint32_t lb_rawsock_misses(lb_rawsock *rs, lb_raw_miss *out, uint32_t max)
-    int lb_loop_run_raw(lb_worker *w, lb_rawsock *rs, lb_raw_sock *socks, uint32_t n_socks)
+
+cdef extern from "lb_rawsock.h" nogil:
+    const uint32_t LB_RAW_FRAME
+    struct sock_filter:
+        uint16_t code
+        uint8_t jt
+        uint8_t jf
+        uint32_t k
+    struct lb_raw_sock:
+        int fd
+        uint32_t ifindex
+        uint8_t *ring
+        size_t ring_len
+        uint32_t block_size
+        uint32_t block_nr
+        uint32_t cur
+    int lb_raw_open(lb_raw_sock *s, uint32_t ifindex, uint16_t fanout_id,
+                    const sock_filter *filter, uint16_t n_filter,
+                    uint32_t block_size, uint32_t block_nr, int qdisc_bypass)
+    void lb_raw_close(lb_raw_sock *s)
+    int lb_raw_ring_stats(lb_raw_sock *s, uint32_t *packets, uint32_t *drops)
+    int lb_raw_set_filter(lb_raw_sock *s, const sock_filter *filter, uint16_t n_filter)
+    int lb_rawsock_run(lb_worker *w, lb_rawsock *rs, lb_raw_sock *socks, uint32_t n_socks)

@@ -29,7 +29,10 @@
 #endif
 
 #ifndef LB_BATCH
-#define LB_BATCH 64u                 /* packets per batch in the worker loop */
+#define LB_BATCH 64u                 /* packets per lb_pipeline_run call, at most */
+#endif
+#ifndef LB_TUN_BATCH
+#define LB_TUN_BATCH 32u             /* packets a TUN worker reads before it runs them */
 #endif
 #ifndef LB_PKT_MAX
 #define LB_PKT_MAX 65550u            /* largest packet incl. vnet header (GSO) */

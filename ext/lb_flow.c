@@ -81,7 +81,7 @@
  * later client ACK without SYN then makes it EST (so a SYN flood whose
  * clients never ACK stays half-open, and a flow picked up mid-stream becomes
  * EST once both sides have spoken); UDP becomes UDP_STREAM at the first
- * backend packet. Beyond the issue's rules: a client's bare SYN on a FIN or
+ * backend packet. One more rule: a client's bare SYN on a FIN or
  * CLOSE entry starts the tuple over as SYN (port reuse after TIME_WAIT), so a
  * reused tuple is not stuck with the short CLOSE timeout.
  *
@@ -114,6 +114,7 @@
 
 #include "lb_flow.h"
 #include "lb_debug.h"
+#include "lb_proto.h"
 
 #define FT_NSTRIPES     1024u   /* stripes per index (power of two) */
 #define FT_EVICT_BUDGET 64u     /* slots per eviction scan window */
@@ -123,18 +124,11 @@
 #define FT_CACHELINE    64u
 #define FT_HUGE         (2u << 20)  /* arrays this big get their own mapping */
 
-#define TCP_FIN 0x01u
-#define TCP_SYN 0x02u
-#define TCP_RST 0x04u
-#define TCP_ACK 0x10u
-
-#define FT_KEYBYTES offsetof(struct lb_flow_entry, state)  /* 56: the key fields */
-
 _Static_assert(sizeof(struct lb_flow_entry) == 72, "lb_flow_entry layout");
 _Static_assert(sizeof(struct lb_flow_key) == 40, "lb_flow_key layout");
 _Static_assert(sizeof(struct lb_flow_entry) % 8 == 0, "slot stride");
 _Static_assert(offsetof(struct lb_flow_entry, state) % 8 == 0, "key words");
-_Static_assert(offsetof(struct lb_flow_entry, pad0) ==
+_Static_assert(offsetof(struct lb_flow_entry, flags) ==
                offsetof(struct lb_flow_entry, state) + 1, "state word");
 _Static_assert(offsetof(struct lb_flow_entry, state) % 2 == 0, "state word alignment");
 _Static_assert(LB_FS_SYN == 0 && LB_FS_EST == 1 && LB_FS_FIN == 2 && LB_FS_CLOSE == 3 &&
@@ -306,7 +300,7 @@ ft_match_rev(const struct lb_flow_entry *e, const struct lb_flow_key *k)
            e->proto == k->proto && e->family == k->family;
 }
 
-/* state (low byte in memory order) and flags (pad0) as one atomic word */
+/* state (low byte in memory order) and flags as one atomic word */
 static inline ft_u16 *
 ft_stw(struct lb_flow_entry *e)
 {
@@ -376,22 +370,22 @@ ft_advance(uint16_t sw, enum lb_dir dir, uint8_t tcp)
         }
         return ft_sw_make(st, fl);
     }
-    if (tcp & TCP_RST)
+    if (tcp & LB_TCP_RST)
         return ft_sw_make(LB_FS_CLOSE, fl);
     /* A client's fresh SYN on the tuple of a finished connection opens a
      * new one (port reuse after TIME_WAIT): start over as half-open. */
-    if (dir == LB_DIR_FWD && (tcp & (TCP_SYN | TCP_ACK | TCP_FIN)) == TCP_SYN &&
+    if (dir == LB_DIR_FWD && (tcp & (LB_TCP_SYN | LB_TCP_ACK | LB_TCP_FIN)) == LB_TCP_SYN &&
         (st == LB_FS_FIN || st == LB_FS_CLOSE))
         return ft_sw_make(LB_FS_SYN, 0);
     if (dir == LB_DIR_REV)
         fl |= F_FLOW_REV_SEEN;
-    if (tcp & TCP_FIN) {
+    if (tcp & LB_TCP_FIN) {
         if (st != LB_FS_CLOSE)
             st = LB_FS_FIN;
         return ft_sw_make(st, fl);
     }
     if (st == LB_FS_SYN && dir == LB_DIR_FWD && (fl & F_FLOW_REV_SEEN) &&
-        (tcp & (TCP_ACK | TCP_SYN)) == TCP_ACK) {
+        (tcp & (LB_TCP_ACK | LB_TCP_SYN)) == LB_TCP_ACK) {
         st = LB_FS_EST;
         fl |= F_FLOW_EST_SEEN;
     }
@@ -404,7 +398,7 @@ static inline void
 ft_key_store(struct lb_flow_entry *dst, const struct lb_flow_entry *src)
 {
     ft_u64 *d = (ft_u64 *)(void *)dst;
-    for (size_t i = 0; i < FT_KEYBYTES / 8; i++) {
+    for (size_t i = 0; i < LB_FLOW_KEYBYTES / 8; i++) {
         uint64_t w;
         memcpy(&w, (const uint8_t *)src + 8 * i, 8);
         FT_ST(&d[i], w);
@@ -415,7 +409,7 @@ static inline void
 ft_key_load(struct lb_flow_entry *dst, const struct lb_flow_entry *src)
 {
     const ft_u64 *s = (const ft_u64 *)(const void *)src;
-    for (size_t i = 0; i < FT_KEYBYTES / 8; i++) {
+    for (size_t i = 0; i < LB_FLOW_KEYBYTES / 8; i++) {
         uint64_t w = FT_LD(&s[i]);
         memcpy((uint8_t *)dst + 8 * i, &w, 8);
     }
@@ -426,10 +420,10 @@ ft_key_load(struct lb_flow_entry *dst, const struct lb_flow_entry *src)
 static inline void
 ft_copy_out(struct lb_flow_entry *out, struct lb_flow_entry *e)
 {
-    memcpy(out, e, FT_KEYBYTES);
+    memcpy(out, e, LB_FLOW_KEYBYTES);
     uint16_t sw = __atomic_load_n(ft_stw(e), __ATOMIC_RELAXED);
     out->state = ft_sw_state(sw);
-    out->pad0 = ft_sw_flags(sw);
+    out->flags = ft_sw_flags(sw);
     out->pad1 = 0;
     out->vip_stat = e->vip_stat;
     out->be_stat = e->be_stat;
@@ -443,7 +437,7 @@ ft_snapshot(struct lb_flow_entry *snap, struct lb_flow_entry *e)
     ft_key_load(snap, e);           /* may be torn: ft_grab re-checks */
     uint16_t sw = __atomic_load_n(ft_stw(e), __ATOMIC_RELAXED);
     snap->state = ft_sw_state(sw);
-    snap->pad0 = ft_sw_flags(sw);
+    snap->flags = ft_sw_flags(sw);
     snap->last_seen = __atomic_load_n(&e->last_seen, __ATOMIC_RELAXED);
 }
 
@@ -571,7 +565,7 @@ ft_grab(struct lb_flowtable *ft, uint32_t s, int both, struct lb_flow_entry *sna
     uint32_t x = ft->head_fwd[*bf];
     while (x && x != s)
         x = ft->slot[x - 1].next[0];
-    if (x == s && memcmp(snap, e, FT_KEYBYTES) == 0) {
+    if (x == s && memcmp(snap, e, LB_FLOW_KEYBYTES) == 0) {
         ft_copy_out(snap, e);
         return 1;
     }
@@ -603,7 +597,7 @@ ft_take(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why why)
     if (why == FT_TAKE_EXPIRED)
         ok = ft_expired(ft, snap.state, snap.last_seen, now);
     else if (why == FT_TAKE_RECLAIM)
-        ok = ft_reclaimable(snap.state, snap.pad0) ||
+        ok = ft_reclaimable(snap.state, snap.flags) ||
              ft_expired(ft, snap.state, snap.last_seen, now);
     if (ok)
         ft_unlink(ft, s, bf, br);
@@ -795,9 +789,9 @@ ft_lookup_bucket(struct lb_flowtable *ft, const struct lb_flow_key *k, uint32_t 
     }
     if (__atomic_load_n(&e->last_seen, __ATOMIC_RELAXED) != now)
         __atomic_store_n(&e->last_seen, now, __ATOMIC_RELAXED);
-    memcpy(out, e, FT_KEYBYTES);
+    memcpy(out, e, LB_FLOW_KEYBYTES);
     out->state = ft_sw_state(nw);
-    out->pad0 = ft_sw_flags(nw);
+    out->flags = ft_sw_flags(nw);
     out->pad1 = 0;
     out->vip_stat = e->vip_stat;
     out->be_stat = e->be_stat;
@@ -954,7 +948,7 @@ lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
     }
 
     uint8_t st = e->state;
-    uint8_t fl = e->pad0 & (F_FLOW_REV_SEEN | F_FLOW_EST_SEEN);
+    uint8_t fl = e->flags & (F_FLOW_REV_SEEN | F_FLOW_EST_SEEN);
     if (st == LB_FS_EST)
         fl |= F_FLOW_EST_SEEN;
     if (st == LB_FS_UDP_STREAM)
@@ -999,7 +993,7 @@ lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
 
     FT_INC(&ft->cnt.inserted, 1u);
     e->state = st;
-    e->pad0 = fl;
+    e->flags = fl;
     e->pad1 = 0;
     e->last_seen = now;
     return 0;
@@ -1228,7 +1222,7 @@ lb_flow_check(struct lb_flowtable *ft)
             goto unlock;
         }
         live++;
-        recl += (uint32_t)ft_reclaimable(e->state, e->pad0);
+        recl += (uint32_t)ft_reclaimable(e->state, e->flags);
         if (e->be_stat < LB_MAX_STAT_IDS)
             be[e->be_stat]++;
         if (e->vip_stat < LB_MAX_STAT_IDS)

@@ -10,10 +10,14 @@
 #include <stddef.h>
 #include "lb_types.h"
 
-/* flag bits of lb_flow_entry.pad0 */
+/* flag bits of lb_flow_entry.flags */
 #define F_FLOW_REV_SEEN (1u << 0)  /* backend has answered */
 #define F_FLOW_EST_SEEN (1u << 1)  /* was established once: a later FIN state
                                       is not evictable (see lb_flow.c) */
+
+/* The key fields of an entry (client, vip, backend, ports, proto, family):
+ * the bytes before state, compared and copied as one block. 56. */
+#define LB_FLOW_KEYBYTES offsetof(struct lb_flow_entry, state)
 
 struct lb_flowtable;
 

@@ -19,7 +19,10 @@
  * suite checks lb_hash_flow(k) == lb_hash_bytes(k, 40) and both against the
  * pure-Python lbcore/reference/hash.py, bit for bit.
  *
- * Why it resists hash flooding with a random per-start seed (the flow table):
+ * Why it would resist hash flooding under a secret random seed (no user keys
+ * it so today: selection takes the config's seed and the flow table has its
+ * own keyed hash, ft_hash in lb_flow.c; this is why a seed is a safe way to
+ * key it should one need to):
  *  - The classic weakness of multiply-mix hashes is a "blinding" zero
  *    factor: if an attacker can make a ^ secret == 0, the product is 0 and
  *    the rest of the input (and the seed) is lost, which yields collisions
@@ -34,8 +37,8 @@
  *  - The hash values never leave the process; an attacker only sees timing,
  *    which with 64 random bits of seed per start leaves no practical way to
  *    learn the key. It is not a cryptographic PRF (SipHash is, at ~3x the
- *    cost); the flow table also bounds its probe length and memory, so the
- *    worst case of a successful attack is bounded work, not a crash.
+ *    cost), so a table keyed by it should also bound its probe length and
+ *    memory, making the worst case of a successful attack bounded work.
  * The selection seed (Maglev pick) comes from the config on purpose, so that
  * every gateway agrees; there the threat is only steering one's own flows.
  */

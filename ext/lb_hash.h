@@ -1,10 +1,13 @@
 /* lb_hash.h - seeded hashing of flows and backends.
  *
- * Two uses, two seeds (DESIGN.md "Selection and flow state"):
- *  - backend selection: seed from the config, so every balancer with the same
- *    config maps a flow to the same backend (ECMP across gateways is safe);
- *  - the flow table: a random seed per start, so outsiders cannot aim
- *    colliding keys at one bucket (hash flooding).
+ * Users and their seeds:
+ *  - backend selection (lb_maglev_pick, the Maglev permutation): seed from
+ *    the config, so every balancer with the same config maps a flow to the
+ *    same backend (ECMP across gateways is safe);
+ *  - rawsock's L2 neighbour table (lb_l2.c): a fixed seed, its keys being
+ *    our own next hops.
+ * The flow table does not use it: it has its own keyed hash (ft_hash in
+ * lb_flow.c) with a random seed per start, against hash flooding.
  * The algorithm is mirrored bit for bit by lbcore/reference/hash.py. */
 #ifndef LB_HASH_H
 #define LB_HASH_H

@@ -27,9 +27,7 @@
 #include "lb_nat.h"
 #include "lb_csum.h"
 #include "lb_bytes.h"
-
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
+#include "lb_proto.h"
 
 /* Offsets inside the IP header. */
 #define IP4_CSUM 10
@@ -40,7 +38,7 @@
 
 static inline uint32_t l4_csum_off(uint8_t proto)
 {
-    return proto == IPPROTO_TCP_ ? 16 : 6;
+    return proto == LB_IPPROTO_TCP ? 16 : 6;
 }
 
 /* TCP/UDP packet of the flow. */
@@ -78,12 +76,12 @@ static void nat_l4(struct lb_pkt *p, const struct lb_flow_entry *e, enum lb_dir 
         /* Seed of a checksum the device will finish: the pseudo-header
          * (addresses) only; ports are in the part still to be summed. */
         lb_store16(csum, lb_csum_update_partial(c, acc_addr));
-    } else if (p->proto == IPPROTO_UDP_ && c == 0) {
+    } else if (p->proto == LB_IPPROTO_UDP && c == 0) {
         /* UDP over IPv4 without checksum stays without (parse refuses a
          * zero UDP checksum over IPv6). */
     } else {
         c = lb_csum_update(c, acc_addr + acc_port);
-        if (p->proto == IPPROTO_UDP_ && c == 0)
+        if (p->proto == LB_IPPROTO_UDP && c == 0)
             c = 0xffff;          /* RFC 768: a computed 0 is sent as all ones */
         lb_store16(csum, c);
     }
@@ -141,9 +139,9 @@ static void nat_icmp(struct lb_pkt *p, const struct lb_flow_entry *e, enum lb_di
     l4c = p->inner_l4_off + l4_csum_off(p->key.proto);
     if (l4c + 2 <= p->len) {
         old = lb_load16(d + l4c);
-        if (!(p->key.proto == IPPROTO_UDP_ && old == 0)) {
+        if (!(p->key.proto == LB_IPPROTO_UDP && old == 0)) {
             c = lb_csum_update(old, acc_addr + acc_port);
-            if (p->key.proto == IPPROTO_UDP_ && c == 0)
+            if (p->key.proto == LB_IPPROTO_UDP && c == 0)
                 c = 0xffff;
             acc_icmp = lb_csum_diff16(acc_icmp, old, c);
             lb_store16(d + l4c, c);

@@ -31,20 +31,12 @@
 #include <string.h>
 #include "lb_parse.h"
 #include "lb_bytes.h"
+#include "lb_proto.h"
 
 #ifndef LB_MAX_EXTHDR
 #define LB_MAX_EXTHDR 8u             /* IPv6 extension headers walked at most */
 #endif
 
-#define IPPROTO_HOPOPTS_  0
-#define IPPROTO_ICMP_     1
-#define IPPROTO_TCP_      6
-#define IPPROTO_UDP_      17
-#define IPPROTO_ROUTING_  43
-#define IPPROTO_FRAGMENT_ 44
-#define IPPROTO_AH_       51
-#define IPPROTO_ICMPV6_   58
-#define IPPROTO_DSTOPTS_  60
 
 #define IP4_MF_OFFSET 0x3fffu        /* MF flag + fragment offset */
 #define IP4_OFFSET    0x1fffu
@@ -122,41 +114,41 @@ walk_ip6(const uint8_t *d, uint32_t off, uint32_t end, int quote, struct ip_walk
     cur = off + 40;
     for (i = 0; i <= LB_MAX_EXTHDR; i++) {
         switch (nh) {
-        case IPPROTO_TCP_:
-        case IPPROTO_UDP_:
-        case IPPROTO_ICMPV6_:
+        case LB_IPPROTO_TCP:
+        case LB_IPPROTO_UDP:
+        case LB_IPPROTO_ICMPV6:
             w->l4_off = cur;
             w->end = end;
             w->proto = nh;
             return LB_DROP_NONE;
-        case IPPROTO_HOPOPTS_:
-        case IPPROTO_ROUTING_:
-        case IPPROTO_DSTOPTS_:
-        case IPPROTO_FRAGMENT_:
-        case IPPROTO_AH_:
+        case LB_IPPROTO_HOPOPTS:
+        case LB_IPPROTO_ROUTING:
+        case LB_IPPROTO_DSTOPTS:
+        case LB_IPPROTO_FRAGMENT:
+        case LB_IPPROTO_AH:
             break;
         default:                     /* ESP, no next header, mobility, ... */
             return LB_DROP_UNSUPPORTED;
         }
         if (i == LB_MAX_EXTHDR)
             return LB_DROP_BAD_EXTHDR;
-        if (nh == IPPROTO_HOPOPTS_ && i != 0)
+        if (nh == LB_IPPROTO_HOPOPTS && i != 0)
             return LB_DROP_BAD_EXTHDR;   /* RFC 8200 4.3: only right after the header */
         if (end - cur < 8)
             return LB_DROP_BAD_EXTHDR;
-        if (nh == IPPROTO_FRAGMENT_) {
+        if (nh == LB_IPPROTO_FRAGMENT) {
             uint32_t fo = lb_be16(d + cur + 2);
             if ((fo & IP6_FRAG_OFF) || (!quote && (fo & IP6_FRAG_M)))
                 return LB_DROP_FRAGMENT;
             hlen = 8;
-        } else if (nh == IPPROTO_AH_) {
+        } else if (nh == LB_IPPROTO_AH) {
             hlen = ((uint32_t)d[cur + 1] + 2) * 4;
         } else {
             hlen = ((uint32_t)d[cur + 1] + 1) * 8;
         }
         if (hlen > end - cur)
             return LB_DROP_BAD_EXTHDR;
-        if (nh == IPPROTO_ROUTING_ && d[cur + 3] != 0)
+        if (nh == LB_IPPROTO_ROUTING && d[cur + 3] != 0)
             return LB_DROP_UNSUPPORTED;  /* segments left: not the final hop */
         nh = d[cur];
         cur += hlen;
@@ -247,7 +239,7 @@ static enum lb_drop_reason parse_icmp_err(struct lb_pkt *p, uint32_t end)
         return LB_DROP_UNSUPPORTED;
     if (walk_ip(d, inner, end, p->family, 1, &w) != LB_DROP_NONE)
         return LB_DROP_ICMP_BAD;
-    if (w.proto != IPPROTO_TCP_ && w.proto != IPPROTO_UDP_)
+    if (w.proto != LB_IPPROTO_TCP && w.proto != LB_IPPROTO_UDP)
         return LB_DROP_ICMP_BAD;
     if (end - w.l4_off < 8)
         return LB_DROP_ICMP_BAD;
@@ -296,15 +288,15 @@ enum lb_drop_reason lb_parse(uint8_t *data, uint32_t len, struct lb_pkt *p)
     key_addrs(&p->key, data, p->family, 0);
 
     switch (w.proto) {
-    case IPPROTO_TCP_:
+    case LB_IPPROTO_TCP:
         return parse_tcp(p, w.end);
-    case IPPROTO_UDP_:
+    case LB_IPPROTO_UDP:
         return parse_udp(p, w.end);
-    case IPPROTO_ICMP_:
+    case LB_IPPROTO_ICMP:
         if (p->family != LB_AF_INET)
             return LB_DROP_UNSUPPORTED;
         return parse_icmp_err(p, w.end);
-    case IPPROTO_ICMPV6_:
+    case LB_IPPROTO_ICMPV6:
         if (p->family != LB_AF_INET6)
             return LB_DROP_UNSUPPORTED;
         return parse_icmp_err(p, w.end);

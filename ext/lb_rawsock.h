@@ -1,4 +1,4 @@
-/* lb_rawsock.h - mode "rawsock": AF_PACKET links and the L2 next-hop table.
+/* lb_rawsock.h - mode "rawsock": AF_PACKET sockets and their worker loop.
  *
  * Per worker, one AF_PACKET socket per link (client side, backend side; one
  * socket when both are the same link), each with a TPACKET_V3 receive ring
@@ -9,12 +9,7 @@
  * a link, and PACKET_QDISC_BYPASS. Egress is one sendmmsg() per link and
  * batch, straight from the receive ring (the frame is rewritten in place).
  *
- * The L2 table (next hop -> MAC, source MAC per link) is immutable once
- * published and swapped as a whole, with the same epoch/quiescent-state
- * scheme as the forwarding table (lb_loop.h): lookups touch a small hash
- * table that must never be seen half-updated, and it changes only when a
- * neighbour entry does (rarely), so copying it is cheap and readers pay
- * nothing but one atomic load per batch.
+ * Where a rewritten frame goes next (next hop, MAC): the L2 table, lb_l2.h.
  */
 #ifndef LB_RAWSOCK_H
 #define LB_RAWSOCK_H
@@ -22,12 +17,9 @@
 #include <stdint.h>
 #include <linux/filter.h>   /* struct sock_filter */
 #include "lb_types.h"
-#include "lb_loop.h"
+#include "lb_dp.h"
+#include "lb_l2.h"
 
-#define LB_RAW_LINKS 2           /* 0: client side, 1: backend side */
-#ifndef LB_RAW_MISS
-#define LB_RAW_MISS 16u          /* unresolved next hops remembered for the control side */
-#endif
 #ifndef LB_RAW_FRAME
 #define LB_RAW_FRAME 2048u       /* nominal tp_frame_size; V3 packs frames of any size */
 #endif
@@ -44,55 +36,6 @@ struct lb_raw_sock {
     uint32_t pad;
 };
 
-/* A route of an egress link: dst in prefix/plen -> next hop gw (or dst itself
- * when on-link). */
-struct lb_l2_route {
-    uint8_t prefix[16];          /* be */
-    uint8_t gw[16];              /* be; unused unless has_gw */
-    uint8_t plen;
-    uint8_t family;              /* LB_AF_INET / LB_AF_INET6 */
-    uint8_t link;
-    uint8_t has_gw;
-};
-
-/* A resolved neighbour of a link. */
-struct lb_l2_neigh {
-    uint8_t addr[16];            /* be */
-    uint8_t family;
-    uint8_t link;
-    uint8_t used;                /* slot taken */
-    uint8_t mac[6];
-    uint8_t pad[3];
-};
-
-/* The L2 state: routes (sorted by prefix length, longest first) and an
- * open-addressing neighbour hash (power-of-two slots, at most half full). */
-struct lb_l2 {
-    uint8_t src_mac[LB_RAW_LINKS][6];
-    uint32_t n_routes;
-    uint32_t mask;               /* slots - 1 */
-    struct lb_l2_route *routes;
-    struct lb_l2_neigh *slots;
-};
-
-/* A next hop a worker found no MAC for: a seqlock'ed slot of a small ring
- * that the control side polls to resolve it on demand. */
-struct lb_raw_miss {
-    uint32_t seq;                /* atomic: 0 = empty, odd = being written */
-    uint8_t addr[16];
-    uint8_t family;
-    uint8_t link;
-    uint8_t pad[2];
-};
-
-/* Shared by the workers of one data plane. */
-struct lb_rawsock {
-    struct lb_l2 *l2;            /* atomic; may be NULL (every frame: no_neigh) */
-    uint32_t miss_head;          /* atomic */
-    uint32_t pad;
-    struct lb_raw_miss miss[LB_RAW_MISS];
-};
-
 /* Open s on ifindex: V3 ring of block_nr blocks of block_size bytes, filter
  * (n_filter classic-BPF instructions; NULL/0 = everything), fanout group
  * fanout_id (0 = none). 0 or -errno; s->fd = -1 on failure. */
@@ -106,43 +49,8 @@ int lb_raw_ring_stats(struct lb_raw_sock *s, uint32_t *packets, uint32_t *drops)
 /* Replace the socket's filter (reload). 0 or -errno. */
 int lb_raw_set_filter(struct lb_raw_sock *s, const struct sock_filter *filter, uint16_t n_filter);
 
-struct lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh);
-void lb_l2_free(struct lb_l2 *l2);
-/* Route i; 0 or -EINVAL (index, plen, family or link out of range). */
-int lb_l2_set_route(struct lb_l2 *l2, uint32_t i, const struct lb_l2_route *r);
-/* Add or replace a neighbour; 0, -EINVAL or -ENOSPC (more than n_neigh). */
-int lb_l2_add_neigh(struct lb_l2 *l2, uint8_t link, uint8_t family, const uint8_t *addr16,
-                    const uint8_t *mac6);
-/* Sort the routes longest prefix first; call once before publishing. */
-void lb_l2_seal(struct lb_l2 *l2);
-/* The next hop of dst16 leaving on link (its route's gateway, or dst16
- * itself on-link) into nh16; 1, or 0 when no route of the link covers it. */
-int lb_l2_nexthop(const struct lb_l2 *l2, uint8_t link, uint8_t family,
-                  const uint8_t *dst16, uint8_t *nh16);
-/* The MAC of next hop nh16 on link, or NULL. */
-const uint8_t *lb_l2_mac(const struct lb_l2 *l2, uint8_t link, uint8_t family,
-                         const uint8_t *nh16);
-/* The MAC for dst16 leaving on link (NULL: no route or no neighbour); the
- * next hop it looked for is copied to nh16. */
-const uint8_t *lb_l2_lookup(const struct lb_l2 *l2, uint8_t link, uint8_t family,
-                            const uint8_t *dst16, uint8_t *nh16);
-
-struct lb_rawsock *lb_rawsock_new(void);
-/* The published L2 table; valid between lb_dp_enter and lb_dp_leave. */
-static inline const struct lb_l2 *lb_rawsock_l2(struct lb_rawsock *rs)
-{
-    return __atomic_load_n(&rs->l2, __ATOMIC_SEQ_CST);
-}
-void lb_rawsock_free(struct lb_rawsock *rs);
-/* Swap in l2 and bump dp's epoch; returns the old table, to be freed after
- * lb_dp_synchronize(dp). */
-struct lb_l2 *lb_rawsock_publish(struct lb_dataplane *dp, struct lb_rawsock *rs,
-                                 struct lb_l2 *l2);
-/* Copy out up to max distinct recorded misses; returns how many. */
-uint32_t lb_rawsock_misses(struct lb_rawsock *rs, struct lb_raw_miss *out, uint32_t max);
-
 /* Worker loop over n_socks (1 or 2) sockets until dp->stop: a frame from
  * socks[i] leaves on socks[i ^ 1] (n_socks == 2) or socks[0]. 0 or -errno. */
-int lb_loop_run_raw(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
-                    uint32_t n_socks);
+int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
+                   uint32_t n_socks);
 #endif

@@ -1,7 +1,7 @@
 /* lb_table.h - the forwarding table: VIPs, their backends and Maglev rings.
  *
  * Built off the hot path (control side), published by one atomic pointer
- * store (lb_loop.h), never modified after that, freed after every worker has
+ * store (lb_dp_publish), never modified after that, freed after every worker has
  * passed a quiescent point. */
 #ifndef LB_TABLE_H
 #define LB_TABLE_H

@@ -98,7 +98,6 @@ struct lb_vip {
 /* The forwarding state: immutable once published; replaced as a whole. */
 struct lb_table {
     uint64_t sel_seed;    /* selection hash seed, from the config */
-    uint64_t generation;
     uint32_t n_vips;
     uint32_t pad;
     struct lb_vip *vips;
@@ -133,7 +132,7 @@ struct lb_flow_entry {
     uint8_t  proto;
     uint8_t  family;
     uint8_t  state;       /* enum lb_flow_state */
-    uint8_t  pad0;
+    uint8_t  flags;       /* F_FLOW_* (lb_flow.h) */
     uint16_t pad1;
     uint32_t vip_stat;    /* counters slot of the VIP */
     uint32_t be_stat;     /* counters slot of the backend */

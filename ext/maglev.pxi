@@ -3,12 +3,6 @@
 
 cdef uint64_t _MASK64 = 0xFFFFFFFFFFFFFFFF
 
-# flow keys generated per pick_batch() call: 4096 keys x 40 bytes = 160 KiB,
-# enough distinct flows to touch every cache line of a 65537-slot ring
-cdef enum:
-    _BATCH_KEYS = 4096
-
-
 cdef uint64_t _seed64(object seed) except? 0:
     """A seed as uint64_t; ValueError outside [0, 2**64)."""
     if not (0 <= seed <= _MASK64):
@@ -119,16 +113,11 @@ def maglev_ring(backends, ring_size=RING_SIZE, seed=0):
     return memoryview(_build_ring(list(backends), ring_size, _seed64(seed))).cast("H")
 
 
-@cython.final
 cdef class MaglevTable:
     """One VIP's Maglev table: the ring plus a pick() that runs the same C
     path as the data plane (lb_maglev_pick). Immutable once built; a change
-    of backends is a new MaglevTable (DESIGN.md: build aside, then swap)."""
-
-    cdef lb_vip vip
-    cdef bytes _ring          # owns vip.ring; never written after the build
-    cdef uint64_t _seed
-    cdef Py_ssize_t _n
+    of backends is a new MaglevTable (built aside, then swapped in, as the
+    data plane does with its tables: readers never see a half-built ring)."""
 
     def __init__(self, backends, ring_size=RING_SIZE, seed=0):
         """backends: sequence of (address, port, weight); raises ValueError as
@@ -166,42 +155,6 @@ cdef class MaglevTable:
         _fill_key(&k, src, dst, sport, dport, proto)
         cdef uint16_t v = lb_maglev_pick(&self.vip, &k, self._seed)
         return None if v == LB_RING_EMPTY else v
-
-    def pick_batch(self, Py_ssize_t n, uint32_t seed_offset=0) -> int:
-        """Run n picks in a nogil C loop over generated IPv4 TCP flow keys
-        (4096 distinct ones, varied by seed_offset) and return the sum of the
-        picked slots' values: a checksum so the loop cannot be optimised away.
-        For the benchmark: picks/s of hash + index, as on the packet path."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0: {n!r}")
-        cdef lb_flow_key *keys = <lb_flow_key *>calloc(_BATCH_KEYS, sizeof(lb_flow_key))
-        if keys == NULL:
-            raise MemoryError("pick_batch: keys")
-        cdef uint32_t i, x, golden = 2654435761
-        cdef Py_ssize_t j
-        cdef uint64_t total = 0
-        cdef lb_vip *vip = &self.vip
-        cdef uint64_t seed = self._seed
-        with nogil:
-            for i in range(<uint32_t>_BATCH_KEYS):
-                # 198.18.x.y:port -> 198.19.0.1:80, a different flow each
-                x = (i + seed_offset) * golden
-                keys[i].src[0] = 198
-                keys[i].src[1] = 18
-                keys[i].src[2] = <uint8_t>(x >> 24)
-                keys[i].src[3] = <uint8_t>(x >> 16)
-                (<uint8_t *>&keys[i].sport)[0] = <uint8_t>(x >> 8)
-                (<uint8_t *>&keys[i].sport)[1] = <uint8_t>x
-                keys[i].dst[0] = 198
-                keys[i].dst[1] = 19
-                keys[i].dst[3] = 1
-                (<uint8_t *>&keys[i].dport)[1] = 80
-                keys[i].proto = 6
-                keys[i].family = LB_AF_INET
-            for j in range(n):
-                total += lb_maglev_pick(vip, &keys[j & (_BATCH_KEYS - 1)], seed)
-        free(keys)
-        return total
 
     def counts(self) -> list:
         """Slots owned by each backend, by index (RING_EMPTY slots not counted)."""

@@ -1,5 +1,6 @@
 # packet.pxi - one packet through parse (lb_parse.c) and the NAT rewrite
-# (lb_nat.c), for tests, the reference comparison and the benchmark.
+# (lb_nat.c), for tests and the reference comparison (the benchmark loop is
+# parse_rewrite_batch in ext/_testing.pyx).
 #
 # Every call copies the packet into a malloc'd buffer of exactly its length:
 # the C core then reads the caller's bytes through a pointer whose end is the
@@ -135,52 +136,3 @@ def inet_checksum(data) -> int:
     cdef bytes b = bytes(data)
     cdef uint32_t s = lb_csum_partial(<const uint8_t *>PyBytes_AS_STRING(b), len(b), 0)
     return (~lb_csum_fold(s)) & 0xffff
-
-
-def parse_rewrite_batch(packets, entry, int dir, long rounds, bint csum_partial=False) -> int:
-    """Benchmark loop: copy packets into one C buffer once, then run
-    lb_parse + lb_nat_rewrite over all of them `rounds` times without the GIL.
-    The rewrite is idempotent after the first round (the field already holds
-    the new value, the checksum delta is zero, the work is the same).
-
-    Returns how many packets were rewritten in total (parse failures are
-    skipped and not counted).
-    """
-    cdef list pkts = [bytes(x) for x in packets]
-    cdef Py_ssize_t n = len(pkts), i, stride = 0
-    cdef long r
-    cdef lb_flow_entry e
-    cdef lb_pkt p
-    cdef uint8_t *buf = NULL
-    cdef uint32_t *lens = NULL
-    cdef uint8_t flag = <uint8_t>(F_PKT_CSUM_PARTIAL if csum_partial else 0)
-    cdef long long done = 0
-    if dir != LB_DIR_FWD and dir != LB_DIR_REV:
-        raise ValueError(f"dir must be DIR_FWD or DIR_REV, not {dir}")
-    if rounds < 0:
-        raise ValueError("rounds must be >= 0")
-    _pk_entry(entry, &e)
-    for x in pkts:
-        stride = max(stride, len(<bytes>x))
-    if n == 0 or stride == 0:
-        return 0
-    stride = (stride + 63) & ~63
-    buf = <uint8_t *>malloc(n * stride)
-    lens = <uint32_t *>malloc(n * sizeof(uint32_t))
-    try:
-        if buf == NULL or lens == NULL:
-            raise MemoryError()
-        for i in range(n):
-            lens[i] = <uint32_t>len(<bytes>pkts[i])
-            memcpy(buf + i * stride, PyBytes_AS_STRING(pkts[i]), lens[i])
-        with nogil:
-            for r in range(rounds):
-                for i in range(n):
-                    if lb_parse(buf + i * stride, lens[i], &p) == LB_DROP_NONE:
-                        p.flags |= flag
-                        lb_nat_rewrite(&p, &e, <lb_dir>dir)
-                        done += 1
-        return done
-    finally:
-        free(buf)
-        free(lens)

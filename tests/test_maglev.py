@@ -325,16 +325,6 @@ def test_pick_spreads_flows_like_the_ring() -> None:
     assert all(abs(v / 20000 - 0.25) < 0.05 for v in c.values()) and len(c) == 4
 
 
-def test_pick_batch_checksum_is_deterministic() -> None:
-    t = _core.MaglevTable(pool(10))
-    a = t.pick_batch(10000)
-    assert a == t.pick_batch(10000)
-    assert a != t.pick_batch(10000, seed_offset=1)
-    assert 0 < a < 10000 * 10
-    assert t.pick_batch(0) == 0
-    assert _core.MaglevTable([]).pick_batch(100) == 100 * ref.RING_EMPTY
-
-
 # -- disruption ---------------------------------------------------------------------------
 
 REMOVE_BOUND = 0.015  # of M, see test_remove_one_backend_disruption

@@ -581,9 +581,3 @@ def test_entry_validation() -> None:
 def test_inet_checksum(data: bytes) -> None:
     assert _core.inet_checksum(data) == ref.inet_checksum(data)
     assert _core.inet_checksum(V4_TCP[:20]) == 0     # a header with its checksum
-
-
-def test_batch_matches_single_rewrite() -> None:
-    pkts = [tcp()(4, ends(4, FWD)[0]), udp()(4, ends(4, FWD)[0]), b"\x00junk"]
-    assert _core.parse_rewrite_batch(pkts, entry(4, 6), FWD, 3) == 6
-    assert _core.parse_rewrite_batch([], entry(4, 6), FWD, 3) == 0

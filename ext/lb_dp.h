@@ -1,15 +1,13 @@
-/* lb_loop.h - the per-packet pipeline and the worker loops.
+/* lb_dp.h - the data plane object: workers, the flow table, and the
+ * publication of read-mostly tables (RCU-like).
  *
- *   lb_process_packet: parse -> flow lookup -> (miss: maglev pick -> insert)
- *                      -> NAT rewrite; one verdict per packet.
- *   lb_loop_run_tun:   batched reads from a TUN queue, process, writes back;
- *                      runs with the GIL released until the stop flag is set.
- *
- * Table publication is RCU-like: the control side swaps dp->table, bumps
- * dp->epoch and frees the old table once every worker's quiescent counter has
- * reached that epoch (or the worker is idle in poll()). */
-#ifndef LB_LOOP_H
-#define LB_LOOP_H
+ * Publication: the control side swaps a table pointer and bumps dp->epoch
+ * (lb_dp_publish for the forwarding table, lb_dp_bump_epoch for any other
+ * table the workers load after lb_dp_enter, e.g. rawsock's L2 table); it
+ * frees the old table once lb_dp_synchronize() saw every worker's quiescent
+ * counter reach that epoch (or the worker idle in poll()). */
+#ifndef LB_DP_H
+#define LB_DP_H
 #include <stdint.h>
 #include "lb_types.h"
 #include "lb_flow.h"
@@ -44,6 +42,13 @@ void lb_dp_free(struct lb_dataplane *dp);
 /* Publish t (may be NULL) and return the previous table; the caller frees it
  * after lb_dp_synchronize() returns. */
 struct lb_table *lb_dp_publish(struct lb_dataplane *dp, struct lb_table *t);
+/* Start a grace period for a table swapped by the caller (not the forwarding
+ * table): the next lb_dp_synchronize() waits for every worker that may still
+ * hold the old one. */
+static inline void lb_dp_bump_epoch(struct lb_dataplane *dp)
+{
+    __atomic_add_fetch(&dp->epoch, 1, __ATOMIC_SEQ_CST);
+}
 /* Wait (sleeping, bounded by timeout_ms) until every worker passed a
  * quiescent point after the latest publish. 0 or -ETIMEDOUT. */
 int lb_dp_synchronize(struct lb_dataplane *dp, uint32_t timeout_ms);
@@ -72,22 +77,4 @@ static inline void lb_dp_leave(struct lb_worker *w)
 
 /* Monotonic milliseconds (CLOCK_MONOTONIC_COARSE), the flow table's clock. */
 uint32_t lb_now_ms(void);
-
-/* The pipeline for one packet in data[0..len) (IP header first). The packet
- * is rewritten in place on LB_TX; on LB_DROP *reason says why. csum_partial:
- * nonzero: the L4 checksum is CHECKSUM_PARTIAL (virtio NEEDS_CSUM) and its
- * value is the header's csum_start, which must be the L4 offset. */
-enum lb_verdict lb_process_packet(struct lb_worker *w, const struct lb_table *t,
-                                  uint8_t *data, uint32_t len, uint32_t now,
-                                  int csum_partial, enum lb_drop_reason *reason);
-
-/* Run lb_process_packet over n packets: packet i is bufs[i*stride ..] with
- * length lens[i]; verdicts[i] gets the verdict, reasons[i] the drop reason.
- * Uses the currently published table. Returns the number sent (LB_TX). */
-uint32_t lb_process_batch(struct lb_worker *w, uint8_t *bufs, uint32_t stride,
-                          const uint32_t *lens, uint8_t *verdicts,
-                          uint8_t *reasons, uint32_t n, uint32_t now);
-
-/* Worker loop on w->fd until dp->stop. 0 or -errno. */
-int lb_loop_run_tun(struct lb_worker *w);
 #endif

@@ -1,0 +1,104 @@
+/* lb_dp.c - the data plane object and table publication, see lb_dp.h.
+ *
+ * Publication (RCU-like, as ip_vs_mh's call_rcu): the control side swaps
+ * dp->table and bumps dp->epoch; each worker stores the epoch it saw in
+ * w->qs before it loads the table pointer, and stores LB_QS_OFFLINE while it
+ * sleeps in poll(). Once every worker's qs has reached the new epoch or is
+ * offline, no worker can still hold the old table, and it is freed.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "lb_dp.h"
+#include "lb_flow.h"
+#include "lb_table.h"
+
+uint32_t lb_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
+}
+
+struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
+                               uint64_t flow_seed, const struct lb_timeouts *tmo)
+{
+    struct lb_dataplane *dp;
+
+    if (n_workers == 0 || n_workers > 256)
+        return NULL;
+    dp = calloc(1, sizeof(*dp));
+    if (!dp)
+        return NULL;
+    dp->n_workers = n_workers;
+    /* one more worker than asked: the last one is the control side's
+     * (Dataplane.process/pick/l2_lookup: tests, `lbcore pick`, benchmarks) */
+    dp->workers = calloc(n_workers + 1, sizeof(struct lb_worker));
+    dp->ft = lb_flow_new(flow_capacity, flow_seed, tmo);
+    if (!dp->workers || !dp->ft)
+        goto fail;
+    for (uint32_t i = 0; i <= n_workers; i++) {
+        struct lb_worker *w = &dp->workers[i];
+        w->dp = dp;
+        w->id = i;
+        w->fd = -1;
+        w->qs = LB_QS_OFFLINE;
+        w->stats.vip = calloc(LB_MAX_STAT_IDS, sizeof(struct lb_counter));
+        w->stats.backend = calloc(LB_MAX_STAT_IDS, sizeof(struct lb_counter));
+        if (!w->stats.vip || !w->stats.backend)
+            goto fail;
+    }
+    return dp;
+fail:
+    lb_dp_free(dp);
+    return NULL;
+}
+
+void lb_dp_free(struct lb_dataplane *dp)
+{
+    if (!dp)
+        return;
+    if (dp->workers) {
+        for (uint32_t i = 0; i <= dp->n_workers; i++) {
+            free(dp->workers[i].stats.vip);
+            free(dp->workers[i].stats.backend);
+        }
+        free(dp->workers);
+    }
+    if (dp->ft)
+        lb_flow_free(dp->ft);
+    lb_table_free(dp->table);
+    free(dp);
+}
+
+struct lb_table *lb_dp_publish(struct lb_dataplane *dp, struct lb_table *t)
+{
+    struct lb_table *old = __atomic_exchange_n(&dp->table, t, __ATOMIC_SEQ_CST);
+
+    lb_dp_bump_epoch(dp);
+    return old;
+}
+
+int lb_dp_synchronize(struct lb_dataplane *dp, uint32_t timeout_ms)
+{
+    uint64_t target = __atomic_load_n(&dp->epoch, __ATOMIC_SEQ_CST);
+    struct timespec nap = { 0, 500 * 1000 };     /* 0.5 ms */
+    uint32_t waited_us = 0;
+
+    for (;;) {
+        int pending = 0;
+        for (uint32_t i = 0; i <= dp->n_workers; i++) {
+            uint64_t qs = __atomic_load_n(&dp->workers[i].qs, __ATOMIC_SEQ_CST);
+            if (qs != LB_QS_OFFLINE && qs < target)
+                pending = 1;
+        }
+        if (!pending)
+            return 0;
+        if (waited_us / 1000 >= timeout_ms)
+            return -ETIMEDOUT;
+        nanosleep(&nap, NULL);
+        waited_us += 500;
+    }
+}
