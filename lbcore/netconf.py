@@ -659,6 +659,13 @@ class RouteInfo:
     type: int
     proto: int = 0          # who installed it (RTPROT_*; lbcore tags its own)
 
+    @property
+    def prefix(self) -> str:
+        """``dst`` as a prefix, "default" spelt out as 0.0.0.0/0 or ::/0."""
+        if self.dst != "default":
+            return self.dst
+        return "::/0" if self.family == socket.AF_INET6 else "0.0.0.0/0"
+
 
 def _dst(dst: str, gateway: str | None, family: int | None
          ) -> tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -38,7 +38,6 @@ import errno
 import ipaddress
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -212,7 +211,5 @@ class RawsockPlane:
         that is no longer configured must not stay unreachable from the gateway."""
         for r in netconf.routes(table=None):
             if r.proto == RTPROT_LBCORE and r.type == RTN_BLACKHOLE:
-                dst = r.dst if r.dst != "default" else (
-                    "::/0" if r.family == socket.AF_INET6 else "0.0.0.0/0")
-                netconf.route_del(dst, table=r.table, family=r.family)
-                log.info("removed a stale blackhole route (%s) of an earlier run", dst)
+                netconf.route_del(r.prefix, table=r.table, family=r.family)
+                log.info("removed a stale blackhole route (%s) of an earlier run", r.prefix)

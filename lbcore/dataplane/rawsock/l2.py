@@ -83,9 +83,7 @@ class L2Resolver:
         routes: list[L2Route] = []
         for r in netconf.routes():
             if r.oif in self.links and r.type == RTN_UNICAST:
-                net = r.dst if r.dst != "default" else (
-                    "::/0" if r.family == socket.AF_INET6 else "0.0.0.0/0")
-                routes.append((self.links.index(r.oif), net, r.gateway))
+                routes.append((self.links.index(r.oif), r.prefix, r.gateway))
         neigh: list[L2Neigh] = []
         for ifname, ip, lladdr, state in netconf.neighbours():
             mac = _mac(lladdr)
