@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -68,3 +69,35 @@ def test_type_stub_covers_the_extension(module):
     for cls, names in methods.items():
         have = {m for m in dir(getattr(mod, cls)) if not m.startswith("_")}
         assert have <= names, (cls, sorted(have - names))
+
+
+# Comments and docs must point at something a reader of the repository can open: no issue
+# numbers of a tracker, no notes kept outside the tree.
+DANGLING = re.compile(r"issue ?#?[0-9]+|\bthe issue\b|BASELINE(\.md)?|DESIGN\.md|STYLE\.md",
+                      re.IGNORECASE)
+GENERATED = {"ext/_core.c", "ext/_testing.c"}
+THIS_FILE = "tests/test_sourcecode.py"     # it spells the patterns out
+
+
+def _tracked_text_files() -> list[pathlib.Path]:
+    r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [ROOT / f for f in r.stdout.split("\0") if f and f not in GENERATED | {THIS_FILE}
+             and not f.startswith("bench/results/")]
+    return [f for f in files if f.suffix in (".py", ".pyx", ".pxi", ".pxd", ".pyi", ".c", ".h",
+                                             ".md", ".sh", ".toml", ".service", "")
+            and f.is_file()]
+
+
+def test_no_comment_points_outside_the_repository():
+    bad = []
+    for f in _tracked_text_files():
+        try:
+            text = f.read_text()
+        except UnicodeDecodeError:
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if DANGLING.search(line):
+                bad.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()[:80]}")
+    assert bad == []
