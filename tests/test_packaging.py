@@ -128,3 +128,33 @@ def test_lab_and_demo_without_test_tools():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "lab down" in r.stdout
     assert not lab.present_namespaces()
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_product_only(tmp_path):
+    """What `pip install .` installs: the product extension, not the test extension (even when
+    `make build` has left one in the tree), no tests, and no test tool among its requirements."""
+    import shutil
+    import zipfile
+    # the work tree as a user has it after `make build` (in-place extensions included), without
+    # the venv and the build directories
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", "build", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    out = tmp_path / "wheel"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(out), str(src)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(src.glob("lbcore/_testing.*.so")), "the copy should hold an in-place build"
+    [wheel] = out.glob("lbcore-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.startswith("lbcore/_core.") and n.endswith(".so") for n in names)
+    assert not [n for n in names if "_testing" in n or n.startswith("tests/")]
+    assert "lbcore/lab/demo.py" in names and "lbcore/control/status.py" in names
+    required = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert sorted(re.split(r"[<>=!~ ]", q, maxsplit=1)[0] for q in required) == [
+        "prometheus-client", "pyroute2", "rich"]
