@@ -153,6 +153,8 @@ def command(sock: str | os.PathLike[str], cmd: str, timeout: float = 2.0) -> lis
             if last:
                 return out
     finally:
+        with contextlib.suppress(NameError):
+            f.close()
         s.close()
 
 
