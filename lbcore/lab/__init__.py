@@ -25,6 +25,9 @@ lab address and no route: every link of the lab is created inside a lab namespac
 ``lab up`` refuses while any lab namespace or state file exists (it never tears down a lab
 someone may be using); ``lab down`` first, which is always safe.
 
+``--gateways N`` (2..4) builds the active-active lab of :mod:`.multi` instead (router, N
+gateways with BGP and VRRP, the rack's switch); one gateway keeps the topology above exactly.
+
 All network set-up goes through :mod:`lbcore.netconf` (pyroute2); nothing shells out to ip.
 """
 from __future__ import annotations
