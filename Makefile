@@ -6,7 +6,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.deps-stamp
-APT_PKGS := gcc make iproute2 procps
+APT_PKGS := gcc make iproute2 procps bird2 keepalived
 PYTEST_ARGS ?=
 
 .PHONY: all deps build test test-sanitize bench bench-lab demo lint vagrant-check vagrant-lab clean

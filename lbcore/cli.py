@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", default="tun", choices=["tun", "rawsock"],
                     help="data plane mode of the balancer (default tun)")
     up.add_argument("--workers", type=int, default=1, help="data plane workers (default 1)")
+    up.add_argument("--gateways", type=int, default=1,
+                    help="1 (default): lbc-gw as always; 2..4: lbc-gw1..N active-active "
+                    "behind the router lbc-rtr (BGP, BFD, ECMP), VRRP on the rack")
     up.add_argument("--no-balancer", action="store_true",
                     help="build the namespaces and servers only (for benchmarks)")
     lsub.add_parser("down", help="remove everything the lab made (idempotent)")
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("vip", help="VIP name or ADDR[:PORT]")
     be.add_argument("backend", help="backend ADDR[:PORT]")
     be.add_argument("weight", type=int, nargs="?", help="new weight (for `weight`)")
+    ctl("drain-gateway", help="withdraw every VIP from BGP; keep forwarding what still "
+        "arrives (before a planned stop)")
     ctl("reload", help="re-read the config and apply it without dropping flows (also SIGHUP)")
 
     d = sub.add_parser("demo", help="lab up, real traffic, a report, lab down")
@@ -96,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import lab
         verbs = {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}
         return verbs[args.lab_cmd](args)
-    if args.cmd in ("status", "flows", "pick", "backend", "reload"):
+    if args.cmd in ("status", "flows", "pick", "backend", "reload", "drain-gateway"):
         from .control import client
         try:
-            return getattr(client, f"cmd_{args.cmd}")(args)
+            return getattr(client, f"cmd_{args.cmd.replace('-', '_')}")(args)
         except client.ControlError as e:
             print(f"lbcore {args.cmd}: {e}", file=sys.stderr)
             return 1

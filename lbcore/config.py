@@ -76,6 +76,18 @@ DEFAULT_TCP_CLOSE = 10.0
 DEFAULT_UDP = 30.0
 DEFAULT_UDP_STREAM = 120.0
 DEFAULT_WEIGHT = 1
+# [bgp]: BFD at 100 ms x 3 detects a dead peer in 0.3 s; the hold time is RFC 4271's
+# smallest non-zero value, the fallback when BFD is off or not answered.
+DEFAULT_BFD_INTERVAL = 0.1
+DEFAULT_BFD_MULTIPLIER = 3
+DEFAULT_HOLD_TIME = 3
+# After the withdraw, the router needs a few ms to move the flows; the rest of the grace
+# period lets the last packets of the moved flows (and replies) drain through this gateway.
+DEFAULT_WITHDRAW_GRACE = 2.0
+DEFAULT_BGP_RUN_DIR = "/run/lbcore"
+DEFAULT_ANCHOR_DEVICE = "lbcore-bgp"
+DEFAULT_BIRD = "bird"
+AS_MAX = 4294967295               # 4-octet AS numbers (RFC 6793)
 DEFAULT_SLOW_START = 0.0
 # HAProxy's defaults: inter 2 s, rise 2, fall 3; timeout 1 s keeps a slow check
 # well inside its interval.
@@ -138,6 +150,32 @@ class RawsockConfig:
     """The two links of mode ``rawsock`` (AF_PACKET). They may be the same link."""
     client_link: str
     backend_link: str
+
+
+@dataclass(frozen=True)
+class BgpNeighbor:
+    """A BGP peer (the rack's router): its address and AS number."""
+    address: IPAddress
+    asn: int
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    """``[bgp]``: announce the VIPs to the rack's router through lbcore's own BIRD instance
+    (lbcore.bgp). ``next_hop`` holds at most one address per family (empty: BIRD uses the
+    session's local address); ``hold_time`` 0 turns keepalives off (RFC 4271)."""
+    local_as: int
+    router_id: ipaddress.IPv4Address
+    neighbors: tuple[BgpNeighbor, ...]
+    bfd: bool = True
+    bfd_interval: float = DEFAULT_BFD_INTERVAL
+    bfd_multiplier: int = DEFAULT_BFD_MULTIPLIER
+    hold_time: int = DEFAULT_HOLD_TIME
+    next_hop: tuple[IPAddress, ...] = ()
+    withdraw_grace: float = DEFAULT_WITHDRAW_GRACE
+    run_dir: str = DEFAULT_BGP_RUN_DIR
+    anchor_device: str = DEFAULT_ANCHOR_DEVICE
+    bird: str = DEFAULT_BIRD
 
 
 @dataclass(frozen=True)
@@ -232,6 +270,7 @@ class Config:
     all_down: str = DEFAULT_ALL_DOWN
     timeouts: Timeouts = field(default_factory=Timeouts)
     rawsock: RawsockConfig | None = None      # set only in mode "rawsock"
+    bgp: BgpConfig | None = None              # set only with a [bgp] section
     vips: tuple[VipConfig, ...] = ()
     pools: Mapping[str, PoolConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False)
@@ -686,6 +725,118 @@ def _parse_rawsock(c: _Checker, data: dict, mode: str | None) -> RawsockConfig |
     return RawsockConfig(**links)
 
 
+_BGP_KEYS = ("local_as", "router_id", "neighbors", "bfd", "bfd_interval", "bfd_multiplier",
+             "hold_time", "next_hop", "withdraw_grace", "run_dir", "anchor_device", "bird")
+
+
+def _parse_bgp_neighbors(c: _Checker, b: dict) -> tuple[BgpNeighbor, ...] | None:
+    what = "an array of { address, as } tables"
+    items = c.array(b, "neighbors", "bgp", what)
+    if items is None:
+        return None
+    if not items:
+        c.bad("bgp.neighbors", items, what, "at least one neighbor")
+        return None
+    out: list[BgpNeighbor] = []
+    ok = True
+    for p, t in c.table_array(items, "bgp.neighbors", "a { address, as } table",
+                              ("address", "as")):
+        addr = c.address(t, "address", p)
+        asn = c.integer(t, "as", p, 1, AS_MAX)
+        if addr is None or asn is None:
+            ok = False
+            continue
+        if any(n.address == addr for n in out):
+            c.bad(_join(p, "address"), str(addr), "a neighbor address listed once")
+            ok = False
+            continue
+        out.append(BgpNeighbor(addr, asn))
+    return tuple(out) if ok and len(out) == len(items) else None
+
+
+def _parse_next_hop(c: _Checker, b: dict) -> tuple[IPAddress, ...] | None:
+    """One address or an array of addresses, at most one per family."""
+    if "next_hop" not in b:
+        return ()
+    v = b["next_hop"]
+    what = "an address or an array of addresses (at most one IPv4 and one IPv6)"
+    raw = v if isinstance(v, list) else [v]
+    out: list[IPAddress] = []
+    for x in raw:
+        a = c.address({"next_hop": x}, "next_hop", "bgp")
+        if a is None:
+            return None
+        out.append(a)
+    if not out or len({a.version for a in out}) != len(out):
+        c.bad("bgp.next_hop", v, what)
+        return None
+    return tuple(out)
+
+
+def _parse_bgp(c: _Checker, data: dict, tun_name: str | None) -> BgpConfig | None:
+    b = c.table(data, "bgp", "")
+    if b is None:
+        return None
+    c.known_keys(b, "bgp", _BGP_KEYS)
+    rid = c.address(b, "router_id", "bgp")
+    if rid is not None and rid.version != 4:
+        c.bad("bgp.router_id", str(rid), "an IPv4 address (a BGP router id is 32 bits)")
+        rid = None
+    bfd = b.get("bfd", True)
+    if not isinstance(bfd, bool):
+        c.wrong_type("bgp.bfd", bfd, "true or false")
+        bfd = None
+    hold = c.integer(b, "hold_time", "bgp", 0, 65535, DEFAULT_HOLD_TIME)
+    if hold is not None and 0 < hold < 3:
+        c.bad("bgp.hold_time", hold, "0 (no keepalives) or 3..65535 seconds (RFC 4271)")
+        hold = None
+    what = 'a network interface name (1..15 characters, no "/", ":" or spaces)'
+    anchor = c.checked_string(b, "anchor_device", "bgp", what, valid_ifname, what,
+                              DEFAULT_ANCHOR_DEVICE)
+    if anchor is not None and anchor == tun_name:
+        c.bad("bgp.anchor_device", anchor, "a device name other than global.tun_name")
+        anchor = None
+    vals = {
+        "local_as": c.integer(b, "local_as", "bgp", 1, AS_MAX),
+        "router_id": rid,
+        "neighbors": _parse_bgp_neighbors(c, b),
+        "bfd": bfd,
+        "bfd_interval": c.seconds(b, "bfd_interval", "bgp", 0.01, 10.0, DEFAULT_BFD_INTERVAL),
+        "bfd_multiplier": c.integer(b, "bfd_multiplier", "bgp", 1, 255,
+                                    DEFAULT_BFD_MULTIPLIER),
+        "hold_time": hold,
+        "next_hop": _parse_next_hop(c, b),
+        "withdraw_grace": c.seconds(b, "withdraw_grace", "bgp", 0.0, 3600.0,
+                                    DEFAULT_WITHDRAW_GRACE),
+        "run_dir": c.checked_string(b, "run_dir", "bgp", "an absolute directory path",
+                                    lambda s: s.startswith("/") and len(s) < SUN_PATH_MAX - 12,
+                                    f"an absolute path shorter than {SUN_PATH_MAX - 12} "
+                                    "characters (it holds BIRD's control socket)",
+                                    DEFAULT_BGP_RUN_DIR),
+        "anchor_device": anchor,
+        "bird": c.checked_string(b, "bird", "bgp", "a program name or path",
+                                 lambda s: bool(s.strip()), "a program name or path",
+                                 DEFAULT_BIRD),
+    }
+    if None in vals.values():
+        return None
+    return BgpConfig(**vals)
+
+
+def _check_bgp_families(c: _Checker, bgp: BgpConfig, vips: list[VipConfig]) -> None:
+    """A session carries the routes of its own address family: a VIP family with no
+    neighbor of that family could never be announced."""
+    have = {n.address.version for n in bgp.neighbors}
+    for fam in sorted({v.family for v in vips} - have):
+        c.error("bgp.neighbors", f"no IPv{fam} neighbor, but the IPv{fam} VIPs "
+                f"({', '.join(sorted({str(v.address) for v in vips if v.family == fam}))}) "
+                f"must be announced; expected an IPv{fam} neighbor address")
+    for a in bgp.next_hop:
+        if a.version not in have:
+            c.bad("bgp.next_hop", str(a), f"a next hop of a family that has a neighbor "
+                  f"(no IPv{a.version} neighbor)")
+
+
 # --- health checks: the keys every type has, then one parser per type -----------------
 
 def _check_health_keys(c: _Checker, tbl: dict, path: str, typ: str | None) -> None:
@@ -931,9 +1082,10 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
     c = _Checker()
     if not isinstance(data, dict):
         raise ConfigError([f"expected a TOML document (a table), got {_tname(data)}"], source)
-    c.known_keys(data, "", ("global", "rawsock", "vip", "pool"))
+    c.known_keys(data, "", ("global", "rawsock", "bgp", "vip", "pool"))
     g = _parse_global(c, data)
     rawsock = _parse_rawsock(c, data, g["mode"])
+    bgp = _parse_bgp(c, data, g["tun_name"])
     pools: dict[str, PoolConfig] = {}
     pool_ok = True
     raw_pools = c.table(data, "pool", "")
@@ -949,6 +1101,8 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
         c.warn("vip", "no [[vip]] defined: the balancer forwards nothing")
     if vips is not None and pool_ok:
         _cross_check(c, vips, pools, g.get("ring_size"))
+    if bgp is not None and vips:
+        _check_bgp_families(c, bgp, vips)
     if c.errors:
         raise ConfigError(c.errors, source)
     return Config(
@@ -956,7 +1110,7 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
         hash_seed=g["hash_seed"], ring_size=g["ring_size"], tun_name=g["tun_name"],
         control_socket=g["control_socket"], metrics_listen=g["metrics_listen"],
         log_level=g["log_level"], all_down=g["all_down"], timeouts=g["timeouts"],
-        rawsock=rawsock, vips=tuple(vips or ()), pools=MappingProxyType(pools),
+        rawsock=rawsock, bgp=bgp, vips=tuple(vips or ()), pools=MappingProxyType(pools),
         warnings=tuple(c.warnings), source=source)
 
 
@@ -1013,5 +1167,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 2 if isinstance(e, ConfigFileError) else 1
     for w in cfg.warnings:
         print(f"{cfg.source}: warning: {w}", file=sys.stderr)
-    print(f"OK: {len(cfg.vips)} VIPs, {cfg.backend_count} backends")
+    bgp = (f", BGP to {len(cfg.bgp.neighbors)} neighbor(s)" if cfg.bgp is not None else "")
+    print(f"OK: {len(cfg.vips)} VIPs, {cfg.backend_count} backends{bgp}")
     return 0

@@ -34,6 +34,7 @@ from .control.status import StatusView
 from .dataplane import Plane, make_plane
 from .dataplane.replies import ReplyPath
 from .health import HealthMonitor, targets_from_config
+from .tabledigest import table_digests
 
 log = logging.getLogger("lbcore")
 
@@ -98,6 +99,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
         self.health: HealthMonitor | None = None
+        self.announcer: Any = None          # lbcore.bgp.Announcer with a [bgp] section
+        self.digests: dict[str, str] = {}   # VIP -> digest of its live Maglev table
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -117,7 +120,9 @@ class Daemon:
                                      clock_ms=_core.now_ms)
             for change in self.balancer.configure(cfg):
                 log.debug("%s", change)
+            spec = self.balancer.table_spec()
             self.balancer.publish()
+            self.digests = table_digests(spec, self.balancer.seed)
 
             self.plane = make_plane(cfg, self.dp, [v.address for v in cfg.vips],
                                     reply_paths(self.balancer))
@@ -132,6 +137,7 @@ class Daemon:
                 self._threads.append(t)
 
             await self._start_control(stack)
+            await self._start_announcer(stack)
 
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
 
@@ -142,6 +148,8 @@ class Daemon:
                      len(cfg.vips), cfg.backend_count, cfg.workers, cfg.mode)
             await self._stop.wait()
             log.info("stopping")
+            if self.announcer is not None:
+                await self.announcer.leave()   # withdraw first, forward through the grace
         if self._worker_error is not None:
             log.error("a worker failed: %s", self._worker_error)
             return 1
@@ -184,6 +192,25 @@ class Daemon:
         self.health.update(targets_from_config(self.config))
         await start_control(self, self.view, stack)
         start_metrics(self.config.metrics_listen, self.view, stack)
+
+    async def _start_announcer(self, stack: contextlib.AsyncExitStack) -> None:
+        """With [bgp]: the anchor device and BIRD, then the first announcements. Last of the
+        start-up, so nothing is announced before the workers forward; first of the way out
+        (the stack unwinds in reverse), so the anchor closes before forwarding stops."""
+        if self.config.bgp is None:
+            return
+        from .bgp import Announcer, usable_addresses
+        self.announcer = Announcer(self.config.bgp)
+        stack.callback(self.announcer.stop)
+        await asyncio.to_thread(self.announcer.start)
+        assert self.balancer is not None
+        self.announcer.update(usable_addresses(self.balancer.vips.values()))
+
+    def drain_gateway(self) -> list[str]:
+        """`lbcore drain-gateway`: withdraw every VIP; keep forwarding what still arrives."""
+        if self.announcer is None:
+            raise ValueError("no [bgp] section: this gateway announces nothing to drain")
+        return self.announcer.drain()
 
     def _on_health(self, key, up: bool, reason: str) -> None:
         """A backend of pool key[0] changed state (after rise/fall): every VIP
@@ -238,6 +265,10 @@ class Daemon:
             t0 = time.perf_counter()
             await asyncio.to_thread(self.dp.publish, spec, bal.seed)
             bal.published(time.perf_counter() - t0)
+            self.digests = await asyncio.to_thread(table_digests, spec, bal.seed)
+            if self.announcer is not None:
+                from .bgp import usable_addresses
+                self.announcer.update(usable_addresses(bal.vips.values()))
             if purges:
                 await asyncio.to_thread(bal.purge, purges)
 
@@ -281,9 +312,11 @@ class Daemon:
 def _unreloadable(old: Config, new: Config) -> list[str]:
     """Settings fixed at start (sizes, devices): changing them needs a restart."""
     out = []
-    for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket", "rawsock"):
+    for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket", "rawsock",
+                "bgp"):
         if getattr(old, key) != getattr(new, key):
-            out.append(f"global.{key} changed ({getattr(old, key)!r} -> "
+            where = key if key in ("rawsock", "bgp") else f"global.{key}"
+            out.append(f"{where} changed ({getattr(old, key)!r} -> "
                        f"{getattr(new, key)!r}): needs a restart")
     return out
 

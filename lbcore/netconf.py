@@ -71,7 +71,7 @@ __all__ = [
     "GONE_ERRNOS", "NETNS_DIR", "NetChanges", "LinkInfo", "RouteInfo", "RuleInfo", "is_gone",
     "netns_path", "netns_exists", "netns_list", "netns_create", "netns_remove", "netns_pids",
     "veth_add", "bridge_add", "link_set", "link_del", "link_index", "links",
-    "addr_add", "addr_del", "addresses", "route_add", "route_del", "routes",
+    "addr_add", "addr_del", "addresses", "route_add", "route_del", "route_nexthops", "routes",
     "rule_add", "rule_del", "rules", "neigh_add", "neigh_del", "neighbours", "neigh_resolve",
     "neigh_proxy_add", "neigh_proxy_del", "change_notifier",
     "drain_notifier",
@@ -729,6 +729,27 @@ def routes(netns: str | None = None, *, family: int | None = None, table: int | 
                 family=m["family"], dst=f"{dst}/{m['dst_len']}" if dst else "default",
                 gateway=m.get("RTA_GATEWAY"), oif=names.get(m.get("RTA_OIF")),
                 table=m.get("RTA_TABLE", m["table"]), type=m["type"], proto=m["proto"]))
+    return out
+
+
+@_off_loop
+def route_nexthops(dst: str, *, netns: str | None = None, table: int = MAIN_TABLE) -> list[str]:
+    """The gateways of the route to exactly ``dst`` ("a.b.c.d/len"): one for a plain route,
+    each next hop of a multipath (ECMP) route, none when there is no such route."""
+    fam, net = _dst(dst, None, None)
+    out: list[str] = []
+    with _ipr(netns) as ipr:
+        for m in ipr.route("dump", family=fam, table=table):
+            if (m["dst_len"] != net.prefixlen
+                    or (m.get("RTA_DST") or None) != (str(net.network_address)
+                                                      if net.prefixlen else None)):
+                continue
+            if m.get("RTA_GATEWAY"):
+                out.append(m.get("RTA_GATEWAY"))
+            for nh in m.get("RTA_MULTIPATH") or []:
+                gw = nh.get_attr("RTA_GATEWAY")
+                if gw:
+                    out.append(gw)
     return out
 
 

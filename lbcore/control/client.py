@@ -93,14 +93,18 @@ def cmd_status(args) -> int:
               f"workers {st['workers']}  up {st['uptime']:.0f}s  config {st['config']}")
     con.print(f"flows {f['active']}/{f['capacity']}  rx {st['totals']['rx']}  "
               f"tx {st['totals']['tx']}  table rebuilds {st['table']['rebuilds']}")
+    _print_bgp(con, st.get("bgp"))
     t = Table(show_lines=False)
     for col in ("VIP", "backend", "health", "weight", "flows", "packets", "bytes",
                 "last change"):
         t.add_column(col, justify="right" if col in ("weight", "flows", "packets", "bytes")
                      else "left")
     for v in st["vips"]:
+        ann = ("[green]announced[/]" if v.get("announced")
+               else f"[yellow]not announced[/]: {v.get('announce_reason')}")
         t.add_row(f"[bold]{v['name']}[/]", f"{v['address']}:{v['port']}/{v['protocol']}", "",
-                  "", str(v["active_flows"]), _human(v["packets"]), _human(v["bytes"]), "")
+                  "", str(v["active_flows"]), _human(v["packets"]), _human(v["bytes"]),
+                  f"table {v.get('table_digest')}  {ann}")
         for b in v["backends"]:
             health = "[green]up[/]" if b["state"] == "up" else "[red]down[/]"
             if b["draining"]:
@@ -113,6 +117,28 @@ def cmd_status(args) -> int:
     drops = {k: v for k, v in st["drops"].items() if v}
     if drops:
         con.print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return 0
+
+
+def _print_bgp(con, bgp: dict | None) -> None:
+    """The BGP lines of `status`: the speaker, then one line per session."""
+    if bgp is None:
+        con.print("bgp: not configured (no [bgp] section)")
+        return
+    con.print(f"bgp: {bgp['state']}  AS {bgp['local_as']}  router id {bgp['router_id']}  "
+              f"BIRD pid {bgp['bird_pid']}  announced {', '.join(bgp['announced']) or '-'}")
+    for sess in bgp["sessions"]:
+        since = f"up {_ago(sess['since'])[:-4]}" if sess["up"] and sess["since"] else ""
+        bfd = f"  BFD {sess['bfd']}" if sess["bfd"] is not None else "  BFD off"
+        con.print(f"  neighbor {sess['neighbor']} AS {sess['as']}: {sess['state']} "
+                  f"{since}{bfd}".rstrip())
+
+
+def cmd_drain_gateway(args) -> int:
+    """`lbcore drain-gateway`: withdraw every VIP from BGP, keep forwarding."""
+    r = request(socket_path(args), {"cmd": "drain-gateway"})
+    print(f"drained: withdrew {', '.join(r['withdrawn']) or 'nothing (none was announced)'}; "
+          "forwarding goes on until the balancer stops")
     return 0
 
 

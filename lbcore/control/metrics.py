@@ -31,6 +31,21 @@ class LbCollector:
             return self.view.snapshot()
         return asyncio.run_coroutine_threadsafe(snap(), self.loop).result(timeout=10)
 
+    @staticmethod
+    def _bgp(s: dict):
+        """BGP sessions (with [bgp]) and, per VIP, whether its address is announced."""
+        ann = GaugeMetricFamily("lbcore_vip_announced", "1 if the VIP's address is announced "
+                                "over BGP now, else 0", labels=["vip", "address", "port",
+                                                                 "protocol"])
+        for v in s["vips"]:
+            ann.add_metric([v["name"], v["address"], str(v["port"]), v["protocol"]],
+                           1 if v.get("announced") else 0)
+        up = GaugeMetricFamily("lbcore_bgp_session_up", "1 if the BGP session to the "
+                               "neighbor is established, else 0", labels=["neighbor", "as"])
+        for sess in (s.get("bgp") or {}).get("sessions", []):
+            up.add_metric([sess["neighbor"], str(sess["as"])], 1 if sess["up"] else 0)
+        return (ann, up)
+
     def collect(self):
         s = self._snapshot()
         vl = ["vip", "address", "port", "protocol"]
@@ -71,6 +86,7 @@ class LbCollector:
                 b_dr.add_metric(lb, 1 if b["draining"] else 0)
                 b_w.add_metric(lb, b["effective_weight"])
         yield from (v_pk, v_by, v_nf, v_af, b_pk, b_by, b_nf, b_af, b_up, b_dr, b_w)
+        yield from self._bgp(s)
 
         drops = CounterMetricFamily("lbcore_drops", "Packets dropped, by reason",
                                     labels=["reason"])

@@ -113,6 +113,8 @@ async def handle(daemon: Daemon, view: StatusView, req: dict) -> Any:
         return view.pick(str(req["vip"]), str(req["src"]), int(req["sport"]), req.get("proto"))
     if cmd == "backend":
         return await _backend(daemon, req)
+    if cmd == "drain-gateway":
+        return {"withdrawn": daemon.drain_gateway()}
     if cmd == "reload":
         ok, changes = await daemon.reload()
         if not ok:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..tabledigest import vip_key
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -38,6 +39,7 @@ class StatusView:
         ft = dp.flow_table
         now = time.monotonic()
         vips = []
+        ann = d.announcer
         for v in bal.vips.values():
             pk, by, nf = st["vips"][v.stat_id]
             bes = []
@@ -52,8 +54,12 @@ class StatusView:
                     "new_flows": bn, "last_change": b.last_change, "reason": b.reason,
                     "health": d.health_of(v, b),
                 })
+            announced, why = (ann.why(v.address) if ann is not None
+                              else (False, "no [bgp] section"))
             vips.append({"name": v.name, "address": str(v.address), "port": v.port,
                          "protocol": v.proto, "pool": v.pool,
+                         "announced": announced, "announce_reason": why,
+                         "table_digest": d.digests.get(vip_key(v.address, v.port, v.proto)),
                          "active_flows": ft.active_vip(v.stat_id), "packets": pk, "bytes": by,
                          "new_flows": nf, "backends": bes})
         return {
@@ -64,6 +70,7 @@ class StatusView:
             "totals": {k: st[k] for k in TOTALS},
             "drops": st["drops"], "worker_loops": st["workers"],
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},
+            "bgp": ann.status() if ann is not None else None,
         }
 
     async def flows(self, vip_spec: str | None = None, limit: int = 100) -> list[dict]:

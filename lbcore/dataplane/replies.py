@@ -8,7 +8,11 @@ other traffic are routed normally. What RULE_TABLE's default route does with the
 the TUN, or a blackhole behind AF_PACKET) is the mode's business.
 
 Policy rules outlive the process: a SIGKILLed run leaves them behind, and the next start
-removes every rule of RULE_PRIORITY/RULE_TABLE before making its own.
+removes every rule of RULE_PRIORITY/RULE_TABLE before making its own. While they are left
+behind they must not let a reply through untranslated (its source is the backend's own
+address: the client would answer it with a reset), so RULE_TABLE also holds a blackhole
+default at a worse metric (:func:`add_dead_end`): when a mode's own default route vanishes
+with its device, the lookup ends there instead of falling through to the main table.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ log = logging.getLogger("lbcore.replies")
 
 RULE_TABLE = 4242       # routing table whose default route takes the replies
 RULE_PRIORITY = 4242    # priority of the reply-path rules (before main, 32766)
+DEAD_END_METRIC = 0x7FFFFFFF  # the blackhole default of RULE_TABLE: behind any live route
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -77,6 +82,15 @@ class ReplyRules:
                                  ipproto=r.ipproto, family=r.family,
                                  sport=(int(lo), int(hi or lo)) if r.sport else None)
                 log.info("removed a stale reply rule (from %s) of an earlier run", r.src)
+
+
+def add_dead_end(family: int, changes: netconf.NetChanges) -> None:
+    """RULE_TABLE's last resort for IPv``family``: a blackhole default behind the mode's own
+    default route, so that replies steered here by rules a dead process left behind are
+    dropped, never forwarded untranslated. Add it before the mode's route: the undo then
+    removes it last."""
+    netconf.route_add("0.0.0.0/0" if family == 4 else "::/0", table=RULE_TABLE,
+                      type="blackhole", priority=DEAD_END_METRIC, changes=changes)
 
 
 def _rule(rp: ReplyPath, add: bool) -> None:

@@ -5,7 +5,8 @@ What tun mode needs from the kernel:
     overflow the default 500-packet queue while the worker is between reads);
   - a route for each VIP into the TUN (the balancer reads client packets);
   - the return path (lbcore.dataplane.replies): replies from a backend's service port enter
-    the TUN through a narrow policy rule, and RULE_TABLE's default route points into the TUN.
+    the TUN through a narrow policy rule, and RULE_TABLE's default route points into the TUN
+    (with a blackhole default behind it, for when the TUN is gone but the rules are not).
     The packets the balancer writes back have the VIP as source, so they never loop;
   - forwarding on, and loose reverse-path filtering on the TUN (the packets it emits carry
     client addresses that route out another link).
@@ -21,7 +22,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ... import netconf
-from ..replies import RULE_TABLE, IPAddress, ReplyPath, ReplyRules, host_prefix
+from ..replies import (
+    RULE_TABLE,
+    IPAddress,
+    ReplyPath,
+    ReplyRules,
+    add_dead_end,
+    host_prefix,
+)
 
 log = logging.getLogger("lbcore.tun")
 
@@ -64,6 +72,7 @@ class TunRoutes:
         want = list(dict.fromkeys(replies))
         for fam in sorted({r.address.version for r in want}
                           - {r.address.version for r in self._rules.paths}):
+            add_dead_end(fam, self._changes)
             netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", oif=self.tun_name,
                               table=RULE_TABLE, changes=self._changes)
         self.replies = self._rules.set(want)
