@@ -26,7 +26,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -77,7 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             if url.path == "/metrics":
-                self._metrics(parse_qs(url.query), body)
+                self._metrics(body)
             elif url.path in ("/", "/index.html"):
                 data = page.render(self.server.snapshot()).encode()
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", data, body, extra={
@@ -94,12 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8",
                        f"lbcore did not answer: {type(e).__name__}: {e}\n".encode(), body)
 
-    def _metrics(self, query: dict[str, list[str]], body: bool) -> None:
-        registry = self.server.registry
-        if "name[]" in query:
-            registry = registry.restricted_registry(query["name[]"])
+    def _metrics(self, body: bool) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept"))
-        data = encoder(registry)
+        data = encoder(self.server.registry)
         extra = {}
         if "gzip" in (self.headers.get("Accept-Encoding") or ""):
             data = gzip.compress(data)
