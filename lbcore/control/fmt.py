@@ -54,3 +54,10 @@ def backend_state(b: dict[str, Any]) -> str:
 
 def hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def vip_title(v: dict[str, Any]) -> tuple[str, str]:
+    """(name, address) of a snapshot's VIP for a heading: the name is left out ("") when it
+    is only the address again (a VIP without a name in the config is named after it)."""
+    where = f"{hostport(v['address'], v['port'])}/{v['protocol']}"
+    return ("" if v["name"] == where else v["name"]), where

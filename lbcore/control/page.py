@@ -20,7 +20,7 @@ import json
 import time
 from typing import Any
 
-from .fmt import backend_state, clock, duration, hostport, si
+from .fmt import backend_state, clock, duration, hostport, si, vip_title
 
 REFRESH_MS = 1000        # the page fetches itself this often
 NOSCRIPT_REFRESH_S = 5   # without JavaScript, a full reload this often
@@ -58,7 +58,15 @@ th, td { border-bottom: 1px solid var(--line); padding: .25em .6em; text-align: 
   white-space: nowrap; }
 th { background: var(--head); font-weight: 600; font-size: .9em; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
-td.reason { white-space: normal; max-width: 28em; }
+td.reason { white-space: normal; }
+/* the same columns in every VIP's table, so that the tables line up */
+table.backends { table-layout: fixed; }
+.backends th:nth-child(1) { width: 15%; } .backends th:nth-child(2) { width: 8%; }
+.backends th:nth-child(3) { width: 14%; } .backends th:nth-child(4) { width: 16%; }
+.backends th:nth-child(5) { width: 5%; } .backends th:nth-child(6) { width: 8%; }
+.backends th:nth-child(7) { width: 6%; } .backends th:nth-child(8) { width: 7%; }
+.backends th:nth-child(9) { width: 7%; } .backends th:nth-child(10) { width: 6%; }
+.backends td { overflow: hidden; text-overflow: ellipsis; }
 tr.state-up td:first-child { border-left: 5px solid var(--up); }
 tr.state-down td:first-child { border-left: 5px solid var(--down); }
 tr.state-draining td:first-child { border-left: 5px solid var(--drain); }
@@ -194,17 +202,19 @@ BACKEND_COLUMNS = (("backend", ""), ("state", ""), ("last change", ""), ("reason
 def _vip(v: dict[str, Any], now: float) -> str:
     n, u = len(v["backends"]), v["usable_backends"]
     r = v["rates"]
+    name, where = vip_title(v)
     badge = (f'<span class="badge {"ok" if u else "bad"}">{u} of {n} backends usable</span>')
     head = "".join(f'<th class="{c}">{esc(t)}</th>' for t, c in BACKEND_COLUMNS)
     rows = "".join(_backend_row(b, now) for b in v["backends"])
     return (
         f'<section class="vip" data-vip="{esc(v["name"])}">'
-        f'<h2>{esc(v["name"])} <small>{esc(hostport(v["address"], v["port"]))}/'
-        f'{esc(v["protocol"])} · pool {esc(v["pool"])}</small> {badge}</h2>'
+        f'<h2>{esc(name or where)} <small>{esc(where + " · " if name else "")}pool '
+        f'{esc(v["pool"])}</small> {badge}</h2>'
         f'<div class="vipline">{si(v["active_flows"])} flows · {si(r["new_flows"], "new/s")} · '
         f'{si(r["packets"], "packets/s")} · {si(r["bytes"], "B/s")} · '
         f'{si(v["packets"])} packets, {si(v["bytes"], "B")} in all</div>'
-        f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></section>"
+        f'<table class="backends"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+        "</section>"
     )
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import ControlError, request, socket_path
-from .fmt import backend_state, clock, duration, hostport, si
+from .fmt import backend_state, clock, duration, hostport, si, vip_title
 
 STYLE = {"up": "bold white on green4", "down": "bold white on red3",
          "draining": "bold black on yellow3"}
@@ -73,8 +73,8 @@ def render(st: dict[str, Any] | None, error: str | None = None,
     for v in st["vips"]:
         n, u = len(v["backends"]), v["usable_backends"]
         vr = v["rates"]
-        t.add_row(Text(f"{v['name']} {hostport(v['address'], v['port'])}/{v['protocol']}",
-                       style="bold"),
+        name, where = vip_title(v)
+        t.add_row(Text(f"{name} {where}" if name else where, style="bold"),
                   Text(f"{u}/{n} usable", style="green" if u else "bold white on red3"),
                   "", f"pool {v['pool']}", "", "", si(v["active_flows"]),
                   si(vr["new_flows"]), si(vr["packets"]), si(vr["bytes"], "B"))
