@@ -41,7 +41,7 @@ body.stale #live::before { color: #f85149; }
 body.stale #live { color: #ffb3ad; font-weight: 600; }
 main { padding: .8em 1.2em 2em; }
 .cards { display: flex; flex-wrap: wrap; gap: .8em; margin-bottom: 1em; }
-.card { border: 1px solid var(--line); border-radius: 6px; padding: .5em .9em; min-width: 11em; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: .4em .8em; min-width: 9em; }
 .card .k { color: var(--muted); font-size: .85em; }
 .card .v { font-size: 1.25em; font-weight: 600; font-variant-numeric: tabular-nums; }
 .card.bad { border-color: var(--down); background: var(--down-bg); }
@@ -62,10 +62,10 @@ td.reason { white-space: normal; }
 /* the same columns in every VIP's table, so that the tables line up */
 table.backends { table-layout: fixed; }
 .backends th:nth-child(1) { width: 15%; } .backends th:nth-child(2) { width: 8%; }
-.backends th:nth-child(3) { width: 14%; } .backends th:nth-child(4) { width: 16%; }
+.backends th:nth-child(3) { width: 13%; } .backends th:nth-child(4) { width: 15%; }
 .backends th:nth-child(5) { width: 5%; } .backends th:nth-child(6) { width: 8%; }
 .backends th:nth-child(7) { width: 6%; } .backends th:nth-child(8) { width: 7%; }
-.backends th:nth-child(9) { width: 7%; } .backends th:nth-child(10) { width: 6%; }
+.backends th:nth-child(9) { width: 7%; } .backends th:nth-child(10) { width: 8%; }
 .backends td { overflow: hidden; text-overflow: ellipsis; }
 tr.state-up td:first-child { border-left: 5px solid var(--up); }
 tr.state-down td:first-child { border-left: 5px solid var(--down); }
@@ -161,7 +161,7 @@ def _summary(s: dict[str, Any]) -> str:
         _card("drops", si(drop_rate, "/s"), cls="warn" if drop_rate else ""),
         _card("backends up", f"{n_up} / {len(bes)}",
               cls="bad" if n_up < len(bes) else ""),
-        _card("VIPs without a usable backend", str(len(empty_vips)),
+        _card("VIPs with no usable backend", str(len(empty_vips)),
               cls="bad" if empty_vips else ""),
         "</div>",
     ])
@@ -210,8 +210,8 @@ def _vip(v: dict[str, Any], now: float) -> str:
         f'<section class="vip" data-vip="{esc(v["name"])}">'
         f'<h2>{esc(name or where)} <small>{esc(where + " · " if name else "")}pool '
         f'{esc(v["pool"])}</small> {badge}</h2>'
-        f'<div class="vipline">{si(v["active_flows"])} flows · {si(r["new_flows"], "new/s")} · '
-        f'{si(r["packets"], "packets/s")} · {si(r["bytes"], "B/s")} · '
+        f'<div class="vipline">{si(v["active_flows"])} flows · {si(r["new_flows"])} new/s · '
+        f'{si(r["packets"])} packets/s · {si(r["bytes"], "B/s")} · '
         f'{si(v["packets"])} packets, {si(v["bytes"], "B")} in all</div>'
         f'<table class="backends"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
         "</section>"
