@@ -204,3 +204,13 @@ def test_formatting():
     assert si(1234, "B/s") == "1.2 kB/s" and si(2_500_000) == "2.5 M"
     assert si(3e18) == "3000.0 P"
     assert duration(45) == "45s" and duration(200) == "3m 20s" and duration(90061) == "1d 1h"
+
+
+def test_the_new_views_read_only_through_the_status_view():
+    """The page, the HTTP listener and top show snapshots; none reaches the data plane or the
+    balancer itself."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "lbcore" / "control"
+    for name in ("web.py", "page.py", "top.py", "fmt.py"):
+        text = (root / name).read_text()
+        assert ".dp." not in text and ".flow_table" not in text and ".balancer" not in text, name
