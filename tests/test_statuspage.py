@@ -101,7 +101,7 @@ def test_read_only_and_unknown_paths():
                                                      "version=1.0.0"})]
     *writes, head, full, missing, om = with_listener(d, look)
     for status, h, _ in writes:
-        assert status == 405 and h["allow"] == "GET, HEAD"
+        assert status == 405 and h["allow"] == "GET, HEAD" and h["connection"] == "close"
     assert head[0] == 200 and head[2] == b"" and int(head[1]["content-length"]) > 100
     assert full[0] == 200 and full[2]
     assert missing[0] == 404

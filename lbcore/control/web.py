@@ -56,7 +56,8 @@ class StatusHTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: StatusHTTPServer
     server_version = f"lbcore/{__version__}"
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"   # keep-alive: the page fetches itself every second
+    timeout = 60                    # s: an idle kept-alive connection gives its thread back
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -68,8 +69,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def _not_allowed(self) -> None:
+        # the request's body (if any) is not read, so this connection cannot carry another
+        self.close_connection = True
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, "text/plain; charset=utf-8",
-                   b"read-only: GET and HEAD only\n", body=True, extra={"Allow": "GET, HEAD"})
+                   b"read-only: GET and HEAD only\n", body=True,
+                   extra={"Allow": "GET, HEAD", "Connection": "close"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
