@@ -165,6 +165,11 @@ def test_rates_come_from_two_samples():
     assert "a" not in r and r["b"] == pytest.approx(1 / 1.1)
     assert rk.update(200.0, {"a": 0}) == (None, {})      # everything older was forgotten
     assert len(rk._samples) == 1
+    for i in range(1, 1001):                               # a reader looking every ms
+        rk.update(200.0 + i / 1000, {"a": i})
+    assert len(rk._samples) <= 6
+    dt, r = rk.update(201.5, {"a": 1500})
+    assert 1.0 <= dt <= 1.5 and r["a"] == pytest.approx(1000)
 
 
 def test_snapshot_rates_follow_the_counters():

@@ -59,11 +59,13 @@ class RateKeeper:
                 base = (t, c)
                 break
         # keep only what a later call can still use as its base: the samples younger than
-        # min_interval, and the newest older one
+        # min_interval, and the newest older one; and of the young ones no more than about
+        # four a min_interval, however often readers look (each sample holds every counter)
         if base is not None:
             while self._samples[0][0] < base[0]:
                 self._samples.popleft()
-        self._samples.append((now, counters))
+        if not self._samples or now - self._samples[-1][0] >= self.min_interval / 4:
+            self._samples.append((now, counters))
         if base is None:
             return None, {}
         dt = now - base[0]
