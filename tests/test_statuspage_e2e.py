@@ -6,7 +6,7 @@ the DevTools protocol (on a pipe: no port, nothing to download), saves screensho
 build/artifacts/, stops a backend's servers and watches that backend's rows turn down without
 reloading the page. `lbcore top` runs in a tmux server of its own (-L), the test reads its
 screen with capture-pane, watches another backend turn down there, and leaves with q and with
-Ctrl-C. Where chromium, tmux or promtool is missing the test skips and says which (`make test`
+Ctrl-C. Where chromium or tmux is missing the test skips and says which (`make test`
 installs them).
 """
 from __future__ import annotations
@@ -98,11 +98,15 @@ class Browser:
         self._id = 0
         self.events: list[dict] = []
         self.session: str | None = None
-        target = self.call("Target.createTarget", {"url": "about:blank"}, page=False)
-        self.session = self.call("Target.attachToTarget", {
-            "targetId": target["targetId"], "flatten": True}, page=False)["sessionId"]
-        for domain in ("Page", "Runtime", "Log"):
-            self.call(f"{domain}.enable")
+        try:
+            target = self.call("Target.createTarget", {"url": "about:blank"}, page=False)
+            self.session = self.call("Target.attachToTarget", {
+                "targetId": target["targetId"], "flatten": True}, page=False)["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                self.call(f"{domain}.enable")
+        except BaseException:
+            self.close()
+            raise
 
     def call(self, method: str, params: dict | None = None, page: bool = True,
              timeout: float = 30.0) -> dict:
