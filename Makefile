@@ -6,21 +6,28 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.deps-stamp
-APT_PKGS := gcc make iproute2 procps bird2 keepalived
+# bird2 and keepalived: the multi-gateway lab (BGP towards a router, VRRP on the rack);
+# chromium and tmux: the tests look at the status page and `lbcore top` as a person would;
+# prometheus: promtool checks the shipped alerting rules
+APT_PKGS := gcc make iproute2 procps bird2 keepalived chromium tmux prometheus
 PYTEST_ARGS ?=
 
-.PHONY: all deps build test test-sanitize bench bench-lab demo lint vagrant-check vagrant-lab clean
+.PHONY: all deps apt-deps build test test-sanitize bench bench-lab demo lint vagrant-check vagrant-lab clean
 
 all: build
 
-# Debian packages (only the missing ones), then the venv with the package
-# (editable) and its test+bench extras.
-$(STAMP): pyproject.toml setup.py
+# Debian packages: only the missing ones are installed (cheap when none is missing, so
+# `make test` checks every time: a package added to APT_PKGS reaches an existing checkout).
+apt-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# Debian packages, then the venv with the package (editable) and its test+bench extras.
+$(STAMP): pyproject.toml setup.py
+	@$(MAKE) --no-print-directory apt-deps
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip 'setuptools>=68' wheel 'Cython>=3.0,<4'
 	$(VPY) -m pip install -q --no-build-isolation -e '.[test,bench]'
@@ -33,7 +40,7 @@ deps: $(STAMP)
 build: $(STAMP)
 	LB_TESTING=1 $(VPY) setup.py -q build_ext --inplace
 
-test: build vagrant-check test-sanitize
+test: apt-deps build vagrant-check test-sanitize
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the

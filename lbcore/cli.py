@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = ctl("status", help="VIPs, backends, health, weights, flows and counters")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    tp = ctl("top", help="live view of VIPs, backends, rates and drops (q or Ctrl-C leaves)",
+             description="The status page's picture in the terminal, redrawn every second "
+             "from the control socket, like `lbcore status`.")
+    tp.add_argument("-n", "--interval", type=float, default=1.0,
+                    help="seconds between redraws (default 1)")
     fl = ctl("flows", help="list tracked flows")
     fl.add_argument("--vip", help="only flows of this VIP (name or ADDR[:PORT])")
     fl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -101,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import lab
         verbs = {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}
         return verbs[args.lab_cmd](args)
+    if args.cmd == "top":
+        from .control.top import cmd_top
+        return cmd_top(args)
     if args.cmd in ("status", "flows", "pick", "backend", "reload", "drain-gateway"):
         from .control import client
         try:

@@ -1,4 +1,5 @@
-"""Prometheus metrics (prometheus-client), every name prefixed `lbcore_`.
+"""Prometheus metrics (prometheus-client), every name prefixed `lbcore_`, and the listener
+that serves them beside the status page (:mod:`.web`).
 
 A custom collector reads the live counters at scrape time through the
 StatusView; it asks the control plane's event loop for the snapshot, so a
@@ -11,12 +12,23 @@ import contextlib
 import logging
 from ipaddress import IPv4Address, IPv6Address
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .status import StatusView
+from .web import StatusHTTPServer, serve_in_thread
 
 log = logging.getLogger("lbcore.metrics")
+
+
+SNAPSHOT_TIMEOUT = 10.0  # s: a loop that does not answer by then makes the request fail (503)
+
+
+def snapshot_on_loop(view: StatusView, loop: asyncio.AbstractEventLoop) -> dict:
+    """``view.snapshot()`` run on the event loop ``loop``, called from another thread."""
+    async def snap() -> dict:
+        return view.snapshot()
+    return asyncio.run_coroutine_threadsafe(snap(), loop).result(timeout=SNAPSHOT_TIMEOUT)
 
 
 class LbCollector:
@@ -25,11 +37,6 @@ class LbCollector:
     def __init__(self, view: StatusView, loop: asyncio.AbstractEventLoop) -> None:
         self.view = view
         self.loop = loop
-
-    def _snapshot(self) -> dict:
-        async def snap() -> dict:
-            return self.view.snapshot()
-        return asyncio.run_coroutine_threadsafe(snap(), self.loop).result(timeout=10)
 
     @staticmethod
     def _bgp(s: dict):
@@ -47,7 +54,7 @@ class LbCollector:
         return (ann, up)
 
     def collect(self):
-        s = self._snapshot()
+        s = snapshot_on_loop(self.view, self.loop)
         vl = ["vip", "address", "port", "protocol"]
         bl = ["vip", "backend"]
         v_pk = CounterMetricFamily("lbcore_vip_packets", "Packets forwarded for a VIP "
@@ -132,17 +139,16 @@ class LbCollector:
 
 def start_metrics(listen: tuple[IPv4Address | IPv6Address, int] | None, view: StatusView,
                   stack: contextlib.AsyncExitStack) -> None:
-    """Serve /metrics on ``listen`` (config.metrics_listen; None = off)."""
+    """Serve /metrics, the status page (/) and /status.json on ``listen``
+    (config.metrics_listen; None = off) until ``stack`` closes."""
     if not listen:
         return
     addr, port = listen
+    loop = asyncio.get_running_loop()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LbCollector(view, asyncio.get_running_loop()))
-    server, thread = start_http_server(port, addr=str(addr), registry=registry)
-
-    def _stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-    stack.callback(_stop)
-    log.info("metrics on http://%s:%d/metrics", addr, port)
+    registry.register(LbCollector(view, loop))
+    server = StatusHTTPServer(addr, port, lambda: snapshot_on_loop(view, loop), registry)
+    stack.callback(serve_in_thread(server))
+    host = f"[{addr}]" if addr.version == 6 else str(addr)
+    log.info("metrics on http://%s:%d/metrics, status page on http://%s:%d/",
+             host, port, host, port)

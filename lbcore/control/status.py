@@ -3,14 +3,24 @@ and the metrics endpoint show.
 
 Every reader of the balancer's state goes through one :class:`StatusView`; it is the only code
 outside the daemon that reads the data plane's counters and flow table. Its methods are called
-on the event loop thread (the metrics scraper hops there first), so a snapshot never races a
-reload or a health change; the parts that walk the flow table run in a worker thread.
+on the event loop thread (the HTTP server's threads hop there first), so a snapshot never races
+a reload or a health change; the parts that walk the flow table run in a worker thread.
+
+Rates (packets/s, bytes/s, new flows/s, drops/s) are computed here, not by each reader: every
+snapshot keeps its counters, and the next one divides the difference to the newest kept sample
+at least ``RATE_MIN_INTERVAL`` old by the time between them. So `status --json`, the status
+page and `lbcore top` show the same figures from one piece of code, and a reader that polls
+once a second (the page, top) gets per-second rates over about the last second, while one that
+polls rarely (Prometheus, whose own rate() is what dashboards use) gets the mean since its last
+look. A rate is None until there are two samples far enough apart, and for a counter that went
+backwards (a VIP or backend that was removed and added again by a reload starts from zero).
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
@@ -20,6 +30,49 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 TOTALS = ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit", "flow_miss", "flow_new", "tx_errors")
+RATED = ("packets", "bytes", "new_flows")  # the per-VIP and per-backend counters given as rates
+# rates are taken over at least this many seconds (shorter gaps are too noisy) and at most
+# RATE_MAX_INTERVAL (a sample older than that is forgotten: its mean says little about now)
+RATE_MIN_INTERVAL = 0.9
+RATE_MAX_INTERVAL = 60.0
+
+Counters = dict[str, int]
+
+
+class RateKeeper:
+    """Per-second rates of monotonic counters from successive samples (see the module doc)."""
+
+    def __init__(self, min_interval: float = RATE_MIN_INTERVAL,
+                 max_interval: float = RATE_MAX_INTERVAL) -> None:
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self._samples: deque[tuple[float, Counters]] = deque()
+
+    def update(self, now: float, counters: Counters) -> tuple[float | None, dict[str, float]]:
+        """Record ``counters`` at ``now`` (monotonic seconds); return the interval the rates
+        span (None if no older sample is usable) and the rate of each counter that exists in
+        both samples and did not go backwards."""
+        while self._samples and now - self._samples[0][0] > self.max_interval:
+            self._samples.popleft()
+        base = None
+        for t, c in reversed(self._samples):
+            if now - t >= self.min_interval:
+                base = (t, c)
+                break
+        # keep only what a later call can still use as its base: the samples younger than
+        # min_interval, and the newest older one; and of the young ones no more than about
+        # four a min_interval, however often readers look (each sample holds every counter)
+        if base is not None:
+            while self._samples[0][0] < base[0]:
+                self._samples.popleft()
+        if not self._samples or now - self._samples[-1][0] >= self.min_interval / 4:
+            self._samples.append((now, counters))
+        if base is None:
+            return None, {}
+        dt = now - base[0]
+        old = base[1]
+        return dt, {k: (v - old[k]) / dt for k, v in counters.items()
+                    if k in old and v >= old[k]}
 
 
 class StatusView:
@@ -27,6 +80,7 @@ class StatusView:
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
+        self._rates = RateKeeper()
 
     def snapshot(self) -> dict[str, Any]:
         """Everything `lbcore status` shows, as JSON-able data (also `status --json`)."""
@@ -61,9 +115,12 @@ class StatusView:
                          "announced": announced, "announce_reason": why,
                          "table_digest": d.digests.get(vip_key(v.address, v.port, v.proto)),
                          "active_flows": ft.active_vip(v.stat_id), "packets": pk, "bytes": by,
-                         "new_flows": nf, "backends": bes})
-        return {
+                         "new_flows": nf, "backends": bes,
+                         "usable_backends": sum(1 for b in bes
+                                                if b["state"] == "up" and not b["draining"])})
+        snap = {
             "version": __version__, "pid": os.getpid(), "uptime": time.time() - d.started,
+            "time": time.time(),
             "config": d.config_path, "mode": d.config.mode, "workers": d.config.workers,
             "vips": vips,
             "flows": {"active": len(ft), "capacity": ft.capacity, **ft.counters()},
@@ -71,6 +128,41 @@ class StatusView:
             "drops": st["drops"], "worker_loops": st["workers"],
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},
             "bgp": ann.status() if ann is not None else None,
+        }
+        self._add_rates(snap, now)
+        return snap
+
+    def _add_rates(self, snap: dict[str, Any], now: float) -> None:
+        """Give every VIP and backend a "rates" dict (per second: packets, bytes, new_flows)
+        and the snapshot a "rates" dict (the interval they span, and per second the totals,
+        the drops by reason and the flow table's events)."""
+        counters: Counters = {}
+        for v in snap["vips"]:
+            vkey = f"{v['address']}|{v['port']}|{v['protocol']}"
+            for k in RATED:
+                counters[f"vip|{vkey}|{k}"] = v[k]
+            for b in v["backends"]:
+                for k in RATED:
+                    counters[f"be|{vkey}|{b['address']}|{b['port']}|{k}"] = b[k]
+        for k, n in snap["totals"].items():
+            counters[f"total|{k}"] = n
+        for k, n in snap["drops"].items():
+            counters[f"drop|{k}"] = n
+        events = {k: n for k, n in snap["flows"].items() if k not in ("active", "capacity")}
+        for k, n in events.items():
+            counters[f"flow|{k}"] = n
+        interval, r = self._rates.update(now, counters)
+        for v in snap["vips"]:
+            vkey = f"{v['address']}|{v['port']}|{v['protocol']}"
+            v["rates"] = {k: r.get(f"vip|{vkey}|{k}") for k in RATED}
+            for b in v["backends"]:
+                b["rates"] = {k: r.get(f"be|{vkey}|{b['address']}|{b['port']}|{k}")
+                              for k in RATED}
+        snap["rates"] = {
+            "interval": interval,
+            "totals": {k: r.get(f"total|{k}") for k in snap["totals"]},
+            "drops": {k: r.get(f"drop|{k}") for k in snap["drops"]},
+            "flows": {k: r.get(f"flow|{k}") for k in events},
         }
 
     async def flows(self, vip_spec: str | None = None, limit: int = 100) -> list[dict]:
