@@ -64,6 +64,8 @@ class StatusView:
             "totals": {k: st[k] for k in TOTALS},
             "drops": st["drops"], "worker_loops": st["workers"],
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},
+            "adoption": d.adoption,
+            "sync": d.sync.counters() if d.sync is not None else None,
         }
 
     async def flows(self, vip_spec: str | None = None, limit: int = 100) -> list[dict]:
