@@ -2,6 +2,7 @@
 # worker loops. The only `with nogil` sites that run the packet path are here.
 import os as _dp_os
 import threading as _dp_threading
+import time as _dp_time
 
 
 def now_ms() -> int:
@@ -14,14 +15,24 @@ cdef class Dataplane:
     """The C data plane: one flow table, the published forwarding table, and
     `workers` worker slots (plus one private slot for `process()`).
 
-    Dataplane(workers=1, flow_capacity=1<<20, flow_seed=None, timeouts=None)
+    Dataplane(workers=1, flow_capacity=1<<20, flow_seed=None, timeouts=None,
+              flow_file=None, boot_id=None)
       flow_seed: None = random per start (against hash flooding).
       timeouts: ms per state, keys of DEFAULT_TIMEOUTS_MS; missing = default.
+      flow_file: keep the flow table's slots in this file (made as
+        flow_file + ".new", a stale one replaced; commit_flow_file() renames
+        it), so that the next process can adopt_flows() from it. The caller
+        holds a lock that keeps a second process off the same path.
+      boot_id: the 16 bytes the file is stamped with (default: this boot's).
     """
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
-                  flow_seed=None, timeouts=None):
+                  flow_seed=None, timeouts=None, flow_file=None, boot_id=None):
         cdef lb_timeouts tmo
         cdef uint64_t seed
+        cdef bytes bpath
+        cdef const uint8_t *bid
+        cdef void *slots = NULL
+        cdef int rc
         if workers < 1 or workers > 256:
             raise ValueError(f"workers must be 1..256, not {workers}")
         if flow_capacity < 1 or flow_capacity > LB_FLOW_MAX:
@@ -34,11 +45,29 @@ cdef class Dataplane:
         # serialises the control side's use of the private worker slot
         # (pick, process, l2_lookup)
         self._lock = _dp_threading.Lock()
+        memset(&self.shm, 0, sizeof(self.shm))
+        self._flow_file = None
+        self._boot_id = _boot_id_bytes(boot_id)
+        if flow_file is not None:
+            bpath = _dp_os.fsencode(str(flow_file) + ".new")
+            try:
+                _dp_os.unlink(bpath)          # left by a start that died half-way
+            except FileNotFoundError:
+                pass
+            bid = <const uint8_t *><const char *>self._boot_id
+            rc = lb_shm_create(bpath, flow_capacity, seed, bid, &self.shm)
+            if rc < 0:
+                raise convert_errno(rc, f"creating the flow table file {bpath.decode()}")
+            slots = self.shm.slots
         with nogil:
-            self.dp = lb_dp_new(workers, flow_capacity, seed, &tmo)
+            self.dp = lb_dp_new_at(workers, flow_capacity, seed, &tmo, slots)
         if self.dp == NULL:
+            if slots != NULL:
+                lb_shm_close(&self.shm)
+                _dp_os.unlink(bpath)
             raise MemoryError("cannot allocate the data plane")
         self.workers = workers
+        self._pending_file = None if flow_file is None else str(flow_file)
 
     def __dealloc__(self):
         if self.rs != NULL:
@@ -47,6 +76,8 @@ cdef class Dataplane:
         if self.dp != NULL:
             lb_dp_free(self.dp)
             self.dp = NULL
+        # the file stays: it is what the next process adopts
+        lb_shm_close(&self.shm)
 
     # ---- forwarding table -------------------------------------------------
 
@@ -385,3 +416,166 @@ cdef class Dataplane:
         tot["backends"] = {k: tuple(v) for k, v in bes.items()}
         tot["workers"] = workers
         return tot
+
+    # ---- the flow table's file: adoption -----------------------------------
+
+    @property
+    def flow_file(self):
+        """The path of the flow table's file (None: the table is in private
+        memory); until commit_flow_file() the mapping is of path + ".new"."""
+        return self._flow_file or self._pending_file
+
+    def adopt_flows(self, path=None) -> dict:
+        """Take over the flows of the table file at `path` (default: this
+        data plane's flow_file), left by the previous process: each valid
+        entry whose VIP and backend the published table still has keeps its
+        backend, state and age (ext/lb_flow.c, "persistence"). Call after the
+        first publish() and before the workers start.
+
+        Returns {"adopted", "invalid", "expired", "unbound", "duplicate",
+        "full", "seconds", "capacity"} or, when the file is not adopted,
+        {"adopted": 0, "refused": why, "code": name}: never raises for what
+        the file holds (missing, truncated, garbage, another layout, another
+        boot)."""
+        cdef lb_shm old
+        cdef lb_flow_adopt_stats st
+        cdef int err = 0, rc
+        cdef const uint8_t *bid = <const uint8_t *><const char *>self._boot_id
+        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
+        cdef const lb_table *t
+        cdef bytes bpath
+        cdef const char *cpath
+        if path is None:
+            path = self.flow_file
+        if path is None:
+            raise ValueError("no flow table file to adopt from")
+        bpath = _dp_os.fsencode(str(path))
+        cpath = bpath
+        with nogil:
+            rc = lb_shm_open_old(cpath, bid, &old, &err)
+        if rc != LB_SHM_OK:
+            return _refusal(rc, err)
+        t0 = _dp_time.perf_counter()
+        old_capacity = old.capacity
+        try:
+            with self._lock:
+                with nogil:
+                    t = lb_dp_enter(w)
+                    lb_flow_adopt(lb_dp_flows(self.dp), old.slots, old.capacity, lb_now_ms(),
+                                  lb_sync_bind, <void *>t, &st)
+                    lb_dp_leave(w)
+        finally:
+            lb_shm_close(&old)
+        return {"adopted": st.adopted, "invalid": st.invalid, "expired": st.expired,
+                "unbound": st.unbound, "duplicate": st.duplicate, "full": st.full,
+                "seconds": _dp_time.perf_counter() - t0, "capacity": old_capacity}
+
+    def commit_flow_file(self) -> None:
+        """Make this data plane's table file the one the next process adopts
+        (rename path + ".new" over path; the old file's memory goes with its
+        last mapping)."""
+        if self._pending_file is None:
+            raise ValueError("no flow table file")
+        _dp_os.replace(self._pending_file + ".new", self._pending_file)
+        self._flow_file, self._pending_file = self._pending_file, None
+
+    # ---- flow sync: event rings and wire records ----------------------------
+
+    def sync_attach(self, uint32_t ring_size=8192) -> None:
+        """Give every worker a ring of ring_size (a power of two) flow events
+        for sync_drain(). Before the workers start."""
+        cdef int rc = lb_sync_attach(self.dp, ring_size)
+        if rc < 0:
+            raise ValueError(f"cannot make sync rings of {ring_size} (a power of two "
+                             "2..2^20)")
+
+    def sync_drain(self, uint32_t max=4096) -> tuple:
+        """(records, drops): the flows the workers created since the last call
+        (at most max) as LB_SYNC_NEW wire records, and how many events the
+        full rings have dropped so far."""
+        cdef lb_flow_entry *buf = <lb_flow_entry *>malloc(max * sizeof(lb_flow_entry) + 1)
+        cdef uint8_t *out = <uint8_t *>malloc(<size_t>max * LB_SYNC_REC_SIZE + 1)
+        cdef uint32_t n
+        cdef uint64_t drops = 0
+        cdef size_t nb
+        try:
+            if buf == NULL or out == NULL:
+                raise MemoryError()
+            with nogil:
+                n = lb_sync_drain(self.dp, buf, max, &drops)
+                nb = lb_sync_encode(buf, n, LB_SYNC_NEW, lb_now_ms(), out,
+                                    <size_t>max * LB_SYNC_REC_SIZE)
+            return out[:nb], drops
+        finally:
+            free(buf)
+            free(out)
+
+    def sync_apply(self, const uint8_t[:] body, now=None) -> dict:
+        """Apply a datagram's records (already authenticated) to the flow
+        table, each bound to the published table; counts by outcome (ext/
+        lb_sync.h, struct lb_sync_rx_stats). A body that is not whole records
+        is refused as a whole: {"bad_length": 1}."""
+        cdef lb_sync_rx_stats st
+        cdef lb_worker *w = lb_dp_worker(self.dp, self.workers)
+        cdef const lb_table *t
+        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
+        cdef size_t n = body.shape[0]
+        cdef const uint8_t *p = &body[0] if n else NULL
+        cdef int rc
+        memset(&st, 0, sizeof(st))
+        with self._lock:
+            with nogil:
+                t = lb_dp_enter(w)
+                rc = lb_sync_apply(lb_dp_flows(self.dp), t, p, n, tnow, &st)
+                lb_dp_leave(w)
+        if rc < 0:
+            return {"bad_length": 1}
+        return {"inserted": st.inserted, "refreshed": st.refreshed, "ended": st.ended,
+                "not_found": st.not_found, "bad_record": st.bad_record,
+                "unknown_vip": st.unknown_vip, "unknown_backend": st.unknown_backend,
+                "conflict": st.conflict, "full": st.full}
+
+    def sync_refresh(self, uint32_t cursor, uint32_t max_age_ms, uint32_t max=4096) -> tuple:
+        """(records, cursor, done): LB_SYNC_REFRESH records for the flows
+        seen within max_age_ms, walking at most max entries from cursor (0 to
+        start); done when the walk reached the end."""
+        cdef lb_flow_entry *buf = <lb_flow_entry *>malloc(max * sizeof(lb_flow_entry) + 1)
+        cdef uint8_t *out = <uint8_t *>malloc(<size_t>max * LB_SYNC_REC_SIZE + 1)
+        cdef uint32_t n, i, k = 0, tnow = lb_now_ms()
+        cdef uint32_t cur = cursor
+        cdef size_t nb
+        try:
+            if buf == NULL or out == NULL:
+                raise MemoryError()
+            with nogil:
+                n = lb_flow_walk(lb_dp_flows(self.dp), &cur, buf, max)
+                for i in range(n):
+                    if <uint32_t>(tnow - buf[i].last_seen) <= max_age_ms:
+                        buf[k] = buf[i]
+                        k += 1
+                nb = lb_sync_encode(buf, k, LB_SYNC_REFRESH, tnow, out,
+                                    <size_t>max * LB_SYNC_REC_SIZE)
+            return out[:nb], cur, n == 0
+        finally:
+            free(buf)
+            free(out)
+
+    def expire_flows(self, uint32_t now, uint32_t max=65536) -> tuple:
+        """Expire up to max idle flows (one call of the housekeeping):
+        (removed, records) with records the LB_SYNC_END wire records of the
+        flows removed, for the peers."""
+        cdef lb_flow_entry *gone = <lb_flow_entry *>malloc(max * sizeof(lb_flow_entry) + 1)
+        cdef uint8_t *out = <uint8_t *>malloc(<size_t>max * LB_SYNC_REC_SIZE + 1)
+        cdef uint32_t removed, n = 0
+        cdef size_t nb
+        try:
+            if gone == NULL or out == NULL:
+                raise MemoryError()
+            with nogil:
+                removed = lb_flow_expire_report(lb_dp_flows(self.dp), now, max, gone, max, &n)
+                nb = lb_sync_encode(gone, n, LB_SYNC_END, now, out,
+                                    <size_t>max * LB_SYNC_REC_SIZE)
+            return removed, out[:nb]
+        finally:
+            free(gone)
+            free(out)

@@ -188,6 +188,24 @@ cdef extern from "lb_flow.h" nogil:
     uint32_t lb_flow_active_backend(const lb_flowtable *ft, uint32_t be_stat)
     uint32_t lb_flow_active_vip(const lb_flowtable *ft, uint32_t vip_stat)
     int lb_flow_check(lb_flowtable *ft)
+    int lb_flow_insert_seen(lb_flowtable *ft, lb_flow_entry *e, uint32_t now, uint32_t seen)
+    uint32_t lb_flow_expire_report(lb_flowtable *ft, uint32_t now, uint32_t max,
+                                   lb_flow_entry *gone, uint32_t gone_cap, uint32_t *n_gone)
+    const uint32_t LB_FLOW_LAYOUT_VERSION
+    uint32_t lb_flow_slot_size()
+    uint64_t lb_flow_layout_sig()
+    int lb_flow_entry_valid(const lb_flow_entry *e)
+    ctypedef int (*lb_flow_bind_fn)(void *ctx, lb_flow_entry *e)
+    struct lb_flow_adopt_stats:
+        uint32_t adopted
+        uint32_t invalid
+        uint32_t expired
+        uint32_t unbound
+        uint32_t duplicate
+        uint32_t full
+    int lb_flow_adopt(lb_flowtable *ft, const void *old_slots, uint32_t old_capacity,
+                      uint32_t now, lb_flow_bind_fn bind, void *ctx, lb_flow_adopt_stats *st)
+    int lb_flow_touch(lb_flowtable *ft, const lb_flow_key *k, uint32_t seen, lb_flow_entry *out)
     void lb_flow_key_fwd(const lb_flow_entry *e, lb_flow_key *k)
     void lb_flow_key_rev(const lb_flow_entry *e, lb_flow_key *k)
 
@@ -219,6 +237,8 @@ cdef extern from "lb_dp.h" nogil:
         uint32_t id
     lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
                             uint64_t flow_seed, const lb_timeouts *tmo)
+    lb_dataplane *lb_dp_new_at(uint32_t n_workers, uint32_t flow_capacity,
+                               uint64_t flow_seed, const lb_timeouts *tmo, void *flow_slots)
     void lb_dp_free(lb_dataplane *dp)
     lb_table *lb_dp_publish(lb_dataplane *dp, lb_table *t)
     int lb_dp_synchronize(lb_dataplane *dp, uint32_t timeout_ms)
@@ -228,6 +248,70 @@ cdef extern from "lb_dp.h" nogil:
     void lb_dp_set_stop(lb_dataplane *dp, int stop)
     const lb_table *lb_dp_enter(lb_worker *w)
     void lb_dp_leave(lb_worker *w)
+
+cdef extern from "lb_shm.h" nogil:
+    const char *LB_SHM_MAGIC
+    const uint32_t LB_SHM_HDR_SIZE
+    const uint32_t LB_SHM_BOOT_ID
+    struct lb_shm_hdr:
+        char magic[8]
+        uint32_t version
+        uint32_t hdr_size
+        uint32_t slot_size
+        uint32_t capacity
+        uint64_t layout
+        uint64_t seed
+        uint8_t boot_id[16]
+        uint64_t created_ms
+        uint32_t pid
+        uint64_t checksum
+    struct lb_shm:
+        void *base
+        size_t len
+        void *slots
+        uint32_t capacity
+        lb_shm_hdr hdr
+    enum lb_shm_refusal:
+        LB_SHM_OK
+        LB_SHM_ERR_OPEN
+        LB_SHM_ERR_NOT_FILE
+        LB_SHM_ERR_SHORT
+        LB_SHM_ERR_MAGIC
+        LB_SHM_ERR_CHECKSUM
+        LB_SHM_ERR_VERSION
+        LB_SHM_ERR_LAYOUT
+        LB_SHM_ERR_CAPACITY
+        LB_SHM_ERR_TRUNCATED
+        LB_SHM_ERR_BOOT
+        LB_SHM_ERR__COUNT
+    uint64_t lb_shm_checksum(const lb_shm_hdr *h)
+    int lb_shm_create(const char *path, uint32_t capacity, uint64_t seed,
+                      const uint8_t *boot_id, lb_shm *out)
+    int lb_shm_open_old(const char *path, const uint8_t *boot_id, lb_shm *out, int *err)
+    void lb_shm_close(lb_shm *m)
+
+cdef extern from "lb_sync.h" nogil:
+    const uint32_t LB_SYNC_REC_SIZE
+    const uint32_t LB_SYNC_NEW
+    const uint32_t LB_SYNC_REFRESH
+    const uint32_t LB_SYNC_END
+    struct lb_sync_rx_stats:
+        uint64_t inserted
+        uint64_t refreshed
+        uint64_t ended
+        uint64_t not_found
+        uint64_t bad_record
+        uint64_t unknown_vip
+        uint64_t unknown_backend
+        uint64_t conflict
+        uint64_t full
+    int lb_sync_attach(lb_dataplane *dp, uint32_t size)
+    uint32_t lb_sync_drain(lb_dataplane *dp, lb_flow_entry *out, uint32_t max, uint64_t *drops)
+    size_t lb_sync_encode(const lb_flow_entry *e, uint32_t n, uint8_t type, uint32_t now,
+                          uint8_t *out, size_t cap)
+    int lb_sync_bind(void *ctx, lb_flow_entry *e)
+    int lb_sync_apply(lb_flowtable *ft, const lb_table *t, const uint8_t *body, size_t len,
+                      uint32_t now, lb_sync_rx_stats *st)
 
 cdef extern from "lb_pipeline.h" nogil:
     uint32_t lb_process_batch(lb_worker *w, uint8_t *bufs, uint32_t stride,

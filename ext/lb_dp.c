@@ -12,6 +12,7 @@
 
 #include "lb_dp.h"
 #include "lb_flow.h"
+#include "lb_sync.h"
 #include "lb_table.h"
 
 uint32_t lb_now_ms(void)
@@ -25,6 +26,13 @@ uint32_t lb_now_ms(void)
 struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
                                uint64_t flow_seed, const struct lb_timeouts *tmo)
 {
+    return lb_dp_new_at(n_workers, flow_capacity, flow_seed, tmo, NULL);
+}
+
+struct lb_dataplane *lb_dp_new_at(uint32_t n_workers, uint32_t flow_capacity,
+                                  uint64_t flow_seed, const struct lb_timeouts *tmo,
+                                  void *flow_slots)
+{
     struct lb_dataplane *dp;
 
     if (n_workers == 0 || n_workers > 256)
@@ -36,7 +44,7 @@ struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
     /* one more worker than asked: the last one is the control side's
      * (Dataplane.process/pick/l2_lookup: tests, `lbcore pick`, benchmarks) */
     dp->workers = calloc(n_workers + 1, sizeof(struct lb_worker));
-    dp->ft = lb_flow_new(flow_capacity, flow_seed, tmo);
+    dp->ft = lb_flow_new_at(flow_capacity, flow_seed, tmo, flow_slots);
     if (!dp->workers || !dp->ft)
         goto fail;
     for (uint32_t i = 0; i <= n_workers; i++) {
@@ -61,6 +69,7 @@ void lb_dp_free(struct lb_dataplane *dp)
     if (!dp)
         return;
     if (dp->workers) {
+        lb_sync_detach(dp);
         for (uint32_t i = 0; i <= dp->n_workers; i++) {
             free(dp->workers[i].stats.vip);
             free(dp->workers[i].stats.backend);

@@ -15,6 +15,7 @@
 #define LB_QS_OFFLINE UINT64_MAX   /* worker blocked in poll(): holds no table */
 
 struct lb_dataplane;
+struct lb_sync_ring;
 
 struct lb_worker {
     struct lb_dataplane *dp;
@@ -24,6 +25,7 @@ struct lb_worker {
     int vnet_hdr;                 /* fd carries a virtio_net_hdr before each packet */
     uint32_t id;
     uint32_t pad;
+    struct lb_sync_ring *sync;    /* atomic: flow events for peers, NULL = no sync */
 };
 
 struct lb_dataplane {
@@ -37,6 +39,10 @@ struct lb_dataplane {
 
 struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
                                uint64_t flow_seed, const struct lb_timeouts *tmo);
+/* The same with the flow table's slots in the caller's memory (lb_flow_new_at). */
+struct lb_dataplane *lb_dp_new_at(uint32_t n_workers, uint32_t flow_capacity,
+                                  uint64_t flow_seed, const struct lb_timeouts *tmo,
+                                  void *flow_slots);
 void lb_dp_free(struct lb_dataplane *dp);
 
 /* Publish t (may be NULL) and return the previous table; the caller frees it

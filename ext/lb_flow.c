@@ -172,6 +172,7 @@ struct lb_flowtable {
     struct ft_stripe *sfwd, *srev;
     size_t memory;
     size_t sz_slot, sz_head;   /* byte sizes, for munmap */
+    int slot_ext;                  /* slot[] is the caller's (a file mapping) */
 
     /* free list: lock + head + high-water mark */
     _Alignas(FT_CACHELINE) uint32_t free_lock;
@@ -585,24 +586,32 @@ ft_ungrab(struct lb_flowtable *ft, int both, uint32_t bf, uint32_t br)
 
 enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM };
 
-/* Unlink slot s if it is still live and still qualifies; 1 if unlinked. */
+/* Unlink slot s if it is still live and still qualifies; 1 if unlinked,
+ * with the entry as it was copied to *snap. */
 static int
-ft_take(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why why)
+ft_take_snap(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why why,
+             struct lb_flow_entry *snap)
 {
-    struct lb_flow_entry snap;
     uint32_t bf, br;
-    if (!ft_grab(ft, s, 1, &snap, &bf, &br))
+    if (!ft_grab(ft, s, 1, snap, &bf, &br))
         return 0;
     int ok = 1;
     if (why == FT_TAKE_EXPIRED)
-        ok = ft_expired(ft, snap.state, snap.last_seen, now);
+        ok = ft_expired(ft, snap->state, snap->last_seen, now);
     else if (why == FT_TAKE_RECLAIM)
-        ok = ft_reclaimable(snap.state, snap.flags) ||
-             ft_expired(ft, snap.state, snap.last_seen, now);
+        ok = ft_reclaimable(snap->state, snap->flags) ||
+             ft_expired(ft, snap->state, snap->last_seen, now);
     if (ok)
         ft_unlink(ft, s, bf, br);
     ft_ungrab(ft, 1, bf, br);
     return ok;
+}
+
+static int
+ft_take(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why why)
+{
+    struct lb_flow_entry snap;
+    return ft_take_snap(ft, s, now, why, &snap);
 }
 
 /* ---- creation --------------------------------------------------------- */
@@ -674,6 +683,12 @@ ft_mem_free(void *p, size_t size)
 struct lb_flowtable *
 lb_flow_new(uint32_t capacity, uint64_t seed, const struct lb_timeouts *tmo)
 {
+    return lb_flow_new_at(capacity, seed, tmo, NULL);
+}
+
+struct lb_flowtable *
+lb_flow_new_at(uint32_t capacity, uint64_t seed, const struct lb_timeouts *tmo, void *slots)
+{
     if (capacity < 1 || capacity > LB_FLOW_MAX)
         return NULL;
     struct lb_flowtable *ft = NULL;
@@ -698,7 +713,14 @@ lb_flow_new(uint32_t capacity, uint64_t seed, const struct lb_timeouts *tmo)
 
     ft->sz_slot = (size_t)capacity * sizeof(struct ft_slot);
     ft->sz_head = (size_t)nb * sizeof(uint32_t);
-    ft->slot = ft_mem_alloc(ft->sz_slot, &mem);
+    if (slots) {
+        /* zeroed by the caller (a fresh file), like ft_mem_alloc's memory */
+        ft->slot = slots;
+        ft->slot_ext = 1;
+        mem += ft->sz_slot;
+    } else {
+        ft->slot = ft_mem_alloc(ft->sz_slot, &mem);
+    }
     ft->head_fwd = ft_mem_alloc(ft->sz_head, &mem);
     ft->head_rev = ft_mem_alloc(ft->sz_head, &mem);
     ft->act_be = ft_mem_alloc(LB_MAX_STAT_IDS * sizeof(uint32_t), &mem);
@@ -727,7 +749,8 @@ lb_flow_free(struct lb_flowtable *ft)
 {
     if (!ft)
         return;
-    ft_mem_free(ft->slot, ft->sz_slot);
+    if (!ft->slot_ext)
+        ft_mem_free(ft->slot, ft->sz_slot);
     ft_mem_free(ft->head_fwd, ft->sz_head);
     ft_mem_free(ft->head_rev, ft->sz_head);
     ft_mem_free(ft->act_be, LB_MAX_STAT_IDS * sizeof(uint32_t));
@@ -917,6 +940,13 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
 int
 lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
 {
+    return lb_flow_insert_seen(ft, e, now, now);
+}
+
+int
+lb_flow_insert_seen(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now,
+                    uint32_t seen)
+{
     if (e->state > LB_FS_UDP_STREAM ||
         (e->family != LB_AF_INET && e->family != LB_AF_INET6))
         return -EINVAL;
@@ -958,7 +988,7 @@ lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
     ne->pad1 = 0;
     ne->vip_stat = e->vip_stat;
     ne->be_stat = e->be_stat;
-    __atomic_store_n(&ne->last_seen, now, __ATOMIC_RELAXED);
+    __atomic_store_n(&ne->last_seen, seen, __ATOMIC_RELAXED);
     __atomic_store_n(ft_stw(ne), ft_sw_make(st, fl), __ATOMIC_RELAXED);
 
     ft_lock(lf);
@@ -995,7 +1025,7 @@ lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now)
     e->state = st;
     e->flags = fl;
     e->pad1 = 0;
-    e->last_seen = now;
+    e->last_seen = seen;
     return 0;
 }
 
@@ -1029,6 +1059,17 @@ lb_flow_delete(struct lb_flowtable *ft, const struct lb_flow_key *k)
 uint32_t
 lb_flow_expire(struct lb_flowtable *ft, uint32_t now, uint32_t max)
 {
+    return lb_flow_expire_report(ft, now, max, NULL, 0, NULL);
+}
+
+uint32_t
+lb_flow_expire_report(struct lb_flowtable *ft, uint32_t now, uint32_t max,
+                      struct lb_flow_entry *gone, uint32_t gone_cap, uint32_t *n_gone)
+{
+    if (n_gone)
+        *n_gone = 0;
+    if (gone && gone_cap < max)
+        max = gone_cap;     /* every removal is reported */
     uint32_t hw = __atomic_load_n(&ft->hw, __ATOMIC_ACQUIRE);
     if (!hw || !max)
         return 0;
@@ -1042,9 +1083,12 @@ lb_flow_expire(struct lb_flowtable *ft, uint32_t now, uint32_t max)
         if (st == FT_STATE_FREE ||
             !ft_expired(ft, st, __atomic_load_n(&e->last_seen, __ATOMIC_RELAXED), now))
             continue;
-        if (ft_take(ft, i + 1, now, FT_TAKE_EXPIRED)) {
+        struct lb_flow_entry snap;
+        if (ft_take_snap(ft, i + 1, now, FT_TAKE_EXPIRED, &snap)) {
             ft_release(ft, i + 1);
             removed++;
+            if (gone && n_gone && *n_gone < gone_cap)
+                gone[(*n_gone)++] = snap;
         }
     }
     __atomic_store_n(&ft->exp_cursor, i >= hw ? 0 : i, __ATOMIC_RELAXED);
@@ -1259,4 +1303,163 @@ out:
     free(be);
     free(vip);
     return rc;
+}
+
+/* ---- persistence: adoption of a table that outlived its process --------
+ *
+ * A table created with lb_flow_new_at keeps its slots in the caller's memory
+ * (a file mapping, see lb_shm.c): after the process ends, the file holds
+ * every entry as the last writer left it. Only the entries are taken over;
+ * the indexes, locks, free list and counts are rebuilt by inserting each
+ * valid entry into a fresh table. That is deliberate: a process killed by
+ * SIGKILL may have died holding a stripe lock or half-way through linking an
+ * entry, so the old indexes can be neither trusted nor checked as a whole
+ * (lb_flow_check would refuse exactly the crash that adoption is for). Each
+ * slot is instead checked on its own, as hostile input: a slot being written
+ * when the process died is either still marked free (the key is stored
+ * before the state word) or complete; anything else is counted and skipped.
+ * The new table also gets a fresh hash secret, so the old one need not live
+ * beyond its process. */
+
+uint32_t
+lb_flow_slot_size(void)
+{
+    return (uint32_t)sizeof(struct ft_slot);
+}
+
+static inline uint64_t
+ft_fnv(uint64_t h, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) {
+        h ^= (v >> (8 * i)) & 0xFF;
+        h *= 0x100000001B3ull;
+    }
+    return h;
+}
+
+uint64_t
+lb_flow_layout_sig(void)
+{
+    /* everything adoption relies on: a change of any of it changes the
+     * signature even if nobody remembered to bump LB_FLOW_LAYOUT_VERSION */
+    const uint64_t v[] = {
+        sizeof(struct ft_slot), sizeof(struct lb_flow_entry),
+        offsetof(struct ft_slot, e), offsetof(struct ft_slot, next),
+        offsetof(struct lb_flow_entry, client), offsetof(struct lb_flow_entry, vip),
+        offsetof(struct lb_flow_entry, backend), offsetof(struct lb_flow_entry, cport),
+        offsetof(struct lb_flow_entry, vport), offsetof(struct lb_flow_entry, bport),
+        offsetof(struct lb_flow_entry, proto), offsetof(struct lb_flow_entry, family),
+        offsetof(struct lb_flow_entry, state), offsetof(struct lb_flow_entry, flags),
+        offsetof(struct lb_flow_entry, vip_stat), offsetof(struct lb_flow_entry, be_stat),
+        offsetof(struct lb_flow_entry, last_seen),
+        LB_FS_SYN, LB_FS_EST, LB_FS_FIN, LB_FS_CLOSE, LB_FS_UDP, LB_FS_UDP_STREAM,
+        FT_STATE_FREE, F_FLOW_REV_SEEN, F_FLOW_EST_SEEN, LB_AF_INET, LB_AF_INET6,
+        LB_FLOW_LAYOUT_VERSION,
+    };
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+        h = ft_fnv(h, v[i]);
+    return h;
+}
+
+static inline int
+ft_zero_tail(const uint8_t *a)
+{
+    for (int i = 4; i < 16; i++)
+        if (a[i])
+            return 0;
+    return 1;
+}
+
+int
+lb_flow_entry_valid(const struct lb_flow_entry *e)
+{
+    if (e->family != LB_AF_INET && e->family != LB_AF_INET6)
+        return 0;
+    if (e->proto == LB_IPPROTO_TCP) {
+        if (e->state > LB_FS_CLOSE)
+            return 0;
+    } else if (e->proto == LB_IPPROTO_UDP) {
+        if (e->state != LB_FS_UDP && e->state != LB_FS_UDP_STREAM)
+            return 0;
+    } else {
+        return 0;
+    }
+    if (e->flags & ~(F_FLOW_REV_SEEN | F_FLOW_EST_SEEN))
+        return 0;
+    if (e->family == LB_AF_INET &&
+        !(ft_zero_tail(e->client) && ft_zero_tail(e->vip) && ft_zero_tail(e->backend)))
+        return 0;
+    return 1;
+}
+
+int
+lb_flow_adopt(struct lb_flowtable *ft, const void *old_slots, uint32_t old_capacity,
+              uint32_t now, lb_flow_bind_fn bind, void *ctx, struct lb_flow_adopt_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    if (!old_slots || old_capacity > LB_FLOW_MAX)
+        return -EINVAL;
+    const uint8_t *base = old_slots;
+    for (uint32_t i = 0; i < old_capacity; i++) {
+        struct lb_flow_entry e;
+        /* a copy: the old memory is read once per field and never trusted */
+        memcpy(&e, base + (size_t)i * sizeof(struct ft_slot) + offsetof(struct ft_slot, e),
+               sizeof(e));
+        if (e.state == FT_STATE_FREE)
+            continue;
+        if (e.family == 0 && e.state == 0 && e.proto == 0)
+            continue;                   /* never used: zeroed file pages */
+        if (!lb_flow_entry_valid(&e)) {
+            st->invalid++;
+            continue;
+        }
+        /* a timestamp ahead of this clock cannot come from this boot's
+         * monotonic clock: treat the entry as just seen */
+        uint32_t seen = (int32_t)(now - e.last_seen) < 0 ? now : e.last_seen;
+        if (ft_expired(ft, e.state, seen, now)) {
+            st->expired++;
+            continue;
+        }
+        if (bind && bind(ctx, &e) < 0) {
+            st->unbound++;
+            continue;
+        }
+        e.pad1 = 0;
+        /* no room: never evict one adopted flow for another */
+        if (__atomic_load_n(&ft->n_live, __ATOMIC_RELAXED) >= ft->capacity) {
+            st->full++;
+            continue;
+        }
+        int rc = lb_flow_insert_seen(ft, &e, now, seen);
+        if (rc == 0)
+            st->adopted++;
+        else if (rc == -EEXIST)
+            st->duplicate++;
+        else if (rc == -ENOSPC)
+            st->full++;
+        else
+            st->invalid++;
+    }
+    return 0;
+}
+
+int
+lb_flow_touch(struct lb_flowtable *ft, const struct lb_flow_key *k, uint32_t seen,
+              struct lb_flow_entry *out)
+{
+    uint32_t bf = (uint32_t)ft_hash(ft, k) & ft->bmask;
+    uint32_t *lf = ft_fwd_lock(ft, bf);
+    ft_lock(lf);
+    uint32_t s = ft_find_fwd(ft, bf, k);
+    if (s) {
+        struct lb_flow_entry *e = &ft->slot[s - 1].e;
+        uint32_t cur = __atomic_load_n(&e->last_seen, __ATOMIC_RELAXED);
+        if ((int32_t)(seen - cur) > 0)
+            __atomic_store_n(&e->last_seen, seen, __ATOMIC_RELAXED);
+        if (out)
+            ft_copy_out(out, e);
+    }
+    ft_unlock(lf);
+    return s != 0;
 }

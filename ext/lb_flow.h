@@ -35,6 +35,11 @@ struct lb_flow_counters {
 /* capacity 1..LB_FLOW_MAX; tmo NULL = defaults. NULL on bad args / ENOMEM. */
 struct lb_flowtable *lb_flow_new(uint32_t capacity, uint64_t seed,
                                  const struct lb_timeouts *tmo);
+/* The same, with the slots (capacity * lb_flow_slot_size() zeroed bytes) in
+ * the caller's memory, e.g. a file mapping that outlives the process; the
+ * caller unmaps it after lb_flow_free. slots NULL = lb_flow_new. */
+struct lb_flowtable *lb_flow_new_at(uint32_t capacity, uint64_t seed,
+                                    const struct lb_timeouts *tmo, void *slots);
 void lb_flow_free(struct lb_flowtable *ft);
 void lb_flow_set_timeouts(struct lb_flowtable *ft, const struct lb_timeouts *tmo);
 void lb_flow_default_timeouts(struct lb_timeouts *tmo);
@@ -58,11 +63,21 @@ uint32_t lb_flow_lookup_batch(struct lb_flowtable *ft, const struct lb_flow_key 
  * with the entry that won, so the caller NATs consistently), or -ENOSPC. */
 int lb_flow_insert(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now);
 
+/* lb_flow_insert with last_seen = seen instead of now (an adopted or synced
+ * flow keeps its age; seen must not be ahead of now). */
+int lb_flow_insert_seen(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t now,
+                        uint32_t seen);
+
 /* Remove the flow whose forward key is k. 1 if removed, 0 if absent. */
 int lb_flow_delete(struct lb_flowtable *ft, const struct lb_flow_key *k);
 
 /* Remove up to max idle entries. Returns how many were removed. */
 uint32_t lb_flow_expire(struct lb_flowtable *ft, uint32_t now, uint32_t max);
+/* The same, copying each removed entry to gone[] (at most gone_cap, and then
+ * no more are removed: every removal is reported), *n_gone = how many. */
+uint32_t lb_flow_expire_report(struct lb_flowtable *ft, uint32_t now, uint32_t max,
+                               struct lb_flow_entry *gone, uint32_t gone_cap,
+                               uint32_t *n_gone);
 
 /* Remove every flow pinned to backend (addr, port, proto). Returns count. */
 uint32_t lb_flow_purge_backend(struct lb_flowtable *ft, const uint8_t *addr16,
@@ -87,6 +102,49 @@ uint32_t lb_flow_active_vip(const struct lb_flowtable *ft, uint32_t vip_stat);
  * Locks the whole table while it runs (not for the packet path).
  * 0 = consistent, > 0 = number of the broken invariant, -ENOMEM. */
 int lb_flow_check(struct lb_flowtable *ft);
+
+/* ---- persistence (see "persistence" in lb_flow.c) ---- */
+
+/* Bumped whenever the slot layout or the meaning of a field changes: a table
+ * of another version is never adopted. */
+#define LB_FLOW_LAYOUT_VERSION 1u
+
+/* Bytes per slot of the memory given to lb_flow_new_at. */
+uint32_t lb_flow_slot_size(void);
+/* A digest of the slot layout (sizes, offsets, state numbers, the version):
+ * two builds whose signatures differ cannot read each other's slots. */
+uint64_t lb_flow_layout_sig(void);
+/* 1 if every field of e is in range (family, protocol and state agree, no
+ * unknown flag, IPv4 addresses zero-padded), else 0. */
+int lb_flow_entry_valid(const struct lb_flow_entry *e);
+
+/* Binds an entry to the running configuration: sets vip_stat/be_stat and
+ * returns 0, or < 0 when the entry's VIP or backend is not configured. */
+typedef int (*lb_flow_bind_fn)(void *ctx, struct lb_flow_entry *e);
+
+struct lb_flow_adopt_stats {
+    uint32_t adopted;     /* inserted with their backend, state and age */
+    uint32_t invalid;     /* a field out of range: skipped */
+    uint32_t expired;     /* idle past its timeout already */
+    uint32_t unbound;     /* its VIP or backend is no longer configured */
+    uint32_t duplicate;   /* a second slot with the same flow */
+    uint32_t full;        /* the new table is full */
+};
+
+/* Insert every valid entry of old_slots[0..old_capacity) (the slots of a
+ * table of this layout, e.g. a file mapping left by the previous process)
+ * into ft, keeping backend, state, flags and last_seen; bind (may be NULL)
+ * is asked about each first. Never follows the old links. 0 or -EINVAL. */
+int lb_flow_adopt(struct lb_flowtable *ft, const void *old_slots, uint32_t old_capacity,
+                  uint32_t now, lb_flow_bind_fn bind, void *ctx,
+                  struct lb_flow_adopt_stats *st);
+
+/* The flow of forward key k: last_seen = seen if that is later (no state
+ * change), copy to *out (may be NULL); 1, or 0 if absent. For a peer's
+ * report of activity: only ever moves last_seen forward to a real packet's
+ * time, so two peers reporting to each other never keep a flow alive. */
+int lb_flow_touch(struct lb_flowtable *ft, const struct lb_flow_key *k, uint32_t seen,
+                  struct lb_flow_entry *out);
 
 /* The two keys of an entry. */
 static inline void lb_flow_key_fwd(const struct lb_flow_entry *e, struct lb_flow_key *k)

@@ -17,6 +17,7 @@
 #include "lb_parse.h"
 #include "lb_pipeline.h"
 #include "lb_proto.h"
+#include "lb_sync.h"
 #include "lb_table.h"
 
 static inline void count_drop(struct lb_worker *w, enum lb_drop_reason r,
@@ -88,7 +89,10 @@ static inline enum lb_drop_reason new_flow(struct lb_worker *w, const struct lb_
          * flow keeps its backend even untracked */
         w->stats.drops[LB_DROP_FLOW_FULL]++;
     } else if (rc == 0) {
+        struct lb_sync_ring *ring = __atomic_load_n(&w->sync, __ATOMIC_RELAXED);
         w->stats.flow_new++;
+        if (ring)      /* peers learn the flow: a copy into this worker's ring */
+            lb_sync_ring_push(ring, e);
     }
     return LB_DROP_NONE;
 }

@@ -6,7 +6,7 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from lb cimport lb_flowtable, lb_flow_entry, lb_vip, lb_dataplane, lb_rawsock
+from lb cimport lb_flowtable, lb_flow_entry, lb_vip, lb_dataplane, lb_rawsock, lb_shm
 
 
 @cython.final
@@ -36,6 +36,10 @@ cdef class Dataplane:
     cdef readonly uint32_t workers
     cdef object _lock           # serialises the control side's worker slot
     cdef dict _timeouts
+    cdef lb_shm shm             # the flow table's file (base NULL: none)
+    cdef object _flow_file      # its path once committed
+    cdef object _pending_file   # its path until commit_flow_file (the mapping is of path + ".new")
+    cdef bytes _boot_id
     cdef lb_rawsock *_rawsock(self) except NULL
 
 

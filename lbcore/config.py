@@ -62,6 +62,19 @@ DEFAULT_TUN_NAME = "lbc0"
 DEFAULT_CONTROL_SOCKET = "/run/lbcore/lbcore.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9150"
 DEFAULT_LOG_LEVEL = "info"
+# The flow table's file: on tmpfs (gone after a reboot, when adopting would be
+# wrong), in the service's RuntimeDirectory, root-only. "" keeps the table in
+# private memory (no adoption across restarts).
+DEFAULT_FLOW_FILE = "/run/lbcore/flows.shm"
+# Flow sync: events per worker ring (a power of two), how often the flows
+# still active are re-sent (below the shortest idle timeouts, so a peer's copy
+# of a flow that is busy here never expires there), and how far a datagram's
+# timestamp may be from the receiver's clock (replay window; gateways run NTP).
+DEFAULT_SYNC_RING = 8192
+DEFAULT_SYNC_REFRESH = 10.0
+DEFAULT_SYNC_WINDOW = 30.0
+SYNC_KEY_MIN = 16                 # bytes of shared key, at least
+SYNC_MAX_PEERS = 64
 # A VIP with no usable backend drops by default: a short total outage (all
 # backends restarting in a deploy) is then ridden out by the clients' own SYN and
 # request retransmissions instead of turning into hard errors, and the gateway
@@ -176,6 +189,16 @@ class BgpConfig:
     run_dir: str = DEFAULT_BGP_RUN_DIR
     anchor_device: str = DEFAULT_ANCHOR_DEVICE
     bird: str = DEFAULT_BIRD
+class SyncConfig:
+    """Flow sync with peer gateways ([sync]): where to listen, whom to send
+    to, the shared key (bytes; never shown), ring size, refresh and replay
+    window in seconds."""
+    listen: tuple[IPAddress, int]
+    peers: tuple[tuple[IPAddress, int], ...]
+    key: bytes = field(repr=False)
+    ring_size: int = DEFAULT_SYNC_RING
+    refresh: float = DEFAULT_SYNC_REFRESH
+    window: float = DEFAULT_SYNC_WINDOW
 
 
 @dataclass(frozen=True)
@@ -269,8 +292,10 @@ class Config:
     log_level: str = DEFAULT_LOG_LEVEL
     all_down: str = DEFAULT_ALL_DOWN
     timeouts: Timeouts = field(default_factory=Timeouts)
+    flow_file: str = DEFAULT_FLOW_FILE        # "" = no file, no adoption
     rawsock: RawsockConfig | None = None      # set only in mode "rawsock"
     bgp: BgpConfig | None = None              # set only with a [bgp] section
+    sync: SyncConfig | None = None            # set when [sync] is configured
     vips: tuple[VipConfig, ...] = ()
     pools: Mapping[str, PoolConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False)
@@ -583,7 +608,9 @@ class _Checker:
 # --- sections -------------------------------------------------------------------------
 
 _GLOBAL_KEYS = ("mode", "workers", "flow_table_size", "hash_seed", "ring_size", "tun_name",
-                "control_socket", "metrics_listen", "log_level", "all_down", "timeouts")
+                "control_socket", "metrics_listen", "log_level", "all_down", "timeouts",
+                "flow_file")
+_SYNC_KEYS = ("listen", "peers", "key", "key_file", "ring_size", "refresh", "window")
 _VIP_KEYS = ("name", "address", "port", "protocol", "pool")
 _POOL_KEYS = ("slow_start", "backends", "health")
 _BACKEND_KEYS = ("address", "port", "weight")
@@ -605,6 +632,11 @@ def _parse_metrics_listen(c: _Checker, g: dict) -> tuple[IPAddress, int] | None 
     if v == "":
         return None
     what = '"ADDRESS:PORT" with an IP address ("[::1]:9150" for IPv6), or "" to disable'
+    return _hostport_value(c, p, v, what)
+
+
+def _hostport_value(c: _Checker, p: str, v: str, what: str) -> tuple[IPAddress, int] | str:
+    """"HOST:PORT" / "[V6]:PORT" -> (address, port), or "bad" after an error."""
     m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", v)
     if not m:
         c.bad(p, v, what)
@@ -684,6 +716,100 @@ def _parse_timeouts(c: _Checker, g: dict) -> Timeouts | None:
     return None if None in tvals.values() else Timeouts(**tvals)
 
 
+def _parse_flow_file(c: _Checker, g: dict) -> str | None:
+    p = "global.flow_file"
+    v = c.string(g, "flow_file", "global", 'an absolute path or ""', DEFAULT_FLOW_FILE)
+    if v is None or v == "":
+        return v
+    if not v.startswith("/") or v.endswith("/") or "\0" in v:
+        c.bad(p, v, 'an absolute path of a file (on tmpfs, e.g. /run/lbcore/flows.shm), '
+              'or "" to keep flows in private memory')
+        return None
+    return v
+
+
+def _parse_sync_key(c: _Checker, t: dict) -> bytes | None:
+    """Exactly one of key (a string in the file) and key_file (a file whose
+    content, surrounding whitespace stripped, is the key)."""
+    if ("key" in t) == ("key_file" in t):
+        c.error("sync", "expected exactly one of key and key_file (the shared key that "
+                "authenticates sync datagrams)" + ("; got both" if "key" in t else ""))
+        return None
+    if "key" in t:
+        k = c.string(t, "key", "sync", f"a string of at least {SYNC_KEY_MIN} characters")
+        if k is None:
+            return None
+        if len(k.encode()) < SYNC_KEY_MIN:
+            c.error("sync.key", f"expected at least {SYNC_KEY_MIN} bytes, got "
+                    f"{len(k.encode())} (value not shown)")
+            return None
+        return k.encode()
+    path = c.string(t, "key_file", "sync", "an absolute path")
+    if path is None:
+        return None
+    if not path.startswith("/"):
+        c.bad("sync.key_file", path, "an absolute path")
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4097).strip()
+    except OSError as e:
+        c.bad("sync.key_file", path, "a readable file", f"cannot read it: {e.strerror or e}")
+        return None
+    if len(raw) < SYNC_KEY_MIN:
+        c.bad("sync.key_file", path, f"a file holding a key of at least {SYNC_KEY_MIN} bytes",
+              f"it holds {len(raw)}")
+        return None
+    return raw
+
+
+def _parse_sync(c: _Checker, data: dict) -> SyncConfig | None | str:
+    """The [sync] table: None when absent, "bad" after an error."""
+    t = c.table(data, "sync", "")
+    if t is None:
+        return "bad" if "sync" in data else None
+    c.known_keys(t, "sync", _SYNC_KEYS)
+    what = '"ADDRESS:PORT" with an IP address ("[2001:db8::1]:7700" for IPv6)'
+    lv = c.string(t, "listen", "sync", what)
+    listen = _hostport_value(c, "sync.listen", lv, what) if lv is not None else "bad"
+    raw_peers = c.array(t, "peers", "sync", f"an array of 1..{SYNC_MAX_PEERS} {what}")
+    peers: list[tuple[IPAddress, int]] = []
+    ok = raw_peers is not None
+    if raw_peers is not None:
+        if not 1 <= len(raw_peers) <= SYNC_MAX_PEERS:
+            c.bad("sync.peers", raw_peers, f"an array of 1..{SYNC_MAX_PEERS} {what}")
+            ok = False
+        for i, pv in enumerate(raw_peers):
+            pp = f"sync.peers[{i}]"
+            if not isinstance(pv, str):
+                c.wrong_type(pp, pv, what)
+                ok = False
+                continue
+            hp = _hostport_value(c, pp, pv, what)
+            if hp == "bad":
+                ok = False
+            elif hp in peers:
+                c.bad(pp, pv, "a peer listed once", "it is listed twice")
+                ok = False
+            elif hp == listen:
+                c.bad(pp, pv, "another gateway's address", "it is this gateway's sync.listen")
+                ok = False
+            else:
+                peers.append(hp)   # type: ignore[arg-type]
+    key = _parse_sync_key(c, t)
+    ring = c.integer(t, "ring_size", "sync", 2, 1 << 20, DEFAULT_SYNC_RING)
+    if ring is not None and ring & (ring - 1):
+        c.bad("sync.ring_size", ring, "a power of two 2..1048576")
+        ring = None
+    refresh = c.seconds(t, "refresh", "sync", 0.1, 3600.0, DEFAULT_SYNC_REFRESH)
+    window = c.seconds(t, "window", "sync", 1.0, 3600.0, DEFAULT_SYNC_WINDOW)
+    if (listen == "bad" or not ok or key is None or ring is None or refresh is None
+            or window is None):
+        return "bad"
+    return SyncConfig(listen=listen, peers=tuple(peers), key=key, ring_size=ring,  # type: ignore[arg-type]
+                      refresh=refresh, window=window)
+
+
 def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
     """The [global] values by key (None, or "bad" for metrics_listen, after an
     error). The keys are checked in file-documentation order, so are the errors."""
@@ -703,6 +829,7 @@ def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
         "log_level": c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL),
         "all_down": c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN),
         "timeouts": _parse_timeouts(c, g),
+        "flow_file": _parse_flow_file(c, g),
     }
 
 
@@ -1082,10 +1209,11 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
     c = _Checker()
     if not isinstance(data, dict):
         raise ConfigError([f"expected a TOML document (a table), got {_tname(data)}"], source)
-    c.known_keys(data, "", ("global", "rawsock", "bgp", "vip", "pool"))
+    c.known_keys(data, "", ("global", "rawsock", "bgp", "vip", "pool", "sync"))
     g = _parse_global(c, data)
     rawsock = _parse_rawsock(c, data, g["mode"])
     bgp = _parse_bgp(c, data, g["tun_name"])
+    sync = _parse_sync(c, data)
     pools: dict[str, PoolConfig] = {}
     pool_ok = True
     raw_pools = c.table(data, "pool", "")
@@ -1110,7 +1238,9 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
         hash_seed=g["hash_seed"], ring_size=g["ring_size"], tun_name=g["tun_name"],
         control_socket=g["control_socket"], metrics_listen=g["metrics_listen"],
         log_level=g["log_level"], all_down=g["all_down"], timeouts=g["timeouts"],
-        rawsock=rawsock, bgp=bgp, vips=tuple(vips or ()), pools=MappingProxyType(pools),
+        flow_file=g["flow_file"], rawsock=rawsock, bgp=bgp,
+        sync=sync if isinstance(sync, SyncConfig) else None, vips=tuple(vips or ()),
+        pools=MappingProxyType(pools),
         warnings=tuple(c.warnings), source=source)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -34,11 +35,13 @@ from .control.status import StatusView
 from .dataplane import Plane, make_plane
 from .dataplane.replies import ReplyPath
 from .health import HealthMonitor, targets_from_config
+from .sync import FlowSync
 from .tabledigest import table_digests
 
 log = logging.getLogger("lbcore")
 
 EXPIRE_EVERY_S = 1.0
+EXPIRE_BATCH = 16384      # flows removed per call (and reported to sync peers)
 SLOW_START_STEP_S = 1.0
 
 
@@ -101,6 +104,8 @@ class Daemon:
         self.health: HealthMonitor | None = None
         self.announcer: Any = None          # lbcore.bgp.Announcer with a [bgp] section
         self.digests: dict[str, str] = {}   # VIP -> digest of its live Maglev table
+        self.adoption: dict[str, Any] | None = None   # what adopt_flows answered at start
+        self.sync: FlowSync | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -114,8 +119,11 @@ class Daemon:
                 loop.add_signal_handler(sig, self._stop.set)
             stack.callback(self._remove_signal_handlers, loop)
 
+            if cfg.flow_file:
+                stack.callback(os.close, lock_flow_file(cfg.flow_file))
             self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
-                                      timeouts=cfg.timeouts.as_ms())
+                                      timeouts=cfg.timeouts.as_ms(),
+                                      flow_file=cfg.flow_file or None)
             self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size,
                                      clock_ms=_core.now_ms)
             for change in self.balancer.configure(cfg):
@@ -123,6 +131,14 @@ class Daemon:
             spec = self.balancer.table_spec()
             self.balancer.publish()
             self.digests = table_digests(spec, self.balancer.seed)
+            if cfg.flow_file:
+                # before the workers: every flow of the last run keeps its backend,
+                # whatever the table just published would pick for it
+                self.adoption = await asyncio.to_thread(self.dp.adopt_flows)
+                self.dp.commit_flow_file()
+                log_adoption(cfg.flow_file, self.adoption)
+            if cfg.sync is not None:
+                self.dp.sync_attach(cfg.sync.ring_size)
 
             self.plane = make_plane(cfg, self.dp, [v.address for v in cfg.vips],
                                     reply_paths(self.balancer))
@@ -135,6 +151,11 @@ class Daemon:
                                      name=f"lbcore-worker-{i}", daemon=True)
                 t.start()
                 self._threads.append(t)
+
+            if cfg.sync is not None:
+                self.sync = FlowSync(self.dp, cfg.sync)
+                self.sync.start()
+                stack.callback(self.sync.close)
 
             await self._start_control(stack)
             await self._start_announcer(stack)
@@ -243,12 +264,22 @@ class Daemon:
         last_slow = 0.0
         while True:
             await asyncio.sleep(EXPIRE_EVERY_S)
-            await asyncio.to_thread(self.dp.flow_table.expire, _core.now_ms())
+            await self._expire()
             assert self.balancer is not None
             now = time.monotonic()
             if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
                 await self.republish()
                 last_slow = now
+
+    async def _expire(self) -> None:
+        """One lap of flow expiry; the flows that ended are reported to the peers."""
+        while True:
+            removed, ended = await asyncio.to_thread(self.dp.expire_flows, _core.now_ms(),
+                                                     EXPIRE_BATCH)
+            if self.sync is not None:
+                self.sync.send(ended, "end")
+            if removed < EXPIRE_BATCH:
+                return
 
     # -- changes -------------------------------------------------------------
 
@@ -309,13 +340,43 @@ class Daemon:
             return True, changes
 
 
+def lock_flow_file(path: str) -> int:
+    """Hold path + ".lock" for the life of the process (returns its fd): two
+    balancers adopting and writing one flow table file would corrupt it. The
+    directory is made root-only if missing (systemd's RuntimeDirectory is)."""
+    d = os.path.dirname(path)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another lbcore runs with global.flow_file {path!r}") from None
+    return fd
+
+
+def log_adoption(path: str, res: dict[str, Any]) -> None:
+    """Say what was taken over from the last run, or why nothing was."""
+    if "refused" in res:
+        if res.get("code") == "open" and "No such file" in res["refused"]:
+            log.info("flow table: no %s to adopt, starting empty", path)
+        else:
+            log.warning("flow table: not adopting %s: %s; starting empty", path,
+                        res["refused"])
+        return
+    log.info("flow table: adopted %d flow(s) from %s in %.3f s (skipped: %d expired, "
+             "%d of backends or VIPs no longer configured, %d invalid, %d duplicate, "
+             "%d over capacity)", res["adopted"], path, res["seconds"], res["expired"],
+             res["unbound"], res["invalid"], res["duplicate"], res["full"])
+
+
 def _unreloadable(old: Config, new: Config) -> list[str]:
     """Settings fixed at start (sizes, devices): changing them needs a restart."""
     out = []
     for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket", "rawsock",
-                "bgp"):
+                "bgp", "flow_file", "sync"):
         if getattr(old, key) != getattr(new, key):
-            where = key if key in ("rawsock", "bgp") else f"global.{key}"
+            where = key if key in ("rawsock", "bgp", "sync") else f"global.{key}"
             out.append(f"{where} changed ({getattr(old, key)!r} -> "
                        f"{getattr(new, key)!r}): needs a restart")
     return out

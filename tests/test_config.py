@@ -175,7 +175,7 @@ def test_example_documents_every_key():
     docs = (ROOT / "README.md").read_text()
     keys = (set(C._GLOBAL_KEYS) | set(C.TIMEOUT_KEYS) | set(C._VIP_KEYS) | set(C._POOL_KEYS)
             | set(C._BACKEND_KEYS) | set(C._HEALTH_COMMON) | set(C._HEALTH_ONLY)
-            | {"client_link", "backend_link"})
+            | {"client_link", "backend_link"} | set(C._SYNC_KEYS))
     for k in keys:
         assert re.search(rf"\b{k}\b", example), k
         assert f"`{k}`" in docs or f".{k}]`" in docs, k

@@ -118,6 +118,26 @@ class LbCollector:
                   "evicted_halfopen", "expired", "deleted"):
             ev.add_metric([k], f.get(k, 0))
         yield ev
+        ad = s.get("adoption") or {}
+        yield GaugeMetricFamily("lbcore_flows_adopted", "Flows taken over from the previous "
+                                "run at start", value=ad.get("adopted", 0))
+        sy = s.get("sync")
+        if sy is not None:
+            sent = CounterMetricFamily("lbcore_sync_sent", "Flow sync: records sent by kind, "
+                                       "datagrams, send errors, ring drops", labels=["what"])
+            for k, v in sy["sent"].items():
+                sent.add_metric([k], v)
+            recv = CounterMetricFamily("lbcore_sync_received", "Flow sync: datagrams and "
+                                       "records received, and what became of the records",
+                                       labels=["what"])
+            for k, v in sy["received"].items():
+                recv.add_metric([k], v)
+            rej = CounterMetricFamily("lbcore_sync_rejected", "Flow sync: datagrams dropped "
+                                      "before any record was read, by reason",
+                                      labels=["reason"])
+            for k, v in sy["rejected"].items():
+                rej.add_metric([k], v)
+            yield from (sent, recv, rej)
         rb = CounterMetricFamily("lbcore_table_rebuilds", "Maglev tables built and published")
         rb.add_metric([], s["table"]["rebuilds"])
         yield rb

@@ -128,6 +128,8 @@ class StatusView:
             "drops": st["drops"], "worker_loops": st["workers"],
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},
             "bgp": ann.status() if ann is not None else None,
+            "adoption": d.adoption,
+            "sync": d.sync.counters() if d.sync is not None else None,
         }
         self._add_rates(snap, now)
         return snap
