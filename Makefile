@@ -6,10 +6,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.deps-stamp
-APT_PKGS := gcc make iproute2 procps
+APT_PKGS := gcc make iproute2 procps clang libclang-rt-14-dev iputils-ping
 PYTEST_ARGS ?=
 
-.PHONY: all deps build test test-sanitize bench bench-lab demo lint vagrant-check vagrant-lab clean
+.PHONY: all deps build test test-sanitize fuzz bench bench-lab demo lint vagrant-check vagrant-lab clean
 
 all: build
 
@@ -34,7 +34,30 @@ build: $(STAMP)
 	LB_TESTING=1 $(VPY) setup.py -q build_ext --inplace
 
 test: build vagrant-check test-sanitize
+	$(MAKE) fuzz FUZZ_SECONDS=60
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The libFuzzer harness over the C packet path (tests/fuzz/fuzz_pipeline.c),
+# with ASan and UBSan, for FUZZ_SECONDS. It starts from the seed corpus in
+# tests/fuzz/corpus (read only) and keeps what it finds in build/fuzz/corpus;
+# a crash leaves its input in build/fuzz/ and fails the target.
+FUZZ_SECONDS ?= 60
+FUZZ_BIN := build/fuzz/fuzz_pipeline
+FUZZ_SRC := $(wildcard ext/lb_*.c) tests/fuzz/fuzz_pipeline.c
+$(FUZZ_BIN): $(FUZZ_SRC) $(wildcard ext/*.h)
+	@missing=""; for p in clang libclang-rt-14-dev; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	mkdir -p build/fuzz
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -Wall -Wextra -Werror -std=gnu11 -Iext $(FUZZ_SRC) -o $@
+
+fuzz: $(FUZZ_BIN)
+	mkdir -p build/fuzz/corpus
+	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/fuzz/corpus
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
 # tree so that the normal build is left alone. The generated ext/_*.c are
