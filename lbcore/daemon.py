@@ -111,8 +111,12 @@ class Daemon:
                 loop.add_signal_handler(sig, self._stop.set)
             stack.callback(self._remove_signal_handlers, loop)
 
-            self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
-                                      timeouts=cfg.timeouts.as_ms())
+            self.dp = _core.Dataplane(
+                cfg.workers, cfg.flow_table_size, timeouts=cfg.timeouts.as_ms(),
+                frag_entries=cfg.fragments.cache_size, frag_buffers=cfg.fragments.buffers,
+                frag_timeout_ms=max(1, int(round(cfg.fragments.timeout * 1000.0))),
+                client_entries=cfg.client_table_size, reject_rate=cfg.reject_rate,
+                reject_burst=cfg.reject_burst)
             self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size,
                                      clock_ms=_core.now_ms)
             for change in self.balancer.configure(cfg):
@@ -211,12 +215,14 @@ class Daemon:
                 "failures": st.failures}
 
     async def _housekeeping(self) -> None:
-        """Flow expiry every second (a lap of the table, in a worker thread); table rebuilds
-        while a slow start ramps."""
+        """Flow expiry every second (a lap of the table, in a worker thread), and of the
+        fragment cache (so held fragments of abandoned datagrams free their buffers without
+        traffic); table rebuilds while a slow start ramps."""
         last_slow = 0.0
         while True:
             await asyncio.sleep(EXPIRE_EVERY_S)
             await asyncio.to_thread(self.dp.flow_table.expire, _core.now_ms())
+            await asyncio.to_thread(self.dp.frag_expire)
             assert self.balancer is not None
             now = time.monotonic()
             if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():

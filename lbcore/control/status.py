@@ -18,7 +18,8 @@ from .._version import __version__
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-TOTALS = ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit", "flow_miss", "flow_new", "tx_errors")
+TOTALS = ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit", "flow_miss", "flow_new", "tx_errors",
+          "echo_replies", "resets", "unreachables", "rejects_limited", "out_dropped")
 
 
 class StatusView:
@@ -55,12 +56,16 @@ class StatusView:
             vips.append({"name": v.name, "address": str(v.address), "port": v.port,
                          "protocol": v.proto, "pool": v.pool,
                          "active_flows": ft.active_vip(v.stat_id), "packets": pk, "bytes": by,
-                         "new_flows": nf, "backends": bes})
+                         "new_flows": nf, "settings": dict(v.settings),
+                         "refused": st.get("vip_limits", {}).get(
+                             v.stat_id, {"limit_flows": 0, "limit_rate": 0, "shed": 0}),
+                         "backends": bes})
         return {
             "version": __version__, "pid": os.getpid(), "uptime": time.time() - d.started,
             "config": d.config_path, "mode": d.config.mode, "workers": d.config.workers,
             "vips": vips,
             "flows": {"active": len(ft), "capacity": ft.capacity, **ft.counters()},
+            "fragments": dp.frag_stats(),
             "totals": {k: st[k] for k in TOTALS},
             "drops": st["drops"], "worker_loops": st["workers"],
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},
