@@ -6,8 +6,10 @@
  * the egress link, longest prefix) -> MAC from the L2 table -> new Ethernet
  * header in place -> queued for sendmmsg() on the egress link together with
  * its virtio_net_hdr (NEEDS_CSUM / GSO pass through, as with the TUN).
- * An answer (LB_REPLY: echo reply, RST) leaves on the link it came from,
- * with a zeroed virtio_net_hdr (its checksums are complete); the packet's
+ * An answer (LB_REPLY: echo reply, RST) leaves on the link it came from, to
+ * the MAC it came from (the previous hop: no neighbour lookup, so the first
+ * answer to a new client is not lost to an unresolved entry), with a zeroed
+ * virtio_net_hdr (its checksums are complete); the packet's
  * extras (released fragments, ICMP errors: lb_out.h) get an Ethernet header
  * in their headroom and are sent at once (they are rare).
  * Receive ring: Documentation/networking/packet_mmap.rst ("TPACKET_V3").
@@ -261,18 +263,24 @@ static const uint8_t *next_mac(struct lb_worker *w, struct lb_rawsock *rs, const
     return mac;
 }
 
-/* Send the extras of the packet just processed (it came on link), then give
- * their buffers back. */
+/* Send the extras of the packet just processed (it came on link from the MAC
+ * peer), then give their buffers back. */
 static void send_extras(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
-                        uint8_t link, uint8_t out_link, struct lb_raw_sock *socks,
-                        struct txq *qs)
+                        uint8_t link, uint8_t out_link, const uint8_t *peer,
+                        struct lb_raw_sock *socks, struct txq *qs)
 {
     for (uint32_t i = 0; i < w->out.n; i++) {
         const struct lb_out_pkt *o = &w->out.pkt[i];
         uint8_t eg = o->kind == LB_OUT_REPLY ? link : out_link, family;
         uint8_t *frame = o->data - ETH_HLEN_;
-        const uint8_t *mac = next_mac(w, rs, l2, eg, o->data, o->len, &family);
-        if (!mac)
+        const uint8_t *mac;
+        if (o->kind == LB_OUT_REPLY) {
+            mac = peer;
+            family = (o->data[0] >> 4) == 4 ? LB_AF_INET : LB_AF_INET6;
+        } else {
+            mac = next_mac(w, rs, l2, eg, o->data, o->len, &family);
+        }
+        if (!mac || !l2)
             continue;
         memcpy(frame, mac, 6);
         memcpy(frame + 6, l2->src_mac[eg], 6);
@@ -301,7 +309,7 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     struct virtio_net_hdr vh;
     enum lb_drop_reason r;
     enum lb_verdict v;
-    uint8_t *frame, *ip, family;
+    uint8_t *frame, *ip, family, peer[6];
     const uint8_t *mac;
     uint32_t snap = h->tp_snaplen, iplen;
     uint16_t csum_start, etype;
@@ -339,12 +347,13 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     }
     ip = frame + ETH_HLEN_;
     iplen = snap - ETH_HLEN_;
+    memcpy(peer, frame + 6, 6);
     v = lb_process_packet(w, t, ip, iplen, now, csum_start, &r);
     if (v == LB_TX || v == LB_REPLY) {
         /* the rewritten packet's destination decides the next hop; an
-         * answer goes back out of the link it came in on */
+         * answer goes back out of the link it came in on, to its sender */
         uint8_t eg = v == LB_REPLY ? link : out_link;
-        mac = next_mac(w, rs, l2, eg, ip, iplen, &family);
+        mac = v == LB_REPLY ? (l2 ? peer : NULL) : next_mac(w, rs, l2, eg, ip, iplen, &family);
         if (mac) {
             memcpy(frame, mac, 6);
             memcpy(frame + 6, l2->src_mac[eg], 6);
@@ -356,7 +365,7 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
         }
     }
     if (w->out.n)
-        send_extras(w, rs, l2, link, out_link, socks, qs);
+        send_extras(w, rs, l2, link, out_link, peer, socks, qs);
 }
 
 /* Process the block s->cur if user space owns it; 1 if it did. */
