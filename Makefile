@@ -65,7 +65,8 @@ fuzz: $(FUZZ_BIN)
 # ones). Test files that do not exist (yet) are skipped; netns tests and the
 # thread hammer are left out (too slow under ASan). --capture=sys leaves fd 2
 # alone, so a sanitizer report is not swallowed by pytest's fd capture.
-SAN_TESTS := tests/test_packet.py tests/test_fuzz.py tests/test_maglev.py tests/test_flow.py tests/test_pipeline.py
+SAN_TESTS := tests/test_packet.py tests/test_fuzz.py tests/test_maglev.py tests/test_flow.py tests/test_pipeline.py \
+  tests/test_admission.py
 SAN_DIR   := build/sanitize
 test-sanitize: $(STAMP)
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
