@@ -8,11 +8,13 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.deps-stamp
 # bird2 and keepalived: the multi-gateway lab (BGP towards a router, VRRP on the rack);
 # chromium and tmux: the tests look at the status page and `lbcore top` as a person would;
-# prometheus: promtool checks the shipped alerting rules
-APT_PKGS := gcc make iproute2 procps bird2 keepalived chromium tmux prometheus
+# prometheus: promtool checks the shipped alerting rules; clang + its runtime: the libFuzzer
+# harness; iputils-ping: the tests ping the VIP
+APT_PKGS := gcc make iproute2 procps bird2 keepalived chromium tmux prometheus clang \
+            libclang-rt-14-dev iputils-ping
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt-deps build test test-sanitize bench bench-lab demo lint vagrant-check vagrant-lab clean
+.PHONY: all deps apt-deps build test test-sanitize fuzz bench bench-lab demo lint vagrant-check vagrant-lab clean
 
 all: build
 
@@ -41,7 +43,30 @@ build: $(STAMP)
 	LB_TESTING=1 $(VPY) setup.py -q build_ext --inplace
 
 test: apt-deps build vagrant-check test-sanitize
+	$(MAKE) fuzz FUZZ_SECONDS=60
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The libFuzzer harness over the C packet path (tests/fuzz/fuzz_pipeline.c),
+# with ASan and UBSan, for FUZZ_SECONDS. It starts from the seed corpus in
+# tests/fuzz/corpus (read only) and keeps what it finds in build/fuzz/corpus;
+# a crash leaves its input in build/fuzz/ and fails the target.
+FUZZ_SECONDS ?= 60
+FUZZ_BIN := build/fuzz/fuzz_pipeline
+FUZZ_SRC := $(wildcard ext/lb_*.c) tests/fuzz/fuzz_pipeline.c
+$(FUZZ_BIN): $(FUZZ_SRC) $(wildcard ext/*.h)
+	@missing=""; for p in clang libclang-rt-14-dev; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	mkdir -p build/fuzz
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -Wall -Wextra -Werror -std=gnu11 -Iext $(FUZZ_SRC) -o $@
+
+fuzz: $(FUZZ_BIN)
+	mkdir -p build/fuzz/corpus
+	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/fuzz/corpus
 
 # The fuzz and unit suites again on an ASan/UBSan build, in a copy of the
 # tree so that the normal build is left alone. The generated ext/_*.c are
@@ -50,7 +75,7 @@ test: apt-deps build vagrant-check test-sanitize
 # thread hammer are left out (too slow under ASan). --capture=sys leaves fd 2
 # alone, so a sanitizer report is not swallowed by pytest's fd capture.
 SAN_TESTS := tests/test_packet.py tests/test_fuzz.py tests/test_maglev.py tests/test_flow.py tests/test_pipeline.py \
-             tests/test_persist.py tests/test_sync.py
+             tests/test_persist.py tests/test_sync.py tests/test_admission.py
 SAN_DIR   := build/sanitize
 test-sanitize: $(STAMP)
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)

@@ -374,6 +374,7 @@ def process_repeat(Dataplane dp not None, packets, uint32_t rounds, now=None):
     cdef uint8_t *orig
     cdef uint8_t *buf
     cdef uint32_t *lens
+    cdef uint32_t *olens
     cdef uint8_t *verdicts
     cdef uint8_t *reasons
     cdef lb_worker *w = lb_dp_worker(dp.dp, dp.workers)
@@ -384,18 +385,20 @@ def process_repeat(Dataplane dp not None, packets, uint32_t rounds, now=None):
     orig = <uint8_t *>calloc(n, stride)
     buf = <uint8_t *>calloc(n, stride)
     lens = <uint32_t *>calloc(n, sizeof(uint32_t))
+    olens = <uint32_t *>calloc(n, sizeof(uint32_t))
     verdicts = <uint8_t *>calloc(n, 1)
     reasons = <uint8_t *>calloc(n, 1)
     try:
-        if not (orig and buf and lens and verdicts and reasons):
+        if not (orig and buf and lens and olens and verdicts and reasons):
             raise MemoryError()
         for i, p in enumerate(packets):
             memcpy(orig + i * stride, <const char *>p, len(p))
-            lens[i] = len(p)
+            olens[i] = len(p)
         with dp._lock:
             with nogil:
                 for r in range(rounds):
                     memcpy(buf, orig, n * stride)
+                    memcpy(lens, olens, n * sizeof(uint32_t))
                     sent += lb_process_batch(w, buf, stride, lens, verdicts, reasons,
                                              n, tnow)
         return sent
@@ -403,5 +406,6 @@ def process_repeat(Dataplane dp not None, packets, uint32_t rounds, now=None):
         free(orig)
         free(buf)
         free(lens)
+        free(olens)
         free(verdicts)
         free(reasons)

@@ -12,7 +12,10 @@ PKT_MAX = LB_PKT_MAX
 VERDICT_TX = LB_TX
 VERDICT_DROP = LB_DROP
 VERDICT_PASS = LB_PASS
-VERDICT_NAMES = {LB_TX: "tx", LB_DROP: "drop", LB_PASS: "pass"}
+VERDICT_REPLY = LB_REPLY
+VERDICT_HOLD = LB_HOLD
+VERDICT_NAMES = {LB_TX: "tx", LB_DROP: "drop", LB_PASS: "pass", LB_REPLY: "reply",
+                 LB_HOLD: "hold"}
 
 DIR_FWD = LB_DIR_FWD
 DIR_REV = LB_DIR_REV
@@ -23,6 +26,7 @@ DROP_REASONS = (
     "none", "truncated", "bad_version", "bad_ihl", "bad_totlen", "bad_exthdr",
     "fragment", "bad_l4", "unsupported", "no_vip", "no_backend",
     "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full", "no_neigh", "bad_l2",
+    "frag_early", "closed_port", "limit_flows", "limit_rate", "new_flow_rate",
 )
 assert len(DROP_REASONS) == LB_DROP__COUNT
 
@@ -34,3 +38,12 @@ DEFAULT_TIMEOUTS_MS = {
     "tcp_fin": LB_TMO_TCP_FIN_MS, "tcp_close": LB_TMO_TCP_CLOSE_MS,
     "udp": LB_TMO_UDP_MS, "udp_stream": LB_TMO_UDP_STREAM_MS,
 }
+
+# fragment cache, reject rate and per-client table defaults (lb_consts.h)
+FRAG_ENTRIES = LB_FRAG_ENTRIES
+FRAG_BUFFERS = LB_FRAG_BUFFERS
+FRAG_TIMEOUT_MS = LB_FRAG_TIMEOUT_MS
+FRAG_SLOT = LB_FRAG_SLOT
+REJECT_RATE = LB_REJECT_RATE
+REJECT_BURST = LB_REJECT_BURST
+CLIENT_ENTRIES = LB_CLIENT_ENTRIES

@@ -16,17 +16,30 @@ cdef class Dataplane:
     `workers` worker slots (plus one private slot for `process()`).
 
     Dataplane(workers=1, flow_capacity=1<<20, flow_seed=None, timeouts=None,
-              flow_file=None, boot_id=None)
-      flow_seed: None = random per start (against hash flooding).
+              flow_file=None, boot_id=None, frag_entries=FRAG_ENTRIES,
+              frag_buffers=FRAG_BUFFERS, frag_timeout_ms=FRAG_TIMEOUT_MS,
+              client_entries=CLIENT_ENTRIES, reject_rate=REJECT_RATE,
+              reject_burst=REJECT_BURST)
+      flow_seed: None = random per start (against hash flooding); it also
+        keys the fragment cache and the per-client table.
       timeouts: ms per state, keys of DEFAULT_TIMEOUTS_MS; missing = default.
       flow_file: keep the flow table's slots in this file (made as
         flow_file + ".new", a stale one replaced; commit_flow_file() renames
         it), so that the next process can adopt_flows() from it. The caller
         holds a lock that keeps a second process off the same path.
       boot_id: the 16 bytes the file is stamped with (default: this boot's).
+      frag_entries: datagrams the fragment cache remembers (0: no cache,
+        fragments are dropped); frag_buffers: early fragments it can hold;
+        client_entries: per-client table (limits, persistence);
+        reject_rate / reject_burst: RSTs and ICMP unreachables per second.
     """
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
-                  flow_seed=None, timeouts=None, flow_file=None, boot_id=None):
+                  flow_seed=None, timeouts=None, flow_file=None, boot_id=None,
+                  uint32_t frag_entries=LB_FRAG_ENTRIES,
+                  uint32_t frag_buffers=LB_FRAG_BUFFERS,
+                  uint32_t frag_timeout_ms=LB_FRAG_TIMEOUT_MS,
+                  uint32_t client_entries=LB_CLIENT_ENTRIES,
+                  uint32_t reject_rate=LB_REJECT_RATE, uint32_t reject_burst=LB_REJECT_BURST):
         cdef lb_timeouts tmo
         cdef uint64_t seed
         cdef bytes bpath
@@ -68,6 +81,11 @@ cdef class Dataplane:
             raise MemoryError("cannot allocate the data plane")
         self.workers = workers
         self._pending_file = None if flow_file is None else str(flow_file)
+        if lb_dp_set_traffic(self.dp, frag_entries, frag_buffers, frag_timeout_ms,
+                             client_entries, reject_rate, reject_burst, seed) < 0:
+            raise ValueError(f"bad fragment cache ({frag_entries} entries, {frag_buffers} "
+                             f"buffers, {frag_timeout_ms} ms) or client table "
+                             f"({client_entries}) size")
 
     def __dealloc__(self):
         if self.rs != NULL:
@@ -85,7 +103,10 @@ cdef class Dataplane:
         """Build a forwarding table and publish it atomically.
 
         vips: sequence of (address, port, proto, stat_id, ring_size, backends)
-        with backends a sequence of (address, port, weight, stat_id, draining).
+        or (..., backends, settings), with backends a sequence of (address,
+        port, weight, stat_id, draining) and settings a dict of the VIP's
+        traffic settings (VIP_SETTINGS; missing keys are off / "drop" /
+        "none").
         A draining backend keeps its flows but gets no new ones (weight 0 in
         the ring). Every VIP's ring is rebuilt; the old table is freed once
         no worker can hold it (TimeoutError, and the old table leaked, when
@@ -101,8 +122,10 @@ cdef class Dataplane:
         if t == NULL:
             raise ValueError(f"cannot build a table of {len(vips)} VIPs (max {LB_MAX_VIPS})")
         try:
-            for i, (addr, port, proto, stat_id, ring_size, backends) in enumerate(vips):
+            for i, spec in enumerate(vips):
+                addr, port, proto, stat_id, ring_size, backends = spec[:6]
                 memset(&v, 0, sizeof(v))
+                _fill_vip_settings(&v, spec[6] if len(spec) > 6 else None)
                 v.family = _fill_addr(v.addr, addr)
                 v.port = _port_be(port)
                 v.proto = _proto(proto)
@@ -175,7 +198,9 @@ cdef class Dataplane:
 
     def process(self, packets, now=None):
         """Run the pipeline over IP packets (bytes) with the published table,
-        exactly as a worker does: returns [(verdict, reason, out_bytes)]."""
+        exactly as a worker does: returns [(verdict, reason, out_bytes)], one
+        per packet, then one (VERDICT_TX or VERDICT_REPLY, "none", bytes) per
+        extra packet the batch sent (released fragments, ICMP errors)."""
         cdef Py_ssize_t n = len(packets), i
         cdef uint32_t stride = 0
         cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
@@ -202,8 +227,13 @@ cdef class Dataplane:
             with self._lock:
                 with nogil:
                     lb_process_batch(w, buf, stride, lens, verdicts, reasons, n, tnow)
-            return [(verdicts[i], DROP_REASONS[reasons[i]],
-                     bytes(buf[i * stride: i * stride + lens[i]])) for i in range(n)]
+                out = [(verdicts[i], DROP_REASONS[reasons[i]],
+                        bytes(buf[i * stride: i * stride + lens[i]])) for i in range(n)]
+                for i in range(w.out.n):
+                    out.append((LB_REPLY if w.out.pkt[i].kind == LB_OUT_REPLY else LB_TX,
+                                "none", bytes(w.out.pkt[i].data[:w.out.pkt[i].len])))
+                lb_out_done(w)
+            return out
         finally:
             free(buf)
             free(lens)
@@ -378,7 +408,9 @@ cdef class Dataplane:
         cdef uint32_t i, r
         cdef lb_worker *w
         tot = dict(rx=0, tx=0, rx_bytes=0, tx_bytes=0, flow_hit=0, flow_miss=0,
-                   flow_new=0, loops=0, batches=0, tx_errors=0)
+                   flow_new=0, loops=0, batches=0, tx_errors=0, echo_replies=0, resets=0,
+                   unreachables=0, rejects_limited=0, out_dropped=0)
+        limits = {s: [0, 0, 0] for s in vip_stats}
         drops = [0] * LB_DROP__COUNT
         vips = {s: [0, 0, 0] for s in vip_stats}
         bes = {s: [0, 0, 0] for s in backend_stats}
@@ -396,6 +428,11 @@ cdef class Dataplane:
             tot["loops"] += s.loops
             tot["batches"] += s.batches
             tot["tx_errors"] += s.tx_errors
+            tot["echo_replies"] += s.echo_replies
+            tot["resets"] += s.resets
+            tot["unreachables"] += s.unreachables
+            tot["rejects_limited"] += s.rejects_limited
+            tot["out_dropped"] += s.out_dropped
             if i < self.workers:
                 workers.append({"rx": s.rx, "tx": s.tx, "loops": s.loops,
                                 "batches": s.batches})
@@ -406,6 +443,11 @@ cdef class Dataplane:
                     acc[0] += s.vip[sid].packets
                     acc[1] += s.vip[sid].bytes
                     acc[2] += s.vip[sid].new_flows
+            for sid, acc in limits.items():
+                if sid < LB_MAX_STAT_IDS:
+                    acc[0] += s.vip[sid].limit_flows
+                    acc[1] += s.vip[sid].limit_rate
+                    acc[2] += s.vip[sid].shed
             for sid, acc in bes.items():
                 if sid < LB_MAX_STAT_IDS:
                     acc[0] += s.backend[sid].packets
@@ -413,6 +455,9 @@ cdef class Dataplane:
                     acc[2] += s.backend[sid].new_flows
         tot["drops"] = {DROP_REASONS[r]: drops[r] for r in range(1, LB_DROP__COUNT)}
         tot["vips"] = {k: tuple(v) for k, v in vips.items()}
+        # per VIP: new flows refused by max_flows, by client_rate, by new_flow_rate
+        tot["vip_limits"] = {k: dict(zip(("limit_flows", "limit_rate", "shed"), v))
+                             for k, v in limits.items()}
         tot["backends"] = {k: tuple(v) for k, v in bes.items()}
         tot["workers"] = workers
         return tot
@@ -579,3 +624,65 @@ cdef class Dataplane:
         finally:
             free(gone)
             free(out)
+    # ---- fragment cache ---------------------------------------------------
+
+    def frag_stats(self):
+        """The fragment cache: its counters (FRAG_COUNTERS), datagrams and held
+        fragments now (`entries`, `buffers`), its capacity (`capacity`,
+        `buffer_capacity`) and `memory` (bytes, fixed at start)."""
+        cdef lb_frag_counters c
+        cdef uint32_t ne = 0, nb = 0, ce = 0, cb = 0
+        if self.dp.frag == NULL:
+            return {k: 0 for k in FRAG_COUNTERS} | {"entries": 0, "buffers": 0, "capacity": 0,
+                                                     "buffer_capacity": 0, "memory": 0}
+        lb_frag_get_counters(self.dp.frag, &c)
+        lb_frag_usage(self.dp.frag, &ne, &nb, &ce, &cb)
+        return {"first": c.first, "forwarded": c.forwarded, "held": c.held,
+                "released": c.released, "early_dropped": c.early_dropped,
+                "dropped": c.dropped, "timeouts": c.timeouts, "timeout_held": c.timeout_held,
+                "evicted": c.evicted, "completed": c.completed,
+                "entries": ne, "buffers": nb, "capacity": ce, "buffer_capacity": cb,
+                "memory": lb_frag_memory(self.dp.frag)}
+
+    def frag_expire(self, now=None, uint32_t max_sets=1 << 20):
+        """Forget timed-out datagrams of the fragment cache (their held
+        fragments are freed), scanning up to max_sets sets; returns how many."""
+        cdef uint32_t tnow = lb_now_ms() if now is None else <uint32_t>now
+        cdef uint32_t n
+        if self.dp.frag == NULL:
+            return 0
+        with nogil:
+            n = lb_frag_expire(self.dp.frag, tnow, max_sets)
+        return n
+
+
+FRAG_COUNTERS = ("first", "forwarded", "held", "released", "early_dropped", "dropped",
+                 "timeouts", "timeout_held", "evicted", "completed")
+# the keys of publish()'s per-VIP settings dict, with their defaults
+VIP_SETTINGS = {"closed_port": "drop", "persistence": "none", "persist_ms": 0,
+                "limit_action": "drop", "max_flows": 0, "client_rate": 0, "client_burst": 0,
+                "new_flow_rate": 0, "new_flow_burst": 0}
+
+
+cdef int _fill_vip_settings(lb_vip *v, settings) except -1:
+    """Copy a publish() settings dict into v (None: everything off)."""
+    if not settings:
+        return 0
+    bad = set(settings) - set(VIP_SETTINGS)
+    if bad:
+        raise ValueError(f"unknown VIP settings {sorted(bad)}")
+    cp = settings.get("closed_port", "drop")
+    pe = settings.get("persistence", "none")
+    la = settings.get("limit_action", "drop")
+    if cp not in ("drop", "reject") or pe not in ("none", "source") or la not in ("drop", "reject"):
+        raise ValueError(f"bad VIP settings {settings}")
+    v.closed_port = LB_CLOSED_REJECT if cp == "reject" else LB_CLOSED_DROP
+    v.persistence = LB_PERSIST_SOURCE if pe == "source" else LB_PERSIST_NONE
+    v.limit_action = LB_ACTION_REJECT if la == "reject" else LB_ACTION_DROP
+    v.persist_ms = settings.get("persist_ms", 0)
+    v.max_flows = settings.get("max_flows", 0)
+    v.client_rate = settings.get("client_rate", 0)
+    v.client_burst = settings.get("client_burst", 0)
+    v.new_flow_rate = settings.get("new_flow_rate", 0)
+    v.new_flow_burst = settings.get("new_flow_burst", 0)
+    return 0

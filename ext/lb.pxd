@@ -16,6 +16,15 @@ cdef extern from "lb_consts.h" nogil:
     const uint32_t F_PKT_CSUM_PARTIAL
     const uint32_t F_PKT_ICMP_ERR
     const uint32_t F_PKT_FRAGMENT
+    const uint32_t F_PKT_ECHO
+    const uint32_t LB_FRAG_ENTRIES
+    const uint32_t LB_FRAG_BUFFERS
+    const uint32_t LB_FRAG_TIMEOUT_MS
+    const uint32_t LB_FRAG_SLOT
+    const uint32_t LB_OUT_MAX
+    const uint32_t LB_REJECT_RATE
+    const uint32_t LB_REJECT_BURST
+    const uint32_t LB_CLIENT_ENTRIES
     const uint32_t LB_TMO_TCP_SYN_MS
     const uint32_t LB_TMO_TCP_EST_MS
     const uint32_t LB_TMO_TCP_FIN_MS
@@ -31,6 +40,8 @@ cdef extern from "lb_types.h" nogil:
         LB_TX
         LB_DROP
         LB_PASS
+        LB_REPLY
+        LB_HOLD
 
     enum lb_drop_reason:
         LB_DROP_NONE
@@ -50,7 +61,19 @@ cdef extern from "lb_types.h" nogil:
         LB_DROP_FLOW_FULL
         LB_DROP_NO_NEIGH
         LB_DROP_BAD_L2
+        LB_DROP_FRAG_EARLY
+        LB_DROP_CLOSED_PORT
+        LB_DROP_LIMIT_FLOWS
+        LB_DROP_LIMIT_RATE
+        LB_DROP_NEW_FLOW_RATE
         LB_DROP__COUNT
+
+    const int LB_CLOSED_DROP
+    const int LB_CLOSED_REJECT
+    const int LB_PERSIST_NONE
+    const int LB_PERSIST_SOURCE
+    const int LB_ACTION_DROP
+    const int LB_ACTION_REJECT
 
     enum lb_flow_state:
         LB_FS_SYN
@@ -83,7 +106,12 @@ cdef extern from "lb_types.h" nogil:
         uint8_t flags
         uint16_t inner_off
         uint16_t inner_l4_off
+        uint16_t frag_off
         lb_flow_key key
+        uint32_t frag_id
+        uint16_t frag_len
+        uint8_t frag_nh
+        uint8_t frag_last
 
     struct lb_backend:
         uint8_t addr[16]
@@ -103,6 +131,15 @@ cdef extern from "lb_types.h" nogil:
         uint32_t n_backends
         uint16_t *ring
         lb_backend *backends
+        uint8_t closed_port
+        uint8_t persistence
+        uint8_t limit_action
+        uint32_t max_flows
+        uint32_t client_rate
+        uint32_t client_burst
+        uint32_t new_flow_rate
+        uint32_t new_flow_burst
+        uint32_t persist_ms
 
     struct lb_table:
         uint64_t sel_seed
@@ -131,12 +168,20 @@ cdef extern from "lb_types.h" nogil:
         uint64_t packets
         uint64_t bytes
         uint64_t new_flows
+        uint64_t limit_flows
+        uint64_t limit_rate
+        uint64_t shed
 
     struct lb_stats:
         uint64_t rx, tx, rx_bytes, tx_bytes
         uint64_t flow_hit, flow_miss, flow_new
         uint64_t loops, batches
         uint64_t tx_errors
+        uint64_t echo_replies
+        uint64_t resets
+        uint64_t unreachables
+        uint64_t rejects_limited
+        uint64_t out_dropped
         uint64_t drops[<int>LB_DROP__COUNT]
         lb_counter *vip
         lb_counter *backend
@@ -214,6 +259,7 @@ cdef extern from "lb_parse.h" nogil:
 
 cdef extern from "lb_nat.h" nogil:
     void lb_nat_rewrite(lb_pkt *p, const lb_flow_entry *e, lb_dir dir)
+    void lb_nat_rewrite_ip(uint8_t *d, uint8_t family, const lb_flow_entry *e, lb_dir dir)
 
 cdef extern from "lb_table.h" nogil:
     lb_table *lb_table_new(uint32_t n_vips, uint64_t sel_seed)
@@ -225,9 +271,49 @@ cdef extern from "lb_table.h" nogil:
     const lb_backend *lb_table_find_backend(const lb_table *t, const lb_flow_key *k,
                                             const lb_vip **vip_out)
 
+cdef extern from "lb_out.h" nogil:
+    struct lb_out_pkt:
+        uint8_t *data
+        uint32_t len
+        uint32_t slot
+        uint8_t kind
+    struct lb_out:
+        uint32_t n
+        lb_out_pkt pkt[1]
+    const int LB_OUT_FWD
+    const int LB_OUT_REPLY
+
+cdef extern from "lb_frag.h" nogil:
+    struct lb_frag:
+        pass
+    struct lb_frag_counters:
+        uint64_t first
+        uint64_t forwarded
+        uint64_t held
+        uint64_t released
+        uint64_t early_dropped
+        uint64_t dropped
+        uint64_t timeouts
+        uint64_t timeout_held
+        uint64_t evicted
+        uint64_t completed
+    size_t lb_frag_memory(const lb_frag *fc)
+    void lb_frag_get_counters(const lb_frag *fc, lb_frag_counters *out)
+    void lb_frag_usage(lb_frag *fc, uint32_t *entries, uint32_t *buffers,
+                       uint32_t *cap_entries, uint32_t *cap_buffers)
+    uint32_t lb_frag_expire(lb_frag *fc, uint32_t now, uint32_t max_sets)
+
+cdef extern from "lb_limit.h" nogil:
+    struct lb_limits:
+        pass
+    size_t lb_limit_memory(const lb_limits *l)
+
 cdef extern from "lb_dp.h" nogil:
     struct lb_dataplane:
-        pass
+        lb_frag *frag
+        lb_limits *lim
+        uint32_t reject_rate
+        uint32_t reject_burst
     struct lb_worker:
         lb_dataplane *dp
         uint64_t qs
@@ -235,11 +321,16 @@ cdef extern from "lb_dp.h" nogil:
         int fd
         int vnet_hdr
         uint32_t id
+        lb_out out
     lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
                             uint64_t flow_seed, const lb_timeouts *tmo)
     lb_dataplane *lb_dp_new_at(uint32_t n_workers, uint32_t flow_capacity,
                                uint64_t flow_seed, const lb_timeouts *tmo, void *flow_slots)
     void lb_dp_free(lb_dataplane *dp)
+    void lb_out_done(lb_worker *w)
+    int lb_dp_set_traffic(lb_dataplane *dp, uint32_t frag_entries, uint32_t frag_buffers,
+                          uint32_t frag_timeout_ms, uint32_t clients, uint32_t reject_rate,
+                          uint32_t reject_burst, uint64_t seed)
     lb_table *lb_dp_publish(lb_dataplane *dp, lb_table *t)
     int lb_dp_synchronize(lb_dataplane *dp, uint32_t timeout_ms)
     uint32_t lb_now_ms()
@@ -315,7 +406,7 @@ cdef extern from "lb_sync.h" nogil:
 
 cdef extern from "lb_pipeline.h" nogil:
     uint32_t lb_process_batch(lb_worker *w, uint8_t *bufs, uint32_t stride,
-                              const uint32_t *lens, uint8_t *verdicts,
+                              uint32_t *lens, uint8_t *verdicts,
                               uint8_t *reasons, uint32_t n, uint32_t now)
 
 cdef extern from "lb_tun.h" nogil:

@@ -55,6 +55,34 @@
 #define F_PKT_CSUM_PARTIAL (1u << 0) /* L4 csum holds only the pseudo-header sum
                                         (virtio NEEDS_CSUM / CHECKSUM_PARTIAL) */
 #define F_PKT_ICMP_ERR     (1u << 1) /* ICMP error quoting a TCP/UDP header */
-#define F_PKT_FRAGMENT     (1u << 2)
+#define F_PKT_FRAGMENT     (1u << 2) /* an IP fragment (frag_* fields of lb_pkt) */
+#define F_PKT_ECHO         (1u << 3) /* ICMP/ICMPv6 echo request */
+
+/* Fragment cache (lb_frag.h) defaults; sizes are set at start from the config. */
+#ifndef LB_FRAG_ENTRIES
+#define LB_FRAG_ENTRIES 4096u        /* datagrams in flight remembered at most */
+#endif
+#ifndef LB_FRAG_BUFFERS
+#define LB_FRAG_BUFFERS 1024u        /* early fragments held at most (2 KiB each) */
+#endif
+#define LB_FRAG_TIMEOUT_MS 2000u     /* a datagram's decision / held fragments live this long */
+#define LB_FRAG_SLOT 2048u           /* bytes per held-fragment buffer, headroom included */
+#define LB_FRAG_HOLD_MAX 64u         /* held fragments per datagram at most */
+
+/* Extra packets a batch may send besides its own (lb_out.h) */
+#define LB_OUT_MAX 256u              /* released fragments + generated ICMP, per batch */
+#define LB_OUT_SCRATCH 32u           /* generated ICMP errors per batch */
+#define LB_OUT_SLOT 1408u            /* bytes per generated packet, headroom included */
+#define LB_OUT_HEADROOM 64u          /* writable bytes before every extra packet:
+                                        room for a virtio_net_hdr and an Ethernet header */
+
+/* Rejects (RST, ICMP unreachable) per second and burst, per data plane;
+ * like the kernel's icmp_msgs_per_sec / icmp_msgs_burst. */
+#define LB_REJECT_RATE  1000u
+#define LB_REJECT_BURST 50u
+
+#ifndef LB_CLIENT_ENTRIES
+#define LB_CLIENT_ENTRIES 65536u     /* per-client table (limits, persistence) */
+#endif
 
 #endif

@@ -13,6 +13,8 @@
 #include "lb_dp.h"
 #include "lb_flow.h"
 #include "lb_sync.h"
+#include "lb_frag.h"
+#include "lb_limit.h"
 #include "lb_table.h"
 
 uint32_t lb_now_ms(void)
@@ -55,9 +57,16 @@ struct lb_dataplane *lb_dp_new_at(uint32_t n_workers, uint32_t flow_capacity,
         w->qs = LB_QS_OFFLINE;
         w->stats.vip = calloc(LB_MAX_STAT_IDS, sizeof(struct lb_counter));
         w->stats.backend = calloc(LB_MAX_STAT_IDS, sizeof(struct lb_counter));
-        if (!w->stats.vip || !w->stats.backend)
+        w->out.scratch = malloc((size_t)LB_OUT_SCRATCH * LB_OUT_SLOT);
+        if (!w->stats.vip || !w->stats.backend || !w->out.scratch)
             goto fail;
     }
+    dp->reject_rate = LB_REJECT_RATE;
+    dp->reject_burst = LB_REJECT_BURST;
+    dp->frag = lb_frag_new(LB_FRAG_ENTRIES, LB_FRAG_BUFFERS, LB_FRAG_TIMEOUT_MS, flow_seed);
+    dp->lim = lb_limit_new(LB_CLIENT_ENTRIES, flow_seed ^ 0x9E3779B97F4A7C15ull);
+    if (!dp->frag || !dp->lim)
+        goto fail;
     return dp;
 fail:
     lb_dp_free(dp);
@@ -73,13 +82,42 @@ void lb_dp_free(struct lb_dataplane *dp)
         for (uint32_t i = 0; i <= dp->n_workers; i++) {
             free(dp->workers[i].stats.vip);
             free(dp->workers[i].stats.backend);
+            free(dp->workers[i].out.scratch);
         }
         free(dp->workers);
     }
     if (dp->ft)
         lb_flow_free(dp->ft);
     lb_table_free(dp->table);
+    lb_frag_free(dp->frag);
+    lb_limit_free(dp->lim);
     free(dp);
+}
+
+int lb_dp_set_traffic(struct lb_dataplane *dp, uint32_t frag_entries, uint32_t frag_buffers,
+                      uint32_t frag_timeout_ms, uint32_t clients, uint32_t reject_rate,
+                      uint32_t reject_burst, uint64_t seed)
+{
+    struct lb_frag *fc = NULL;
+    struct lb_limits *l = NULL;
+
+    if (frag_entries) {
+        fc = lb_frag_new(frag_entries, frag_buffers, frag_timeout_ms, seed);
+        if (!fc)
+            return -EINVAL;
+    }
+    l = lb_limit_new(clients, seed ^ 0x9E3779B97F4A7C15ull);
+    if (!l) {
+        lb_frag_free(fc);
+        return -EINVAL;
+    }
+    lb_frag_free(dp->frag);
+    lb_limit_free(dp->lim);
+    dp->frag = fc;
+    dp->lim = l;
+    dp->reject_rate = reject_rate;
+    dp->reject_burst = reject_burst;
+    return 0;
 }
 
 struct lb_table *lb_dp_publish(struct lb_dataplane *dp, struct lb_table *t)

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include "lb_types.h"
 #include "lb_flow.h"
+#include "lb_out.h"
 
 #define LB_QS_OFFLINE UINT64_MAX   /* worker blocked in poll(): holds no table */
 
@@ -26,6 +27,7 @@ struct lb_worker {
     uint32_t id;
     uint32_t pad;
     struct lb_sync_ring *sync;    /* atomic: flow events for peers, NULL = no sync */
+    struct lb_out out;            /* extra packets of the current batch (lb_out.h) */
 };
 
 struct lb_dataplane {
@@ -35,6 +37,10 @@ struct lb_dataplane {
     int stop;                     /* atomic: workers exit when set */
     uint32_t n_workers;
     struct lb_worker *workers;
+    struct lb_frag *frag;         /* fragment cache (lb_frag.h); NULL: fragments dropped */
+    struct lb_limits *lim;        /* new-flow admission, persistence (lb_limit.h); may be NULL */
+    uint32_t reject_rate;         /* rejects per second, whole data plane (lb_icmp.h) */
+    uint32_t reject_burst;
 };
 
 struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
@@ -44,6 +50,13 @@ struct lb_dataplane *lb_dp_new_at(uint32_t n_workers, uint32_t flow_capacity,
                                   uint64_t flow_seed, const struct lb_timeouts *tmo,
                                   void *flow_slots);
 void lb_dp_free(struct lb_dataplane *dp);
+/* Replace the fragment cache and the admission tables (lb_dp_new makes them
+ * with the defaults of lb_consts.h) by ones of these sizes (frag_entries 0:
+ * no fragment cache, fragments are dropped), and set the reject rate. Only
+ * before any worker runs. 0 or -EINVAL (bad sizes; nothing changed). */
+int lb_dp_set_traffic(struct lb_dataplane *dp, uint32_t frag_entries, uint32_t frag_buffers,
+                      uint32_t frag_timeout_ms, uint32_t clients, uint32_t reject_rate,
+                      uint32_t reject_burst, uint64_t seed);
 
 /* Publish t (may be NULL) and return the previous table; the caller frees it
  * after lb_dp_synchronize() returns. */

@@ -161,10 +161,27 @@ static void nat_icmp(struct lb_pkt *p, const struct lb_flow_entry *e, enum lb_di
     lb_store16(icmp_csum, lb_csum_update(lb_load16(icmp_csum), acc_icmp));
 }
 
+void lb_nat_rewrite_ip(uint8_t *d, uint8_t family, const struct lb_flow_entry *e,
+                       enum lb_dir dir)
+{
+    const uint8_t *to = dir == LB_DIR_FWD ? e->backend : e->vip;
+
+    if (family == LB_AF_INET) {
+        uint8_t *a = d + (dir == LB_DIR_FWD ? IP4_DST : IP4_SRC);
+        uint32_t acc = lb_csum_diff(0, a, to, 4);
+        lb_store16(d + IP4_CSUM, lb_csum_update(lb_load16(d + IP4_CSUM), acc));
+        memcpy(a, to, 4);
+    } else {
+        memcpy(d + (dir == LB_DIR_FWD ? IP6_DST : IP6_SRC), to, 16);
+    }
+}
+
 void lb_nat_rewrite(struct lb_pkt *p, const struct lb_flow_entry *e, enum lb_dir dir)
 {
     if (p->flags & F_PKT_ICMP_ERR)
         nat_icmp(p, e, dir);
+    else if ((p->flags & F_PKT_FRAGMENT) && p->frag_off)
+        lb_nat_rewrite_ip(p->data, p->family, e, dir);
     else
         nat_l4(p, e, dir);
 }

@@ -12,8 +12,15 @@
  *    checksum is not verified: packets reach us routed by the kernel, which
  *    has checked it, and an incremental update keeps a bad one bad.
  *  - Fragments (IPv4 MF or offset, IPv6 fragment header other than an atomic
- *    one) are dropped: only the first carries ports, and balancing the rest
- *    would need a reassembly or a fragment table (future work).
+ *    one) get F_PKT_FRAGMENT and the frag_* fields (the fragment cache,
+ *    lb_frag.h, keys on them). A first fragment (offset 0) is parsed on as
+ *    usual, except that a UDP length may exceed the fragment (it counts the
+ *    whole datagram); it must hold the whole TCP/UDP header (truncated /
+ *    bad_l4 otherwise, as RFC 7112 asks of IPv6). A later fragment stops at
+ *    the IP header chain: no ports, key.proto = the protocol of the
+ *    fragment key. Dropped as `fragment`: a fragment whose data would end
+ *    past 65535 bytes, a non-last one whose data is empty or not a multiple
+ *    of 8 bytes, a second IPv6 Fragment header, a fragmented ICMP message.
  *  - IPv6: payload length 0 (a jumbogram, RFC 2675, or nothing at all) is
  *    bad_totlen; 40 + payload length must fit the buffer. Extension headers:
  *    hop-by-hop (first only), routing (only with segments left 0: otherwise
@@ -26,7 +33,9 @@
  *    a shorter length is accepted as the kernel does: bytes past it are
  *    padding). UDP over IPv6 with checksum 0 is bad_l4 (RFC 8200 8.1: the
  *    receiver drops it anyway).
- *  - ICMP errors: see parse_icmp_err().
+ *  - ICMP errors: see parse_icmp_err(). ICMP/ICMPv6 echo requests (IPv6:
+ *    without extension headers) get F_PKT_ECHO: the pipeline answers those
+ *    to a VIP address.
  */
 #include <string.h>
 #include "lb_parse.h"
@@ -48,7 +57,23 @@ struct ip_walk {
     uint32_t l4_off;   /* first byte after the IP header chain */
     uint32_t end;      /* end of what the IP header vouches for */
     uint8_t  proto;    /* the upper-layer protocol */
+    uint8_t  frag;     /* 1: a fragment (outer header only), fields below */
+    uint8_t  frag_nh;
+    uint8_t  frag_last;
+    uint32_t frag_id;
+    uint32_t frag_off;   /* bytes; > 0: a later fragment, l4_off = its data */
+    uint32_t frag_len;   /* bytes of fragment data */
 };
+
+/* A fragment's offset and length as the fragment rules allow them. */
+static inline enum lb_drop_reason frag_check(const struct ip_walk *w)
+{
+    if (w->frag_off + w->frag_len > 65535u)
+        return LB_DROP_FRAGMENT;
+    if (!w->frag_last && (w->frag_len == 0 || (w->frag_len & 7u)))
+        return LB_DROP_FRAGMENT;
+    return LB_DROP_NONE;
+}
 
 /* IPv4 header at d[off..end). A quote (ICMP error payload) may be cut short,
  * so its total length is not checked against end; a quoted first fragment is
@@ -74,9 +99,17 @@ walk_ip4(const uint8_t *d, uint32_t off, uint32_t end, int quote, struct ip_walk
             return LB_DROP_BAD_TOTLEN;
         if (tot > avail)
             return LB_DROP_TRUNCATED;
-        if (frag & IP4_MF_OFFSET)
-            return LB_DROP_FRAGMENT;
         w->end = off + tot;
+        if (frag & IP4_MF_OFFSET) {
+            w->frag = 1;
+            w->frag_nh = h[9];
+            w->frag_last = !(frag & 0x2000u);
+            w->frag_id = lb_load16(h + 4);
+            w->frag_off = (frag & IP4_OFFSET) * 8u;
+            w->frag_len = tot - hl;
+            if (frag_check(w) != LB_DROP_NONE)
+                return LB_DROP_FRAGMENT;
+        }
     } else {
         if (tot < hl + 8)
             return LB_DROP_BAD_TOTLEN;
@@ -138,8 +171,26 @@ walk_ip6(const uint8_t *d, uint32_t off, uint32_t end, int quote, struct ip_walk
             return LB_DROP_BAD_EXTHDR;
         if (nh == LB_IPPROTO_FRAGMENT) {
             uint32_t fo = lb_be16(d + cur + 2);
-            if ((fo & IP6_FRAG_OFF) || (!quote && (fo & IP6_FRAG_M)))
+            if (quote && (fo & IP6_FRAG_OFF))
                 return LB_DROP_FRAGMENT;
+            if (!quote && (fo & (IP6_FRAG_OFF | IP6_FRAG_M))) {
+                if (w->frag)
+                    return LB_DROP_FRAGMENT;     /* a second Fragment header */
+                w->frag = 1;
+                w->frag_nh = d[cur];
+                w->frag_last = !(fo & IP6_FRAG_M);
+                w->frag_id = lb_load32(d + cur + 4);
+                w->frag_off = fo & IP6_FRAG_OFF;
+                w->frag_len = end - (cur + 8);
+                if (frag_check(w) != LB_DROP_NONE)
+                    return LB_DROP_FRAGMENT;
+                if (w->frag_off) {           /* a later fragment: no more headers */
+                    w->l4_off = cur + 8;
+                    w->end = end;
+                    w->proto = d[cur];
+                    return LB_DROP_NONE;
+                }
+            }
             hlen = 8;
         } else if (nh == LB_IPPROTO_AH) {
             hlen = ((uint32_t)d[cur + 1] + 2) * 4;
@@ -206,7 +257,8 @@ static enum lb_drop_reason parse_udp(struct lb_pkt *p, uint32_t end)
     if (end - p->l4_off < 8)
         return LB_DROP_TRUNCATED;
     ulen = lb_be16(u + 4);
-    if (ulen < 8 || ulen > end - p->l4_off)
+    /* a first fragment's UDP length counts the whole datagram */
+    if (ulen < 8 || (ulen > end - p->l4_off && !(p->flags & F_PKT_FRAGMENT)))
         return LB_DROP_BAD_L4;
     if (p->family == LB_AF_INET6 && lb_load16(u + 6) == 0)
         return LB_DROP_BAD_L4;
@@ -254,6 +306,21 @@ static enum lb_drop_reason parse_icmp_err(struct lb_pkt *p, uint32_t end)
     return LB_DROP_NONE;
 }
 
+/* 1 (and F_PKT_ECHO) for an echo request: ICMP type 8 / ICMPv6 type 128,
+ * code 0, the 8-byte header present; over IPv6 without extension headers
+ * (the reply swaps the addresses and keeps the rest). */
+static int parse_echo(struct lb_pkt *p, uint32_t end)
+{
+    const uint8_t *ic = p->data + p->l4_off;
+
+    if (end - p->l4_off < 8 || ic[1] != 0)
+        return 0;
+    if (p->family == LB_AF_INET ? ic[0] != 8 : (ic[0] != 128 || p->l4_off != 40))
+        return 0;
+    p->flags |= F_PKT_ECHO;
+    return 1;
+}
+
 enum lb_drop_reason lb_parse(uint8_t *data, uint32_t len, struct lb_pkt *p)
 {
     struct ip_walk w;
@@ -274,6 +341,7 @@ enum lb_drop_reason lb_parse(uint8_t *data, uint32_t len, struct lb_pkt *p)
     default:
         return LB_DROP_BAD_VERSION;
     }
+    memset(&w, 0, sizeof(w));
     r = walk_ip(data, 0, len, p->family, 0, &w);
     if (r != LB_DROP_NONE) {
         if (r == LB_DROP_FRAGMENT)
@@ -286,6 +354,18 @@ enum lb_drop_reason lb_parse(uint8_t *data, uint32_t len, struct lb_pkt *p)
     p->key.family = p->family;
     p->key.proto = w.proto;
     key_addrs(&p->key, data, p->family, 0);
+    if (w.frag) {
+        p->flags |= F_PKT_FRAGMENT;
+        p->frag_id = w.frag_id;
+        p->frag_off = (uint16_t)w.frag_off;
+        p->frag_len = (uint16_t)w.frag_len;
+        p->frag_nh = w.frag_nh;
+        p->frag_last = w.frag_last;
+        if (w.frag_off)
+            return LB_DROP_NONE;             /* a later fragment: no L4 header */
+        if (w.proto != LB_IPPROTO_TCP && w.proto != LB_IPPROTO_UDP)
+            return LB_DROP_FRAGMENT;
+    }
 
     switch (w.proto) {
     case LB_IPPROTO_TCP:
@@ -295,10 +375,14 @@ enum lb_drop_reason lb_parse(uint8_t *data, uint32_t len, struct lb_pkt *p)
     case LB_IPPROTO_ICMP:
         if (p->family != LB_AF_INET)
             return LB_DROP_UNSUPPORTED;
+        if (parse_echo(p, w.end))
+            return LB_DROP_NONE;
         return parse_icmp_err(p, w.end);
     case LB_IPPROTO_ICMPV6:
         if (p->family != LB_AF_INET6)
             return LB_DROP_UNSUPPORTED;
+        if (parse_echo(p, w.end))
+            return LB_DROP_NONE;
         return parse_icmp_err(p, w.end);
     default:
         return LB_DROP_UNSUPPORTED;

@@ -12,7 +12,9 @@
  * quotes a TCP/UDP header, F_PKT_ICMP_ERR is set, p->proto is the ICMP
  * protocol, and p->key is the QUOTED 5-tuple REVERSED (key.proto = the quoted
  * L4 protocol): the direction in which the error travels, so the pipeline
- * looks it up like any other packet of that flow. Other ICMP (echo etc.)
- * returns LB_DROP_UNSUPPORTED. */
+ * looks it up like any other packet of that flow. An echo request returns
+ * LB_DROP_NONE with F_PKT_ECHO (ports 0); other ICMP LB_DROP_UNSUPPORTED.
+ * A fragment has F_PKT_FRAGMENT and the frag_* fields; a later one
+ * (frag_off > 0) has no ports (see lb_parse.c for the rules). */
 enum lb_drop_reason lb_parse(uint8_t *data, uint32_t len, struct lb_pkt *p);
 #endif

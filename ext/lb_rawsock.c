@@ -6,6 +6,12 @@
  * the egress link, longest prefix) -> MAC from the L2 table -> new Ethernet
  * header in place -> queued for sendmmsg() on the egress link together with
  * its virtio_net_hdr (NEEDS_CSUM / GSO pass through, as with the TUN).
+ * An answer (LB_REPLY: echo reply, RST) leaves on the link it came from, to
+ * the MAC it came from (the previous hop: no neighbour lookup, so the first
+ * answer to a new client is not lost to an unresolved entry), with a zeroed
+ * virtio_net_hdr (its checksums are complete); the packet's
+ * extras (released fragments, ICMP errors: lb_out.h) get an Ethernet header
+ * in their headroom and are sent at once (they are rare).
  * Receive ring: Documentation/networking/packet_mmap.rst ("TPACKET_V3").
  */
 #define _GNU_SOURCE      /* sendmmsg */
@@ -226,6 +232,72 @@ static inline void arp_one(struct lb_worker *w, const struct lb_table *t, const 
     tx_add(w, in->fd, q, frame - VNET_LEN, ETH_HLEN_ + 28 + VNET_LEN);
 }
 
+/* The next hop's MAC for the IP packet at ip leaving on link eg, or NULL
+ * (then counted as a no_neigh drop instead of a sent packet, and recorded
+ * for resolution). */
+static const uint8_t *next_mac(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
+                               uint8_t eg, const uint8_t *ip, uint32_t iplen, uint8_t *family)
+{
+    uint8_t nh[16], dst[16];
+    const uint8_t *mac;
+
+    /* the destination: parse validated the header lengths (or we built it) */
+    memset(dst, 0, sizeof(dst));
+    if ((ip[0] >> 4) == 4) {
+        *family = LB_AF_INET;
+        memcpy(dst, ip + 16, 4);
+    } else {
+        *family = LB_AF_INET6;
+        memcpy(dst, ip + 24, 16);
+    }
+    memcpy(nh, dst, 16);
+    mac = l2 ? lb_l2_lookup(l2, eg, *family, dst, nh) : NULL;
+    if (!mac) {
+        /* the pipeline counted it as sent; it is a drop after all (the VIP
+         * and backend counters keep it: the flow did see the packet) */
+        w->stats.tx--;
+        w->stats.tx_bytes -= iplen;
+        w->stats.drops[LB_DROP_NO_NEIGH]++;
+        lb_rawsock_record_miss(rs, eg, *family, nh);
+    }
+    return mac;
+}
+
+/* Send the extras of the packet just processed (it came on link from the MAC
+ * peer), then give their buffers back. */
+static void send_extras(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
+                        uint8_t link, uint8_t out_link, const uint8_t *peer,
+                        struct lb_raw_sock *socks, struct txq *qs)
+{
+    for (uint32_t i = 0; i < w->out.n; i++) {
+        const struct lb_out_pkt *o = &w->out.pkt[i];
+        uint8_t eg = o->kind == LB_OUT_REPLY ? link : out_link, family;
+        uint8_t *frame = o->data - ETH_HLEN_;
+        const uint8_t *mac;
+        if (o->kind == LB_OUT_REPLY) {
+            mac = peer;
+            family = (o->data[0] >> 4) == 4 ? LB_AF_INET : LB_AF_INET6;
+        } else {
+            mac = next_mac(w, rs, l2, eg, o->data, o->len, &family);
+        }
+        if (!mac || !l2)
+            continue;
+        memcpy(frame, mac, 6);
+        memcpy(frame + 6, l2->src_mac[eg], 6);
+        lb_store16(frame + 12, htons(family == LB_AF_INET ? ETH_P_IP : ETH_P_IPV6));
+        memset(frame - VNET_LEN, 0, VNET_LEN);
+        tx_add(w, socks[eg].fd, &qs[eg], frame - VNET_LEN, (size_t)o->len + ETH_HLEN_ + VNET_LEN);
+    }
+    if (qs[link].n)
+        tx_flush(w, socks[link].fd, &qs[link]);
+    if (qs[out_link].n)
+        tx_flush(w, socks[out_link].fd, &qs[out_link]);
+    lb_out_done(w);
+}
+
+_Static_assert(ETH_HLEN_ + sizeof(struct virtio_net_hdr) <= LB_OUT_HEADROOM,
+               "extras have room for the L2 headers");
+
 /* One frame of a block whose bytes are blk[0..blk_len). */
 static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_table *t,
                           const struct lb_l2 *l2, uint8_t link, uint8_t out_link,
@@ -236,7 +308,8 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     const struct sockaddr_ll *sll;
     struct virtio_net_hdr vh;
     enum lb_drop_reason r;
-    uint8_t *frame, *ip, nh[16], dst[16], family;
+    enum lb_verdict v;
+    uint8_t *frame, *ip, family, peer[6];
     const uint8_t *mac;
     uint32_t snap = h->tp_snaplen, iplen;
     uint16_t csum_start, etype;
@@ -274,33 +347,25 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     }
     ip = frame + ETH_HLEN_;
     iplen = snap - ETH_HLEN_;
-    if (lb_process_packet(w, t, ip, iplen, now, csum_start, &r) != LB_TX)
-        return;
-    /* the rewritten packet's destination decides the next hop; parse
-     * validated the header lengths */
-    memset(dst, 0, sizeof(dst));
-    if ((ip[0] >> 4) == 4) {
-        family = LB_AF_INET;
-        memcpy(dst, ip + 16, 4);
-    } else {
-        family = LB_AF_INET6;
-        memcpy(dst, ip + 24, 16);
+    memcpy(peer, frame + 6, 6);
+    v = lb_process_packet(w, t, ip, iplen, now, csum_start, &r);
+    if (v == LB_TX || v == LB_REPLY) {
+        /* the rewritten packet's destination decides the next hop; an
+         * answer goes back out of the link it came in on, to its sender */
+        uint8_t eg = v == LB_REPLY ? link : out_link;
+        mac = v == LB_REPLY ? (l2 ? peer : NULL) : next_mac(w, rs, l2, eg, ip, iplen, &family);
+        if (mac) {
+            memcpy(frame, mac, 6);
+            memcpy(frame + 6, l2->src_mac[eg], 6);
+            if (v == LB_REPLY)
+                memset(&vh, 0, sizeof(vh));
+            vh.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID means nothing on transmit */
+            memcpy(frame - VNET_LEN, &vh, VNET_LEN);
+            tx_add(w, socks[eg].fd, &qs[eg], frame - VNET_LEN, (size_t)snap + VNET_LEN);
+        }
     }
-    mac = lb_l2_lookup(l2, out_link, family, dst, nh);
-    if (!mac) {
-        /* the pipeline counted it as sent; it is a drop after all (the VIP
-         * and backend counters keep it: the flow did see the packet) */
-        w->stats.tx--;
-        w->stats.tx_bytes -= iplen;
-        w->stats.drops[LB_DROP_NO_NEIGH]++;
-        lb_rawsock_record_miss(rs, out_link, family, nh);
-        return;
-    }
-    memcpy(frame, mac, 6);
-    memcpy(frame + 6, l2->src_mac[out_link], 6);
-    vh.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID means nothing on transmit */
-    memcpy(frame - VNET_LEN, &vh, VNET_LEN);
-    tx_add(w, socks[out_link].fd, &qs[out_link], frame - VNET_LEN, (size_t)snap + VNET_LEN);
+    if (w->out.n)
+        send_extras(w, rs, l2, link, out_link, peer, socks, qs);
 }
 
 /* Process the block s->cur if user space owns it; 1 if it did. */

@@ -10,6 +10,10 @@
  *     stateless reply path: a reply whose flow entry is gone (restart,
  *     eviction, ECMP move) is still SNATed to its VIP when the backend serves
  *     exactly one VIP on that port.
+ * Both also hold one entry per address (port 0, protocol 0: no VIP or
+ * backend has either), so "is this a VIP's / a backend's address at all"
+ * costs one probe: for echo requests and closed ports of a VIP address, and
+ * for fragments, which have no ports to look up by.
  * Their keys come from the config, not from packets, so a plain (unseeded)
  * mix is enough: probe lengths are bounded by what the operator configured.
  */
@@ -105,6 +109,15 @@ int lb_table_set_vip(struct lb_table *t, uint32_t i, const struct lb_vip *vip,
     v->family = vip->family;
     v->stat_id = vip->stat_id;
     v->ring_size = M;
+    v->closed_port = vip->closed_port;
+    v->persistence = vip->persistence;
+    v->limit_action = vip->limit_action;
+    v->max_flows = vip->max_flows;
+    v->client_rate = vip->client_rate;
+    v->client_burst = vip->client_burst;
+    v->new_flow_rate = vip->new_flow_rate;
+    v->new_flow_burst = vip->new_flow_burst;
+    v->persist_ms = vip->persist_ms;
     v->n_backends = n;
     v->ring = malloc((size_t)M * sizeof(uint16_t));
     v->backends = n ? malloc((size_t)n * sizeof(struct lb_backend)) : NULL;
@@ -147,8 +160,9 @@ int lb_table_seal(struct lb_table *pub)
     }
     if (n_be > (1u << 24))
         return -E2BIG;
-    t->vip_mask = pow2_at_least(2 * pub->n_vips + 1) - 1;
-    t->be_mask = pow2_at_least((uint32_t)(2 * n_be + 1)) - 1;
+    /* room for the address entries too: at most one per VIP / backend */
+    t->vip_mask = pow2_at_least(4 * pub->n_vips + 1) - 1;
+    t->be_mask = pow2_at_least((uint32_t)(4 * n_be + 1)) - 1;
     t->vip_idx = calloc((size_t)t->vip_mask + 1, sizeof(struct idx_slot));
     t->be_idx = calloc((size_t)t->be_mask + 1, sizeof(struct idx_slot));
     if (!t->vip_idx || !t->be_idx)
@@ -165,12 +179,27 @@ int lb_table_seal(struct lb_table *pub)
         s->family = v->family;
         s->used = 1;
         s->vip = i;
+        s = idx_find(t->vip_idx, t->vip_mask, v->family, v->addr, 0, 0);
+        if (!s->used) {              /* the address: its first VIP */
+            memcpy(s->addr, v->addr, 16);
+            s->family = v->family;
+            s->used = 1;
+            s->vip = i;
+        }
     }
     for (uint32_t i = 0; i < pub->n_vips; i++) {
         const struct lb_vip *v = &pub->vips[i];
         for (uint32_t j = 0; j < v->n_backends; j++) {
             const struct lb_backend *b = &v->backends[j];
-            struct idx_slot *s = idx_find(t->be_idx, t->be_mask, b->family, b->addr, b->port, v->proto);
+            struct idx_slot *s = idx_find(t->be_idx, t->be_mask, b->family, b->addr, 0, 0);
+            if (!s->used) {
+                memcpy(s->addr, b->addr, 16);
+                s->family = b->family;
+                s->used = 1;
+                s->vip = i;
+                s->backend = j;
+            }
+            s = idx_find(t->be_idx, t->be_mask, b->family, b->addr, b->port, v->proto);
             if (s->used) {
                 if (s->vip != i)
                     s->vip = IDX_AMBIGUOUS;   /* serves several VIPs */
@@ -231,4 +260,27 @@ const struct lb_backend *lb_table_find_backend(const struct lb_table *pub,
         return NULL;
     *vip_out = &pub->vips[s->vip];
     return &pub->vips[s->vip].backends[s->backend];
+}
+
+const struct lb_vip *lb_table_vip_addr(const struct lb_table *pub, uint8_t family,
+                                       const uint8_t *addr)
+{
+    const struct table_full *t = (const struct table_full *)pub;
+    const struct idx_slot *s;
+
+    if (!t || !t->vip_idx)
+        return NULL;
+    s = idx_find(t->vip_idx, t->vip_mask, family, addr, 0, 0);
+    return s && s->used ? &pub->vips[s->vip] : NULL;
+}
+
+int lb_table_backend_addr(const struct lb_table *pub, uint8_t family, const uint8_t *addr)
+{
+    const struct table_full *t = (const struct table_full *)pub;
+    const struct idx_slot *s;
+
+    if (!t || !t->be_idx)
+        return 0;
+    s = idx_find(t->be_idx, t->be_mask, family, addr, 0, 0);
+    return s && s->used;
 }

@@ -12,7 +12,7 @@
 struct lb_table *lb_table_new(uint32_t n_vips, uint64_t sel_seed);
 
 /* Fill VIP slot i: copies *vip's key fields (addr, port, proto, family,
- * stat_id, ring_size) and backends[0..n), builds the Maglev ring.
+ * stat_id, ring_size), its traffic settings (closed_port .. persist_ms) and backends[0..n), builds the Maglev ring.
  * Returns 0 or -errno. */
 int lb_table_set_vip(struct lb_table *t, uint32_t i, const struct lb_vip *vip,
                      const struct lb_backend *backends, uint32_t n);
@@ -30,4 +30,11 @@ const struct lb_vip *lb_table_find_vip(const struct lb_table *t, const struct lb
 const struct lb_backend *lb_table_find_backend(const struct lb_table *t,
                                                const struct lb_flow_key *k,
                                                const struct lb_vip **vip_out);
+/* The first VIP (in table order) whose address is addr (any port and
+ * protocol), or NULL: addr is no VIP address. */
+const struct lb_vip *lb_table_vip_addr(const struct lb_table *t, uint8_t family,
+                                       const uint8_t *addr);
+
+/* 1 if addr is the address of a backend of some VIP. */
+int lb_table_backend_addr(const struct lb_table *t, uint8_t family, const uint8_t *addr);
 #endif

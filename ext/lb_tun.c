@@ -2,7 +2,9 @@
  *
  * poll() -> read() up to LB_TUN_BATCH packets (one per read on a TUN fd) ->
  * virtio_net_hdr check (lb_vnet.h) -> lb_pipeline_run over the batch ->
- * write() back each packet it sends, header and all.
+ * write() back each packet it sends, header and all (an answer, LB_REPLY,
+ * with a zeroed header: its checksums are complete), then the batch's extra
+ * packets (lb_out.h), each with a zeroed header in its headroom.
  */
 #include <errno.h>
 #include <poll.h>
@@ -16,6 +18,7 @@
 #include "lb_vnet.h"
 
 _Static_assert(LB_TUN_BATCH <= LB_BATCH, "lb_pipeline_run takes at most LB_BATCH packets");
+_Static_assert(sizeof(struct virtio_net_hdr) <= LB_OUT_HEADROOM, "extras have room for the header");
 
 /* The virtio_net_hdr in front of a packet read from the TUN (hdr bytes, 0
  * without IFF_VNET_HDR): 0 with *csum_start as lb_vnet_csum_start gives it,
@@ -111,9 +114,21 @@ int lb_tun_run(struct lb_worker *w)
         /* 2. the pipeline over the batch, 3. write back what it sends */
         if (n) {
             lb_pipeline_run(w, t, data, len, csum, verdicts, reasons, n, now);
-            for (uint32_t i = 0; i < n; i++)
-                if (verdicts[i] == LB_TX)
-                    tun_write(w, bufs + (size_t)i * LB_PKT_MAX, raw[i]);
+            for (uint32_t i = 0; i < n; i++) {
+                uint8_t *b = bufs + (size_t)i * LB_PKT_MAX;
+                if (verdicts[i] == LB_TX) {
+                    tun_write(w, b, raw[i]);
+                } else if (verdicts[i] == LB_REPLY) {
+                    memset(b, 0, hdr);
+                    tun_write(w, b, hdr + len[i]);
+                }
+            }
+            for (uint32_t i = 0; i < w->out.n; i++) {
+                uint8_t *d = w->out.pkt[i].data - hdr;
+                memset(d, 0, hdr);
+                tun_write(w, d, hdr + w->out.pkt[i].len);
+            }
+            lb_out_done(w);
             w->stats.batches++;
         }
         /* a full batch means more is likely queued: go on without poll() */

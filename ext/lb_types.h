@@ -20,6 +20,11 @@ enum lb_verdict {
     LB_TX = 0,    /* rewritten in place: send it */
     LB_DROP = 1,  /* drop; the reason is counted */
     LB_PASS = 2,  /* not ours (not VIP traffic, not a reply): leave it alone */
+    LB_REPLY = 3, /* answered in place (echo reply, RST): send it back the way
+                     it came, i.e. routed to its new destination, the sender */
+    LB_HOLD = 4,  /* kept by the data plane (a fragment that came before its
+                     first fragment, copied to the fragment cache): the
+                     buffer is free again, nothing is sent now */
 };
 
 /* Why a packet was dropped. Counted per worker; names in consts.pxi. */
@@ -42,6 +47,13 @@ enum lb_drop_reason {
                                counted, but the packet is still forwarded */
     LB_DROP_NO_NEIGH,       /* rawsock: no route or no MAC for the next hop */
     LB_DROP_BAD_L2,         /* rawsock: truncated, VLAN-tagged or non-IP frame */
+    LB_DROP_FRAG_EARLY,     /* a later fragment before its first, no room to hold it */
+    LB_DROP_CLOSED_PORT,    /* to a VIP address on a port no VIP serves (counted
+                               also when answered: closed_port "reject") */
+    LB_DROP_LIMIT_FLOWS,    /* new flow over the VIP's max_flows (counted also when
+                               answered: limit_action "reject"); so the next two */
+    LB_DROP_LIMIT_RATE,     /* new flow over the client's new-flow rate */
+    LB_DROP_NEW_FLOW_RATE,  /* new flow over the VIP's new_flow_rate (overload guard) */
     LB_DROP__COUNT
 };
 
@@ -67,9 +79,15 @@ struct lb_pkt {
     uint8_t  flags;        /* F_PKT_* */
     uint16_t inner_off;    /* ICMP error: offset of the quoted IP header */
     uint16_t inner_l4_off; /* ICMP error: offset of the quoted L4 header */
-    uint16_t pad;
+    uint16_t frag_off;     /* F_PKT_FRAGMENT: offset of this fragment's data, bytes */
     struct lb_flow_key key;   /* outer 5-tuple (ICMP error: the quote's,
-                                 reversed, i.e. the direction of the error) */
+                                 reversed, i.e. the direction of the error;
+                                 a later fragment: addresses and protocol, no ports) */
+    uint32_t frag_id;      /* F_PKT_FRAGMENT: IPv4 ID / IPv6 fragment id, as stored */
+    uint16_t frag_len;     /* F_PKT_FRAGMENT: bytes of fragment data in this packet */
+    uint8_t  frag_nh;      /* F_PKT_FRAGMENT: protocol of the fragment key (IPv4
+                              protocol; IPv6: the Fragment header's next header) */
+    uint8_t  frag_last;    /* F_PKT_FRAGMENT: 1 if this is the last fragment (no MF) */
 };
 
 /* One backend of a VIP, as the data plane sees it. */
@@ -93,7 +111,26 @@ struct lb_vip {
     uint32_t n_backends;
     uint16_t *ring;       /* M slots of backend indexes, LB_RING_EMPTY = none */
     struct lb_backend *backends;
+    /* per-VIP traffic settings (0 = off / default) */
+    uint8_t  closed_port;     /* LB_CLOSED_*: the ports of this address no VIP serves */
+    uint8_t  persistence;     /* LB_PERSIST_* */
+    uint8_t  limit_action;    /* LB_ACTION_*: what an over-limit new flow gets */
+    uint8_t  pad2;
+    uint32_t max_flows;       /* tracked flows of this VIP at most */
+    uint32_t client_rate;     /* new flows per second per client address */
+    uint32_t client_burst;    /* ... in a burst of at most this many */
+    uint32_t new_flow_rate;   /* new flows per second of the whole VIP */
+    uint32_t new_flow_burst;
+    uint32_t persist_ms;      /* persistence: a client keeps its backend this long
+                                 after its last new flow */
 };
+
+#define LB_CLOSED_DROP    0
+#define LB_CLOSED_REJECT  1
+#define LB_PERSIST_NONE   0
+#define LB_PERSIST_SOURCE 1
+#define LB_ACTION_DROP    0
+#define LB_ACTION_REJECT  1
 
 /* The forwarding state: immutable once published; replaced as a whole. */
 struct lb_table {
@@ -149,6 +186,9 @@ struct lb_counter {
     uint64_t packets;
     uint64_t bytes;
     uint64_t new_flows;
+    uint64_t limit_flows;     /* VIP: new flows refused by max_flows */
+    uint64_t limit_rate;      /* VIP: new flows refused by client_rate */
+    uint64_t shed;            /* VIP: new flows refused by new_flow_rate */
 };
 
 struct lb_stats {
@@ -156,6 +196,12 @@ struct lb_stats {
     uint64_t flow_hit, flow_miss, flow_new;
     uint64_t loops, batches;     /* worker loop iterations / non-empty batches */
     uint64_t tx_errors;          /* write() to the device failed */
+    uint64_t echo_replies;       /* ICMP/ICMPv6 echo requests to a VIP answered */
+    uint64_t resets;             /* TCP RSTs sent (closed port, limit reject) */
+    uint64_t unreachables;       /* ICMP/ICMPv6 unreachables sent */
+    uint64_t rejects_limited;    /* rejects not sent: over the reject rate */
+    uint64_t out_dropped;        /* extra packets (released fragments, ICMP
+                                    errors) that did not fit the batch's out list */
     uint64_t drops[LB_DROP__COUNT];
     struct lb_counter *vip;      /* [LB_MAX_STAT_IDS], indexed by stat_id */
     struct lb_counter *backend;  /* [LB_MAX_STAT_IDS] */

@@ -53,7 +53,7 @@ cdef uint8_t *_pk_copy(bytes data) except? NULL:
 
 cdef dict _pk_pkt_dict(const lb_pkt *p):
     k = &p.key
-    return {
+    d = {
         "reason": "none",
         "family": p.family,
         "proto": p.proto,
@@ -72,6 +72,15 @@ cdef dict _pk_pkt_dict(const lb_pkt *p):
             "family": k.family,
         },
     }
+    if p.flags & F_PKT_FRAGMENT:
+        raw = (<uint8_t *>&p.frag_id)
+        d["frag"] = {
+            "id": (raw[0] << 8 | raw[1]) if p.family == LB_AF_INET
+            else (raw[0] << 24 | raw[1] << 16 | raw[2] << 8 | raw[3]),
+            "offset": p.frag_off, "length": p.frag_len, "nh": p.frag_nh,
+            "last": bool(p.frag_last),
+        }
+    return d
 
 
 def parse(data) -> dict:
@@ -82,6 +91,7 @@ def parse(data) -> dict:
     tcp_flags, flags (F_PKT_*), len (bytes of IP packet), l4_off, inner_off,
     inner_l4_off (ICMP errors) and key: src/dst (str), sport/dport (int),
     proto, family. For an ICMP error the key is the quoted flow, reversed.
+    A fragment also has frag: id, offset, length (bytes), nh, last.
     """
     cdef bytes b = bytes(data)
     cdef lb_pkt p
@@ -121,6 +131,8 @@ def nat_rewrite(data, entry, int dir, bint csum_partial=False) -> bytes:
             raise ValueError(f"packet dropped by parse: {DROP_REASONS[<int>r]}")
         if p.family != e.family:
             raise ValueError("packet and entry are of different families")
+        if p.flags & F_PKT_ECHO:
+            raise ValueError("an echo request is answered, not translated")
         if csum_partial:
             p.flags |= F_PKT_CSUM_PARTIAL
         lb_nat_rewrite(&p, &e, <lb_dir>dir)

@@ -23,6 +23,8 @@ PKT_MAX: int
 VERDICT_TX: int
 VERDICT_DROP: int
 VERDICT_PASS: int
+VERDICT_REPLY: int
+VERDICT_HOLD: int
 VERDICT_NAMES: dict[int, str]
 DIR_FWD: int
 DIR_REV: int
@@ -30,6 +32,15 @@ DROP_REASONS: tuple[str, ...]
 FLOW_STATES: dict[int, str]
 DEFAULT_TIMEOUTS_MS: dict[str, int]
 PROTO_NUMBERS: dict[str, int]
+FRAG_ENTRIES: int
+FRAG_BUFFERS: int
+FRAG_TIMEOUT_MS: int
+FRAG_SLOT: int
+REJECT_RATE: int
+REJECT_BURST: int
+CLIENT_ENTRIES: int
+FRAG_COUNTERS: tuple[str, ...]
+VIP_SETTINGS: dict[str, Any]
 
 # -- hashing and Maglev (maglev.pxi) -------------------------------------------
 
@@ -125,15 +136,19 @@ class RawSocket:
     def ring_bytes(self) -> int: ...
 
 BackendSpec = tuple[Address, int, int, int, bool]   # address, port, weight, stat id, draining
-VipSpec = tuple[Address, int, Proto, int, int, Sequence[BackendSpec]]
-# address, port, protocol, stat id, ring size, backends
+VipSpec = (tuple[Address, int, Proto, int, int, Sequence[BackendSpec]]
+           | tuple[Address, int, Proto, int, int, Sequence[BackendSpec], dict[str, Any]])
+# address, port, protocol, stat id, ring size, backends[, settings (VIP_SETTINGS keys)]
 
 class Dataplane:
     """Flow table, the published forwarding table and the worker loops."""
     workers: int
     def __init__(self, workers: int = 1, flow_capacity: int = ..., flow_seed: int | None = None,
                  timeouts: dict[str, int] | None = None, flow_file: str | None = None,
-                 boot_id: bytes | None = None) -> None: ...
+                 boot_id: bytes | None = None, frag_entries: int = ...,
+                 frag_buffers: int = ..., frag_timeout_ms: int = ...,
+                 client_entries: int = ..., reject_rate: int = ...,
+                 reject_burst: int = ...) -> None: ...
     def publish(self, vips: Sequence[VipSpec], seed: int, timeout_ms: int = 2000) -> None: ...
     def pick(self, src: Address, sport: int, dst: Address, dport: int, proto: Proto
              ) -> tuple[int, int | None, str | None, int | None] | None: ...
@@ -162,3 +177,5 @@ class Dataplane:
     def sync_refresh(self, cursor: int, max_age_ms: int, max: int = 4096
                      ) -> tuple[bytes, int, bool]: ...
     def expire_flows(self, now: int, max: int = 65536) -> tuple[int, bytes]: ...
+    def frag_stats(self) -> dict[str, int]: ...
+    def frag_expire(self, now: int | None = None, max_sets: int = ...) -> int: ...

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
 
 log = logging.getLogger("lbcore.balancer")
 
@@ -75,6 +76,8 @@ class VipState:
     ring_size: int
     slow_start: float = 0.0
     backends: dict[tuple[IPAddress, int], BackendState] = field(default_factory=dict)
+    # closed ports, persistence, limits (lbcore._core.VIP_SETTINGS keys); empty = all off
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[IPAddress, int, str]:
@@ -108,19 +111,20 @@ class Balancer:
 
     def add_vip(self, name: str, address: str | IPAddress, port: int, proto: str,
                 pool: str = "", ring_size: int | None = None,
-                slow_start: float = 0.0) -> VipState:
-        """Add a VIP (address, port, protocol), or update the name, pool, ring size and slow
-        start of the one that exists; returns it."""
+                slow_start: float = 0.0, settings: dict[str, Any] | None = None) -> VipState:
+        """Add a VIP (address, port, protocol), or update the name, pool, ring size, slow
+        start and traffic settings of the one that exists; returns it."""
         addr = ip_address(address) if isinstance(address, str) else address
         key = (addr, port, proto)
         if key in self.vips:
             v = self.vips[key]
             v.name, v.pool, v.slow_start = name, pool, slow_start
             v.ring_size = ring_size or self.ring_size
+            v.settings = dict(settings or {})
             return v
         v = VipState(name=name, address=addr, port=port, proto=proto, pool=pool,
                      stat_id=self._alloc_vip_stat(), ring_size=ring_size or self.ring_size,
-                     slow_start=slow_start)
+                     slow_start=slow_start, settings=dict(settings or {}))
         self.vips[key] = v
         return v
 
@@ -171,7 +175,8 @@ class Balancer:
                 changes.append(f"added VIP {vc.name or vc}")
             v = self.add_vip(vc.name or str(vc), vc.address, vc.port, vc.protocol,
                              pool=pool.name, ring_size=config.ring_size,
-                             slow_start=pool.slow_start)
+                             slow_start=pool.slow_start,
+                             settings=vc.settings(config.closed_port))
             bwant = {(b.address, b.port): b for b in pool.backends}
             for bkey in [k for k in v.backends if k not in bwant]:
                 changes.append(f"removed backend {bkey[0]}:{bkey[1]} from {v.name}")
@@ -260,7 +265,7 @@ class Balancer:
         for v in self.vips.values():
             bes = [(b.address, b.port, b.effective_weight(v.slow_start, now), b.stat_id,
                     b.draining) for b in v.backends.values()]
-            spec.append((v.address, v.port, v.proto, v.stat_id, v.ring_size, bes))
+            spec.append((v.address, v.port, v.proto, v.stat_id, v.ring_size, bes, v.settings))
         return spec
 
     def publish(self) -> None:

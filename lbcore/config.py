@@ -49,6 +49,11 @@ HEALTH_INTERVAL_MIN_S = 0.01      # below this a check loop is a busy loop
 HEALTH_INTERVAL_MAX_S = 3600.0
 HEALTH_COUNT_MAX = 1000           # rise/fall
 UDP_PAYLOAD_MAX = 65507           # largest UDP payload over IPv4
+FRAG_ENTRIES_MAX = 1 << 24        # lb_frag_new: datagrams remembered at most
+FRAG_BUFFERS_MAX = 1 << 20        # lb_frag_new: held fragments at most (2 KiB each)
+FRAG_TIMEOUT_MAX_S = 60.0
+CLIENT_ENTRIES_MAX = 1 << 24      # lb_limit_new: per-client table
+RATE_MAX = 10_000_000             # new flows / rejects per second (token buckets)
 IFNAMSIZ = 16                     # Linux: names are at most 15 bytes + NUL
 SUN_PATH_MAX = 107                # sockaddr_un.sun_path is 108 bytes incl. NUL
 
@@ -102,6 +107,22 @@ DEFAULT_ANCHOR_DEVICE = "lbcore-bgp"
 DEFAULT_BIRD = "bird"
 AS_MAX = 4294967295               # 4-octet AS numbers (RFC 6793)
 DEFAULT_SLOW_START = 0.0
+# Closed ports of a VIP address: dropped by default, like all_down (no answer to
+# spoofed sources); "reject" answers like a host: RST / ICMP port unreachable.
+DEFAULT_CLOSED_PORT = "drop"
+# Rejects (RST, ICMP unreachable) per second and burst, whole gateway: the
+# kernel's icmp_msgs_per_sec / icmp_msgs_burst.
+DEFAULT_REJECT_RATE = 1000
+DEFAULT_REJECT_BURST = 50
+DEFAULT_CLIENT_TABLE_SIZE = 65536     # LB_CLIENT_ENTRIES
+# The fragment cache (LB_FRAG_*): datagrams in flight, early fragments held, and how
+# long a datagram's decision lives (its fragments arrive within milliseconds).
+DEFAULT_FRAG_CACHE_SIZE = 4096
+DEFAULT_FRAG_BUFFERS = 1024
+DEFAULT_FRAG_TIMEOUT = 2.0
+# Source persistence keeps a client on its backend this long after its last new
+# flow (IPVS's persistent timeout is 300 s by default, too).
+DEFAULT_PERSISTENCE_TIMEOUT = 300.0
 # HAProxy's defaults: inter 2 s, rise 2, fall 3; timeout 1 s keeps a slow check
 # well inside its interval.
 DEFAULT_HEALTH_INTERVAL = 2.0
@@ -119,6 +140,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # not implemented, so it is not accepted either.
 ALL_DOWN_ACTIONS = ("drop",)
 PROTOCOLS = ("tcp", "udp")
+CLOSED_PORT_ACTIONS = ("drop", "reject")
+LIMIT_ACTIONS = ("drop", "reject")
+PERSISTENCE_MODES = ("none", "source")
 HEALTH_TYPES = ("tcp", "http", "udp", "exec")
 TIMEOUT_KEYS = ("tcp_syn", "tcp_established", "tcp_fin", "tcp_close", "udp", "udp_stream")
 
@@ -156,6 +180,14 @@ class Timeouts:
         """The timeouts as whole milliseconds (what `struct lb_timeouts` holds),
         keyed tcp_syn, tcp_established, tcp_fin, tcp_close, udp, udp_stream."""
         return {k: int(round(getattr(self, k) * 1000.0)) for k in TIMEOUT_KEYS}
+
+
+@dataclass(frozen=True)
+class FragmentsConfig:
+    """The fragment cache: datagrams remembered, early fragments held, timeout (s)."""
+    cache_size: int = DEFAULT_FRAG_CACHE_SIZE
+    buffers: int = DEFAULT_FRAG_BUFFERS
+    timeout: float = DEFAULT_FRAG_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -259,11 +291,30 @@ class VipConfig:
     protocol: str
     pool: str
     name: str = ""
+    closed_port: str | None = None        # None: global.closed_port
+    persistence: str = "none"
+    persistence_timeout: float = DEFAULT_PERSISTENCE_TIMEOUT
+    max_flows: int = 0                    # 0: no limit
+    client_rate: int = 0                  # new flows per second per client address
+    client_burst: int = 0                 # 0: client_rate
+    new_flow_rate: int = 0                # new flows per second of the VIP (overload guard)
+    new_flow_burst: int = 0               # 0: new_flow_rate
+    limit_action: str = "drop"
 
     @property
     def key(self) -> tuple[IPAddress, int, str]:
         """(address, port, protocol): unique among VIPs."""
         return (self.address, self.port, self.protocol)
+
+    def settings(self, closed_port: str = DEFAULT_CLOSED_PORT) -> dict[str, Any]:
+        """The data plane's per-VIP settings (lbcore._core.VIP_SETTINGS), with
+        `closed_port` the global value this VIP does not override."""
+        return {"closed_port": self.closed_port or closed_port,
+                "persistence": self.persistence,
+                "persist_ms": int(round(self.persistence_timeout * 1000.0)),
+                "limit_action": self.limit_action, "max_flows": self.max_flows,
+                "client_rate": self.client_rate, "client_burst": self.client_burst,
+                "new_flow_rate": self.new_flow_rate, "new_flow_burst": self.new_flow_burst}
 
     @property
     def family(self) -> int:
@@ -291,8 +342,13 @@ class Config:
         ipaddress.IPv4Address("127.0.0.1"), 9150)
     log_level: str = DEFAULT_LOG_LEVEL
     all_down: str = DEFAULT_ALL_DOWN
+    closed_port: str = DEFAULT_CLOSED_PORT
+    reject_rate: int = DEFAULT_REJECT_RATE
+    reject_burst: int = DEFAULT_REJECT_BURST
+    client_table_size: int = DEFAULT_CLIENT_TABLE_SIZE
     timeouts: Timeouts = field(default_factory=Timeouts)
     flow_file: str = DEFAULT_FLOW_FILE        # "" = no file, no adoption
+    fragments: FragmentsConfig = field(default_factory=FragmentsConfig)
     rawsock: RawsockConfig | None = None      # set only in mode "rawsock"
     bgp: BgpConfig | None = None              # set only with a [bgp] section
     sync: SyncConfig | None = None            # set when [sync] is configured
@@ -608,10 +664,14 @@ class _Checker:
 # --- sections -------------------------------------------------------------------------
 
 _GLOBAL_KEYS = ("mode", "workers", "flow_table_size", "hash_seed", "ring_size", "tun_name",
-                "control_socket", "metrics_listen", "log_level", "all_down", "timeouts",
+                "control_socket", "metrics_listen", "log_level", "all_down", "closed_port",
+                "reject_rate", "reject_burst", "client_table_size", "timeouts", "fragments",
                 "flow_file")
 _SYNC_KEYS = ("listen", "peers", "key", "key_file", "ring_size", "refresh", "window")
-_VIP_KEYS = ("name", "address", "port", "protocol", "pool")
+_VIP_KEYS = ("name", "address", "port", "protocol", "pool", "closed_port", "persistence",
+             "persistence_timeout", "max_flows", "client_rate", "client_burst",
+             "new_flow_rate", "new_flow_burst", "limit_action")
+_FRAGMENT_KEYS = ("cache_size", "buffers", "timeout")
 _POOL_KEYS = ("slow_start", "backends", "health")
 _BACKEND_KEYS = ("address", "port", "weight")
 _HEALTH_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
@@ -808,6 +868,16 @@ def _parse_sync(c: _Checker, data: dict) -> SyncConfig | None | str:
         return "bad"
     return SyncConfig(listen=listen, peers=tuple(peers), key=key, ring_size=ring,  # type: ignore[arg-type]
                       refresh=refresh, window=window)
+def _parse_fragments(c: _Checker, g: dict) -> FragmentsConfig | None:
+    f = c.table(g, "fragments", "global") or {}
+    c.known_keys(f, "global.fragments", _FRAGMENT_KEYS)
+    vals = {"cache_size": c.integer(f, "cache_size", "global.fragments", 4, FRAG_ENTRIES_MAX,
+                                    DEFAULT_FRAG_CACHE_SIZE),
+            "buffers": c.integer(f, "buffers", "global.fragments", 0, FRAG_BUFFERS_MAX,
+                                 DEFAULT_FRAG_BUFFERS),
+            "timeout": c.seconds(f, "timeout", "global.fragments", 0.001, FRAG_TIMEOUT_MAX_S,
+                                 DEFAULT_FRAG_TIMEOUT)}
+    return None if None in vals.values() else FragmentsConfig(**vals)
 
 
 def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
@@ -828,8 +898,16 @@ def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
         "metrics_listen": _parse_metrics_listen(c, g),
         "log_level": c.choice(g, "log_level", "global", LOG_LEVELS, DEFAULT_LOG_LEVEL),
         "all_down": c.choice(g, "all_down", "global", ALL_DOWN_ACTIONS, DEFAULT_ALL_DOWN),
+        "closed_port": c.choice(g, "closed_port", "global", CLOSED_PORT_ACTIONS,
+                                DEFAULT_CLOSED_PORT),
+        "reject_rate": c.integer(g, "reject_rate", "global", 0, RATE_MAX, DEFAULT_REJECT_RATE),
+        "reject_burst": c.integer(g, "reject_burst", "global", 1, RATE_MAX,
+                                  DEFAULT_REJECT_BURST),
+        "client_table_size": c.integer(g, "client_table_size", "global", 4, CLIENT_ENTRIES_MAX,
+                                       DEFAULT_CLIENT_TABLE_SIZE),
         "timeouts": _parse_timeouts(c, g),
         "flow_file": _parse_flow_file(c, g),
+        "fragments": _parse_fragments(c, g),
     }
 
 
@@ -1128,6 +1206,32 @@ def _vip_name_ok(name: str) -> bool:
     return len(name) <= 64 and not any(ch.isspace() or not ch.isprintable() for ch in name)
 
 
+def _parse_vip_traffic(c: _Checker, v: dict, path: str) -> dict[str, Any] | None:
+    """The VIP's traffic keys: closed ports, persistence, limits, overload guard."""
+    kw: dict[str, Any] = {
+        "closed_port": c.choice(v, "closed_port", path, CLOSED_PORT_ACTIONS, None)
+        if "closed_port" in v else None,
+        "persistence": c.choice(v, "persistence", path, PERSISTENCE_MODES, "none"),
+        "persistence_timeout": c.seconds(v, "persistence_timeout", path, 0.001, MAX_TIMEOUT_S,
+                                         DEFAULT_PERSISTENCE_TIMEOUT),
+        "max_flows": c.integer(v, "max_flows", path, 0, FLOW_MAX, 0),
+        "client_rate": c.integer(v, "client_rate", path, 0, RATE_MAX, 0),
+        "client_burst": c.integer(v, "client_burst", path, 0, RATE_MAX, 0),
+        "new_flow_rate": c.integer(v, "new_flow_rate", path, 0, RATE_MAX, 0),
+        "new_flow_burst": c.integer(v, "new_flow_burst", path, 0, RATE_MAX, 0),
+        "limit_action": c.choice(v, "limit_action", path, LIMIT_ACTIONS, "drop"),
+    }
+    if "closed_port" in v and kw["closed_port"] is None:
+        return None
+    for burst, rate in (("client_burst", "client_rate"), ("new_flow_burst", "new_flow_rate")):
+        if kw[burst] and not kw[rate]:
+            c.bad(_join(path, burst), v[burst], f"0 (no {rate} is set)",
+                  f"a burst needs {rate} > 0")
+    if "persistence_timeout" in v and kw["persistence"] == "none":
+        c.warn(_join(path, "persistence_timeout"), 'ignored: persistence is "none"')
+    return None if any(x is None for k, x in kw.items() if k != "closed_port") else kw
+
+
 def _parse_vip(c: _Checker, v: dict, path: str, pool_names: list[str]) -> VipConfig | None:
     addr = c.address(v, "address", path)
     port = c.integer(v, "port", path, 1, 65535)
@@ -1135,9 +1239,11 @@ def _parse_vip(c: _Checker, v: dict, path: str, pool_names: list[str]) -> VipCon
     pool = _parse_vip_pool(c, v, path, pool_names)
     what = "a name (1..64 characters, no spaces)"
     name = c.checked_string(v, "name", path, what, _vip_name_ok, what, "")
-    if None in (addr, port, proto, pool, name):
+    traffic = _parse_vip_traffic(c, v, path)
+    if None in (addr, port, proto, pool, name) or traffic is None:
         return None
-    return VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}")
+    return VipConfig(addr, port, proto, pool, name or f"{_hostport(addr, port)}/{proto}",
+                     **traffic)
 
 
 def _parse_vips(c: _Checker, data: dict, pool_names: Iterable[str]) -> list[VipConfig] | None:
@@ -1203,6 +1309,23 @@ def _cross_check(c: _Checker, vips: list[VipConfig], pools: dict[str, PoolConfig
             _check_ring_size(c, ring_size, name, len(pool.backends))
 
 
+def _check_closed_ports(c: _Checker, vips: list[VipConfig], closed_port: str | None) -> None:
+    """The closed ports of an address are one setting: every VIP on that address must give
+    the same closed_port (its own or the global one)."""
+    first: dict[IPAddress, tuple[int, str]] = {}
+    for i, v in enumerate(vips):
+        eff = v.closed_port or closed_port
+        if eff is None:
+            continue
+        if v.address not in first:
+            first[v.address] = (i, eff)
+        elif first[v.address][1] != eff:
+            j, other = first[v.address]
+            c.error(f"vip[{i}].closed_port", f'{_show(eff)} differs from vip[{j}] on the same '
+                    f'address {v.address} ({_show(other)}); expected the same closed_port for '
+                    "every VIP of an address (the ports no VIP serves are the address's)")
+
+
 def config_from_dict(data: dict, source: str = "<string>") -> Config:
     """Validate an already-parsed TOML document (a dict as `tomllib` returns)
     and build the `Config`. Raises ConfigError with every mistake found."""
@@ -1231,14 +1354,18 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
         _cross_check(c, vips, pools, g.get("ring_size"))
     if bgp is not None and vips:
         _check_bgp_families(c, bgp, vips)
+    if vips:
+        _check_closed_ports(c, vips, g["closed_port"])
     if c.errors:
         raise ConfigError(c.errors, source)
     return Config(
         mode=g["mode"], workers=g["workers"], flow_table_size=g["flow_table_size"],
         hash_seed=g["hash_seed"], ring_size=g["ring_size"], tun_name=g["tun_name"],
         control_socket=g["control_socket"], metrics_listen=g["metrics_listen"],
-        log_level=g["log_level"], all_down=g["all_down"], timeouts=g["timeouts"],
-        flow_file=g["flow_file"], rawsock=rawsock, bgp=bgp,
+        log_level=g["log_level"], all_down=g["all_down"], closed_port=g["closed_port"],
+        reject_rate=g["reject_rate"], reject_burst=g["reject_burst"],
+        client_table_size=g["client_table_size"], timeouts=g["timeouts"],
+        fragments=g["fragments"], flow_file=g["flow_file"], rawsock=rawsock, bgp=bgp,
         sync=sync if isinstance(sync, SyncConfig) else None, vips=tuple(vips or ()),
         pools=MappingProxyType(pools),
         warnings=tuple(c.warnings), source=source)

@@ -121,9 +121,13 @@ class Daemon:
 
             if cfg.flow_file:
                 stack.callback(os.close, lock_flow_file(cfg.flow_file))
-            self.dp = _core.Dataplane(cfg.workers, cfg.flow_table_size,
-                                      timeouts=cfg.timeouts.as_ms(),
-                                      flow_file=cfg.flow_file or None)
+            self.dp = _core.Dataplane(
+                cfg.workers, cfg.flow_table_size, timeouts=cfg.timeouts.as_ms(),
+                flow_file=cfg.flow_file or None,
+                frag_entries=cfg.fragments.cache_size, frag_buffers=cfg.fragments.buffers,
+                frag_timeout_ms=max(1, int(round(cfg.fragments.timeout * 1000.0))),
+                client_entries=cfg.client_table_size, reject_rate=cfg.reject_rate,
+                reject_burst=cfg.reject_burst)
             self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size,
                                      clock_ms=_core.now_ms)
             for change in self.balancer.configure(cfg):
@@ -259,12 +263,14 @@ class Daemon:
                 "failures": st.failures}
 
     async def _housekeeping(self) -> None:
-        """Flow expiry every second (a lap of the table, in a worker thread); table rebuilds
-        while a slow start ramps."""
+        """Flow expiry every second (a lap of the table, in a worker thread), and of the
+        fragment cache (so held fragments of abandoned datagrams free their buffers without
+        traffic); table rebuilds while a slow start ramps."""
         last_slow = 0.0
         while True:
             await asyncio.sleep(EXPIRE_EVERY_S)
             await self._expire()
+            await asyncio.to_thread(self.dp.frag_expire)
             assert self.balancer is not None
             now = time.monotonic()
             if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():

@@ -16,14 +16,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrFragment,
+    fragment6,
+)
 from scapy.packet import Raw
 
 from lbcore import _core
 
 CLIENT, VIP, BACKEND = "198.18.0.2", "198.18.100.1", "198.19.0.11"
 VIP_EMPTY = "198.18.100.2"          # a VIP whose pool is empty
+VIP_REJECT = "198.18.100.3"         # closed_port = "reject"
 ROUTER = "198.18.0.254"             # sends ICMP errors about the VIP's replies
 CLIENT6, VIP6, BACKEND6 = "2001:db8::2", "2001:db8:100::1", "2001:db8:1::11"
 CPORT = 40000
@@ -34,10 +42,14 @@ NOW = 1000                           # the data plane's clock, ms
 TABLE = [
     (VIP, 80, "tcp", 1, 65537, [(BACKEND, 8080, 1, 101, False)]),
     (VIP_EMPTY, 80, "tcp", 2, 65537, []),
-    (VIP6, 53, "udp", 3, 65537, [(BACKEND6, 5353, 1, 103, False)]),
+    (VIP6, 53, "udp", 3, 65537, [(BACKEND6, 5353, 1, 103, False)], {"closed_port": "reject"}),
+    (VIP, 5300, "udp", 4, 65537, [(BACKEND, 5301, 1, 104, False)]),
+    (VIP_REJECT, 80, "tcp", 5, 65537, [(BACKEND, 8081, 1, 105, False)],
+     {"closed_port": "reject"}),
 ]
 
 TX, DROP = _core.VERDICT_TX, _core.VERDICT_DROP
+REPLY, HOLD = _core.VERDICT_REPLY, _core.VERDICT_HOLD
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class Step:
     verdict: int
     reason: str
     expected: bytes
+    # extra packets the step sends (released fragments, ICMP errors), in any order
+    extras: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,35 @@ def tx(packet, expected) -> Step:
     return Step(bytes(packet), TX, "none", bytes(expected))
 
 
-def drop(packet, reason: str) -> Step:
-    return Step(bytes(packet), DROP, reason, bytes(packet))
+def drop(packet, reason: str, extras=()) -> Step:
+    return Step(bytes(packet), DROP, reason, bytes(packet), tuple(bytes(x) for x in extras))
+
+
+def reply(packet, expected, reason: str = "none") -> Step:
+    return Step(bytes(packet), REPLY, reason, bytes(expected))
+
+
+def hold(packet) -> Step:
+    return Step(bytes(packet), HOLD, "none", bytes(packet))
+
+
+def tx_with(packet, expected, extras) -> Step:
+    return Step(bytes(packet), TX, "none", bytes(expected), tuple(bytes(x) for x in extras))
+
+
+# A 3000-byte UDP datagram to VIP:5300 in three fragments, and the same datagram as the
+# backend gets it (NAT by the first fragment's checksum alone: scapy computes it over the
+# whole datagram, so the bytes must match exactly)
+DGRAM = b"".join(bytes([i % 251]) for i in range(3000))
+FRAGS = fragment(IP(src=CLIENT, dst=VIP, id=4242) / UDP(sport=CPORT, dport=5300) / DGRAM,
+                 fragsize=1200)
+FRAGS_OUT = fragment(IP(src=CLIENT, dst=BACKEND, id=4242) / UDP(sport=CPORT, dport=5301)
+                     / DGRAM, fragsize=1200)
+FRAG6 = IPv6ExtHdrFragment(id=0xABCDEF)
+FRAGS6 = fragment6(IPv6(src=CLIENT6, dst=VIP6) / FRAG6 / UDP(sport=3333, dport=53) / DGRAM,
+                   1280)
+FRAGS6_OUT = fragment6(IPv6(src=CLIENT6, dst=BACKEND6) / FRAG6 / UDP(sport=3333, dport=5353)
+                       / DGRAM, 1280)
 
 
 def tcp4(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b""):
@@ -117,9 +158,70 @@ PIPELINE_CASES = [
         (drop(tcp4(CLIENT, "198.18.100.9", CPORT, 80), "no_vip"),),
         {"drops": {"no_vip": 1}, "tx": 0}),
     PipelineCase(
-        "vip address on a port it does not serve is dropped as no_vip",
-        (drop(tcp4(CLIENT, VIP, CPORT, 81), "no_vip"),),
-        {"drops": {"no_vip": 1}}),
+        "vip address on a port it does not serve is dropped as closed_port",
+        (drop(tcp4(CLIENT, VIP, CPORT, 81), "closed_port"),),
+        {"drops": {"closed_port": 1}, "resets": 0}),
+    PipelineCase(
+        "closed_port reject: a syn to a closed port gets an rst",
+        (reply(tcp4(CLIENT, VIP_REJECT, CPORT, 81),
+               IP(src=VIP_REJECT, dst=CLIENT, flags="DF", id=0)
+               / TCP(sport=81, dport=CPORT, flags="RA", seq=0, ack=1, window=0),
+               "closed_port"),),
+        {"drops": {"closed_port": 1}, "resets": 1, "tx": 1}),
+    PipelineCase(
+        "closed_port reject: an ack to a closed port gets an rst with its ack as seq",
+        (reply(IP(src=CLIENT, dst=VIP_REJECT) / TCP(sport=CPORT, dport=81, flags="A",
+                                                    seq=5, ack=777) / Raw(b"data"),
+               IP(src=VIP_REJECT, dst=CLIENT, flags="DF", id=0)
+               / TCP(sport=81, dport=CPORT, flags="R", seq=777, ack=0, window=0),
+               "closed_port"),),
+        {"resets": 1}),
+    PipelineCase(
+        "closed_port reject over ipv6 udp: icmpv6 port unreachable quoting the packet",
+        (drop(udp6(CLIENT6, VIP6, 3333, 54, b"query"), "closed_port",
+              (IPv6(src=VIP6, dst=CLIENT6) / ICMPv6DestUnreach(code=4)
+               / udp6(CLIENT6, VIP6, 3333, 54, b"query"),)),),
+        {"drops": {"closed_port": 1}, "unreachables": 1}),
+    PipelineCase(
+        "an rst to a closed port is never answered",
+        (drop(tcp4(CLIENT, VIP_REJECT, CPORT, 81, "R"), "closed_port"),),
+        {"resets": 0}),
+    PipelineCase(
+        "icmp echo to a vip address is answered",
+        (reply(IP(src=CLIENT, dst=VIP) / ICMP(id=7, seq=1) / Raw(b"ping"),
+               IP(src=VIP, dst=CLIENT) / ICMP(type=0, id=7, seq=1) / Raw(b"ping")),),
+        {"echo_replies": 1, "tx": 1}),
+    PipelineCase(
+        "icmpv6 echo to a vip address is answered",
+        (reply(IPv6(src=CLIENT6, dst=VIP6) / ICMPv6EchoRequest(id=7, seq=1, data=b"ping"),
+               IPv6(src=VIP6, dst=CLIENT6) / ICMPv6EchoReply(id=7, seq=1, data=b"ping")),),
+        {"echo_replies": 1}),
+    PipelineCase(
+        "icmp echo to another address is not ours",
+        (drop(IP(src=CLIENT, dst="198.18.100.9") / ICMP(id=7, seq=1), "unsupported"),),
+        {"echo_replies": 0}),
+    PipelineCase(
+        "udp fragments in order: the first is balanced, the others follow its decision",
+        tuple(tx(f, g) for f, g in zip(FRAGS, FRAGS_OUT, strict=True)),
+        {"tx": 3, "flow_new": 1}),
+    PipelineCase(
+        "udp fragments in reverse order: held until the first, then released translated",
+        (hold(FRAGS[2]), hold(FRAGS[1]),
+         tx_with(FRAGS[0], FRAGS_OUT[0], (FRAGS_OUT[1], FRAGS_OUT[2]))),
+        {"tx": 3, "flow_new": 1}),
+    PipelineCase(
+        "ipv6 udp fragments, last first",
+        (hold(FRAGS6[-1]),
+         tx_with(FRAGS6[0], FRAGS6_OUT[0], (FRAGS6_OUT[-1],)),
+         *(tx(f, g) for f, g in zip(FRAGS6[1:-1], FRAGS6_OUT[1:-1], strict=True))),
+        {"flow_new": 1}),
+    PipelineCase(
+        "fragments of a datagram to a closed port: the first refused, the rest follow",
+        (drop(fragment(IP(src=CLIENT, dst=VIP, id=9) / UDP(sport=CPORT, dport=81) / DGRAM,
+                       fragsize=1200)[0], "closed_port"),
+         drop(fragment(IP(src=CLIENT, dst=VIP, id=9) / UDP(sport=CPORT, dport=81) / DGRAM,
+                       fragsize=1200)[1], "closed_port")),
+        {"drops": {"closed_port": 2}}),
     PipelineCase(
         "vip with an empty pool drops new flows as no_backend",
         (drop(tcp4(CLIENT, VIP_EMPTY, CPORT, 80), "no_backend"),),
@@ -141,10 +243,10 @@ PIPELINE_CASES = [
                                                                  b"answer"))),
         {"flow_new": 1, "flow_hit": 1, "vips": {3: (2, 2 * 40 + 2 * 8 + 5 + 6, 1)}}),
     PipelineCase(
-        "ip fragment is dropped: it has no ports to balance on",
-        (drop(IP(src=CLIENT, dst=VIP, flags="MF") / UDP(sport=CPORT, dport=80) / Raw(b"x" * 20),
-              "fragment"),),
-        {"drops": {"fragment": 1}}),
+        "a later fragment to no vip address and from no backend is not ours",
+        (drop(IP(src=CLIENT, dst="198.18.100.9", frag=100, proto=17) / Raw(b"x" * 24),
+              "no_vip"),),
+        {"drops": {"no_vip": 1}}),
 ]
 
 

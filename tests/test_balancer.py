@@ -65,15 +65,16 @@ def bal():
 
 def weights(bal):
     spec, _ = bal.dp.tables[-1]
-    [(addr, port, proto, _stat, ring, bes)] = spec
+    [(addr, port, proto, _stat, ring, bes, _settings)] = spec
     return {str(a): w for a, _p, w, _s, _d in bes}
 
 
 def test_configure_publishes_the_pool_with_weights_and_seed(bal):
     spec, seed = bal.dp.tables[-1]
     assert seed == 7
-    [(addr, port, proto, stat, ring, bes)] = spec
+    [(addr, port, proto, stat, ring, bes, settings)] = spec
     assert (str(addr), port, proto, ring) == ("198.18.100.1", 80, "tcp", 251)
+    assert settings["closed_port"] == "drop" and settings["persistence"] == "none"
     assert weights(bal) == {"198.19.0.11": 1, "198.19.0.12": 2, "198.19.0.13": 1}
     assert len({s for *_x, s, _d in bes}) == 3      # distinct counter slots
 

@@ -119,6 +119,8 @@ def test_defaults():
     assert cfg.metrics_listen == (ipaddress.IPv4Address("127.0.0.1"), 9150)
     assert cfg.log_level == "info"
     assert cfg.all_down == "drop"
+    assert cfg.closed_port == "drop" and cfg.reject_rate == 1000
+    assert cfg.fragments == C.FragmentsConfig(4096, 1024, 2.0)
     assert cfg.rawsock is None
     assert cfg.vips == () and dict(cfg.pools) == {}
     assert cfg.timeouts == Timeouts()
@@ -402,6 +404,30 @@ CASES = [
      'got "we b"'),
     ("negative slow start", _set(["pool", "web", "slow_start"], -5),
      "pool.web.slow_start: expected seconds >= 0 and <= 86400, got -5"),
+    ("bad closed_port", _set(["global", "closed_port"], "rst"),
+     'global.closed_port: expected "drop" or "reject", got "rst"'),
+    ("negative reject_rate", _set(["global", "reject_rate"], -1),
+     "global.reject_rate: expected an integer 0..10000000, got -1"),
+    ("fragment cache too small", _set(["global", "fragments"], {"cache_size": 2}),
+     "global.fragments.cache_size: expected an integer 4..16777216, got 2"),
+    ("fragment timeout too long", _set(["global", "fragments"], {"timeout": 120}),
+     "global.fragments.timeout: expected seconds >= 0.001 and <= 60, got 120"),
+    ("unknown fragments key", _set(["global", "fragments"], {"size": 5}),
+     'global.fragments.size: unknown key; expected one of: buffers, cache_size, timeout'),
+    ("bad persistence", _set(["vip", 0, "persistence"], "sticky"),
+     'vip[0].persistence: expected "none" or "source", got "sticky"'),
+    ("bad limit_action", _set(["vip", 0, "limit_action"], "rst"),
+     'vip[0].limit_action: expected "drop" or "reject", got "rst"'),
+    ("negative max_flows", _set(["vip", 0, "max_flows"], -3),
+     "vip[0].max_flows: expected an integer 0..16777216, got -3"),
+    ("burst without a rate", _set(["vip", 0, "client_burst"], 10),
+     "vip[0].client_burst: expected 0 (no client_rate is set), got 10; a burst needs "
+     "client_rate > 0"),
+    ("closed_port differs on one address",
+     lambda d: d["vip"].append(dict(d["vip"][0], name="web2", port=81, closed_port="reject")),
+     'vip[2].closed_port: "reject" differs from vip[0] on the same address 198.18.100.1 '
+     '("drop"); expected the same closed_port for every VIP of an address (the ports no VIP '
+     "serves are the address's)"),
     ("rawsock mode without [rawsock]", _set(["global", "mode"], "rawsock"),
      'rawsock: missing; mode "rawsock" needs a [rawsock] table with client_link and '
      'backend_link'),

@@ -64,14 +64,15 @@ def syn(sport=40000, src=CLIENT, dst=VIP, flags="S", payload=b""):
 def test_pipeline_case(case: PipelineCase):
     dp = case_dataplane()
     for i, step in enumerate(case.steps):
-        [(v, reason, out)] = dp.process([step.packet], now=NOW)
+        [(v, reason, out), *extras] = dp.process([step.packet], now=NOW)
+        assert sorted(x[2] for x in extras) == sorted(step.extras), f"step {i}: extras"
         got = (_core.VERDICT_NAMES[v], reason)
         assert got == (_core.VERDICT_NAMES[step.verdict], step.reason), f"step {i}"
         if out != step.expected:
             want = IP(step.expected) if step.expected[0] >> 4 == 4 else IPv6(step.expected)
             assert out == step.expected, (f"step {i}:\n got {checked(out).summary()}"
                                           f"\nwant {want.summary()}")
-    stats = dp.stats(vip_stats=[1, 2, 3], backend_stats=[101, 103])
+    stats = dp.stats(vip_stats=[1, 2, 3, 4, 5], backend_stats=[101, 103, 104, 105])
     for key, want in case.counters.items():
         got = stats[key]
         if isinstance(want, dict):
@@ -85,7 +86,7 @@ def test_pipeline_cases_cover_the_pipeline_drop_reasons():
     test_packet.py; bad_vnet, no_neigh and bad_l2 come from the worker loops;
     flow_full is counted but the packet is still sent)."""
     reasons = {s.reason for c in PIPELINE_CASES for s in c.steps}
-    assert {"none", "no_vip", "no_backend", "icmp_no_flow"} <= reasons
+    assert {"none", "no_vip", "no_backend", "icmp_no_flow", "closed_port"} <= reasons
 
 
 def test_one_flow_stays_on_one_backend_and_replies_come_from_the_vip(dp):

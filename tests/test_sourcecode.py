@@ -31,10 +31,11 @@ def test_c_core_has_no_python(path):
     assert "Py_" not in src
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "ext" / "lb_*.c"))),
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "ext" / "lb_*.c"))
+                                       + glob.glob(str(ROOT / "tests" / "fuzz" / "*.c"))),
                          ids=lambda p: pathlib.Path(p).name)
 def test_c_core_strict_warnings(path):
-    """Each C file compiles cleanly with -Wall -Wextra -Werror."""
+    """Each C file (and the fuzz harness) compiles cleanly with -Wall -Wextra -Werror."""
     cc = shutil.which("gcc") or shutil.which("cc")
     r = subprocess.run([cc, "-std=gnu11", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                         "-Wno-unused-parameter", "-I", str(ROOT / "ext"), path],

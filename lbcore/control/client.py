@@ -114,9 +114,29 @@ def cmd_status(args) -> int:
                       _human(b["packets"]), _human(b["bytes"]),
                       f"{_ago(b['last_change'])} ({b['reason']})")
     con.print(t)
+    for v in st["vips"]:
+        refused = {k: n for k, n in v.get("refused", {}).items() if n}
+        setting = {k: x for k, x in v.get("settings", {}).items()
+                   if x and x not in ("none", "drop") and k != "persist_ms"}
+        if refused or setting:
+            con.print(f"{v['name']}: " + ", ".join(
+                [f"{k}={x}" for k, x in setting.items()]
+                + [f"refused {k}={n}" for k, n in sorted(refused.items())]))
     drops = {k: v for k, v in st["drops"].items() if v}
     if drops:
         con.print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    tot = st["totals"]
+    answers = {k: tot.get(k, 0) for k in ("echo_replies", "resets", "unreachables",
+                                          "rejects_limited") if tot.get(k)}
+    if answers:
+        con.print("answered: " + ", ".join(f"{k}={n}" for k, n in answers.items()))
+    fr = st.get("fragments")
+    if fr and (fr["first"] or fr["held"] or fr["early_dropped"]):
+        con.print(f"fragments: {fr['entries']}/{fr['capacity']} datagrams, "
+                  f"{fr['buffers']}/{fr['buffer_capacity']} held; first {fr['first']}, "
+                  f"forwarded {fr['forwarded']}, held {fr['held']}, released {fr['released']}, "
+                  f"early_dropped {fr['early_dropped']}, timeouts {fr['timeouts']}, "
+                  f"evicted {fr['evicted']}")
     return 0
 
 

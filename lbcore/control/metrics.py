@@ -76,8 +76,14 @@ class LbCollector:
                                  labels=bl)
         b_w = GaugeMetricFamily("lbcore_backend_weight", "Weight in the Maglev table now "
                                 "(0 when down or draining)", labels=bl)
+        v_rf = CounterMetricFamily("lbcore_vip_refused_flows", "New flows to a VIP refused, by "
+                                   "limit (max_flows, client_rate, new_flow_rate)",
+                                   labels=[*vl, "limit"])
         for v in s["vips"]:
             lv = [v["name"], v["address"], str(v["port"]), v["protocol"]]
+            for limit, key in (("max_flows", "limit_flows"), ("client_rate", "limit_rate"),
+                               ("new_flow_rate", "shed")):
+                v_rf.add_metric([*lv, limit], v["refused"][key])
             v_pk.add_metric(lv, v["packets"])
             v_by.add_metric(lv, v["bytes"])
             v_nf.add_metric(lv, v["new_flows"])
@@ -92,7 +98,7 @@ class LbCollector:
                 b_up.add_metric(lb, 1 if b["state"] == "up" else 0)
                 b_dr.add_metric(lb, 1 if b["draining"] else 0)
                 b_w.add_metric(lb, b["effective_weight"])
-        yield from (v_pk, v_by, v_nf, v_af, b_pk, b_by, b_nf, b_af, b_up, b_dr, b_w)
+        yield from (v_pk, v_by, v_nf, v_af, v_rf, b_pk, b_by, b_nf, b_af, b_up, b_dr, b_w)
         yield from self._bgp(s)
 
         drops = CounterMetricFamily("lbcore_drops", "Packets dropped, by reason",
@@ -108,6 +114,29 @@ class LbCollector:
         txe = CounterMetricFamily("lbcore_tx_errors", "Writes to the device that failed")
         txe.add_metric([], s["totals"]["tx_errors"])
         yield txe
+        an = CounterMetricFamily("lbcore_answers", "Packets the data plane answered itself, by "
+                                 "kind (echo_replies, resets, unreachables; rejects_limited: "
+                                 "not sent, over reject_rate)", labels=["kind"])
+        for k in ("echo_replies", "resets", "unreachables", "rejects_limited"):
+            an.add_metric([k], s["totals"][k])
+        yield an
+        fr = s["fragments"]
+        fe = CounterMetricFamily("lbcore_frag_events", "Fragment cache: fragments and "
+                                 "datagrams by event", labels=["event"])
+        for k in ("first", "forwarded", "held", "released", "early_dropped", "dropped",
+                  "timeouts", "timeout_held", "evicted", "completed"):
+            fe.add_metric([k], fr[k])
+        yield fe
+        yield GaugeMetricFamily("lbcore_frag_entries", "Datagrams the fragment cache "
+                                "remembers now", value=fr["entries"])
+        yield GaugeMetricFamily("lbcore_frag_capacity", "Datagrams the fragment cache can "
+                                "remember", value=fr["capacity"])
+        yield GaugeMetricFamily("lbcore_frag_buffers", "Early fragments held now",
+                                value=fr["buffers"])
+        yield GaugeMetricFamily("lbcore_frag_buffer_capacity", "Early fragments the cache can "
+                                "hold", value=fr["buffer_capacity"])
+        yield GaugeMetricFamily("lbcore_frag_memory_bytes", "Memory of the fragment cache "
+                                "(fixed at start)", value=fr["memory"])
         f = s["flows"]
         yield GaugeMetricFamily("lbcore_flow_table_entries", "Tracked flows", value=f["active"])
         yield GaugeMetricFamily("lbcore_flow_table_capacity", "Flow table capacity",

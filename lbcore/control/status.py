@@ -29,7 +29,8 @@ from ..tabledigest import vip_key
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-TOTALS = ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit", "flow_miss", "flow_new", "tx_errors")
+TOTALS = ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit", "flow_miss", "flow_new", "tx_errors",
+          "echo_replies", "resets", "unreachables", "rejects_limited", "out_dropped")
 RATED = ("packets", "bytes", "new_flows")  # the per-VIP and per-backend counters given as rates
 # rates are taken over at least this many seconds (shorter gaps are too noisy) and at most
 # RATE_MAX_INTERVAL (a sample older than that is forgotten: its mean says little about now)
@@ -115,7 +116,10 @@ class StatusView:
                          "announced": announced, "announce_reason": why,
                          "table_digest": d.digests.get(vip_key(v.address, v.port, v.proto)),
                          "active_flows": ft.active_vip(v.stat_id), "packets": pk, "bytes": by,
-                         "new_flows": nf, "backends": bes,
+                         "new_flows": nf, "settings": dict(v.settings),
+                         "refused": st.get("vip_limits", {}).get(
+                             v.stat_id, {"limit_flows": 0, "limit_rate": 0, "shed": 0}),
+                         "backends": bes,
                          "usable_backends": sum(1 for b in bes
                                                 if b["state"] == "up" and not b["draining"])})
         snap = {
@@ -124,6 +128,7 @@ class StatusView:
             "config": d.config_path, "mode": d.config.mode, "workers": d.config.workers,
             "vips": vips,
             "flows": {"active": len(ft), "capacity": ft.capacity, **ft.counters()},
+            "fragments": dp.frag_stats(),
             "totals": {k: st[k] for k in TOTALS},
             "drops": st["drops"], "worker_loops": st["workers"],
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import netconf
-from .servers import HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT
+from .servers import DIGEST_PORT, HTTP_PORT, SINK_PORT, SOURCE_PORT, UDP_PORT
 
 __all__ = [
     "BRIDGE", "CLIENT_NS", "CLIENT_V4", "CLIENT_V6", "GW_BACKEND_V4", "GW_BACKEND_V6",
@@ -138,7 +138,9 @@ class LabExists(LabError):
 class LabSpec:
     """What ``lab up`` builds. ``balancer_argv`` replaces the balancer's command line (for tests
     of the start-up path); by default it is ``python -m lbcore run -c <config>``.
-    ``gateways`` >= 2 builds the active-active lab of :mod:`.multi` instead of lbc-gw."""
+    ``gateways`` >= 2 builds the active-active lab of :mod:`.multi` instead of lbc-gw. ``digest``
+    adds the VIP udp/5301 (the backends' digest service); ``global_extra`` and ``vip_extra``
+    are config lines appended to ``[global]`` and to every ``[[vip]]`` table."""
 
     backends: int = 3
     ipv6: bool = False
@@ -147,6 +149,9 @@ class LabSpec:
     balancer: bool = True
     balancer_argv: tuple[str, ...] | None = None
     gateways: int = 1
+    digest: bool = False
+    global_extra: tuple[str, ...] = ()
+    vip_extra: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.gateways <= 4:
@@ -196,8 +201,9 @@ class LabState:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LabState:
         spec = dict(d["spec"])
-        if spec.get("balancer_argv") is not None:
-            spec["balancer_argv"] = tuple(spec["balancer_argv"])
+        for k in ("balancer_argv", "global_extra", "vip_extra"):
+            if spec.get(k) is not None:
+                spec[k] = tuple(spec[k])
         return cls(spec=LabSpec(**spec), status=d.get("status", "building"),
                    processes=[Proc(**p) for p in d.get("processes", [])],
                    created=d.get("created", 0.0))
@@ -473,6 +479,7 @@ def render_config(spec: LabSpec, state_dir: Path | None = None,
         f'control_socket = "{p["control_socket"]}"',
         f'metrics_listen = "{METRICS_LISTEN}"',
         f'flow_file = "{p["flow_file"]}"',
+        *spec.global_extra,
         "",
     ]
     if spec.mode == "rawsock":
@@ -487,15 +494,17 @@ def render_config(spec: LabSpec, state_dir: Path | None = None,
     families = [("", VIP_V4, backend_v4)]
     if spec.ipv6:
         families.append(("6", VIP_V6, backend_v6))
+    services = [(HTTP_PORT, "tcp", "web", 'http"\npath = "/health'),
+                (UDP_PORT, "udp", "dns", 'udp"\npayload = "health'),
+                (SINK_PORT, "tcp", "sink", "tcp"), (SOURCE_PORT, "tcp", "source", "tcp")]
+    if spec.digest:
+        services.append((DIGEST_PORT, "udp", "digest", 'udp"\npayload = "health'))
     for suffix, vip, _ in families:
-        for port, proto, pool in ((HTTP_PORT, "tcp", "web"), (UDP_PORT, "udp", "dns"),
-                                  (SINK_PORT, "tcp", "sink"), (SOURCE_PORT, "tcp", "source")):
+        for port, proto, pool, _check in services:
             out += ["[[vip]]", f'address = "{vip}"', f"port = {port}",
-                    f'protocol = "{proto}"', f'pool = "{pool}{suffix}"', ""]
+                    f'protocol = "{proto}"', f'pool = "{pool}{suffix}"', *spec.vip_extra, ""]
     for suffix, _, addr in families:
-        for pool, port, check in (("web", HTTP_PORT, 'http"\npath = "/health'),
-                                  ("dns", UDP_PORT, 'udp"\npayload = "health'),
-                                  ("sink", SINK_PORT, "tcp"), ("source", SOURCE_PORT, "tcp")):
+        for port, _proto, pool, check in services:
             name = f"{pool}{suffix}"
             out.append(f"[pool.{name}]")
             out.append("backends = [")

@@ -12,6 +12,8 @@ http      80     HTTP/1.x, any method and path: ``200``, body = the name and a n
                  ``Connection: close`` honoured; a request body is read by Content-Length and
                  ignored; chunked request bodies are refused (501).
 udp      5300    each datagram is answered with the name and a newline (``be2\\n``).
+digest   5301    UDP: each datagram is answered with ``"<name> <length> <sha256 hex>\\n"`` of what
+                 arrived: a short answer, so a large (fragmented) datagram can be checked whole.
 sink     9000    TCP: the client sends any bytes, then half-closes (``shutdown(SHUT_WR)``);
                  the server answers one line ``"<count> <sha256 hex>\\n"`` of what it received,
                  and closes.
@@ -39,6 +41,7 @@ from collections.abc import Sequence
 
 HTTP_PORT = 80
 UDP_PORT = 5300
+DIGEST_PORT = 5301
 SINK_PORT = 9000
 SOURCE_PORT = 9001
 
@@ -179,10 +182,12 @@ def http_answers(name: str) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- UDP
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    """Answers every datagram with the name."""
+    """Answers every datagram with the name (digest=False), or with the name, the length and
+    the SHA-256 of the datagram (digest=True)."""
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes, digest: bool = False) -> None:
         self._reply = reply
+        self._digest = digest
         self._t: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,7 +195,11 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if self._t is not None:
-            self._t.sendto(self._reply, addr)
+            if self._digest:
+                self._t.sendto(b"%s %d %s\n" % (self._reply.strip(), len(data),
+                                                hashlib.sha256(data).hexdigest().encode()), addr)
+            else:
+                self._t.sendto(self._reply, addr)
 
     def error_received(self, exc: Exception) -> None:
         pass  # an ICMP error for an earlier reply; nothing to do
@@ -307,6 +316,13 @@ async def serve(name: str, binds: Sequence[str], *, http_port: int = HTTP_PORT,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((host, udp_port))
             t, _ = await loop.create_datagram_endpoint(lambda: UdpProtocol(reply), sock=sock)
+            transports.append(t)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, DIGEST_PORT))
+            t, _ = await loop.create_datagram_endpoint(lambda: UdpProtocol(reply, True),
+                                                       sock=sock)
             transports.append(t)
         if ready is not None:
             ready.set_result(None)

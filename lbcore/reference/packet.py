@@ -23,6 +23,7 @@ DROP_REASONS: tuple[str, ...] = (
     "none", "truncated", "bad_version", "bad_ihl", "bad_totlen", "bad_exthdr",
     "fragment", "bad_l4", "unsupported", "no_vip", "no_backend",
     "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full", "no_neigh", "bad_l2",
+    "frag_early", "closed_port", "limit_flows", "limit_rate", "new_flow_rate",
 )
 
 DIR_FWD = 0
@@ -31,6 +32,7 @@ DIR_REV = 1
 F_PKT_CSUM_PARTIAL = 1 << 0
 F_PKT_ICMP_ERR = 1 << 1
 F_PKT_FRAGMENT = 1 << 2
+F_PKT_ECHO = 1 << 3
 
 AF_INET = 4
 AF_INET6 = 6
@@ -64,6 +66,15 @@ class _Walk:
     l4_off: int
     end: int
     proto: int
+    frag: dict | None = None    # the outer header is a fragment: id, offset, length, nh, last
+
+
+def _frag(ident: int, offset: int, length: int, nh: int, last: bool) -> dict:
+    """A fragment's fields, checked as lb_parse.c's frag_check does: the data must end by
+    65535, and a non-last fragment's data is a non-empty multiple of 8 bytes."""
+    if offset + length > 65535 or (not last and (length == 0 or length % 8)):
+        raise Drop("fragment")
+    return {"id": ident, "offset": offset, "length": length, "nh": nh, "last": last}
 
 
 def _be16(d: bytes, off: int) -> int:
@@ -85,9 +96,11 @@ def _walk_ip4(d: bytes, off: int, end: int, quote: bool) -> _Walk:
             raise Drop("bad_totlen")
         if tot > end - off:
             raise Drop("truncated")
-        if frag & 0x3FFF:          # MF or a fragment offset
-            raise Drop("fragment")
         end = off + tot
+        if frag & 0x3FFF:          # MF or a fragment offset
+            return _Walk(off + hl, end, d[off + 9],
+                         _frag(_be16(d, off + 4), (frag & 0x1FFF) * 8, tot - hl, d[off + 9],
+                               not frag & 0x2000))
     else:
         if tot < hl + 8:
             raise Drop("bad_totlen")
@@ -110,9 +123,10 @@ def _walk_ip6(d: bytes, off: int, end: int, quote: bool) -> _Walk:
         end = off + 40 + plen
     nh = d[off + 6]
     cur = off + 40
+    frag = None
     for i in range(MAX_EXTHDR + 1):
         if nh in (TCP, UDP, ICMPV6):
-            return _Walk(cur, end, nh)
+            return _Walk(cur, end, nh, frag)
         if nh not in (HOPOPTS, ROUTING, DSTOPTS, FRAGMENT, AH):
             raise Drop("unsupported")  # ESP, no next header, ...
         if i == MAX_EXTHDR:
@@ -123,8 +137,15 @@ def _walk_ip6(d: bytes, off: int, end: int, quote: bool) -> _Walk:
             raise Drop("bad_exthdr")
         if nh == FRAGMENT:
             fo = _be16(d, cur + 2)
-            if fo & 0xFFF8 or (not quote and fo & 1):
+            if quote and fo & 0xFFF8:
                 raise Drop("fragment")
+            if not quote and fo & 0xFFF9:      # not an atomic fragment
+                if frag is not None:
+                    raise Drop("fragment")     # a second Fragment header
+                frag = _frag(int.from_bytes(d[cur + 4:cur + 8], "big"), fo & 0xFFF8,
+                             end - cur - 8, d[cur], not fo & 1)
+                if frag["offset"]:             # a later fragment: no more headers
+                    return _Walk(cur + 8, end, d[cur], frag)
             hlen = 8
         elif nh == AH:
             hlen = (d[cur + 1] + 2) * 4
@@ -170,6 +191,13 @@ def _parse(d: bytes) -> dict:
                 "family": family},
     }
     l4 = w.l4_off
+    if w.frag is not None:
+        res["flags"] = F_PKT_FRAGMENT
+        res["frag"] = w.frag
+        if w.frag["offset"]:
+            return res                 # a later fragment: no transport header
+        if w.proto not in (TCP, UDP):
+            raise Drop("fragment")
     if w.proto == TCP:
         if end - l4 < 20:
             raise Drop("truncated")
@@ -181,11 +209,16 @@ def _parse(d: bytes) -> dict:
         if end - l4 < 8:
             raise Drop("truncated")
         ulen = _be16(d, l4 + 4)
-        if ulen < 8 or ulen > end - l4:
+        # a first fragment's UDP length counts the whole datagram
+        if ulen < 8 or (ulen > end - l4 and w.frag is None):
             raise Drop("bad_l4")
         if family == AF_INET6 and _be16(d, l4 + 6) == 0:
             raise Drop("bad_l4")   # RFC 8200 8.1
     elif (w.proto == ICMP and family == AF_INET) or (w.proto == ICMPV6 and family == AF_INET6):
+        if end - l4 >= 8 and d[l4 + 1] == 0 and (
+                d[l4] == 8 if family == AF_INET else (d[l4] == 128 and l4 == 40)):
+            res["flags"] = F_PKT_ECHO   # an echo request (IPv6: no extension headers)
+            return res
         return _parse_icmp_err(d, family, l4, end, res)
     else:
         raise Drop("unsupported")
@@ -311,12 +344,26 @@ def nat_rewrite(data: bytes, entry: Mapping | Sequence, dir: int,
     family = info["family"]
     if len(e.vip) != (4 if family == AF_INET else 16):
         raise ValueError("packet and entry are of different families")
+    if info["flags"] & F_PKT_ECHO:
+        raise ValueError("an echo request is answered, not translated")
     buf = bytearray(data)
     if info["flags"] & F_PKT_ICMP_ERR:
         _nat_icmp(buf, info, e, dir)
+    elif "frag" in info and info["frag"]["offset"]:
+        _nat_ip(buf, family, e, dir)   # a later fragment: its IP header only
     else:
         _nat_l4(buf, info, e, dir, csum_partial)
     return bytes(buf)
+
+
+def _nat_ip(buf: bytearray, family: int, e: Entry, dir: int) -> None:
+    so, do, alen = _ip_fields(family)
+    if dir == DIR_FWD:
+        buf[do:do + alen] = e.backend
+    else:
+        buf[so:so + alen] = e.vip
+    if family == AF_INET:
+        _fix_ip4_header(buf, 0)
 
 
 def _fix_ip4_header(buf: bytearray, off: int) -> None:
