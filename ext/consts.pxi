@@ -23,6 +23,7 @@ DROP_REASONS = (
     "none", "truncated", "bad_version", "bad_ihl", "bad_totlen", "bad_exthdr",
     "fragment", "bad_l4", "unsupported", "no_vip", "no_backend",
     "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full", "no_neigh", "bad_l2",
+    "hold_overflow", "hold_timeout",
 )
 assert len(DROP_REASONS) == LB_DROP__COUNT
 

@@ -288,12 +288,9 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
     }
     mac = lb_l2_lookup(l2, out_link, family, dst, nh);
     if (!mac) {
-        /* the pipeline counted it as sent; it is a drop after all (the VIP
-         * and backend counters keep it: the flow did see the packet) */
-        w->stats.tx--;
-        w->stats.tx_bytes -= iplen;
-        w->stats.drops[LB_DROP_NO_NEIGH]++;
-        lb_rawsock_record_miss(rs, out_link, family, nh);
+        /* held until the next hop resolves (or dropped, counted) */
+        lb_l2_hold(w, rs, l2, out_link, family, dst, frame - VNET_LEN, snap + VNET_LEN, iplen,
+                   now);
         return;
     }
     memcpy(frame, mac, 6);
@@ -366,6 +363,7 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
     while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
         int busy = 0;
         w->stats.loops++;
+        lb_l2_release(w, rs, socks, n_socks, lb_now_ms());
         /* up to a few blocks per link in turn, so that one busy link
          * cannot starve the other (requests vs replies) */
         for (int round = 0; round < 4; round++) {

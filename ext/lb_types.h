@@ -42,6 +42,8 @@ enum lb_drop_reason {
                                counted, but the packet is still forwarded */
     LB_DROP_NO_NEIGH,       /* rawsock: no route or no MAC for the next hop */
     LB_DROP_BAD_L2,         /* rawsock: truncated, VLAN-tagged or non-IP frame */
+    LB_DROP_HOLD_OVERFLOW,  /* rawsock: next hop unresolved and its hold queue full */
+    LB_DROP_HOLD_TIMEOUT,   /* rawsock: held for a next hop that did not resolve in time */
     LB_DROP__COUNT
 };
 
