@@ -23,10 +23,11 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import _core
-from .balancer import PROTO, Balancer
+from .balancer import PROTO, Balancer, PublishError
 from .config import Config, ConfigError, load_config
 from .control.metrics import start_metrics
 from .control.server import start_control
@@ -36,6 +37,8 @@ from .dataplane.replies import ReplyPath
 from .health import HealthMonitor, targets_from_config
 
 log = logging.getLogger("lbcore")
+
+T = TypeVar("T")
 
 EXPIRE_EVERY_S = 1.0
 SLOW_START_STEP_S = 1.0
@@ -97,6 +100,7 @@ class Daemon:
         self._worker_error: BaseException | None = None
         self._reload_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
+        self._publish_pending = False     # the last publish failed: housekeeping retries
         self.health: HealthMonitor | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -196,7 +200,7 @@ class Daemon:
             if b is not None:
                 changed |= self.balancer.set_health(v, b, up, reason)
         if changed:
-            asyncio.ensure_future(self.republish())
+            asyncio.ensure_future(self._republish_quietly())
 
     def health_of(self, vip, backend) -> dict:
         """Health-check status of one backend of one VIP, for `status`."""
@@ -219,8 +223,9 @@ class Daemon:
             await asyncio.to_thread(self.dp.flow_table.expire, _core.now_ms())
             assert self.balancer is not None
             now = time.monotonic()
-            if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
-                await self.republish()
+            if self._publish_pending or (now - last_slow >= SLOW_START_STEP_S
+                                         and self.balancer.in_slow_start()):
+                await self._republish_quietly()
                 last_slow = now
 
     # -- changes -------------------------------------------------------------
@@ -236,10 +241,58 @@ class Daemon:
         async with self._publish_lock:
             spec, purges = bal.table_spec(), bal.take_purges()
             t0 = time.perf_counter()
-            await asyncio.to_thread(self.dp.publish, spec, bal.seed)
+            try:
+                await asyncio.to_thread(self.dp.publish, spec, bal.seed)
+            except TimeoutError as e:
+                # swapped in; only the old table could not be freed (leaked, not in use)
+                log.warning("table published, but %s", e)
+            except Exception as e:
+                bal.publish_failed(e, purges)
+                self._publish_pending = True
+                raise PublishError(bal.last_publish_error or str(e)) from e
+            self._publish_pending = False
             bal.published(time.perf_counter() - t0)
             if purges:
                 await asyncio.to_thread(bal.purge, purges)
+
+    async def _republish_quietly(self) -> None:
+        """republish() for changes nobody waits on (health, slow start): a failure is logged
+        and counted there, and housekeeping tries again a second later."""
+        with contextlib.suppress(PublishError):
+            await self.republish()
+
+    async def change(self, mutate: Callable[[], T]) -> T:
+        """Apply an operator's change to the balancer as a transaction: ``mutate()`` (which
+        validates its arguments before it changes anything), then publish; if either fails
+        the balancer goes back to the state of the live table, and the error is raised.
+        One change (or reload) at a time."""
+        async with self._reload_lock:
+            return await self._transaction(mutate)
+
+    async def _transaction(self, mutate: Callable[[], T]) -> T:
+        bal = self.balancer
+        assert bal is not None
+        snap = bal.snapshot()
+        try:
+            result = mutate()
+            await self.republish()
+        except BaseException:
+            bal.restore(snap)
+            self._resync_health()
+            raise
+        return result
+
+    def _resync_health(self) -> None:
+        """After a restore: health transitions reported meanwhile apply to the restored state
+        too (the monitor reports only transitions, so they would be lost)."""
+        if self.health is None or self.balancer is None:
+            return
+        for v in self.balancer.vips.values():
+            for b in v.backends.values():
+                key = (v.pool, b.address, b.port)
+                if key in self.health and self.health.state(key) != b.up:
+                    self.balancer.set_health(v, b, self.health.state(key),
+                                             self.health.status(key).reason)
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Re-read the config, validate, diff, apply. An invalid config is
@@ -259,15 +312,31 @@ class Daemon:
             assert self.balancer is not None and self.plane is not None
             old_vips, old_replies = [v.address for v in self.config.vips], reply_paths(
                 self.balancer)
-            changes = self.balancer.configure(new)
-            new_vips, new_replies = [v.address for v in new.vips], reply_paths(self.balancer)
-            # Before the new table: routes of VIPs that go are removed, reply rules of
-            # backends that come are added; after it: routes of the VIPs that come, and the
-            # rules of backends that went. So no packet reaches a table that lacks its VIP,
-            # and no reply of a new backend bypasses the data plane.
-            await asyncio.to_thread(self.plane.update, [a for a in old_vips if a in new_vips],
-                                    list(dict.fromkeys(old_replies + new_replies)))
-            await self.republish()
+            snap = self.balancer.snapshot()
+            try:
+                changes = self.balancer.configure(new)
+                new_vips, new_replies = [v.address for v in new.vips], reply_paths(
+                    self.balancer)
+                # Before the new table: routes of VIPs that go are removed, reply rules of
+                # backends that come are added; after it: routes of the VIPs that come, and
+                # the rules of backends that went. So no packet reaches a table that lacks
+                # its VIP, and no reply of a new backend bypasses the data plane.
+                await asyncio.to_thread(self.plane.update,
+                                        [a for a in old_vips if a in new_vips],
+                                        list(dict.fromkeys(old_replies + new_replies)))
+                await self.republish()
+            except Exception as e:  # noqa: BLE001 - reported; the running config stays
+                # the live table is the old one: so are the state, the routes and the rules
+                self.balancer.restore(snap)
+                self._resync_health()
+                try:
+                    await asyncio.to_thread(self.plane.update, old_vips, old_replies)
+                except Exception as e2:  # noqa: BLE001 - logged; the next reload retries
+                    log.error("reload: restoring the routes and rules failed: %s", e2)
+                why = str(e) if isinstance(e, PublishError) else f"{type(e).__name__}: {e}"
+                log.error("reload failed, keeping the running config: %s", why)
+                return False, [f"applying the new config failed ({why}); the running "
+                               "config stays"]
             await asyncio.to_thread(self.plane.update, new_vips, new_replies)
             self.config = new
             if self.health is not None:
