@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     fl = ctl("flows", help="list tracked flows")
     fl.add_argument("--vip", help="only flows of this VIP (name or ADDR[:PORT])")
-    fl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    fl.add_argument("--limit", type=int, default=100,
+                    help="at most this many (default 100); fetched in pages of 1000")
     fl.add_argument("--json", action="store_true")
     pk = ctl("pick", help="which backend a flow goes to, and why")
     pk.add_argument("vip", help="VIP name or ADDR[:PORT]")
