@@ -32,7 +32,7 @@ from .config import Config, ConfigError, load_config
 from .control.metrics import start_metrics
 from .control.server import start_control
 from .control.status import StatusView
-from .dataplane import Plane, make_plane
+from .dataplane import Plane, make_plane, replies
 from .dataplane.replies import ReplyPath
 from .health import HealthMonitor, targets_from_config
 
@@ -102,6 +102,7 @@ class Daemon:
         self._publish_lock = asyncio.Lock()
         self._publish_pending = False     # the last publish failed: housekeeping retries
         self.health: HealthMonitor | None = None
+        self.cleanup_on_exit = False      # `run --cleanup-on-exit`: remove the reservation too
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -123,6 +124,10 @@ class Daemon:
                 log.debug("%s", change)
             self.balancer.publish()
 
+            # the reply path's reservation (rules, blackholes) outlives the run; see
+            # _release_replies for when it goes
+            found = await asyncio.to_thread(replies.reserved)
+            stack.push(lambda et, ev, tb: self._release_replies(found, et is not None))
             self.plane = make_plane(cfg, self.dp, [v.address for v in cfg.vips],
                                     reply_paths(self.balancer))
             self.plane.setup()
@@ -154,6 +159,22 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _release_replies(self, found: bool, failed: bool) -> None:
+        """After the plane's undo: the reply rules and blackholes stay (the next run takes
+        them over; until then replies are dropped, not sent un-translated), unless the
+        operator asked for a full clean-up on exit, or this run failed to start and found no
+        reservation (a first start that fails leaves the gateway as it was)."""
+        if not (self.cleanup_on_exit or (failed and not found)):
+            if not failed:
+                log.info("the reply path stays reserved (policy rules, blackhole routes): "
+                         "`lbcore cleanup` removes them")
+            return
+        try:
+            n = replies.remove_all()
+            log.info("removed the reply path's %d rule(s) and blackhole route(s)", n)
+        except Exception as e:  # noqa: BLE001 - on the way out; `lbcore cleanup` retries
+            log.error("removing the reply rules and blackholes failed: %s", e)
 
     def _run_worker(self, i: int, cpu: int | None, loop: asyncio.AbstractEventLoop) -> None:
         if cpu is not None:
@@ -370,9 +391,35 @@ def cmd_run(args) -> int:
         print("lbcore: run needs root (TUN device or AF_PACKET sockets, routes, policy rules)",
               file=sys.stderr)
         return 2
+    daemon = Daemon(config, args.config)
+    daemon.cleanup_on_exit = bool(getattr(args, "cleanup_on_exit", False))
     try:
-        return asyncio.run(Daemon(config, args.config).serve())
+        return asyncio.run(daemon.serve())
     except Exception as e:  # noqa: BLE001 - every network change is undone by now
         log.error("lbcore failed: %s", e)
         log.debug("details", exc_info=True)
         return 1
+
+
+def cmd_cleanup(args) -> int:
+    """`lbcore cleanup`: remove what a stopped lbcore leaves on purpose (the reply rules, the
+    blackholes of RULE_TABLE and of the VIPs), after which the gateway routes the backends'
+    replies and the VIPs normally again. Refused while an lbcore answers on the config's
+    control socket (its replies would leave un-translated)."""
+    from .control.server import _socket_alive
+    if os.geteuid() != 0:
+        print("lbcore cleanup: needs root (routes and policy rules)", file=sys.stderr)
+        return 2
+    sock = None
+    if args.config and os.path.exists(args.config):
+        try:
+            sock = load_config(args.config).control_socket
+        except ConfigError:
+            pass
+    if sock and _socket_alive(sock):
+        print(f"lbcore cleanup: lbcore is running (it answers on {sock}); stop it first",
+              file=sys.stderr)
+        return 1
+    n = replies.remove_all()
+    print(f"removed {n} reply rule(s) and blackhole route(s)")
+    return 0
