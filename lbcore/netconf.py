@@ -658,6 +658,7 @@ class RouteInfo:
     table: int
     type: int
     proto: int = 0          # who installed it (RTPROT_*; lbcore tags its own)
+    priority: int = 0       # the metric (0 when the kernel reports none)
 
 
 def _dst(dst: str, gateway: str | None, family: int | None
@@ -739,7 +740,8 @@ def routes(netns: str | None = None, *, family: int | None = None, table: int | 
             out.append(RouteInfo(
                 family=m["family"], dst=f"{dst}/{m['dst_len']}" if dst else "default",
                 gateway=m.get("RTA_GATEWAY"), oif=names.get(m.get("RTA_OIF")),
-                table=m.get("RTA_TABLE", m["table"]), type=m["type"], proto=m["proto"]))
+                table=m.get("RTA_TABLE", m["table"]), type=m["type"], proto=m["proto"],
+                priority=m.get("RTA_PRIORITY") or 0))
     return out
 
 

@@ -158,14 +158,14 @@ def release_vip(vip: IPAddress) -> None:
     netconf.route_del(host_prefix(vip), family=af(vip), **_RESERVE)
 
 
-def reserved_vips() -> list[IPAddress]:
-    """The VIPs whose blackholes are in place (an earlier run's included)."""
+def _vip_blackholes() -> list[tuple[IPAddress, netconf.RouteInfo]]:
+    """lbcore's VIP blackholes in place (an earlier run's included, whatever their metric)."""
     out = []
     for r in netconf.routes():
         if r.proto == RTPROT_LBCORE and r.type == RTN_BLACKHOLE and r.dst != "default":
             net = ipaddress.ip_network(r.dst)
             if net.prefixlen == net.max_prefixlen:
-                out.append(net.network_address)
+                out.append((net.network_address, r))
     return out
 
 
@@ -175,9 +175,10 @@ def set_reserved_vips(vips: Iterable[IPAddress]) -> None:
     want = list(dict.fromkeys(vips))
     for vip in want:
         reserve_vip(vip)
-    for vip in reserved_vips():
+    for vip, r in _vip_blackholes():
         if vip not in want:
-            release_vip(vip)
+            netconf.route_del(r.dst, family=r.family, type="blackhole", proto=RTPROT_LBCORE,
+                              priority=r.priority)
             log.info("removed the blackhole of %s (no longer a VIP)", vip)
 
 
@@ -202,7 +203,7 @@ def remove_all() -> int:
             dst = r.dst if r.dst != "default" else (
                 "::/0" if r.family == socket.AF_INET6 else "0.0.0.0/0")
             if netconf.route_del(dst, table=r.table, family=r.family, proto=RTPROT_LBCORE,
-                                 type=r.type):
+                                 type=r.type, priority=r.priority):
                 n += 1
     return n
 
