@@ -167,29 +167,60 @@ cdef class FlowTable:
             n = lb_flow_purge_backend(t, a, p, pr)
         return n
 
-    def walk(self, limit=None) -> list:
+    def walk(self, limit=None, vip=None, vport=None, proto=None) -> list:
         """Copies of the live entries (at most limit), as dicts: a consistent
-        copy of each entry, not a snapshot of the whole table."""
+        copy of each entry, not a snapshot of the whole table. vip / vport /
+        proto keep only the flows of that VIP address / port / protocol (the
+        filter runs in C: the others cost no dict)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0: {limit!r}")
+        out, _ = self.walk_page(0, limit, vip, vport, proto)
+        return out
+
+    def walk_page(self, cursor, limit=None, vip=None, vport=None, proto=None) -> tuple:
+        """One page of walk(): (flows, next cursor), the flows found from slot
+        `cursor` on (0 to start), at most limit of them; the next cursor is
+        None when the table has been walked to its end. The GIL is released
+        while C scans, so a sparse filter over a big table holds up no other
+        Python thread."""
         cdef lb_flowtable *t = self._t()
-        cdef uint32_t cursor = 0, got, i, want
+        cdef uint32_t cur, got, i, want
+        cdef lb_flow_filter flt
+        cdef lb_flow_filter *fp = NULL
+        if cursor < 0 or cursor > 0xFFFFFFFF:
+            raise ValueError(f"cursor must be 0..2^32-1: {cursor!r}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0: {limit!r}")
+        cur = cursor
+        memset(&flt, 0, sizeof(flt))
+        if vip is not None or vport is not None or proto is not None:
+            if vip is not None:
+                flt.family = <uint8_t>_fill_addr(flt.vip, vip)
+            if vport is not None:
+                flt.vport = _port_be(vport)
+            if proto is not None:
+                flt.proto = <uint8_t>_proto(proto)
+            fp = &flt
         cdef lb_flow_entry *buf = <lb_flow_entry *>malloc(
             _FT_WALK_CHUNK * sizeof(lb_flow_entry))
         if buf is NULL:
             raise MemoryError()
         out = []
+        done = False
         try:
             while limit is None or len(out) < limit:
                 want = _FT_WALK_CHUNK if limit is None else min(_FT_WALK_CHUNK,
                                                                 limit - len(out))
                 with nogil:
-                    got = lb_flow_walk(t, &cursor, buf, want)
-                if got == 0:
-                    break
+                    got = lb_flow_walk_filter(t, &cur, buf, want, fp)
                 for i in range(got):
                     out.append(_entry_dict(&buf[i]))
+                if got < want:
+                    done = True
+                    break
         finally:
             free(buf)
-        return out
+        return out, (None if done else cur)
 
     def counters(self) -> dict:
         """Insert refusals and removals by reason (struct lb_flow_counters)."""
@@ -197,7 +228,8 @@ cdef class FlowTable:
         lb_flow_get_counters(self._t(), &c)
         return {"inserted": c.inserted, "refused_full": c.refused_full,
                 "refused_exists": c.refused_exists, "evicted_expired": c.evicted_expired,
-                "evicted_halfopen": c.evicted_halfopen, "expired": c.expired,
+                "evicted_halfopen": c.evicted_halfopen, "evicted_udp": c.evicted_udp,
+                "expired": c.expired,
                 "deleted": c.deleted}
 
     def active_backend(self, uint32_t stat) -> int:

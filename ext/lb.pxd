@@ -209,6 +209,7 @@ cdef extern from "lb_flow.h" nogil:
         uint64_t refused_exists
         uint64_t evicted_expired
         uint64_t evicted_halfopen
+        uint64_t evicted_udp
         uint64_t expired
         uint64_t deleted
     lb_flowtable *lb_flow_new(uint32_t capacity, uint64_t seed, const lb_timeouts *tmo)
@@ -226,6 +227,13 @@ cdef extern from "lb_flow.h" nogil:
     uint32_t lb_flow_purge_backend(lb_flowtable *ft, const uint8_t *addr16,
                                    uint16_t port_be, uint8_t proto)
     uint32_t lb_flow_walk(lb_flowtable *ft, uint32_t *cursor, lb_flow_entry *out, uint32_t max)
+    struct lb_flow_filter:
+        uint8_t vip[16]
+        uint16_t vport
+        uint8_t proto
+        uint8_t family
+    uint32_t lb_flow_walk_filter(lb_flowtable *ft, uint32_t *cursor, lb_flow_entry *out,
+                                 uint32_t max, const lb_flow_filter *f)
     uint32_t lb_flow_count(const lb_flowtable *ft)
     uint32_t lb_flow_capacity(const lb_flowtable *ft)
     size_t lb_flow_memory(const lb_flowtable *ft)

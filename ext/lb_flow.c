@@ -99,12 +99,22 @@
  * no reply yet (a spoofed UDP flood is the UDP form of a SYN flood), CLOSE
  * (RST seen: the connection is over), and FIN of a connection that never got
  * established (SYN then FIN, so a flood cannot escape eviction by sending FIN).
- * Established flows, replied UDP flows and FIN of established connections are
- * never evicted on insert: with none of the rest left, insert is refused with
- * -ENOSPC (counted; the caller still forwards by Maglev). The scan runs from a
- * shared clock cursor in windows of FT_EVICT_BUDGET slots and does not give up
- * while the atomic count of reclaimable entries is non-zero (bounded by two
- * laps of the table against races).
+ * A window without any of those gives up its least recently seen answered-UDP
+ * entry (UDP_STREAM, counted as evicted_udp): a backend answers whatever
+ * source a datagram claims, so a spoofer with a UDP service behind the VIP
+ * makes answered entries as fast as it sends, and with them protected it
+ * could fill the table (then no new TCP connection would be tracked, and a
+ * reload would break the ones it carries). Established TCP cannot be made
+ * without seeing the backend's SYN-ACK, so established flows and FIN of
+ * established connections are never evicted on insert: with no candidate
+ * left, insert is refused with -ENOSPC (counted; the caller still forwards by
+ * Maglev). Taking answered UDP from the first window that lacks a better
+ * candidate keeps an insert under a flood at one window of work; an evicted
+ * UDP flow that is still alive is re-picked by Maglev on its next packet
+ * (the same backend while the table is unchanged). The scan runs from a
+ * shared clock cursor in windows of FT_EVICT_BUDGET slots and does not give
+ * up while the atomic count of evictable entries (reclaimable or answered
+ * UDP) is non-zero (bounded by two laps of the table against races).
  */
 #include <errno.h>
 #include <sched.h>
@@ -180,7 +190,7 @@ struct lb_flowtable {
     uint32_t hw;                   /* slots 1..hw have been used */
 
     _Alignas(FT_CACHELINE) uint32_t n_live;
-    uint32_t n_reclaim;            /* live entries that eviction may take */
+    uint32_t n_reclaim;            /* live entries that eviction may take (ft_evictable) */
 
     _Alignas(FT_CACHELINE) uint32_t clock;       /* eviction cursor */
     uint32_t exp_cursor;                         /* lb_flow_expire cursor */
@@ -347,6 +357,15 @@ ft_reclaimable(uint8_t state, uint8_t flags)
     default:
         return 0;
     }
+}
+
+/* May eviction take it at all: reclaimable, or answered UDP when a scan
+ * window has nothing reclaimable (see the file header). n_reclaim counts
+ * these. */
+static inline int
+ft_evictable(uint8_t state, uint8_t flags)
+{
+    return state == LB_FS_UDP_STREAM || ft_reclaimable(state, flags);
 }
 
 static inline int
@@ -532,7 +551,7 @@ ft_unlink(struct lb_flowtable *ft, uint32_t s, uint32_t bf, uint32_t br)
     ft_chain_del(ft, &ft->head_fwd[bf], 0, s);
     ft_chain_del(ft, &ft->head_rev[br], 1, s);
     uint16_t sw = __atomic_load_n(ft_stw(e), __ATOMIC_RELAXED);
-    if (ft_reclaimable(ft_sw_state(sw), ft_sw_flags(sw)))
+    if (ft_evictable(ft_sw_state(sw), ft_sw_flags(sw)))
         FT_DEC(&ft->n_reclaim, 1u);
     FT_DEC(&ft->n_live, 1u);
     ft_stat_add(ft->act_be, e->be_stat, 0);
@@ -584,7 +603,7 @@ ft_ungrab(struct lb_flowtable *ft, int both, uint32_t bf, uint32_t br)
     ft_unlock(ft_fwd_lock(ft, bf));
 }
 
-enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM };
+enum ft_take_why { FT_TAKE_EXPIRED, FT_TAKE_RECLAIM, FT_TAKE_ANSWERED };
 
 /* Unlink slot s if it is still live and still qualifies; 1 if unlinked,
  * with the entry as it was copied to *snap. */
@@ -600,6 +619,9 @@ ft_take_snap(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why
         ok = ft_expired(ft, snap->state, snap->last_seen, now);
     else if (why == FT_TAKE_RECLAIM)
         ok = ft_reclaimable(snap->state, snap->flags) ||
+             ft_expired(ft, snap->state, snap->last_seen, now);
+    else if (why == FT_TAKE_ANSWERED)
+        ok = ft_evictable(snap->state, snap->flags) ||
              ft_expired(ft, snap->state, snap->last_seen, now);
     if (ok)
         ft_unlink(ft, s, bf, br);
@@ -801,8 +823,8 @@ ft_lookup_bucket(struct lb_flowtable *ft, const struct lb_flow_key *k, uint32_t 
             break;
     }
     if (nw != old) {
-        int r0 = ft_reclaimable(ft_sw_state(old), ft_sw_flags(old));
-        int r1 = ft_reclaimable(ft_sw_state(nw), ft_sw_flags(nw));
+        int r0 = ft_evictable(ft_sw_state(old), ft_sw_flags(old));
+        int r1 = ft_evictable(ft_sw_state(nw), ft_sw_flags(nw));
         if (r0 != r1) {
             if (r1)
                 FT_INC(&ft->n_reclaim, 1u);
@@ -901,8 +923,8 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
     uint64_t limit = 2ull * cap + FT_EVICT_BUDGET;
 
     for (uint64_t scanned = 0; scanned < limit; scanned += FT_EVICT_BUDGET) {
-        uint32_t best = 0;
-        int32_t best_idle = INT32_MIN;
+        uint32_t best = 0, answered = 0;
+        int32_t best_idle = INT32_MIN, answered_idle = INT32_MIN;
         for (uint32_t j = 0; j < FT_EVICT_BUDGET; j++) {
             uint32_t i = __atomic_fetch_add(&ft->clock, 1u, __ATOMIC_RELAXED) % cap;
             struct lb_flow_entry *e = &ft->slot[i].e;
@@ -922,11 +944,21 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
                     best = i + 1;
                     best_idle = idle;
                 }
+            } else if (st == LB_FS_UDP_STREAM) {
+                int32_t idle = (int32_t)(now - seen);
+                if (!answered || idle > answered_idle) {
+                    answered = i + 1;
+                    answered_idle = idle;
+                }
             }
         }
         if (best && ft_take(ft, best, now, FT_TAKE_RECLAIM)) {
             FT_INC(&ft->cnt.evicted_halfopen, 1u);
             return best;
+        }
+        if (!best && answered && ft_take(ft, answered, now, FT_TAKE_ANSWERED)) {
+            FT_INC(&ft->cnt.evicted_udp, 1u);
+            return answered;
         }
         uint32_t s = ft_alloc(ft);      /* freed by someone meanwhile? */
         if (s)
@@ -1014,7 +1046,7 @@ lb_flow_insert_seen(struct lb_flowtable *ft, struct lb_flow_entry *e, uint32_t n
     FT_ST(&ft->slot[s - 1].next[1], ft->head_rev[br]);
     FT_ST(&ft->head_rev[br], s);
     FT_INC(&ft->n_live, 1u);
-    if (ft_reclaimable(st, fl))
+    if (ft_evictable(st, fl))
         FT_INC(&ft->n_reclaim, 1u);
     ft_stat_add(ft->act_be, ne->be_stat, 1);
     ft_stat_add(ft->act_vip, ne->vip_stat, 1);
@@ -1126,9 +1158,20 @@ lb_flow_purge_backend(struct lb_flowtable *ft, const uint8_t *addr16, uint16_t p
     return removed;
 }
 
+/* Does a (racy or confirmed) copy of an entry pass the walk's filter? */
+static inline int
+ft_walk_keep(const struct lb_flow_entry *e, const struct lb_flow_filter *f)
+{
+    if (!f)
+        return 1;
+    if (f->family && (e->family != f->family || memcmp(e->vip, f->vip, 16) != 0))
+        return 0;
+    return (!f->vport || e->vport == f->vport) && (!f->proto || e->proto == f->proto);
+}
+
 uint32_t
-lb_flow_walk(struct lb_flowtable *ft, uint32_t *cursor, struct lb_flow_entry *out,
-             uint32_t max)
+lb_flow_walk_filter(struct lb_flowtable *ft, uint32_t *cursor, struct lb_flow_entry *out,
+                    uint32_t max, const struct lb_flow_filter *f)
 {
     uint32_t hw = __atomic_load_n(&ft->hw, __ATOMIC_ACQUIRE);
     uint32_t i = *cursor, n = 0;
@@ -1136,14 +1179,28 @@ lb_flow_walk(struct lb_flowtable *ft, uint32_t *cursor, struct lb_flow_entry *ou
         struct lb_flow_entry *e = &ft->slot[i].e;
         if (ft_sw_state(__atomic_load_n(ft_stw(e), __ATOMIC_RELAXED)) == FT_STATE_FREE)
             continue;
+        if (f) {
+            /* most slots fail the filter: skip them without taking a lock */
+            struct lb_flow_entry peek;
+            ft_snapshot(&peek, e);
+            if (!ft_walk_keep(&peek, f))
+                continue;
+        }
         uint32_t bf, br = 0;
         if (!ft_grab(ft, i + 1, 0, &out[n], &bf, &br))
             continue;
         ft_ungrab(ft, 0, bf, br);
-        n++;
+        n += (uint32_t)ft_walk_keep(&out[n], f);
     }
     *cursor = i;
     return n;
+}
+
+uint32_t
+lb_flow_walk(struct lb_flowtable *ft, uint32_t *cursor, struct lb_flow_entry *out,
+             uint32_t max)
+{
+    return lb_flow_walk_filter(ft, cursor, out, max, NULL);
 }
 
 /* ---- introspection ---------------------------------------------------- */
@@ -1174,6 +1231,7 @@ lb_flow_get_counters(const struct lb_flowtable *ft, struct lb_flow_counters *out
     out->refused_exists = __atomic_load_n(&ft->cnt.refused_exists, __ATOMIC_RELAXED);
     out->evicted_expired = __atomic_load_n(&ft->cnt.evicted_expired, __ATOMIC_RELAXED);
     out->evicted_halfopen = __atomic_load_n(&ft->cnt.evicted_halfopen, __ATOMIC_RELAXED);
+    out->evicted_udp = __atomic_load_n(&ft->cnt.evicted_udp, __ATOMIC_RELAXED);
     out->expired = __atomic_load_n(&ft->cnt.expired, __ATOMIC_RELAXED);
     out->deleted = __atomic_load_n(&ft->cnt.deleted, __ATOMIC_RELAXED);
 }
@@ -1266,7 +1324,7 @@ lb_flow_check(struct lb_flowtable *ft)
             goto unlock;
         }
         live++;
-        recl += (uint32_t)ft_reclaimable(e->state, e->flags);
+        recl += (uint32_t)ft_evictable(e->state, e->flags);
         if (e->be_stat < LB_MAX_STAT_IDS)
             be[e->be_stat]++;
         if (e->vip_stat < LB_MAX_STAT_IDS)

@@ -28,6 +28,7 @@ struct lb_flow_counters {
     uint64_t refused_exists;    /* a racing insert of the same key won */
     uint64_t evicted_expired;   /* reclaimed on insert: idle past its timeout */
     uint64_t evicted_halfopen;  /* reclaimed on insert: half-open (SYN flood) */
+    uint64_t evicted_udp;       /* reclaimed on insert: answered UDP (spoofable) */
     uint64_t expired;           /* removed by lb_flow_expire */
     uint64_t deleted;           /* removed by lb_flow_delete / purge */
 };
@@ -87,6 +88,24 @@ uint32_t lb_flow_purge_backend(struct lb_flowtable *ft, const uint8_t *addr16,
  * *cursor is advanced. Returns the number copied; 0 = done. */
 uint32_t lb_flow_walk(struct lb_flowtable *ft, uint32_t *cursor,
                       struct lb_flow_entry *out, uint32_t max);
+
+/* What lb_flow_walk_filter keeps: entries of VIP address vip (family; 0 =
+ * any VIP), of VIP port vport (network order; 0 = any) and protocol proto
+ * (0 = any). */
+struct lb_flow_filter {
+    uint8_t vip[16];
+    uint16_t vport;
+    uint8_t proto;
+    uint8_t family;
+};
+
+/* lb_flow_walk, keeping only the entries that pass f (NULL: all). The
+ * filter runs in the scan, so a page of a VIP's flows costs no copies of
+ * the others; *cursor says where the next page starts (done once it reaches
+ * the table's high-water mark: a call returns 0 and *cursor stops moving). */
+uint32_t lb_flow_walk_filter(struct lb_flowtable *ft, uint32_t *cursor,
+                             struct lb_flow_entry *out, uint32_t max,
+                             const struct lb_flow_filter *f);
 
 uint32_t lb_flow_count(const struct lb_flowtable *ft);
 uint32_t lb_flow_capacity(const struct lb_flowtable *ft);

@@ -1,10 +1,17 @@
 /* lb_l2.c - rawsock mode's L2 table and miss ring, see lb_l2.h. */
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <linux/virtio_net.h>
 
 #include "lb_hash.h"
 #include "lb_l2.h"
+#include "lb_rawsock.h"
+
+#define L2_ETH_HLEN 14u
+#define L2_VNET_LEN ((uint32_t)sizeof(struct virtio_net_hdr))
 
 #define L2_HASH_SEED 0x6c62327261770001ull  /* fixed: the table is rebuilt, never attacked
                                              * (its keys are our own next hops) */
@@ -168,7 +175,16 @@ const uint8_t *lb_l2_lookup(const struct lb_l2 *l2, uint8_t link, uint8_t family
 
 struct lb_rawsock *lb_rawsock_new(void)
 {
-    return calloc(1, sizeof(struct lb_rawsock));
+    struct lb_rawsock *rs = calloc(1, sizeof(struct lb_rawsock));
+
+    if (!rs)
+        return NULL;
+    rs->hold = calloc(1, sizeof(*rs->hold));   /* once: the hold path never allocates */
+    if (!rs->hold) {
+        free(rs);
+        return NULL;
+    }
+    return rs;
 }
 
 void lb_rawsock_free(struct lb_rawsock *rs)
@@ -176,7 +192,127 @@ void lb_rawsock_free(struct lb_rawsock *rs)
     if (!rs)
         return;
     lb_l2_free(rs->l2);
+    free(rs->hold);
     free(rs);
+}
+
+/* ---- frames waiting for a neighbour ----------------------------------- */
+
+static void hold_lock(uint32_t *l)
+{
+    while (__atomic_exchange_n(l, 1u, __ATOMIC_ACQUIRE)) {
+        uint32_t spins = 0;
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            if (++spins >= 128u) {
+                sched_yield();   /* a releasing holder may be in sendto() */
+                spins = 0;
+            }
+    }
+}
+
+static void hold_unlock(uint32_t *l)
+{
+    __atomic_store_n(l, 0u, __ATOMIC_RELEASE);
+}
+
+void lb_l2_hold(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
+                uint8_t link, uint8_t family, const uint8_t *dst16, const uint8_t *vframe,
+                uint32_t vlen, uint32_t iplen, uint32_t now)
+{
+    struct lb_l2_hold *h = rs->hold;
+    struct lb_l2_holdq *q = NULL, *free_q = NULL;
+    uint8_t nh[16];
+
+    /* the pipeline counted it as sent; it is not (yet): the VIP and backend
+     * counters keep it, the flow did see the packet */
+    w->stats.tx--;
+    w->stats.tx_bytes -= iplen;
+    if (!lb_l2_nexthop(l2, link, family, dst16, nh)) {
+        w->stats.drops[LB_DROP_NO_NEIGH]++;     /* no route: nothing to wait for */
+        return;
+    }
+    lb_rawsock_record_miss(rs, link, family, nh);
+    if (!h || vlen > LB_L2_HOLD_BYTES || vlen < L2_VNET_LEN + L2_ETH_HLEN) {
+        w->stats.drops[LB_DROP_NO_NEIGH]++;
+        return;
+    }
+    hold_lock(&h->lock);
+    for (uint32_t i = 0; i < LB_L2_HOLD_NEIGH && !q; i++) {
+        struct lb_l2_holdq *c = &h->q[i];
+        if (!c->n) {
+            if (!free_q)
+                free_q = c;
+        } else if (c->link == link && c->family == family && memcmp(c->addr, nh, 16) == 0) {
+            q = c;
+        }
+    }
+    if (!q && free_q) {
+        q = free_q;
+        memcpy(q->addr, nh, 16);
+        q->family = family;
+        q->link = link;
+    }
+    if (!q || q->n >= LB_L2_HOLD_PER) {
+        hold_unlock(&h->lock);
+        w->stats.drops[LB_DROP_HOLD_OVERFLOW]++;
+        return;
+    }
+    struct lb_l2_held *f = &q->f[q->n++];
+    memcpy(f->data, vframe, vlen);
+    f->data[0] &= VIRTIO_NET_HDR_F_NEEDS_CSUM;  /* DATA_VALID means nothing on transmit */
+    f->len = vlen;
+    f->iplen = iplen;
+    f->since = now;
+    __atomic_add_fetch(&h->n_held, 1u, __ATOMIC_RELEASE);
+    hold_unlock(&h->lock);
+}
+
+void lb_l2_release(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
+                   uint32_t n_socks, uint32_t now)
+{
+    struct lb_l2_hold *h = rs->hold;
+    uint32_t gone = 0;
+
+    if (!h || !__atomic_load_n(&h->n_held, __ATOMIC_ACQUIRE))
+        return;
+    if (__atomic_exchange_n(&h->lock, 1u, __ATOMIC_ACQUIRE))
+        return;                                   /* another worker is at it */
+    lb_dp_enter(w);                               /* the L2 table stays valid until leave */
+    const struct lb_l2 *l2 = lb_rawsock_l2(rs);
+    for (uint32_t i = 0; i < LB_L2_HOLD_NEIGH; i++) {
+        struct lb_l2_holdq *q = &h->q[i];
+        if (!q->n)
+            continue;
+        const uint8_t *mac = lb_l2_mac(l2, q->link, q->family, q->addr);
+        uint32_t keep = 0;
+        for (uint32_t j = 0; j < q->n; j++) {
+            struct lb_l2_held *f = &q->f[j];
+            if (mac && q->link < LB_RAW_LINKS && l2) {
+                uint8_t *eth = f->data + L2_VNET_LEN;
+                int fd = socks[n_socks == 2 ? q->link : 0].fd;
+                memcpy(eth, mac, 6);
+                memcpy(eth + 6, l2->src_mac[q->link], 6);
+                if (send(fd, f->data, f->len, MSG_DONTWAIT) == (ssize_t)f->len) {
+                    w->stats.tx++;
+                    w->stats.tx_bytes += f->iplen;
+                } else {
+                    w->stats.tx_errors++;
+                }
+                gone++;
+            } else if ((int32_t)(now - f->since) > (int32_t)LB_L2_HOLD_MS) {
+                w->stats.drops[LB_DROP_HOLD_TIMEOUT]++;
+                gone++;
+            } else {
+                if (keep != j)
+                    q->f[keep] = *f;
+                keep++;
+            }
+        }
+        q->n = (uint8_t)keep;
+    }
+    if (gone)
+        __atomic_sub_fetch(&h->n_held, gone, __ATOMIC_RELEASE);
+    hold_unlock(&h->lock);
 }
 
 struct lb_l2 *lb_rawsock_publish(struct lb_dataplane *dp, struct lb_rawsock *rs,

@@ -61,12 +61,46 @@ struct lb_raw_miss {
     uint8_t pad[2];
 };
 
+/* Frames held while their next hop resolves (lb_l2_hold): a few per next
+ * hop, for a few next hops, each frame copied out of the receive ring (which
+ * goes back to the kernel at once). A frame bigger than a hold slot (a GSO
+ * super-packet) is not held: no_neigh, as before. */
+#ifndef LB_L2_HOLD_NEIGH
+#define LB_L2_HOLD_NEIGH 16u     /* next hops with frames waiting */
+#endif
+#define LB_L2_HOLD_PER 4u        /* frames held per next hop */
+#define LB_L2_HOLD_BYTES 2048u   /* largest held frame, virtio_net_hdr included */
+#define LB_L2_HOLD_MS 2000u      /* a frame not released by then: hold_timeout */
+
+struct lb_l2_held {
+    uint32_t len;                /* bytes of data: virtio_net_hdr + Ethernet + IP */
+    uint32_t iplen;              /* bytes of IP (the tx_bytes it counts once sent) */
+    uint32_t since;              /* lb_now_ms() when held */
+    uint8_t data[LB_L2_HOLD_BYTES];
+};
+
+struct lb_l2_holdq {
+    uint8_t addr[16];            /* the next hop (be) */
+    uint8_t family;
+    uint8_t link;
+    uint8_t n;                   /* frames held, oldest first; 0 = slot free */
+    uint8_t pad;
+    struct lb_l2_held f[LB_L2_HOLD_PER];
+};
+
+struct lb_l2_hold {
+    uint32_t lock;               /* spinlock; taken only on a miss and to release */
+    uint32_t n_held;             /* atomic: frames held (0: release returns at once) */
+    struct lb_l2_holdq q[LB_L2_HOLD_NEIGH];
+};
+
 /* Shared by the workers of one data plane. */
 struct lb_rawsock {
     struct lb_l2 *l2;            /* atomic; may be NULL (every frame: no_neigh) */
     uint32_t miss_head;          /* atomic */
     uint32_t pad;
     struct lb_raw_miss miss[LB_RAW_MISS];
+    struct lb_l2_hold *hold;     /* frames waiting for their next hop's MAC */
 };
 
 struct lb_l2 *lb_l2_new(uint32_t n_routes, uint32_t n_neigh);
@@ -105,6 +139,26 @@ struct lb_l2 *lb_rawsock_publish(struct lb_dataplane *dp, struct lb_rawsock *rs,
  * the control side; lossy under contention). */
 void lb_rawsock_record_miss(struct lb_rawsock *rs, uint8_t link, uint8_t family,
                             const uint8_t *nh16);
+struct lb_raw_sock;
+/* A rewritten frame found no MAC for its next hop on link (dst16: the IP
+ * destination): keep a copy until the neighbour resolves, or drop it. vframe
+ * is the virtio_net_hdr in front of the frame, vlen their length, iplen the
+ * IP bytes the pipeline counted as sent (taken back: it is sent only on
+ * release). Counts: no_neigh (no route, or too big to hold), hold_overflow
+ * (the next hop's queue or every queue is full); records the miss so that
+ * the control side asks the kernel to resolve it. The worker loop's one call
+ * where it used to drop the frame. */
+void lb_l2_hold(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
+                uint8_t link, uint8_t family, const uint8_t *dst16, const uint8_t *vframe,
+                uint32_t vlen, uint32_t iplen, uint32_t now);
+/* Send the held frames whose next hop has a MAC in the published L2 table
+ * (on socks[link], or socks[0] with one socket) and drop the ones held longer
+ * than LB_L2_HOLD_MS (hold_timeout). Cheap when nothing is held (one atomic
+ * load); another worker already releasing makes it return at once. Called by
+ * the worker loop once per iteration (at least every poll timeout); enters
+ * the worker's read-side section itself when there is work. */
+void lb_l2_release(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
+                   uint32_t n_socks, uint32_t now);
 /* Copy out up to max distinct recorded misses; returns how many. */
 uint32_t lb_rawsock_misses(struct lb_rawsock *rs, struct lb_raw_miss *out, uint32_t max);
 #endif

@@ -235,14 +235,11 @@ static inline void arp_one(struct lb_worker *w, const struct lb_table *t, const 
 /* The next hop's MAC for the IP packet at ip leaving on link eg, or NULL
  * (then counted as a no_neigh drop instead of a sent packet, and recorded
  * for resolution). */
-static const uint8_t *next_mac(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
-                               uint8_t eg, const uint8_t *ip, uint32_t iplen, uint8_t *family)
+/* Where a packet leaving the pipeline goes: its family and IP destination
+ * (parse validated the header lengths, or we built the header). */
+static inline void ip_dst(const uint8_t *ip, uint8_t *family, uint8_t dst[16])
 {
-    uint8_t nh[16], dst[16];
-    const uint8_t *mac;
-
-    /* the destination: parse validated the header lengths (or we built it) */
-    memset(dst, 0, sizeof(dst));
+    memset(dst, 0, 16);
     if ((ip[0] >> 4) == 4) {
         *family = LB_AF_INET;
         memcpy(dst, ip + 16, 4);
@@ -250,6 +247,19 @@ static const uint8_t *next_mac(struct lb_worker *w, struct lb_rawsock *rs, const
         *family = LB_AF_INET6;
         memcpy(dst, ip + 24, 16);
     }
+}
+
+/* The MAC of the next hop of a packet leaving on eg; NULL (a counted
+ * no_neigh drop, the miss recorded for the resolver) when it has none. For
+ * the packets the pipeline adds (answers, rejects); the packet itself is
+ * held instead (lb_l2_hold). */
+static const uint8_t *next_mac(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
+                               uint8_t eg, const uint8_t *ip, uint32_t iplen, uint8_t *family)
+{
+    uint8_t nh[16], dst[16];
+    const uint8_t *mac;
+
+    ip_dst(ip, family, dst);
     memcpy(nh, dst, 16);
     mac = l2 ? lb_l2_lookup(l2, eg, *family, dst, nh) : NULL;
     if (!mac) {
@@ -353,7 +363,19 @@ static inline void rx_one(struct lb_worker *w, struct lb_rawsock *rs, const stru
         /* the rewritten packet's destination decides the next hop; an
          * answer goes back out of the link it came in on, to its sender */
         uint8_t eg = v == LB_REPLY ? link : out_link;
-        mac = v == LB_REPLY ? (l2 ? peer : NULL) : next_mac(w, rs, l2, eg, ip, iplen, &family);
+        if (v == LB_REPLY) {
+            mac = l2 ? peer : NULL;
+        } else if (l2) {
+            uint8_t dst[16], nh[16];
+            ip_dst(ip, &family, dst);
+            memcpy(nh, dst, 16);
+            mac = lb_l2_lookup(l2, eg, family, dst, nh);
+            if (!mac)   /* held until the next hop resolves (or dropped, counted) */
+                lb_l2_hold(w, rs, l2, eg, family, dst, frame - VNET_LEN, snap + VNET_LEN,
+                           iplen, now);
+        } else {
+            mac = next_mac(w, rs, l2, eg, ip, iplen, &family);
+        }
         if (mac) {
             memcpy(frame, mac, 6);
             memcpy(frame + 6, l2->src_mac[eg], 6);
@@ -431,6 +453,7 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
     while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
         int busy = 0;
         w->stats.loops++;
+        lb_l2_release(w, rs, socks, n_socks, lb_now_ms());
         /* up to a few blocks per link in turn, so that one busy link
          * cannot starve the other (requests vs replies) */
         for (int round = 0; round < 4; round++) {

@@ -54,6 +54,8 @@ enum lb_drop_reason {
                                answered: limit_action "reject"); so the next two */
     LB_DROP_LIMIT_RATE,     /* new flow over the client's new-flow rate */
     LB_DROP_NEW_FLOW_RATE,  /* new flow over the VIP's new_flow_rate (overload guard) */
+    LB_DROP_HOLD_OVERFLOW,  /* rawsock: next hop unresolved and its hold queue full */
+    LB_DROP_HOLD_TIMEOUT,   /* rawsock: held for a next hop that did not resolve in time */
     LB_DROP__COUNT
 };
 

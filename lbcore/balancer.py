@@ -16,6 +16,7 @@ Flow semantics on a change:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -23,11 +24,17 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
+from .config import check_weight
+
 log = logging.getLogger("lbcore.balancer")
 
 IPAddress = IPv4Address | IPv6Address
 PROTO = {"tcp": 6, "udp": 17}
 PROTO_NAMES = {n: name for name, n in PROTO.items()}
+
+
+class PublishError(RuntimeError):
+    """A forwarding table could not be built or published; the previous one stays live."""
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Balancer:
         self._next_be_stat = 0
         self.rebuilds = 0
         self.last_rebuild_s = 0.0
+        self.publish_failures = 0
+        self.last_publish_error: str | None = None
         # (address, port, proto) whose flows go once the next table is live
         self._purge_after_publish: list[tuple[IPAddress, int, str]] = []
 
@@ -139,6 +148,7 @@ class Balancer:
                     weight: int = 1) -> BackendState:
         """Add a backend to ``vip``, or set the configured weight of the one that exists;
         keeps its health, drain and runtime-weight state. Returns it."""
+        weight = check_weight(weight)
         addr = ip_address(address) if isinstance(address, str) else address
         if addr.version != vip.address.version:
             raise ValueError(f"backend {addr} is not of the address family of VIP {vip.address}")
@@ -239,9 +249,9 @@ class Balancer:
 
     def set_backend_weight(self, vip: VipState, b: BackendState, weight: int) -> bool:
         """Set a runtime weight that overrides the configured one until the next restart;
-        True if that changed anything."""
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, not {weight}")
+        True if that changed anything. The config's rule (0..MAX_WEIGHT) is checked before
+        anything changes: a weight the table builder refuses would fail every later publish."""
+        weight = check_weight(weight)
         if b.weight_override == weight:
             return False
         b.weight_override = weight
@@ -276,7 +286,13 @@ class Balancer:
         a worker thread, published, purge) so that the event loop is not held up."""
         spec, purges = self.table_spec(), self.take_purges()
         t0 = time.perf_counter()
-        self.dp.publish(spec, self.seed)
+        try:
+            self.dp.publish(spec, self.seed)
+        except TimeoutError:
+            pass        # the new table is live; only the old one could not be freed
+        except Exception as e:
+            self.publish_failed(e, purges)
+            raise
         self.published(time.perf_counter() - t0)
         self.purge(purges)
 
@@ -289,6 +305,32 @@ class Balancer:
         """Record a table that was built in ``seconds`` and is now live."""
         self.last_rebuild_s = seconds
         self.rebuilds += 1
+        self.last_publish_error = None
+
+    def publish_failed(self, exc: BaseException,
+                       purges: Iterable[tuple[IPAddress, int, str]]) -> None:
+        """Record a table that could not be built or published (the old one stays live);
+        the purges it would have allowed wait for the next table that is."""
+        self.publish_failures += 1
+        self.last_publish_error = f"{type(exc).__name__}: {exc}"
+        self._purge_after_publish[:0] = list(purges)
+        log.error("publishing the forwarding table failed (the previous table stays live): %s",
+                  self.last_publish_error)
+
+    # -- transactions ------------------------------------------------------
+
+    def snapshot(self) -> Any:
+        """A copy of the desired state, for restore() when a change could not be published
+        (the Python side must describe the table that is live, not one that was refused)."""
+        return copy.deepcopy((self.vips, self.seed, self.ring_size, self._next_vip_stat,
+                              self._next_be_stat, self._purge_after_publish))
+
+    def restore(self, snap: Any) -> None:
+        """Go back to a snapshot() (keeping purges queued since: their flows must still go)."""
+        queued = list(self._purge_after_publish)
+        (self.vips, self.seed, self.ring_size, self._next_vip_stat, self._next_be_stat,
+         purges) = copy.deepcopy(snap)
+        self._purge_after_publish = list(dict.fromkeys(purges + queued))
 
     def purge(self, purges: Iterable[tuple[IPAddress, int, str]]) -> None:
         """Drop the tracked flows of these (address, port, protocol) backends: their next

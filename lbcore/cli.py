@@ -27,11 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the balancer in the foreground",
                        description="Create the data plane (TUN device or AF_PACKET "
                        "sockets), set up routes/rules/sysctls, run health checks and "
-                       "forward until SIGTERM/SIGINT; undo all network changes on exit.")
+                       "forward until SIGTERM/SIGINT; undo the network changes on exit, "
+                       "except the reply path's reservation: the backends' reply rules and "
+                       "blackhole routes for the replies and the VIPs stay, so that until "
+                       "the next start no reply leaves un-translated (a client would reset "
+                       "its connection). `lbcore cleanup` or --cleanup-on-exit removes them.")
     r.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (TOML)")
     r.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="overrides global.log_level of the config (default info)")
     r.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    r.add_argument("--cleanup-on-exit", action="store_true",
+                   help="on exit also remove the reply rules and blackholes (for a gateway "
+                   "that stops balancing; a restart with this flag resets connections)")
+    cl = sub.add_parser("cleanup", help="remove the reply rules and blackholes a stopped "
+                        "lbcore leaves (the gateway then routes replies and VIPs normally)")
+    cl.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help="config file, to refuse while its lbcore runs")
 
     c = sub.add_parser("check-config", help="validate a config file without touching the network")
     c.add_argument("file", help="config file (TOML)")
@@ -71,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between redraws (default 1)")
     fl = ctl("flows", help="list tracked flows")
     fl.add_argument("--vip", help="only flows of this VIP (name or ADDR[:PORT])")
-    fl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    fl.add_argument("--limit", type=int, default=100,
+                    help="at most this many (default 100); fetched in pages of 1000")
     fl.add_argument("--json", action="store_true")
     pk = ctl("pick", help="which backend a flow goes to, and why")
     pk.add_argument("vip", help="VIP name or ADDR[:PORT]")
@@ -102,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "run":
         from .daemon import cmd_run
         return cmd_run(args)
+    if args.cmd == "cleanup":
+        from .daemon import cmd_cleanup
+        return cmd_cleanup(args)
     if args.cmd == "lab":
         from . import lab
         verbs = {"up": lab.cmd_up, "down": lab.cmd_down, "status": lab.cmd_status}

@@ -1427,3 +1427,63 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     bgp = (f", BGP to {len(cfg.bgp.neighbors)} neighbor(s)" if cfg.bgp is not None else "")
     print(f"OK: {len(cfg.vips)} VIPs, {cfg.backend_count} backends{bgp}")
     return 0
+
+
+# --- runtime arguments ----------------------------------------------------------------
+# The control socket's commands change the same state as the file does, so their arguments
+# pass the same checks (the _Checker rules and limits above); a bad one is a ValueError whose
+# message names the argument, never an exception from deeper down.
+
+SPEC_MAX = 256                    # bytes of a VIP / backend selector ("NAME", "ADDR:PORT")
+
+
+class ArgumentError(ValueError):
+    """A runtime argument the config's rules refuse; the message names it."""
+
+
+def _one(name: str, value: Any, get: Callable[[_Checker, dict], Any]) -> Any:
+    c = _Checker()
+    v = get(c, {name: value})
+    if c.errors:
+        raise ArgumentError(c.errors[0])
+    return v
+
+
+def check_weight(value: Any, name: str = "weight") -> int:
+    """A backend weight, as pool.*.backends[].weight: an integer 0..MAX_WEIGHT."""
+    return _one(name, value, lambda c, t: c.integer(t, name, "", 0, MAX_WEIGHT))
+
+
+def check_integer(value: Any, name: str, lo: int, hi: int) -> int:
+    """An integer lo..hi (not a bool, not a float), with the config's message."""
+    return _one(name, value, lambda c, t: c.integer(t, name, "", lo, hi))
+
+
+def check_port(value: Any, name: str = "port", lo: int = 1) -> int:
+    """A port lo..65535 (1 for a service port, 0 allowed for a client's)."""
+    return check_integer(value, name, lo, 65535)
+
+
+def check_address(value: Any, name: str = "address") -> IPAddress:
+    """A unicast IPv4 or IPv6 address, as a backend's or VIP's address."""
+    return _one(name, value, lambda c, t: c.address(t, name, ""))
+
+
+def check_protocol(value: Any, name: str = "proto") -> str:
+    """"tcp" or "udp", as vip[].protocol."""
+    return _one(name, value, lambda c, t: c.choice(t, name, "", PROTOCOLS))
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (with the config's "did you mean")."""
+    return _one(name, value, lambda c, t: c.choice(t, name, "", choices))
+
+
+def check_spec(value: Any, name: str) -> str:
+    """A selector of VIPs or backends (a VIP name, ADDR, ADDR:PORT, [ADDR]:PORT,
+    ADDR:PORT/PROTO): a non-empty string of at most SPEC_MAX bytes without control
+    characters; what it selects is the caller's business."""
+    return _one(name, value, lambda c, t: c.checked_string(
+        t, name, "", "a string (a name or ADDR[:PORT])",
+        lambda s: 0 < len(s.encode()) <= SPEC_MAX and s.isprintable(),
+        f"a name or ADDR[:PORT] of 1..{SPEC_MAX} printable characters"))

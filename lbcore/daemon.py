@@ -24,21 +24,24 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import _core
-from .balancer import PROTO, Balancer
+from .balancer import PROTO, Balancer, PublishError
 from .config import Config, ConfigError, load_config
 from .control.metrics import start_metrics
 from .control.server import start_control
 from .control.status import StatusView
-from .dataplane import Plane, make_plane
+from .dataplane import Plane, make_plane, replies
 from .dataplane.replies import ReplyPath
 from .health import HealthMonitor, targets_from_config
 from .sync import FlowSync
 from .tabledigest import table_digests
 
 log = logging.getLogger("lbcore")
+
+T = TypeVar("T")
 
 EXPIRE_EVERY_S = 1.0
 EXPIRE_BATCH = 16384      # flows removed per call (and reported to sync peers)
@@ -101,11 +104,13 @@ class Daemon:
         self._worker_error: BaseException | None = None
         self._reload_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
+        self._publish_pending = False     # the last publish failed: housekeeping retries
         self.health: HealthMonitor | None = None
         self.announcer: Any = None          # lbcore.bgp.Announcer with a [bgp] section
         self.digests: dict[str, str] = {}   # VIP -> digest of its live Maglev table
         self.adoption: dict[str, Any] | None = None   # what adopt_flows answered at start
         self.sync: FlowSync | None = None
+        self.cleanup_on_exit = False      # `run --cleanup-on-exit`: remove the reservation too
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -144,6 +149,10 @@ class Daemon:
             if cfg.sync is not None:
                 self.dp.sync_attach(cfg.sync.ring_size)
 
+            # the reply path's reservation (rules, blackholes) outlives the run; see
+            # _release_replies for when it goes
+            found = await asyncio.to_thread(replies.reserved)
+            stack.push(lambda et, ev, tb: self._release_replies(found, et is not None))
             self.plane = make_plane(cfg, self.dp, [v.address for v in cfg.vips],
                                     reply_paths(self.balancer))
             self.plane.setup()
@@ -183,6 +192,22 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _release_replies(self, found: bool, failed: bool) -> None:
+        """After the plane's undo: the reply rules and blackholes stay (the next run takes
+        them over; until then replies are dropped, not sent un-translated), unless the
+        operator asked for a full clean-up on exit, or this run failed to start and found no
+        reservation (a first start that fails leaves the gateway as it was)."""
+        if not (self.cleanup_on_exit or (failed and not found)):
+            if not failed:
+                log.info("the reply path stays reserved (policy rules, blackhole routes): "
+                         "`lbcore cleanup` removes them")
+            return
+        try:
+            n = replies.remove_all()
+            log.info("removed the reply path's %d rule(s) and blackhole route(s)", n)
+        except Exception as e:  # noqa: BLE001 - on the way out; `lbcore cleanup` retries
+            log.error("removing the reply rules and blackholes failed: %s", e)
 
     def _run_worker(self, i: int, cpu: int | None, loop: asyncio.AbstractEventLoop) -> None:
         if cpu is not None:
@@ -248,7 +273,7 @@ class Daemon:
             if b is not None:
                 changed |= self.balancer.set_health(v, b, up, reason)
         if changed:
-            asyncio.ensure_future(self.republish())
+            asyncio.ensure_future(self._republish_quietly())
 
     def health_of(self, vip, backend) -> dict:
         """Health-check status of one backend of one VIP, for `status`."""
@@ -273,8 +298,9 @@ class Daemon:
             await asyncio.to_thread(self.dp.frag_expire)
             assert self.balancer is not None
             now = time.monotonic()
-            if now - last_slow >= SLOW_START_STEP_S and self.balancer.in_slow_start():
-                await self.republish()
+            if self._publish_pending or (now - last_slow >= SLOW_START_STEP_S
+                                         and self.balancer.in_slow_start()):
+                await self._republish_quietly()
                 last_slow = now
 
     async def _expire(self) -> None:
@@ -300,7 +326,16 @@ class Daemon:
         async with self._publish_lock:
             spec, purges = bal.table_spec(), bal.take_purges()
             t0 = time.perf_counter()
-            await asyncio.to_thread(self.dp.publish, spec, bal.seed)
+            try:
+                await asyncio.to_thread(self.dp.publish, spec, bal.seed)
+            except TimeoutError as e:
+                # swapped in; only the old table could not be freed (leaked, not in use)
+                log.warning("table published, but %s", e)
+            except Exception as e:
+                bal.publish_failed(e, purges)
+                self._publish_pending = True
+                raise PublishError(bal.last_publish_error or str(e)) from e
+            self._publish_pending = False
             bal.published(time.perf_counter() - t0)
             self.digests = await asyncio.to_thread(table_digests, spec, bal.seed)
             if self.announcer is not None:
@@ -308,6 +343,45 @@ class Daemon:
                 self.announcer.update(usable_addresses(bal.vips.values()))
             if purges:
                 await asyncio.to_thread(bal.purge, purges)
+
+    async def _republish_quietly(self) -> None:
+        """republish() for changes nobody waits on (health, slow start): a failure is logged
+        and counted there, and housekeeping tries again a second later."""
+        with contextlib.suppress(PublishError):
+            await self.republish()
+
+    async def change(self, mutate: Callable[[], T]) -> T:
+        """Apply an operator's change to the balancer as a transaction: ``mutate()`` (which
+        validates its arguments before it changes anything), then publish; if either fails
+        the balancer goes back to the state of the live table, and the error is raised.
+        One change (or reload) at a time."""
+        async with self._reload_lock:
+            return await self._transaction(mutate)
+
+    async def _transaction(self, mutate: Callable[[], T]) -> T:
+        bal = self.balancer
+        assert bal is not None
+        snap = bal.snapshot()
+        try:
+            result = mutate()
+            await self.republish()
+        except BaseException:
+            bal.restore(snap)
+            self._resync_health()
+            raise
+        return result
+
+    def _resync_health(self) -> None:
+        """After a restore: health transitions reported meanwhile apply to the restored state
+        too (the monitor reports only transitions, so they would be lost)."""
+        if self.health is None or self.balancer is None:
+            return
+        for v in self.balancer.vips.values():
+            for b in v.backends.values():
+                key = (v.pool, b.address, b.port)
+                if key in self.health and self.health.state(key) != b.up:
+                    self.balancer.set_health(v, b, self.health.state(key),
+                                             self.health.status(key).reason)
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Re-read the config, validate, diff, apply. An invalid config is
@@ -327,15 +401,31 @@ class Daemon:
             assert self.balancer is not None and self.plane is not None
             old_vips, old_replies = [v.address for v in self.config.vips], reply_paths(
                 self.balancer)
-            changes = self.balancer.configure(new)
-            new_vips, new_replies = [v.address for v in new.vips], reply_paths(self.balancer)
-            # Before the new table: routes of VIPs that go are removed, reply rules of
-            # backends that come are added; after it: routes of the VIPs that come, and the
-            # rules of backends that went. So no packet reaches a table that lacks its VIP,
-            # and no reply of a new backend bypasses the data plane.
-            await asyncio.to_thread(self.plane.update, [a for a in old_vips if a in new_vips],
-                                    list(dict.fromkeys(old_replies + new_replies)))
-            await self.republish()
+            snap = self.balancer.snapshot()
+            try:
+                changes = self.balancer.configure(new)
+                new_vips, new_replies = [v.address for v in new.vips], reply_paths(
+                    self.balancer)
+                # Before the new table: routes of VIPs that go are removed, reply rules of
+                # backends that come are added; after it: routes of the VIPs that come, and
+                # the rules of backends that went. So no packet reaches a table that lacks
+                # its VIP, and no reply of a new backend bypasses the data plane.
+                await asyncio.to_thread(self.plane.update,
+                                        [a for a in old_vips if a in new_vips],
+                                        list(dict.fromkeys(old_replies + new_replies)))
+                await self.republish()
+            except Exception as e:  # noqa: BLE001 - reported; the running config stays
+                # the live table is the old one: so are the state, the routes and the rules
+                self.balancer.restore(snap)
+                self._resync_health()
+                try:
+                    await asyncio.to_thread(self.plane.update, old_vips, old_replies)
+                except Exception as e2:  # noqa: BLE001 - logged; the next reload retries
+                    log.error("reload: restoring the routes and rules failed: %s", e2)
+                why = str(e) if isinstance(e, PublishError) else f"{type(e).__name__}: {e}"
+                log.error("reload failed, keeping the running config: %s", why)
+                return False, [f"applying the new config failed ({why}); the running "
+                               "config stays"]
             await asyncio.to_thread(self.plane.update, new_vips, new_replies)
             self.config = new
             if self.health is not None:
@@ -401,9 +491,35 @@ def cmd_run(args) -> int:
         print("lbcore: run needs root (TUN device or AF_PACKET sockets, routes, policy rules)",
               file=sys.stderr)
         return 2
+    daemon = Daemon(config, args.config)
+    daemon.cleanup_on_exit = bool(getattr(args, "cleanup_on_exit", False))
     try:
-        return asyncio.run(Daemon(config, args.config).serve())
+        return asyncio.run(daemon.serve())
     except Exception as e:  # noqa: BLE001 - every network change is undone by now
         log.error("lbcore failed: %s", e)
         log.debug("details", exc_info=True)
         return 1
+
+
+def cmd_cleanup(args) -> int:
+    """`lbcore cleanup`: remove what a stopped lbcore leaves on purpose (the reply rules, the
+    blackholes of RULE_TABLE and of the VIPs), after which the gateway routes the backends'
+    replies and the VIPs normally again. Refused while an lbcore answers on the config's
+    control socket (its replies would leave un-translated)."""
+    from .control.server import _socket_alive
+    if os.geteuid() != 0:
+        print("lbcore cleanup: needs root (routes and policy rules)", file=sys.stderr)
+        return 2
+    sock = None
+    if args.config and os.path.exists(args.config):
+        try:
+            sock = load_config(args.config).control_socket
+        except ConfigError:
+            pass
+    if sock and _socket_alive(sock):
+        print(f"lbcore cleanup: lbcore is running (it answers on {sock}); stop it first",
+              file=sys.stderr)
+        return 1
+    n = replies.remove_all()
+    print(f"removed {n} reply rule(s) and blackhole route(s)")
+    return 0

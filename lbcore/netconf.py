@@ -658,6 +658,7 @@ class RouteInfo:
     table: int
     type: int
     proto: int = 0          # who installed it (RTPROT_*; lbcore tags its own)
+    priority: int = 0       # the metric (0 when the kernel reports none)
 
     @property
     def prefix(self) -> str:
@@ -694,13 +695,31 @@ def _route_spec(ipr: IPRoute, dst: str, gateway: str | None, oif: str | None, ta
     return spec
 
 
+# route attributes that tell apart routes to one dst in one table (a blackhole beside a route
+# with a better metric); given to route_add/route_del, they take part in the match
+_ROUTE_KEYS = ("priority", "proto", "type")
+_RTN = {"unicast": 1, "local": 2, "blackhole": 6, "unreachable": 7, "prohibit": 8}
+
+
+def _route_keys(spec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """spec plus the distinguishing attributes of extra (type by its number)."""
+    out = dict(spec)
+    for k in _ROUTE_KEYS:
+        if k in extra:
+            out[k] = _RTN.get(extra[k], extra[k]) if k == "type" else extra[k]
+    return out
+
+
 def _route_present(ipr: IPRoute, spec: dict[str, Any]) -> bool:
     for m in ipr.route("dump", family=spec["family"], table=spec["table"]):
         if (m["dst_len"] == spec["dst_len"]
                 and (m.get("RTA_DST") or None) == spec.get("dst")
                 and m.get("RTA_TABLE", m["table"]) == spec["table"]
                 and ("gateway" not in spec or _same_ip(m.get("RTA_GATEWAY"), spec["gateway"]))
-                and ("oif" not in spec or m.get("RTA_OIF") == spec["oif"])):
+                and ("oif" not in spec or m.get("RTA_OIF") == spec["oif"])
+                and ("priority" not in spec or (m.get("RTA_PRIORITY") or 0) == spec["priority"])
+                and ("proto" not in spec or m["proto"] == spec["proto"])
+                and ("type" not in spec or m["type"] == spec["type"])):
             return True
     return False
 
@@ -728,7 +747,8 @@ def routes(netns: str | None = None, *, family: int | None = None, table: int | 
             out.append(RouteInfo(
                 family=m["family"], dst=f"{dst}/{m['dst_len']}" if dst else "default",
                 gateway=m.get("RTA_GATEWAY"), oif=names.get(m.get("RTA_OIF")),
-                table=m.get("RTA_TABLE", m["table"]), type=m["type"], proto=m["proto"]))
+                table=m.get("RTA_TABLE", m["table"]), type=m["type"], proto=m["proto"],
+                priority=m.get("RTA_PRIORITY") or 0))
     return out
 
 
@@ -763,27 +783,30 @@ def route_add(dst: str, *, gateway: str | None = None, oif: str | None = None,
     pyroute2 as is (e.g. ``priority`` for the metric, ``scope``, ``proto``). Replace semantics:
     a route to the same dst in the same table is overwritten. Undo deletes the route.
     """
+    keys = {k: v for k, v in extra.items() if k not in _ROUTE_KEYS}
     _ensure_present(netns, f"route {dst}",
-                    find=lambda ipr: _route_spec(ipr, dst, gateway, oif, table, family, netns),
+                    find=lambda ipr: _route_keys(
+                        _route_spec(ipr, dst, gateway, oif, table, family, netns), extra),
                     present=_route_present,
-                    add=lambda ipr, spec: ipr.route("replace", **spec, **extra), replace=True)
+                    add=lambda ipr, spec: ipr.route("replace", **spec, **keys), replace=True)
     fam, _ = _dst(dst, gateway, family)
     if changes is not None:
         changes.record(
             f"route {dst} via {gateway or '-'} dev {oif or '-'} "
             f"table {table if table is not None else MAIN_TABLE}{_where(netns)}",
             lambda: route_del(dst, gateway=gateway, oif=oif, table=table, family=fam,
-                              netns=netns))
+                              netns=netns, **{k: extra[k] for k in _ROUTE_KEYS if k in extra}))
 
 
 @_off_loop
 def route_del(dst: str, *, gateway: str | None = None, oif: str | None = None,
-              table: int | None = None, family: int | None = None, netns: str | None = None
-              ) -> bool:
-    """Delete the route to ``dst`` (same arguments as route_add). False if it was not there."""
+              table: int | None = None, family: int | None = None, netns: str | None = None,
+              **extra: Any) -> bool:
+    """Delete the route to ``dst`` (same arguments as route_add; ``priority``, ``proto`` and
+    ``type`` in ``extra`` pick one of several routes to dst). False if it was not there."""
     def find(ipr: IPRoute) -> dict[str, Any] | None:
         try:
-            return _route_spec(ipr, dst, gateway, oif, table, family, netns)
+            return _route_keys(_route_spec(ipr, dst, gateway, oif, table, family, netns), extra)
         except OSError as e:
             if is_gone(e):  # its interface is gone, and the route with it
                 return None

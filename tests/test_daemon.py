@@ -76,8 +76,57 @@ def test_sigterm_right_after_start_is_a_clean_stop(nsname, tmp_path):
             p.communicate()
     assert p.returncode == 0, out
     assert "stopped cleanly" in out
-    assert leftovers(nsname) == []
     assert not (tmp_path / "s.sock").exists()
+    # a clean stop keeps the reply path reserved: the backend's rule, blackholes for its
+    # replies and for the VIP (the next start takes them over); `lbcore cleanup` removes them
+    assert_reserved(nsname)
+    cleanup(nsname, cfg)
+    assert leftovers(nsname) == []
+
+
+def assert_reserved(ns: str) -> None:
+    left = leftovers(ns)
+    assert [(r.src, r.sport) for r in left if isinstance(r, netconf.RuleInfo)] == [
+        ("198.19.200.11/32", "80:80")]
+    assert [(r.dst, r.type) for r in left
+            if isinstance(r, netconf.RouteInfo) and r.proto == 0xF4] == [("default", 6)]
+    assert [(r.dst, r.type) for r in netconf.routes(ns) if r.proto == 0xF4] == [
+        ("198.18.200.1/32", 6)]
+
+
+def cleanup(ns: str, cfg) -> None:
+    p = netconf.popen_in_netns(ns, [sys.executable, "-m", "lbcore", "cleanup", "-c", str(cfg)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    assert not [r for r in netconf.routes(ns, table=None) if r.proto == 0xF4]
+
+
+def test_restart_adopts_the_reservation_and_cleanup_on_exit_removes_it(nsname, tmp_path):
+    """A start finds the previous run's rules and blackholes and keeps them (no moment without
+    them); --cleanup-on-exit leaves nothing."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.format(sock=tmp_path / "s.sock"))
+    for argv in ([], ["--cleanup-on-exit"]):
+        p = netconf.popen_in_netns(nsname, [sys.executable, "-m", "lbcore", "run", "-c",
+                                            str(cfg), *argv],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "s.sock").exists():
+                assert time.monotonic() < deadline and p.poll() is None
+                time.sleep(0.02)
+            assert_reserved(nsname)
+            assert [r for r in netconf.routes(nsname, table=4242) if r.oif == "lbt0"]
+            p.send_signal(signal.SIGTERM)
+            out, _ = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        assert p.returncode == 0, out
+    assert leftovers(nsname) == []
+    assert not [r for r in netconf.routes(nsname, table=None) if r.proto == 0xF4]
 
 
 def test_bad_config_exits_2_before_touching_the_network(nsname, tmp_path):

@@ -310,7 +310,8 @@ def test_eviction_takes_the_oldest_half_open():
 
 def test_what_counts_as_half_open():
     """Reclaimable: SYN, unreplied UDP, CLOSE, FIN of a never-established
-    connection. Protected: established, replied UDP, FIN after establishment."""
+    connection; then replied UDP (a spoofer can make the backends answer).
+    Protected: established, FIN after establishment."""
     ft = FlowTable(6, seed=5, timeouts=TIMEOUTS)
     assert add(ft, 1, state="established") == 0
     assert fwd(ft, 1, flags=FIN | ACK)["state"] == "fin"          # was established
@@ -324,11 +325,41 @@ def test_what_counts_as_half_open():
     assert add(ft, 6, state="established") == 0
     for n in range(3):
         assert add(ft, 100 + n, state="established", now=1) == 0
-    assert add(ft, 200, state="established", now=1) == -errno.ENOSPC
     assert fwd(ft, 2) is None and fwd(ft, 3) is None and fwd(ft, 4, proto=UDP) is None
-    assert fwd(ft, 1)["state"] == "fin" and fwd(ft, 5, proto=UDP) and fwd(ft, 6)
-    assert ft.counters()["evicted_halfopen"] == 3
+    assert add(ft, 200, state="established", now=1) == 0          # takes the replied UDP
+    assert fwd(ft, 5, proto=UDP) is None
+    assert add(ft, 201, state="established", now=1) == -errno.ENOSPC
+    assert fwd(ft, 1)["state"] == "fin" and fwd(ft, 6)
+    c = ft.counters()
+    assert c["evicted_halfopen"] == 3 and c["evicted_udp"] == 1 and c["refused_full"] == 1
     assert ft.check()
+
+
+def test_answered_udp_flood_cannot_fill_the_table():
+    """A spoofed UDP flood the backends answer makes udp_stream entries as fast as it sends:
+    they give way to new flows (the least recently seen of a scan window first), established
+    TCP never does, and new TCP connections keep being tracked through the flood."""
+    ft = FlowTable(256, seed=9, timeouts=TIMEOUTS)
+    est = _fill_states(ft, ["established"] * 64, first=1000)
+    now = 0
+    tcp = []
+    for n in range(20_000):                      # the flood: insert, then the backend answers
+        now = n // 10
+        spoofed = f"198.18.{128 + (n >> 8) % 128}.{n & 255}"
+        assert add(ft, 53, client=spoofed, proto=UDP, state="udp", now=now) == 0
+        assert rev(ft, 53, client=spoofed, proto=UDP, now=now)["state"] == "udp_stream"
+        if n % 500 == 0:                         # a real client now and then
+            assert add(ft, 5000 + n, state="syn", now=now) == 0
+            assert rev(ft, 5000 + n, flags=SYN | ACK, now=now) is not None
+            assert fwd(ft, 5000 + n, flags=ACK, now=now)["state"] == "established"
+            tcp.append(5000 + n)
+    assert all(fwd(ft, p, flags=ACK, now=now)["state"] == "established" for p in est + tcp)
+    c = ft.counters()
+    assert c["refused_full"] == 0 and c["evicted_udp"] >= 20_000 - 256
+    assert len(ft) == 256 and ft.check()
+    # the udp_stream entries that stayed are the most recent ones (least active go first)
+    left = [f for f in ft.walk() if f["state"] == "udp_stream"]
+    assert left and min(f["last_seen"] for f in left) >= now - 200
 
 
 def test_eviction_scans_past_its_budget_for_the_last_half_open():
@@ -490,7 +521,8 @@ def test_thread_hammer():
         assert c["refused_full"] == r["ins_full"]
         assert c["expired"] == r["expired"]
         assert c["deleted"] == r["deleted"] + r["purged"]
-        removed = c["expired"] + c["deleted"] + c["evicted_expired"] + c["evicted_halfopen"]
+        removed = (c["expired"] + c["deleted"] + c["evicted_expired"] + c["evicted_halfopen"]
+                   + c["evicted_udp"])
         assert c["inserted"] - removed == len(ft) == len(ft.walk())
         if cap == 16:
             assert c["evicted_halfopen"] + c["evicted_expired"] > 0

@@ -278,7 +278,7 @@ def _recv_ip(tap: socket.socket, want_src: bytes, timeout: float = 2.0) -> bytes
 
 
 @pytest.mark.netns
-def test_worker_forwards_frames_with_the_table_macs_and_drops_unresolved(rig):
+def test_worker_forwards_frames_with_the_table_macs_and_holds_unresolved(rig):
     dp, macs, taps = rig
     req = _udp4(CLIENT4, VIP4, 40000, 5300, b"hello")
     taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00" + req)
@@ -295,7 +295,8 @@ def test_worker_forwards_frames_with_the_table_macs_and_drops_unresolved(rig):
     back = _recv_ip(taps["c0"], VIP4.packed)
     assert back[:6] == macs["c0"] and back[6:12] == macs["c1"]
     assert back[14 + 20:14 + 22] == struct.pack("!H", 5300)
-    # a reply to a client whose MAC is unknown: dropped, counted, reported for resolution
+    # a reply to a client whose MAC is unknown: held, reported for resolution, and sent as
+    # soon as an L2 table with that neighbour is published
     other = ip("198.18.0.3")
     taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00"
                     + _udp4(other, VIP4, 40001, 5300, b"x"))
@@ -303,12 +304,36 @@ def test_worker_forwards_frames_with_the_table_macs_and_drops_unresolved(rig):
     taps["b0"].send(macs["b1"] + macs["b0"] + b"\x08\x00"
                     + _udp4(BE4, other, 5300, 40001, b"be1"))
     deadline = time.monotonic() + 5
-    while dp.stats()["drops"]["no_neigh"] < 1:
+    while (0, str(other)) not in dp.l2_misses() or dp.stats()["rx"] < 4:
         assert time.monotonic() < deadline, dp.stats()
         time.sleep(0.01)
-    assert (0, str(other)) in dp.l2_misses()
+    time.sleep(0.05)
+    assert dp.stats()["tx"] == 3                   # the reply is held, not sent
+    dp.set_l2([macs["c1"], macs["b1"]],
+              [(0, "198.18.0.0/24", None), (1, "198.19.0.0/24", None)],
+              [(0, str(CLIENT4), macs["c0"]), (0, str(other), macs["c0"]),
+               (1, str(BE4), macs["b0"])])
+    back = _recv_ip(taps["c0"], VIP4.packed, timeout=5)
+    assert back[:6] == macs["c0"] and back[6:12] == macs["c1"]
+    assert back[14 + 16:14 + 20] == other.packed and back[-3:] == b"be1"
     st = dp.stats()
-    assert st["tx"] == 3 and st["drops"]["no_neigh"] == 1
+    assert st["tx"] == 4 and st["drops"]["no_neigh"] == 0
+    # a next hop that never resolves: LB_L2_HOLD_PER (4) frames wait, the 5th overflows,
+    # and the 4 are dropped once they have waited too long
+    third = ip("198.18.0.4")
+    taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00"
+                    + _udp4(third, VIP4, 40002, 5300, b"y"))
+    _recv_ip(taps["b0"], third.packed)
+    for _ in range(5):
+        taps["b0"].send(macs["b1"] + macs["b0"] + b"\x08\x00"
+                        + _udp4(BE4, third, 5300, 40002, b"be1"))
+    deadline = time.monotonic() + 15
+    while dp.stats()["drops"]["hold_timeout"] < 4:
+        assert time.monotonic() < deadline, dp.stats()
+        time.sleep(0.05)
+    st = dp.stats()
+    assert st["drops"]["hold_overflow"] == 1 and st["drops"]["hold_timeout"] == 4
+    assert st["tx"] == 5 and st["drops"]["no_neigh"] == 0
     # ARP for the VIP is answered from the data plane
     arp = taps["arp"]
     arp.send(b"\xff" * 6 + macs["c0"] + b"\x08\x06" + struct.pack(

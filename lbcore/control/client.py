@@ -122,6 +122,11 @@ def cmd_status(args) -> int:
             con.print(f"{v['name']}: " + ", ".join(
                 [f"{k}={x}" for k, x in setting.items()]
                 + [f"refused {k}={n}" for k, n in sorted(refused.items())]))
+    tbl = st["table"]
+    if tbl.get("publish_failures"):
+        con.print(f"[red]table publish failures: {tbl['publish_failures']}[/]"
+                  + (f" (last: {tbl['last_publish_error']})" if tbl.get("last_publish_error")
+                     else " (the last publish succeeded)"))
     drops = {k: v for k, v in st["drops"].items() if v}
     if drops:
         con.print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
@@ -162,8 +167,26 @@ def cmd_drain_gateway(args) -> int:
     return 0
 
 
+FLOWS_PAGE = 1000    # flows per request: the balancer copies one page at a time
+
+
+def fetch_flows(path: str, vip: str | None, limit: int) -> list[dict]:
+    """Up to ``limit`` tracked flows (of ``vip``), fetched a page at a time (the "cursor"
+    argument of the flows command), so that neither side holds a big table's copy at once."""
+    flows: list[dict] = []
+    cursor: int | None = 0
+    while cursor is not None and len(flows) < limit:
+        page = request(path, {"cmd": "flows", "vip": vip, "cursor": cursor,
+                              "limit": min(FLOWS_PAGE, limit - len(flows))}, timeout=60)
+        flows += page["flows"]
+        cursor = page["cursor"]
+    return flows
+
+
 def cmd_flows(args) -> int:
-    flows = request(socket_path(args), {"cmd": "flows", "vip": args.vip, "limit": args.limit})
+    if args.limit < 1:
+        raise ControlError(f"--limit must be at least 1, not {args.limit}")
+    flows = fetch_flows(socket_path(args), args.vip, args.limit)
     if args.json:
         print(json.dumps(flows, indent=2))
         return 0

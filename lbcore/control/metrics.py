@@ -144,7 +144,7 @@ class LbCollector:
         ev = CounterMetricFamily("lbcore_flow_table_events", "Flow table inserts, refusals "
                                  "and removals, by kind", labels=["event"])
         for k in ("inserted", "refused_full", "refused_exists", "evicted_expired",
-                  "evicted_halfopen", "expired", "deleted"):
+                  "evicted_halfopen", "evicted_udp", "expired", "deleted"):
             ev.add_metric([k], f.get(k, 0))
         yield ev
         ad = s.get("adoption") or {}
@@ -170,6 +170,10 @@ class LbCollector:
         rb = CounterMetricFamily("lbcore_table_rebuilds", "Maglev tables built and published")
         rb.add_metric([], s["table"]["rebuilds"])
         yield rb
+        pf = CounterMetricFamily("lbcore_table_publish_failures", "Forwarding tables that "
+                                 "could not be built or published (the previous one stayed live)")
+        pf.add_metric([], s["table"].get("publish_failures", 0))
+        yield pf
         wl = CounterMetricFamily("lbcore_worker_loops", "Worker loop iterations",
                                  labels=["worker"])
         wb = CounterMetricFamily("lbcore_worker_batches", "Worker batches with packets",

@@ -24,6 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..balancer import PROTO
 from ..tabledigest import vip_key
 
 if TYPE_CHECKING:
@@ -131,7 +132,9 @@ class StatusView:
             "fragments": dp.frag_stats(),
             "totals": {k: st[k] for k in TOTALS},
             "drops": st["drops"], "worker_loops": st["workers"],
-            "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s},
+            "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s,
+                      "publish_failures": bal.publish_failures,
+                      "last_publish_error": bal.last_publish_error},
             "bgp": ann.status() if ann is not None else None,
             "adoption": d.adoption,
             "sync": d.sync.counters() if d.sync is not None else None,
@@ -173,21 +176,53 @@ class StatusView:
         }
 
     async def flows(self, vip_spec: str | None = None, limit: int = 100) -> list[dict]:
-        """Tracked flows (of the VIPs matching ``vip_spec``), at most ``limit``; the table walk
-        runs in a worker thread so the event loop (health checks, the socket) keeps going."""
+        """Tracked flows (of the VIPs matching ``vip_spec``), at most ``limit``: the first
+        page of flows_page()."""
+        flows, _ = await self._page(vip_spec, limit, 0)
+        return flows
+
+    async def flows_page(self, vip_spec: str | None, limit: int, cursor: int) -> dict:
+        """One page of tracked flows from ``cursor`` (0 to start): {"flows": [...], "cursor":
+        where the next page starts, or None at the end}. A page is walked in a worker thread,
+        with the VIP filter applied in C (the other flows cost no copy), so neither the event
+        loop (health checks, the socket) nor the memory waits on the size of the table."""
+        flows, nxt = await self._page(vip_spec, limit, cursor)
+        return {"flows": flows, "cursor": nxt}
+
+    async def _page(self, vip_spec: str | None, limit: int, cursor: int
+                    ) -> tuple[list[dict], int | None]:
         d = self._daemon
         assert d.balancer is not None and d.dp is not None
         if limit < 1:
             raise ValueError(f"limit must be >= 1, not {limit}")
         ft = d.dp.flow_table
         if not vip_spec:
-            return await asyncio.to_thread(ft.walk, limit=limit)
+            return await asyncio.to_thread(ft.walk_page, cursor, limit)
         vips = d.balancer.find_vips(vip_spec)
         if not vips:
             raise ValueError(f"no VIP matches {vip_spec!r}")
-        keys = {(str(v.address), v.port) for v in vips}
-        flows = await asyncio.to_thread(ft.walk, limit=None)
-        return [f for f in flows if (f["vip"], f["vport"]) in keys][:limit]
+        # the C filter: the one address, port and protocol the matches share (a spec names
+        # one address, so only a VIP name shared across addresses leaves work for Python)
+        addrs = {v.address for v in vips}
+        ports = {v.port for v in vips}
+        protos = {v.proto for v in vips}
+        filt: dict[str, Any] = {}
+        if len(addrs) == 1:
+            filt["vip"] = str(next(iter(addrs)))
+        if len(ports) == 1:
+            filt["vport"] = next(iter(ports))
+        if len(protos) == 1:
+            filt["proto"] = next(iter(protos))
+        keys = {(str(v.address), v.port, PROTO[v.proto]) for v in vips}
+        if len(addrs) == 1:
+            flows, nxt = await asyncio.to_thread(ft.walk_page, cursor, limit, **filt)
+            return [f for f in flows if (f["vip"], f["vport"], f["proto"]) in keys], nxt
+        out: list[dict] = []
+        nxt: int | None = cursor
+        while nxt is not None and len(out) < limit:
+            flows, nxt = await asyncio.to_thread(ft.walk_page, nxt, limit - len(out), **filt)
+            out += [f for f in flows if (f["vip"], f["vport"], f["proto"]) in keys]
+        return out, nxt
 
     def pick(self, vip_spec: str, src: str, sport: int, proto: str | None = None) -> dict:
         """Which backend a flow from src:sport to the VIP goes to, and why."""

@@ -7,15 +7,29 @@ health-check replies to the gateway itself (the local table is consulted first) 
 other traffic are routed normally. What RULE_TABLE's default route does with the replies (into
 the TUN, or a blackhole behind AF_PACKET) is the mode's business.
 
-Policy rules outlive the process: a SIGKILLed run leaves them behind, and the next start
-removes every rule of RULE_PRIORITY/RULE_TABLE before making its own. While they are left
-behind they must not let a reply through untranslated (its source is the backend's own
-address: the client would answer it with a reset), so RULE_TABLE also holds a blackhole
-default at a worse metric (:func:`add_dead_end`): when a mode's own default route vanishes
-with its device, the lookup ends there instead of falling through to the main table.
+Policy rules outlive the process, and on purpose the reply path never opens: no un-translated
+reply (source = the backend's own address) may leave the gateway, not while lbcore starts, not
+in the gap of a restart, not after a crash, not after a clean stop. A client would answer such
+a reply with a RST and lose its connection. So:
+
+* RULE_TABLE always holds a blackhole default route with a worse metric (RESERVE_METRIC) than
+  the mode's own default: while the TUN lives its route wins; when the TUN dies (a restart, a
+  crash) its route vanishes with it and the blackhole drops the replies instead of the main
+  table routing them (the backend retransmits; the next run translates);
+* every VIP has a blackhole host route of that metric in the main table: in the gap a client's
+  packet to a VIP is dropped (and retransmitted) rather than routed elsewhere or answered with
+  an ICMP error;
+* the rules, and these routes (route protocol RTPROT_LBCORE, so any run recognises them), stay
+  when lbcore stops or dies; a start adopts the rules it finds and changes them to its config
+  without a moment in which a backend's rule is missing. :func:`reserve_replies` and
+  :func:`reserve_vip` are the one place such blackholes are made.
+
+Removing all of it is an explicit act: ``lbcore cleanup`` or ``lbcore run --cleanup-on-exit``
+(:func:`remove_all`), for a gateway that stops balancing for good.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
@@ -28,7 +42,9 @@ log = logging.getLogger("lbcore.replies")
 
 RULE_TABLE = 4242       # routing table whose default route takes the replies
 RULE_PRIORITY = 4242    # priority of the reply-path rules (before main, 32766)
-DEAD_END_METRIC = 0x7FFFFFFF  # the blackhole default of RULE_TABLE: behind any live route
+RTPROT_LBCORE = 0xF4    # route protocol of lbcore's blackholes: any run finds them
+RESERVE_METRIC = 4242   # their metric: worse than any route lbcore makes (0 / IPv6's 1024)
+RTN_BLACKHOLE = 6
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -72,25 +88,122 @@ class ReplyRules:
                 log.debug("removing rule for %s failed: %s", rp, e)
         self.paths = []
 
+    def adopt(self) -> None:
+        """Take over the rules an earlier run left (they stay when lbcore stops): the next
+        set() removes those the config lacks and adds only what is missing, so a backend's
+        replies are never without their rule. A rule that is no reply path of ours goes."""
+        for r in netconf.rules():
+            if r.priority != RULE_PRIORITY or r.table != RULE_TABLE:
+                continue
+            rp = _as_reply_path(r)
+            if rp is not None and rp not in self.paths:
+                self.paths.append(rp)
+                continue
+            _rule_del_info(r)
+            log.info("removed a stray reply rule (from %s)", r.src)
+
     @staticmethod
     def remove_stale() -> None:
-        """Rules of an earlier run that was SIGKILLed (rules outlive the process)."""
+        """Remove every reply rule (the way out of :func:`remove_all`)."""
         for r in netconf.rules():
             if r.priority == RULE_PRIORITY and r.table == RULE_TABLE:
-                lo, _, hi = (r.sport or "").partition(":")
-                netconf.rule_del(priority=r.priority, table=r.table, src=r.src,
-                                 ipproto=r.ipproto, family=r.family,
-                                 sport=(int(lo), int(hi or lo)) if r.sport else None)
-                log.info("removed a stale reply rule (from %s) of an earlier run", r.src)
+                _rule_del_info(r)
 
 
-def add_dead_end(family: int, changes: netconf.NetChanges) -> None:
-    """RULE_TABLE's last resort for IPv``family``: a blackhole default behind the mode's own
-    default route, so that replies steered here by rules a dead process left behind are
-    dropped, never forwarded untranslated. Add it before the mode's route: the undo then
-    removes it last."""
-    netconf.route_add("0.0.0.0/0" if family == 4 else "::/0", table=RULE_TABLE,
-                      type="blackhole", priority=DEAD_END_METRIC, changes=changes)
+def _as_reply_path(r: netconf.RuleInfo) -> ReplyPath | None:
+    """The ReplyPath a rule of ours stands for, or None if it is not one (a port range)."""
+    try:
+        net = ipaddress.ip_network(r.src or "")
+        lo, _, hi = (r.sport or "").partition(":")
+        if (net.prefixlen != net.max_prefixlen or r.ipproto is None or not lo
+                or (hi and hi != lo) or r.dst or r.iif or r.oif or r.dport or r.fwmark):
+            return None
+        return ReplyPath(net.network_address, int(r.ipproto), int(lo))
+    except ValueError:
+        return None
+
+
+def _rule_del_info(r: netconf.RuleInfo) -> None:
+    lo, _, hi = (r.sport or "").partition(":")
+    netconf.rule_del(priority=r.priority, table=r.table, src=r.src, ipproto=r.ipproto,
+                     family=r.family, sport=(int(lo), int(hi or lo)) if r.sport else None)
+
+
+# --------------------------------------------------------------------------- the reservation
+
+def _default(version: int) -> str:
+    return "0.0.0.0/0" if version == 4 else "::/0"
+
+
+_RESERVE = {"type": "blackhole", "proto": RTPROT_LBCORE, "priority": RESERVE_METRIC}
+
+
+def reserve_replies(versions: Iterable[int]) -> None:
+    """The blackhole default route of RULE_TABLE for each IP version (4, 6): what takes the
+    backends' replies whenever no data plane does. Idempotent; stays when lbcore stops."""
+    for v in sorted(set(versions)):
+        netconf.route_add(_default(v), table=RULE_TABLE,
+                          family=socket.AF_INET if v == 4 else socket.AF_INET6, **_RESERVE)
+
+
+def reserve_vip(vip: IPAddress) -> None:
+    """The blackhole host route of a VIP in the main table (behind the data plane's own
+    route, if any): in a restart's gap the VIP's packets are dropped, not routed elsewhere or
+    answered with ICMP. Idempotent; stays when lbcore stops."""
+    netconf.route_add(host_prefix(vip), family=af(vip), **_RESERVE)
+
+
+def release_vip(vip: IPAddress) -> None:
+    """Remove a VIP's blackhole (it left the config: the gateway routes it normally again)."""
+    netconf.route_del(host_prefix(vip), family=af(vip), **_RESERVE)
+
+
+def _vip_blackholes() -> list[tuple[IPAddress, netconf.RouteInfo]]:
+    """lbcore's VIP blackholes in place (an earlier run's included, whatever their metric)."""
+    out = []
+    for r in netconf.routes():
+        if r.proto == RTPROT_LBCORE and r.type == RTN_BLACKHOLE and r.dst != "default":
+            net = ipaddress.ip_network(r.dst)
+            if net.prefixlen == net.max_prefixlen:
+                out.append((net.network_address, r))
+    return out
+
+
+def set_reserved_vips(vips: Iterable[IPAddress]) -> None:
+    """Exactly ``vips`` have blackholes: new ones first, then the ones of VIPs gone from the
+    config (an earlier run's included) are removed."""
+    want = list(dict.fromkeys(vips))
+    for vip in want:
+        reserve_vip(vip)
+    for vip, r in _vip_blackholes():
+        if vip not in want:
+            netconf.route_del(r.dst, family=r.family, type="blackhole", proto=RTPROT_LBCORE,
+                              priority=r.priority)
+            log.info("removed the blackhole of %s (no longer a VIP)", vip)
+
+
+def reserved() -> bool:
+    """Whether a reply path is reserved (rules or blackholes an earlier run left)."""
+    return bool([r for r in netconf.rules()
+                 if r.priority == RULE_PRIORITY and r.table == RULE_TABLE]
+                or [r for r in netconf.routes(table=None) if r.proto == RTPROT_LBCORE])
+
+
+def remove_all() -> int:
+    """Remove every reply rule and every lbcore blackhole (``lbcore cleanup``): afterwards the
+    gateway routes the backends' replies and the VIPs as if lbcore had never run. Returns how
+    many rules and routes went."""
+    n = 0
+    for r in netconf.rules():
+        if r.priority == RULE_PRIORITY and r.table == RULE_TABLE:
+            _rule_del_info(r)
+            n += 1
+    for r in netconf.routes(table=None):
+        if r.proto == RTPROT_LBCORE:
+            if netconf.route_del(r.prefix, table=r.table, family=r.family, proto=RTPROT_LBCORE,
+                                 type=r.type, priority=r.priority):
+                n += 1
+    return n
 
 
 def _rule(rp: ReplyPath, add: bool) -> None:

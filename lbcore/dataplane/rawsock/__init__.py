@@ -16,7 +16,8 @@ prepares everything around them, in the gateway's own namespace, and undoes it o
   (``from BACKEND ipproto P sport PORT``, priority 4242) into a table whose default route is a
   blackhole. Health-check replies are addressed to the gateway, which the local table (always
   consulted first) delivers. Plain routes and rules: no nftables/tc dependency, nothing that
-  matches more than the balancer's own traffic, the same clean-up of a crashed run as tun mode.
+  matches more than the balancer's own traffic. These are the reply path's reservation
+  (lbcore.dataplane.replies), the same as in tun mode: they stay when lbcore stops or dies.
 * **ARP/NDP for the VIPs**: a VIP is normally routed to the gateway (as in the lab), so nobody
   asks for it; for a VIP on the client link's subnet: the kernel answers NDP for an IPv6 VIP
   through a proxy entry (``proxy_ndp``, proxy_delay 0), and the data plane answers ARP for an
@@ -43,14 +44,22 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ... import _core, netconf
-from ..replies import RULE_TABLE, IPAddress, ReplyPath, ReplyRules, af, host_prefix
+from ..replies import (
+    RTPROT_LBCORE,
+    IPAddress,
+    ReplyPath,
+    ReplyRules,
+    release_vip,
+    reserve_replies,
+    reserve_vip,
+    set_reserved_vips,
+)
 from .bpf import Insn, build_filter
 from .l2 import L2Resolver
 
 log = logging.getLogger("lbcore.rawsock")
 
-RTPROT_LBCORE = 0xF4     # route protocol of our blackhole routes: a crashed run's are found
-RTN_BLACKHOLE = 6
+__all__ = ["RTPROT_LBCORE", "RawsockPlane", "build_filter"]
 BLOCK_SIZE = 1 << 18     # bytes: a whole 64 KiB GSO packet fits in a block
 BLOCK_NR = 64            # 16 MiB of receive ring per socket
 
@@ -79,15 +88,15 @@ class RawsockPlane:
         self._drops_logged_at = 0.0
         self._changes = netconf.NetChanges()
         self._rules = ReplyRules()
-        self._reply_tables: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
     def setup(self) -> None:
         """Kernel routes/rules, the L2 table, the sockets; or undo what was done and raise."""
         try:
-            ReplyRules.remove_stale()
-            self._remove_stale_routes()
+            reserve_replies({r.address.version for r in self._want_replies})
+            set_reserved_vips(self._want_vips)
+            self._rules.adopt()
             ifindex = []
             for name in self.links:
                 idx = netconf.link_index(name)
@@ -133,7 +142,7 @@ class RawsockPlane:
             for s in socks:
                 s.close()
         self.socks = []
-        self._rules.clear()
+        self._rules.paths = []      # the rules and blackholes stay: lbcore.dataplane.replies
         self.replies = []
         self.vips = []
         for failure in self._changes.undo():
@@ -171,14 +180,13 @@ class RawsockPlane:
         ch = self._changes
         for vip in self.vips:
             if vip not in want:
-                netconf.route_del(host_prefix(vip), family=af(vip))
+                release_vip(vip)
                 if vip.version == 6:
                     netconf.neigh_proxy_del(self.client_link, str(vip))
         for vip in want:
             if vip in self.vips:
                 continue
-            netconf.route_add(host_prefix(vip), type="blackhole", family=af(vip), changes=ch,
-                              proto=RTPROT_LBCORE)
+            reserve_vip(vip)
             if vip.version == 6:
                 link = self.client_link
                 netconf.sysctl_set(f"net/ipv6/conf/{link}/forwarding", 1, changes=ch)
@@ -192,10 +200,7 @@ class RawsockPlane:
         """Make the reply rules exactly ``replies`` (the kernel drops its copy of a backend's
         reply through table RULE_TABLE's blackhole default), and the socket filters."""
         want = list(dict.fromkeys(replies))
-        for fam in sorted({r.address.version for r in want} - self._reply_tables):
-            netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", table=RULE_TABLE,
-                              type="blackhole", changes=self._changes, proto=RTPROT_LBCORE)
-            self._reply_tables.add(fam)
+        reserve_replies({r.address.version for r in want})
         self.replies = self._rules.set(want)
         self.resolver.wanted = list(dict.fromkeys(r.address for r in want))
         self._refilter()
@@ -204,12 +209,3 @@ class RawsockPlane:
         """A reload: new VIPs and reply paths."""
         self.set_vips(vips)
         self.set_replies(replies)
-
-    @staticmethod
-    def _remove_stale_routes() -> None:
-        """Blackhole routes of an earlier run that was SIGKILLed (routes outlive it); a VIP
-        that is no longer configured must not stay unreachable from the gateway."""
-        for r in netconf.routes(table=None):
-            if r.proto == RTPROT_LBCORE and r.type == RTN_BLACKHOLE:
-                netconf.route_del(r.prefix, table=r.table, family=r.family)
-                log.info("removed a stale blackhole route (%s) of an earlier run", r.prefix)

@@ -11,9 +11,11 @@ What tun mode needs from the kernel:
   - forwarding on, and loose reverse-path filtering on the TUN (the packets it emits carry
     client addresses that route out another link).
 
-Everything is recorded and undone in reverse order on exit. A SIGKILLed run leaves only policy
-rules and sysctls behind (the TUN and its routes die with the process); setup() removes stale
-rules of our priority first, so the next run starts clean.
+Everything is recorded and undone in reverse order on exit, except the reply path's
+reservation (lbcore.dataplane.replies): the reply rules, RULE_TABLE's blackhole default and the
+VIPs' blackholes stay, so that in the gap until the next run (or after a crash: the TUN and its
+routes die with the process) replies are dropped, never routed un-translated. setup() adopts
+the rules it finds and reserves before it routes anything into the TUN.
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ from ..replies import (
     IPAddress,
     ReplyPath,
     ReplyRules,
-    add_dead_end,
     host_prefix,
+    release_vip,
+    reserve_replies,
+    reserve_vip,
+    set_reserved_vips,
 )
 
 log = logging.getLogger("lbcore.tun")
@@ -44,13 +49,16 @@ class TunRoutes:
     replies: list[ReplyPath]
     _changes: netconf.NetChanges = field(default_factory=netconf.NetChanges)
     _rules: ReplyRules = field(default_factory=ReplyRules)
+    _tables: set[int] = field(default_factory=set)   # IP versions routed into the TUN
 
     def setup(self) -> None:
         """Apply everything, or undo what was done and raise."""
         ch = self._changes
         replies, self.replies = list(dict.fromkeys(self.replies)), []
         try:
-            ReplyRules.remove_stale()
+            reserve_replies({r.address.version for r in replies})
+            set_reserved_vips(self.vips)
+            self._rules.adopt()
             netconf.link_set(self.tun_name, state="up", txqueuelen=TXQUEUELEN)
             families = {a.version for a in self.vips} | {r.address.version for r in replies}
             if 4 in families:
@@ -70,11 +78,12 @@ class TunRoutes:
     def set_replies(self, replies: Iterable[ReplyPath]) -> None:
         """Make the reply rules exactly `replies` (setup and reload)."""
         want = list(dict.fromkeys(replies))
-        for fam in sorted({r.address.version for r in want}
-                          - {r.address.version for r in self._rules.paths}):
-            add_dead_end(fam, self._changes)
+        fams = {r.address.version for r in want}
+        reserve_replies(fams)
+        for fam in sorted(fams - self._tables):
             netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", oif=self.tun_name,
                               table=RULE_TABLE, changes=self._changes)
+            self._tables.add(fam)
         self.replies = self._rules.set(want)
 
     def set_vips(self, vips: Iterable[IPAddress]) -> None:
@@ -83,18 +92,22 @@ class TunRoutes:
         for vip in self.vips:
             if vip not in want:
                 netconf.route_del(host_prefix(vip), oif=self.tun_name)
+                release_vip(vip)
         for vip in want:
             if vip not in self.vips:
                 self._route(vip)
         self.vips = want
 
     def undo(self) -> None:
-        """Revert every change in reverse order; never raises."""
-        self._rules.clear()
+        """Revert every change in reverse order, except the reply path's reservation (rules,
+        blackholes: lbcore.dataplane.replies); never raises."""
+        self._rules.paths = []
         self.replies = []
+        self._tables = set()
         for failure in self._changes.undo():
             log.debug("undo: %s", failure)
 
     def _route(self, vip: IPAddress) -> None:
+        reserve_vip(vip)     # first: whenever the TUN's route is gone, the VIP's is a blackhole
         # the route also dies with the TUN; the undo is for a live device
         netconf.route_add(host_prefix(vip), oif=self.tun_name, changes=self._changes)
