@@ -221,6 +221,9 @@ class BgpConfig:
     run_dir: str = DEFAULT_BGP_RUN_DIR
     anchor_device: str = DEFAULT_ANCHOR_DEVICE
     bird: str = DEFAULT_BIRD
+
+
+@dataclass(frozen=True)
 class SyncConfig:
     """Flow sync with peer gateways ([sync]): where to listen, whom to send
     to, the shared key (bytes; never shown), ring size, refresh and replay

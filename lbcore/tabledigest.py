@@ -25,12 +25,15 @@ def vip_key(address: Any, port: int, proto: str) -> str:
 
 def table_digests(spec: Sequence[tuple], seed: int) -> dict[str, str]:
     """VIP key -> digest, for a table spec in Dataplane.publish()'s format (a draining
-    backend has weight 0 in the ring, as in the data plane)."""
+    backend has weight 0 in the ring, as in the data plane). The VIP's settings are part of
+    it: persistence changes what the ring is indexed with."""
     out = {}
-    for address, port, proto, _stat, ring_size, backends in spec:
+    for address, port, proto, _stat, ring_size, backends, *rest in spec:
+        settings = sorted((rest[0] or {}).items()) if rest else []
         bes = [(str(a), p, 0 if draining else w) for a, p, w, _s, draining in backends]
         h = hashlib.sha256()
-        h.update(f"{vip_key(address, port, proto)} {ring_size} {seed} {bes}".encode())
+        h.update(f"{vip_key(address, port, proto)} {ring_size} {seed} {bes} {settings}"
+                 .encode())
         if bes:
             h.update(bytes(_core.maglev_ring(bes, ring_size, seed)))
         out[vip_key(address, port, proto)] = h.hexdigest()[:DIGEST_CHARS]

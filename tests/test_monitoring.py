@@ -51,9 +51,16 @@ def collector_exposition() -> str:
     d = make_daemon()
     add_flow(d, "198.18.0.2", 40000, "198.19.0.12")
 
+    class WithBgp:
+        """The daemon's view, as a gateway with a [bgp] section and one session shows it."""
+
+        def snapshot(self) -> dict:
+            return d.view.snapshot() | {"bgp": {"sessions": [
+                {"neighbor": "198.18.1.1", "as": 65000, "up": True}]}}
+
     async def scrape() -> bytes:
         reg = CollectorRegistry(auto_describe=False)
-        reg.register(LbCollector(d.view, asyncio.get_running_loop()))
+        reg.register(LbCollector(WithBgp(), asyncio.get_running_loop()))
         return await asyncio.to_thread(generate_latest, reg)
     return asyncio.run(scrape()).decode()
 

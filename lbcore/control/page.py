@@ -289,7 +289,7 @@ def render(s: dict[str, Any]) -> str:
     parts += [_vip(v, now) for v in s["vips"]]
     if not s["vips"]:
         parts.append('<p class="muted">No VIPs configured.</p>')
-    if "bgp" in s:
+    if s.get("bgp"):        # None without a [bgp] section
         parts.append(_bgp(s["bgp"]))
     parts.append('<div class="grid">')
     parts.append(_counter_table("Drops by reason", "reason", s["drops"], rates["drops"]))

@@ -98,7 +98,7 @@ def render(st: dict[str, Any] | None, error: str | None = None,
     events = [f"{k} {si(n)}" for k, n in f.items() if k not in ("active", "capacity") and n]
     parts.append(Text("flow table events: " + (", ".join(events) if events else "none"),
                       style="dim"))
-    if "bgp" in st:
+    if st.get("bgp"):       # None without a [bgp] section
         parts.append(Text(f"BGP: {_bgp_text(st['bgp'])}"))
     return Group(*parts)
 
