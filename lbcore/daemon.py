@@ -25,19 +25,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _core
 from .balancer import PROTO, Balancer, PublishError
 from .config import Config, ConfigError, load_config
-from .control.metrics import start_metrics
-from .control.server import start_control
 from .control.status import StatusView
 from .dataplane import Plane, make_plane, replies
 from .dataplane.replies import ReplyPath
-from .health import HealthMonitor, targets_from_config
-from .sync import FlowSync
 from .tabledigest import table_digests
+
+if TYPE_CHECKING:
+    # imported where first used, after the workers forward: every module imported before
+    # them lengthens a restart's gap (prometheus_client alone takes ~60 ms)
+    from .health import HealthMonitor
+    from .sync import FlowSync
 
 log = logging.getLogger("lbcore")
 
@@ -139,7 +141,6 @@ class Daemon:
                 log.debug("%s", change)
             spec = self.balancer.table_spec()
             self.balancer.publish()
-            self.digests = table_digests(spec, self.balancer.seed)
             if cfg.flow_file:
                 # before the workers: every flow of the last run keeps its backend,
                 # whatever the table just published would pick for it
@@ -165,7 +166,10 @@ class Daemon:
                 t.start()
                 self._threads.append(t)
 
+            # the workers forward from here on; what follows is outside a restart's gap
+            self.digests = table_digests(spec, self.balancer.seed)
             if cfg.sync is not None:
+                from .sync import FlowSync
                 self.sync = FlowSync(self.dp, cfg.sync)
                 self.sync.start()
                 stack.callback(self.sync.close)
@@ -237,6 +241,9 @@ class Daemon:
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
         """Health checks, then the control socket and metrics."""
+        from .control.metrics import start_metrics
+        from .control.server import start_control
+        from .health import HealthMonitor, targets_from_config
         self.health = HealthMonitor(on_change=self._on_health)
         stack.push_async_callback(self.health.close)
         self.health.update(targets_from_config(self.config))
@@ -429,6 +436,7 @@ class Daemon:
             await asyncio.to_thread(self.plane.update, new_vips, new_replies)
             self.config = new
             if self.health is not None:
+                from .health import targets_from_config
                 self.health.update(targets_from_config(new))
             for c in changes:
                 log.info("reload: %s", c)

@@ -209,15 +209,43 @@ def test_bad_bgp_refused_before_anything_starts(tmp_path: Path):
 
 # --------------------------------------------------------------------------- 1 and 4
 
+# The backend set every gateway changes to while connections are held (new weights move
+# many Maglev slots): a connection moved to another gateway keeps its backend only through
+# flow sync, not through the table.
+CHANGED = [(1, 1), (2, 5), (3, 2)]
+
+
+def reload_all(backends, gateways) -> None:
+    """Give ``gateways`` the lab's config with ``backends`` (None: the lab's own) and reload."""
+    state = lab.load_state()
+    assert state is not None
+    for i in gateways:
+        (multi.gw_dir(i) / "lbcore.toml").write_text(
+            lab.render_config(state.spec, gateway=i, backends=backends))
+        request(str(multi.gateway_socket(i)), {"cmd": "reload"}, timeout=60)
+
+
 def test_process_crash(ha_lab):
+    """The backend set changes on every gateway while connections are held, then gw1's
+    balancer is SIGKILLed: its connections continue on another gateway, each on its
+    original backend (flow sync told the others which), none reset."""
     wait_nexthops(GATEWAYS)
-    with load() as ld:
-        time.sleep(1.0)
-        t_kill = multi.kill_balancer(1, signal.SIGKILL)
-        t_withdrawn = wait_withdrawn(GATEWAYS)
-        time.sleep(SETTLE)
-        res = ld.stop()
-    report("SIGKILL of gw1's lbcore run", t_kill, t_withdrawn, res)
+    try:
+        with load() as ld:
+            time.sleep(1.0)
+            reload_all(CHANGED, range(1, GATEWAYS + 1))
+            time.sleep(1.0)
+            synced = request(str(multi.gateway_socket(2)), {"cmd": "status"})["sync"]
+            t_kill = multi.kill_balancer(1, signal.SIGKILL)
+            t_withdrawn = wait_withdrawn(GATEWAYS)
+            time.sleep(SETTLE)
+            res = ld.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            reload_all(None, range(2, GATEWAYS + 1))   # gw1 starts with the lab's own
+    report("SIGKILL of gw1's lbcore run, after a change of the backend set", t_kill,
+           t_withdrawn, res)
+    assert synced and synced["received"].get("records", 0) > 0, synced
     assert t_withdrawn is not None
     assert multi.gw_v4(1) not in multi.router_nexthops(VIP)
     check_survived(res, t_kill)

@@ -491,6 +491,7 @@ def render_config(spec: LabSpec, state_dir: Path | None = None,
     if gateway is not None:
         from . import multi
         out += multi.bgp_section(spec, gateway)
+        out += multi.sync_section(spec, gateway)
     families = [("", VIP_V4, backend_v4)]
     if spec.ipv6:
         families.append(("6", VIP_V6, backend_v6))

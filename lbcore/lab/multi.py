@@ -77,6 +77,9 @@ VRRP_ID = 42                 # virtual router id (v4); v6 uses VRRP_ID + 1
 VRRP_ADVERT = 0.1            # s: a backup takes over ~3.5 adverts after the master goes
 ANCHOR = "lbcore-bgp"
 WITHDRAW_GRACE = 2.0
+SYNC_PORT = 7700
+# The lab's flow-sync key: only the lab's own gateways, on the lab's rack, ever see it.
+SYNC_KEY = "lbcore-lab-sync-key-not-a-secret"
 
 
 def gateway_ns(i: int) -> str:
@@ -202,6 +205,15 @@ def bgp_section(spec: LabSpec, i: int) -> list[str]:
             f"neighbors = [{', '.join(neighbors)}]", "bfd = true", "hold_time = 3",
             f"next_hop = [{', '.join(next_hop)}]", f"withdraw_grace = {WITHDRAW_GRACE}",
             f'run_dir = "{gw_dir(i)}"', f'anchor_device = "{ANCHOR}"', ""]
+
+
+def sync_section(spec: LabSpec, i: int) -> list[str]:
+    """Gateway ``i``'s [sync] section: it listens on its rack address, the other gateways
+    are its peers. The rack, not the router's link: it is the network all gateways share
+    whichever of them the router still reaches."""
+    peers = [f'"{gw_rack_v4(j)}:{SYNC_PORT}"' for j in range(1, spec.gateways + 1) if j != i]
+    return ["[sync]", f'listen = "{gw_rack_v4(i)}:{SYNC_PORT}"',
+            f"peers = [{', '.join(peers)}]", f'key = "{SYNC_KEY}"', "refresh = 1", ""]
 
 
 def router_bird_config(spec: LabSpec) -> str:
