@@ -65,15 +65,8 @@ print(json.dumps(",".join(res)))
     assert out == "refused,refused", out
 
 
-# Open: in the lab, the gateway kernel forwards the translated fragments lbcore writes to its
-# TUN (lbcore counts them sent, the TUN counts them received) but no backend ever sees them
-# (their IpReasmReqds stay 0); not yet found why. The fragment path itself is covered through
-# Dataplane.process (tests/pipeline_cases.py) and by the fuzzer.
-FRAGMENTS_IN_THE_LAB = pytest.mark.skip(reason="translated fragments do not reach the backends "
-                                        "in the lab yet (see the comment above)")
 
 
-@FRAGMENTS_IN_THE_LAB
 @pytest.mark.parametrize("vip,size", [(VIP4, 3000), (VIP4, 8000), (VIP6, 3000), (VIP6, 1472)],
                          ids=["ipv4-3000", "ipv4-8000", "ipv6-3000", "ipv6-1472"])
 def test_large_udp_datagrams_arrive_whole(lab, vip, size):
@@ -98,7 +91,6 @@ print(ok)
     assert status()["fragments"]["first"] >= 19
 
 
-@FRAGMENTS_IN_THE_LAB
 @pytest.mark.parametrize("vip", [VIP4, VIP6], ids=["ipv4", "ipv6"])
 def test_fragments_in_reverse_order_are_held_and_arrive_whole(lab, vip):
     out = ns_python("lbc-client", f"""
