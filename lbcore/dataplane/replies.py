@@ -7,6 +7,22 @@ health-check replies to the gateway itself (the local table is consulted first) 
 other traffic are routed normally. What RULE_TABLE's default route does with the replies (into
 the TUN, or a blackhole behind AF_PACKET) is the mode's business.
 
+Fragments. A policy rule's port selector is matched against the ports the kernel's flow
+dissector finds, and it finds none in a fragment (not even in the first: it does not parse past
+the IP header of a fragment), so a backend's fragmented UDP reply would miss its port rule and
+be routed un-translated. Rules cannot test the fragment offset either. So every UDP backend
+address gets one more rule, `from BACKEND ipproto udp lookup RULE_TABLE` (a ReplyPath with
+port 0, :data:`FRAGMENTS`): all its UDP to anything but the gateway itself goes to the data
+plane, which translates the fragments of a tracked reply (the fragment cache, keyed on the first
+fragment's flow decision, in any order) and drops the rest. The price is that a UDP backend's
+other UDP through this gateway (its own DNS queries to an outside resolver, say) is dropped;
+TCP-only backends keep everything but their replies. The same rule makes the reverse-path
+check pass for the translated fragments towards a backend: the kernel validates a packet that
+leaves the TUN by looking up the way back (from the backend to the client, with the packet's
+ports swapped, i.e. none for a fragment), and with the TUN holding no address even loose
+rp_filter accepts only a way back through the TUN itself; the port rules give that for
+whole datagrams, this rule for fragments.
+
 Policy rules outlive the process, and on purpose the reply path never opens: no un-translated
 reply (source = the backend's own address) may leave the gateway, not while lbcore starts, not
 in the gap of a restart, not after a crash, not after a clean stop. A client would answer such
@@ -47,11 +63,14 @@ RESERVE_METRIC = 4242   # their metric: worse than any route lbcore makes (0 / I
 RTN_BLACKHOLE = 6
 
 IPAddress = IPv4Address | IPv6Address
+IPPROTO_UDP = 17
+FRAGMENTS = 0           # a ReplyPath's port for "all UDP from the address" (its fragments)
 
 
 @dataclass(frozen=True)
 class ReplyPath:
-    """One (backend, protocol, port) whose replies must enter the TUN."""
+    """One (backend, protocol, port) whose replies must enter the TUN; port FRAGMENTS (UDP
+    only): all UDP from the address, for its fragmented replies."""
     address: IPAddress
     proto: int
     port: int
@@ -67,7 +86,7 @@ class ReplyRules:
 
     def set(self, replies: Iterable[ReplyPath]) -> list[ReplyPath]:
         """Make the rules exactly `replies` (start and reload); returns them."""
-        want = list(dict.fromkeys(replies))
+        want = with_fragments(replies)
         for rp in list(self.paths):
             if rp not in want:
                 _rule(rp, add=False)
@@ -110,14 +129,26 @@ class ReplyRules:
                 _rule_del_info(r)
 
 
+def with_fragments(replies: Iterable[ReplyPath]) -> list[ReplyPath]:
+    """``replies`` (duplicates gone) and, after them, the FRAGMENTS path of every address
+    with a UDP reply path."""
+    want = list(dict.fromkeys(replies))
+    frags = [ReplyPath(rp.address, IPPROTO_UDP, FRAGMENTS) for rp in want
+             if rp.proto == IPPROTO_UDP and rp.port != FRAGMENTS]
+    return list(dict.fromkeys(want + frags))
+
+
 def _as_reply_path(r: netconf.RuleInfo) -> ReplyPath | None:
     """The ReplyPath a rule of ours stands for, or None if it is not one (a port range)."""
     try:
         net = ipaddress.ip_network(r.src or "")
         lo, _, hi = (r.sport or "").partition(":")
-        if (net.prefixlen != net.max_prefixlen or r.ipproto is None or not lo
+        if (net.prefixlen != net.max_prefixlen or r.ipproto is None
                 or (hi and hi != lo) or r.dst or r.iif or r.oif or r.dport or r.fwmark):
             return None
+        if not lo:      # the FRAGMENTS rule of a UDP backend
+            return (ReplyPath(net.network_address, IPPROTO_UDP, FRAGMENTS)
+                    if int(r.ipproto) == IPPROTO_UDP else None)
         return ReplyPath(net.network_address, int(r.ipproto), int(lo))
     except ValueError:
         return None
@@ -209,7 +240,7 @@ def remove_all() -> int:
 def _rule(rp: ReplyPath, add: bool) -> None:
     fn = netconf.rule_add if add else netconf.rule_del
     fn(priority=RULE_PRIORITY, table=RULE_TABLE, src=host_prefix(rp.address), ipproto=rp.proto,
-       sport=rp.port, family=af(rp.address))
+       sport=rp.port if rp.port != FRAGMENTS else None, family=af(rp.address))
 
 
 def af(a: IPAddress) -> int:

@@ -14,6 +14,8 @@ http      80     HTTP/1.x, any method and path: ``200``, body = the name and a n
 udp      5300    each datagram is answered with the name and a newline (``be2\\n``).
 digest   5301    UDP: each datagram is answered with ``"<name> <length> <sha256 hex>\\n"`` of what
                  arrived: a short answer, so a large (fragmented) datagram can be checked whole.
+                 A datagram starting with ``ECHO\\n`` is sent back as it came instead (a large
+                 one: a fragmented reply).
 sink     9000    TCP: the client sends any bytes, then half-closes (``shutdown(SHUT_WR)``);
                  the server answers one line ``"<count> <sha256 hex>\\n"`` of what it received,
                  and closes.
@@ -195,7 +197,9 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if self._t is not None:
-            if self._digest:
+            if self._digest and data.startswith(b"ECHO\n"):
+                self._t.sendto(data, addr)
+            elif self._digest:
                 self._t.sendto(b"%s %d %s\n" % (self._reply.strip(), len(data),
                                                 hashlib.sha256(data).hexdigest().encode()), addr)
             else:

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from ..replies import IPAddress, ReplyPath
+from ..replies import FRAGMENTS, IPAddress, ReplyPath
 
 # opcodes (linux/filter.h, bpf_common.h)
 BPF_LD_W_ABS = 0x20     # A = word at k
@@ -28,6 +28,7 @@ ACCEPT = 0xFFFFFFFF
 REJECT = 0
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
+IPPROTO_FRAGMENT = 44
 
 Insn = tuple[int, int, int, int]
 
@@ -87,6 +88,9 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
     (the data plane answers them), or a TCP/UDP packet from one
     of ``replies`` (backend address, protocol, source port; IPv6 without extension headers) to
     an address that is not in ``local`` (the gateway's own: its health checks are the kernel's).
+    A FRAGMENTS reply path (port 0) accepts the fragments from its address that carry no
+    ports: IPv4 ones with a non-zero offset and UDP inside, IPv6 ones with a Fragment header
+    first (the pipeline checks the protocol behind it); the kernel blackholes them meanwhile.
     A client-side socket gets only VIPs, a backend-side one only replies, one socket on a shared
     link both. Everything else stays with the kernel alone.
 
@@ -151,9 +155,11 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
             a.op(BPF_RET_K, REJECT)
         a.op(BPF_LD_H_ABS, 14 + 6)                  # flags + fragment offset
         a.op(BPF_JSET_K, 0x1FFF, 0, 1)              # a later fragment has no ports
-        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_JA, "v4frag")
         a.op(BPF_LDX_B_MSH, 14)
         for r in r4:
+            if r.port == FRAGMENTS:
+                continue
             if not coarse:
                 a.op(BPF_LD_W_ABS, 14 + 12)         # source
                 a.op(BPF_JEQ_K, int(r.address), 0, 5)
@@ -161,6 +167,17 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
             a.op(BPF_JEQ_K, r.proto, 0, 3)
             a.op(BPF_LD_H_IND, 14)                  # source port
             a.op(BPF_JEQ_K, r.port, 0, 1)
+            a.op(BPF_RET_K, ACCEPT)
+        a.op(BPF_RET_K, REJECT)
+        a.label("v4frag")                           # a later fragment: from its address?
+        for r in r4:
+            if r.port != FRAGMENTS:
+                continue
+            if not coarse:
+                a.op(BPF_LD_W_ABS, 14 + 12)
+                a.op(BPF_JEQ_K, int(r.address), 0, 3)
+            a.op(BPF_LD_B_ABS, 14 + 9)
+            a.op(BPF_JEQ_K, r.proto, 0, 1)
             a.op(BPF_RET_K, ACCEPT)
     a.op(BPF_RET_K, REJECT)
 
@@ -173,8 +190,17 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
         for addr in local:
             if addr.version == 6:
                 _v6_equal(a, 14 + 24, addr, REJECT)
-        for r in r6:
+        for n, r in enumerate(r6):
             w = _words(r.address)
+            if r.port == FRAGMENTS:                 # a Fragment header from the address
+                for i in range(4 if not coarse else 0):
+                    a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)
+                    a.op(BPF_JEQ_K, w[i], 0, f"v6next{n}")
+                a.op(BPF_LD_B_ABS, 14 + 6)
+                a.op(BPF_JEQ_K, IPPROTO_FRAGMENT, 0, 1)
+                a.op(BPF_RET_K, ACCEPT)
+                a.label(f"v6next{n}")
+                continue
             for i in range(4 if not coarse else 0):
                 a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)  # source
                 a.op(BPF_JEQ_K, w[i], 0, 11 - 2 * i)
