@@ -99,8 +99,11 @@
  * no reply yet (a spoofed UDP flood is the UDP form of a SYN flood), CLOSE
  * (RST seen: the connection is over), and FIN of a connection that never got
  * established (SYN then FIN, so a flood cannot escape eviction by sending FIN).
- * A window without any of those gives up its least recently seen answered-UDP
- * entry (UDP_STREAM, counted as evicted_udp): a backend answers whatever
+ * A window also offers its least recently seen answered-UDP entry
+ * (UDP_STREAM, counted as evicted_udp), taken when the window has no
+ * reclaimable one or when it was seen longer ago than the window's oldest
+ * reclaimable one (a legitimate handshake in progress is only milliseconds
+ * idle, and must not give way to a flood's older answered entries): a backend answers whatever
  * source a datagram claims, so a spoofer with a UDP service behind the VIP
  * makes answered entries as fast as it sends, and with them protected it
  * could fill the table (then no new TCP connection would be tracked, and a
@@ -108,8 +111,8 @@
  * without seeing the backend's SYN-ACK, so established flows and FIN of
  * established connections are never evicted on insert: with no candidate
  * left, insert is refused with -ENOSPC (counted; the caller still forwards by
- * Maglev). Taking answered UDP from the first window that lacks a better
- * candidate keeps an insert under a flood at one window of work; an evicted
+ * Maglev). Taking the victim from the first window that has a candidate
+ * keeps an insert under a flood at one window of work; an evicted
  * UDP flow that is still alive is re-picked by Maglev on its next packet
  * (the same backend while the table is unchanged). The scan runs from a
  * shared clock cursor in windows of FT_EVICT_BUDGET slots and does not give
@@ -359,9 +362,8 @@ ft_reclaimable(uint8_t state, uint8_t flags)
     }
 }
 
-/* May eviction take it at all: reclaimable, or answered UDP when a scan
- * window has nothing reclaimable (see the file header). n_reclaim counts
- * these. */
+/* May eviction take it at all: reclaimable, or answered UDP (see the file
+ * header for which one a scan window gives up). n_reclaim counts these. */
 static inline int
 ft_evictable(uint8_t state, uint8_t flags)
 {
@@ -951,6 +953,15 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
                     answered_idle = idle;
                 }
             }
+        }
+        /* Of the two kinds, the one seen longer ago goes (half-open on a tie): a
+         * handshake in progress, a few ms idle, outlives the older entries of a
+         * flood that the backends answer, and under a SYN flood the oldest
+         * half-open entries still go first. */
+        int udp_first = answered && best && answered_idle > best_idle;
+        if (udp_first && ft_take(ft, answered, now, FT_TAKE_ANSWERED)) {
+            FT_INC(&ft->cnt.evicted_udp, 1u);
+            return answered;
         }
         if (best && ft_take(ft, best, now, FT_TAKE_RECLAIM)) {
             FT_INC(&ft->cnt.evicted_halfopen, 1u);
