@@ -523,14 +523,19 @@ class _Checker:
             return None
         return v
 
+    def _absent(self, p: str, what: str, default: Any) -> Any:
+        """What a missing key at path ``p`` yields: its default, or without one an error
+        ("missing; expected <what>") and None."""
+        if default is _MISSING:
+            self.error(p, f"missing; expected {what}")
+            return None
+        return default
+
     def integer(self, tbl: dict, key: str, path: str, lo: int, hi: int,
                 default: Any = _MISSING) -> int | None:
         p = _join(path, key)
         if key not in tbl:
-            if default is _MISSING:
-                self.error(p, f"missing; expected an integer {lo}..{hi}")
-                return None
-            return default
+            return self._absent(p, f"an integer {lo}..{hi}", default)
         v = tbl[key]
         if isinstance(v, bool) or not isinstance(v, int):
             self.wrong_type(p, v, f"an integer {lo}..{hi}")
@@ -547,10 +552,7 @@ class _Checker:
         p = _join(path, key)
         rng = f"{'>' if lo_open else '>='} {_num(lo)} and <= {_num(hi)}"
         if key not in tbl:
-            if default is _MISSING:
-                self.error(p, f"missing; expected seconds {rng}")
-                return None
-            return default
+            return self._absent(p, f"seconds {rng}", default)
         v = tbl[key]
         if isinstance(v, bool) or not isinstance(v, int | float):
             self.wrong_type(p, v, f"seconds (a number) {rng}")
@@ -564,10 +566,7 @@ class _Checker:
                default: Any = _MISSING) -> str | None:
         p = _join(path, key)
         if key not in tbl:
-            if default is _MISSING:
-                self.error(p, f"missing; expected {what}")
-                return None
-            return default
+            return self._absent(p, what, default)
         v = tbl[key]
         if not isinstance(v, str):
             self.wrong_type(p, v, what)
@@ -590,10 +589,7 @@ class _Checker:
         """An array of anything (`what` says what it should hold)."""
         p = _join(path, key)
         if key not in tbl:
-            if default is _MISSING:
-                self.error(p, f"missing; expected {what}")
-                return None
-            return default
+            return self._absent(p, what, default)
         v = tbl[key]
         if not isinstance(v, list):
             self.wrong_type(p, v, what)
