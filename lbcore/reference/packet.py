@@ -473,6 +473,8 @@ def fix_checksums(data: bytes) -> bytes:
         pseudo = b"" if family == AF_INET else _pseudo(family, src, dst, ICMPV6, len(msg))
         _put16(buf, l4 + 2, inet_checksum(pseudo + msg))
         return bytes(buf)
+    if info.get("frag") and info["frag"]["offset"]:
+        return bytes(buf)              # a later fragment: no transport checksum to fix
     coff = l4 + _l4_csum_off(proto)
     if proto == UDP and _be16(buf, coff) == 0:
         return bytes(buf)
