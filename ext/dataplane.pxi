@@ -32,6 +32,8 @@ cdef class Dataplane:
         fragments are dropped); frag_buffers: early fragments it can hold;
         client_entries: per-client table (limits, persistence);
         reject_rate / reject_burst: RSTs and ICMP unreachables per second.
+      busy_poll_us: how long a worker keeps polling after its last packet
+        before it sleeps (0: it sleeps at once).
     """
     def __cinit__(self, uint32_t workers=1, uint32_t flow_capacity=1 << 20,
                   flow_seed=None, timeouts=None, flow_file=None, boot_id=None,
@@ -39,7 +41,8 @@ cdef class Dataplane:
                   uint32_t frag_buffers=LB_FRAG_BUFFERS,
                   uint32_t frag_timeout_ms=LB_FRAG_TIMEOUT_MS,
                   uint32_t client_entries=LB_CLIENT_ENTRIES,
-                  uint32_t reject_rate=LB_REJECT_RATE, uint32_t reject_burst=LB_REJECT_BURST):
+                  uint32_t reject_rate=LB_REJECT_RATE, uint32_t reject_burst=LB_REJECT_BURST,
+                  uint32_t busy_poll_us=0):
         cdef lb_timeouts tmo
         cdef uint64_t seed
         cdef bytes bpath
@@ -86,6 +89,7 @@ cdef class Dataplane:
             raise ValueError(f"bad fragment cache ({frag_entries} entries, {frag_buffers} "
                              f"buffers, {frag_timeout_ms} ms) or client table "
                              f"({client_entries}) size")
+        self.dp.busy_poll_us = busy_poll_us
 
     def __dealloc__(self):
         if self.rs != NULL:

@@ -322,6 +322,7 @@ cdef extern from "lb_dp.h" nogil:
         lb_limits *lim
         uint32_t reject_rate
         uint32_t reject_burst
+        uint32_t busy_poll_us
     struct lb_worker:
         lb_dataplane *dp
         uint64_t qs

@@ -41,6 +41,8 @@ struct lb_dataplane {
     struct lb_limits *lim;        /* new-flow admission, persistence (lb_limit.h); may be NULL */
     uint32_t reject_rate;         /* rejects per second, whole data plane (lb_icmp.h) */
     uint32_t reject_burst;
+    uint32_t busy_poll_us;        /* a worker polls this long after its last packet before it
+                                   * sleeps (0: sleeps at once); set before workers run */
 };
 
 struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,

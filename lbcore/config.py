@@ -114,6 +114,11 @@ DEFAULT_CLOSED_PORT = "drop"
 # kernel's icmp_msgs_per_sec / icmp_msgs_burst.
 DEFAULT_REJECT_RATE = 1000
 DEFAULT_REJECT_BURST = 50
+# Microseconds a worker keeps polling its queue after the last packet before it
+# sleeps: at low rates every sleep costs a wake-up (tens to hundreds of µs on a
+# VM) on the next packet; spinning costs CPU only while traffic comes and goes.
+DEFAULT_BUSY_POLL_US = 50
+BUSY_POLL_US_MAX = 100_000
 DEFAULT_CLIENT_TABLE_SIZE = 65536     # LB_CLIENT_ENTRIES
 # The fragment cache (LB_FRAG_*): datagrams in flight, early fragments held, and how
 # long a datagram's decision lives (its fragments arrive within milliseconds).
@@ -348,6 +353,7 @@ class Config:
     closed_port: str = DEFAULT_CLOSED_PORT
     reject_rate: int = DEFAULT_REJECT_RATE
     reject_burst: int = DEFAULT_REJECT_BURST
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     client_table_size: int = DEFAULT_CLIENT_TABLE_SIZE
     timeouts: Timeouts = field(default_factory=Timeouts)
     flow_file: str = DEFAULT_FLOW_FILE        # "" = no file, no adoption
@@ -664,8 +670,8 @@ class _Checker:
 
 _GLOBAL_KEYS = ("mode", "workers", "flow_table_size", "hash_seed", "ring_size", "tun_name",
                 "control_socket", "metrics_listen", "log_level", "all_down", "closed_port",
-                "reject_rate", "reject_burst", "client_table_size", "timeouts", "fragments",
-                "flow_file")
+                "reject_rate", "reject_burst", "busy_poll_us", "client_table_size", "timeouts",
+                "fragments", "flow_file")
 _SYNC_KEYS = ("listen", "peers", "key", "key_file", "ring_size", "refresh", "window")
 _VIP_KEYS = ("name", "address", "port", "protocol", "pool", "closed_port", "persistence",
              "persistence_timeout", "max_flows", "client_rate", "client_burst",
@@ -902,6 +908,8 @@ def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
         "reject_rate": c.integer(g, "reject_rate", "global", 0, RATE_MAX, DEFAULT_REJECT_RATE),
         "reject_burst": c.integer(g, "reject_burst", "global", 1, RATE_MAX,
                                   DEFAULT_REJECT_BURST),
+        "busy_poll_us": c.integer(g, "busy_poll_us", "global", 0, BUSY_POLL_US_MAX,
+                                  DEFAULT_BUSY_POLL_US),
         "client_table_size": c.integer(g, "client_table_size", "global", 4, CLIENT_ENTRIES_MAX,
                                        DEFAULT_CLIENT_TABLE_SIZE),
         "timeouts": _parse_timeouts(c, g),
@@ -1363,6 +1371,7 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
         control_socket=g["control_socket"], metrics_listen=g["metrics_listen"],
         log_level=g["log_level"], all_down=g["all_down"], closed_port=g["closed_port"],
         reject_rate=g["reject_rate"], reject_burst=g["reject_burst"],
+        busy_poll_us=g["busy_poll_us"],
         client_table_size=g["client_table_size"], timeouts=g["timeouts"],
         fragments=g["fragments"], flow_file=g["flow_file"], rawsock=rawsock, bgp=bgp,
         sync=sync if isinstance(sync, SyncConfig) else None, vips=tuple(vips or ()),

@@ -134,7 +134,7 @@ class Daemon:
                 frag_entries=cfg.fragments.cache_size, frag_buffers=cfg.fragments.buffers,
                 frag_timeout_ms=max(1, int(round(cfg.fragments.timeout * 1000.0))),
                 client_entries=cfg.client_table_size, reject_rate=cfg.reject_rate,
-                reject_burst=cfg.reject_burst)
+                reject_burst=cfg.reject_burst, busy_poll_us=cfg.busy_poll_us)
             self.balancer = Balancer(self.dp, cfg.hash_seed, cfg.ring_size,
                                      clock_ms=_core.now_ms)
             for change in self.balancer.configure(cfg):
