@@ -27,20 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the balancer in the foreground",
                        description="Create the data plane (TUN device or AF_PACKET "
                        "sockets), set up routes/rules/sysctls, run health checks and "
-                       "forward until SIGTERM/SIGINT; undo the network changes on exit, "
-                       "except the reply path's reservation: the backends' reply rules and "
-                       "blackhole routes for the replies and the VIPs stay, so that until "
-                       "the next start no reply leaves un-translated (a client would reset "
-                       "its connection). `lbcore cleanup` or --cleanup-on-exit removes them.")
+                       "forward until SIGTERM/SIGINT. On exit the TUN device (tun mode) "
+                       "stays with its routes, for the next start to attach to (a shorter "
+                       "restart), and so does the reply path's reservation: the backends' "
+                       "reply rules and blackhole routes for the replies and the VIPs, so "
+                       "that until the next start no reply leaves un-translated (a client "
+                       "would reset its connection); the rest is undone. `lbcore cleanup` "
+                       "or --cleanup-on-exit removes them.")
     r.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (TOML)")
     r.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="overrides global.log_level of the config (default info)")
     r.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     r.add_argument("--cleanup-on-exit", action="store_true",
-                   help="on exit also remove the reply rules and blackholes (for a gateway "
+                   help="on exit also remove the TUN device, the reply rules and "
+                   "blackholes (for a gateway "
                    "that stops balancing; a restart with this flag resets connections)")
-    cl = sub.add_parser("cleanup", help="remove the reply rules and blackholes a stopped "
-                        "lbcore leaves (the gateway then routes replies and VIPs normally)")
+    cl = sub.add_parser("cleanup", help="remove the TUN device, reply rules and blackholes "
+                        "a stopped lbcore leaves (the gateway then routes replies and VIPs "
+                        "normally)")
     cl.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                     help="config file, to refuse while its lbcore runs")
 

@@ -113,6 +113,8 @@ class Daemon:
         self.adoption: dict[str, Any] | None = None   # what adopt_flows answered at start
         self.sync: FlowSync | None = None
         self.cleanup_on_exit = False      # `run --cleanup-on-exit`: remove the reservation too
+        self.tun_adopted: bool | None = None   # tun mode: attached to the last run's device
+        self._reservation_found = True    # replies.reserved() at start (unknown: assume so)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -151,20 +153,24 @@ class Daemon:
                 self.dp.sync_attach(cfg.sync.ring_size)
 
             # the reply path's reservation (rules, blackholes) outlives the run; see
-            # _release_replies for when it goes
-            found = await asyncio.to_thread(replies.reserved)
-            stack.push(lambda et, ev, tb: self._release_replies(found, et is not None))
+            # _release_replies for when it goes (after the plane's undo: pushed first)
+            stack.push(lambda et, ev, tb: self._release_replies(
+                self._reservation_found, et is not None))
             self.plane = make_plane(cfg, self.dp, [v.address for v in cfg.vips],
                                     reply_paths(self.balancer))
-            self.plane.setup()
-            stack.callback(self.plane.undo)
-
+            stack.push(lambda et, ev, tb: self._undo_plane(et is not None))
             stack.callback(self._stop_workers)
-            for i, cpu in enumerate(worker_cpus(cfg.workers)):
-                t = threading.Thread(target=self._run_worker, args=(i, cpu, loop),
-                                     name=f"lbcore-worker-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
+            # A device the last run left (tun mode's persistent TUN) comes with its routes and
+            # rules: the workers forward as soon as its queues are attached, and the netlink
+            # work below (reconciling routes and rules with this config) runs meanwhile.
+            open_queues = getattr(self.plane, "open_queues", None)
+            self.tun_adopted = bool(open_queues()) if open_queues is not None else None
+            if self.tun_adopted:
+                self._start_workers(loop)
+            self._reservation_found = await asyncio.to_thread(replies.reserved)
+            self.plane.setup()
+            if not self.tun_adopted:
+                self._start_workers(loop)
 
             # the workers forward from here on; what follows is outside a restart's gap
             self.digests = table_digests(spec, self.balancer.seed)
@@ -212,6 +218,24 @@ class Daemon:
             log.info("removed the reply path's %d rule(s) and blackhole route(s)", n)
         except Exception as e:  # noqa: BLE001 - on the way out; `lbcore cleanup` retries
             log.error("removing the reply rules and blackholes failed: %s", e)
+
+    def _start_workers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for i, cpu in enumerate(worker_cpus(self.config.workers)):
+            t = threading.Thread(target=self._run_worker, args=(i, cpu, loop),
+                                 name=f"lbcore-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _undo_plane(self, failed: bool) -> None:
+        """The plane's undo, after the workers stopped. Tun mode's device stays for the next
+        run unless the operator asked for a clean-up on exit, or this run created it and
+        failed to start (a first start that fails leaves the gateway as it was)."""
+        if self.plane is None:
+            return
+        if hasattr(self.plane, "remove_device"):
+            self.plane.remove_device = (self.cleanup_on_exit
+                                        or (failed and not getattr(self.plane, "adopted", True)))
+        self.plane.undo()
 
     def _run_worker(self, i: int, cpu: int | None, loop: asyncio.AbstractEventLoop) -> None:
         if cpu is not None:
@@ -511,23 +535,35 @@ def cmd_run(args) -> int:
 
 def cmd_cleanup(args) -> int:
     """`lbcore cleanup`: remove what a stopped lbcore leaves on purpose (the reply rules, the
-    blackholes of RULE_TABLE and of the VIPs), after which the gateway routes the backends'
-    replies and the VIPs normally again. Refused while an lbcore answers on the config's
-    control socket (its replies would leave un-translated)."""
+    blackholes of RULE_TABLE and of the VIPs, and in tun mode the persistent TUN with its
+    routes), after which the gateway routes the backends' replies and the VIPs normally again.
+    Refused while an lbcore answers on the config's control socket (its replies would leave
+    un-translated)."""
     from .control.server import _socket_alive
+    from .dataplane.tun.device import TunError, remove_persistent
     if os.geteuid() != 0:
         print("lbcore cleanup: needs root (routes and policy rules)", file=sys.stderr)
         return 2
-    sock = None
+    cfg = None
     if args.config and os.path.exists(args.config):
         try:
-            sock = load_config(args.config).control_socket
+            cfg = load_config(args.config)
         except ConfigError:
             pass
+    sock = cfg.control_socket if cfg is not None else None
     if sock and _socket_alive(sock):
         print(f"lbcore cleanup: lbcore is running (it answers on {sock}); stop it first",
               file=sys.stderr)
         return 1
+    rc = 0
+    if cfg is not None and cfg.mode == "tun":
+        # first: while the device exists its routes still take the VIPs' packets
+        try:
+            if remove_persistent(cfg.tun_name):
+                print(f"removed TUN device {cfg.tun_name} and its routes")
+        except (TunError, ValueError) as e:
+            print(f"lbcore cleanup: {e}", file=sys.stderr)
+            rc = 1
     n = replies.remove_all()
     print(f"removed {n} reply rule(s) and blackhole route(s)")
-    return 0
+    return rc

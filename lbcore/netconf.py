@@ -70,7 +70,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 __all__ = [
     "GONE_ERRNOS", "NETNS_DIR", "NetChanges", "LinkInfo", "RouteInfo", "RuleInfo", "is_gone",
     "netns_path", "netns_exists", "netns_list", "netns_create", "netns_remove", "netns_pids",
-    "veth_add", "bridge_add", "link_set", "link_del", "link_index", "links",
+    "veth_add", "bridge_add", "link_set", "link_del", "link_index", "links", "tun_info",
     "addr_add", "addr_del", "addresses", "route_add", "route_del", "route_nexthops", "routes",
     "rule_add", "rule_del", "rules", "neigh_add", "neigh_del", "neighbours", "neigh_resolve",
     "neigh_proxy_add", "neigh_proxy_del", "change_notifier",
@@ -583,6 +583,44 @@ def link_del(ifname: str, *, netns: str | None = None) -> bool:
                           find=lambda ipr: _index_or_none(ipr, ifname),
                           present=lambda ipr, idx: bool(ipr.link_lookup(ifname=ifname)),
                           delete=lambda ipr, idx: ipr.link("del", index=idx))
+
+
+@dataclass(frozen=True)
+class TunInfo:
+    """What the kernel says about a TUN/TAP device (IFLA_INFO_DATA of kind "tun")."""
+
+    index: int
+    tap: bool               # IFLA_TUN_TYPE: a TAP (Ethernet frames), not a TUN
+    pi: bool                # packet information header (IFF_NO_PI unset)
+    vnet_hdr: bool
+    multi_queue: bool
+    persist: bool
+    queues: int             # queues some process has attached now
+
+
+@_off_loop
+def tun_info(ifname: str, *, netns: str | None = None) -> TunInfo | None | bool:
+    """The TUN/TAP details of interface ``ifname``: None if there is no such interface, False
+    if it is not a TUN/TAP device (or the kernel reports no details for it)."""
+    with _ipr(netns) as ipr:
+        idx = _index_or_none(ipr, ifname)
+        if idx is None:
+            return None
+        msg = ipr.link("get", index=idx)[0]
+    info = msg.get("IFLA_LINKINFO")
+    if not info or info.get("IFLA_INFO_KIND") != "tun":
+        return False
+    data = info.get("IFLA_INFO_DATA")
+    if not data:
+        return False
+
+    def attr(name: str) -> int:
+        return int(data.get(name) or 0)
+
+    return TunInfo(index=idx, tap=attr("IFLA_TUN_TYPE") == 2, pi=bool(attr("IFLA_TUN_PI")),
+                   vnet_hdr=bool(attr("IFLA_TUN_VNET_HDR")),
+                   multi_queue=bool(attr("IFLA_TUN_MULTI_QUEUE")),
+                   persist=bool(attr("IFLA_TUN_PERSIST")), queues=attr("IFLA_TUN_NUM_QUEUES"))
 
 
 # --------------------------------------------------------------------------- addresses

@@ -150,6 +150,11 @@ class LbCollector:
         ad = s.get("adoption") or {}
         yield GaugeMetricFamily("lbcore_flows_adopted", "Flows taken over from the previous "
                                 "run at start", value=ad.get("adopted", 0))
+        tun = s.get("tun")
+        if tun is not None:
+            yield GaugeMetricFamily("lbcore_tun_adopted", "1 if this run attached to the "
+                                    "persistent TUN device the previous run left, 0 if it "
+                                    "created it", value=int(bool(tun["adopted"])))
         sy = s.get("sync")
         if sy is not None:
             sent = CounterMetricFamily("lbcore_sync_sent", "Flow sync: records sent by kind, "

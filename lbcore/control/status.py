@@ -137,6 +137,10 @@ class StatusView:
                       "last_publish_error": bal.last_publish_error},
             "bgp": ann.status() if ann is not None else None,
             "adoption": d.adoption,
+            # tun mode: whether this run attached to the persistent TUN the last one left
+            "tun": ({"name": d.config.tun_name, "adopted": d.tun_adopted,
+                     "ifindex": getattr(d.plane, "ifindex", 0)}
+                    if getattr(d, "tun_adopted", None) is not None else None),
             "sync": d.sync.counters() if d.sync is not None else None,
         }
         self._add_rates(snap, now)

@@ -1,7 +1,9 @@
 """Mode "tun": VIP routes into a TUN device; the C worker reads and writes IP packets on it.
 
 The device (one queue per worker) is in :mod:`.device`, the kernel set-up around it (VIP
-routes, the reply path, sysctls) in :mod:`.routes`.
+routes, the reply path, sysctls) in :mod:`.routes`. The device is persistent: a stop keeps it
+with its routes so that the next run attaches to it (:meth:`TunPlane.open_queues`) and forwards
+before it has made a single netlink change; only a clean-up removes it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..replies import IPAddress, ReplyPath
-from .device import close_tun, open_tun
+from .device import attach_tun, close_tun
 from .routes import TunRoutes
 
 log = logging.getLogger("lbcore.tun")
@@ -23,17 +25,30 @@ class TunPlane:
                  replies: Sequence[ReplyPath]) -> None:
         self.config, self.dp = config, dp
         self.fds: list[int] = []
+        self.adopted = False          # attached to the device a previous run left
+        self.ifindex = 0
+        self.remove_device = False    # undo() deletes the device (clean-up, failed first start)
         self.routes = TunRoutes(config.tun_name, list(vips), list(replies))
 
-    def setup(self) -> None:
+    def open_queues(self) -> bool:
+        """Attach the workers' queues (creating the device if there is none); True if the
+        device was adopted, its routes and rules in place: the workers may run before
+        setup()."""
         cfg = self.config
-        self.fds, offload = open_tun(cfg.tun_name, cfg.workers, vnet_hdr=True)
-        log.info("TUN %s: %d queue(s), offloads 0x%x", cfg.tun_name, len(self.fds), offload)
+        q = attach_tun(cfg.tun_name, cfg.workers)
+        self.fds, self.adopted, self.ifindex = q.fds, q.adopted, q.ifindex
+        log.info("TUN %s (ifindex %d): %s, %d queue(s), offloads 0x%x", cfg.tun_name,
+                 q.ifindex, "adopted" if q.adopted else "created", len(q.fds), q.offload)
+        return q.adopted
+
+    def setup(self) -> None:
+        if not self.fds:
+            self.open_queues()
         try:
-            self.routes.setup()
+            self.routes.setup(adopted=self.adopted)
         except BaseException:
-            close_tun(self.fds)
-            self.fds = []
+            self.remove_device = self.remove_device or not self.adopted
+            self.undo()
             raise
 
     def run_worker(self, i: int) -> None:
@@ -44,6 +59,9 @@ class TunPlane:
         self.routes.set_replies(replies)
 
     def undo(self) -> None:
-        self.routes.undo()
-        close_tun(self.fds)
+        """Close the queues. The device stays, with its routes and sysctls, for the next run
+        (no queue attached, it drops what is routed into it: lbcore.dataplane.tun.device),
+        unless remove_device: then every change is undone and the device deleted."""
+        self.routes.undo(keep=not self.remove_device)
+        close_tun(self.fds, remove=self.remove_device)
         self.fds = []

@@ -11,7 +11,11 @@ What tun mode needs from the kernel:
   - forwarding on, and loose reverse-path filtering on the TUN (the packets it emits carry
     client addresses that route out another link).
 
-Everything is recorded and undone in reverse order on exit, except the reply path's
+The TUN is persistent (lbcore.dataplane.tun.device): a stop keeps it with its routes and
+sysctls (undo(keep=True)), and the next run's setup(adopted=True) finds them in place, makes the
+VIP routes exactly the configured ones (a VIP the new config lacks loses its route) and
+re-asserts the rest with idempotent replaces. With keep=False (clean-up on exit, a failed
+first start) everything is undone in reverse order, except the reply path's
 reservation (lbcore.dataplane.replies): the reply rules, RULE_TABLE's blackhole default and the
 VIPs' blackholes stay, so that in the gap until the next run (or after a crash: the TUN and its
 routes die with the process) replies are dropped, never routed un-translated. setup() adopts
@@ -39,6 +43,7 @@ from ..replies import (
 log = logging.getLogger("lbcore.tun")
 
 TXQUEUELEN = 10000
+RTPROT_KERNEL = 2        # routes the kernel adds by itself (IPv6 link-local)
 
 
 @dataclass
@@ -51,8 +56,9 @@ class TunRoutes:
     _rules: ReplyRules = field(default_factory=ReplyRules)
     _tables: set[int] = field(default_factory=set)   # IP versions routed into the TUN
 
-    def setup(self) -> None:
-        """Apply everything, or undo what was done and raise."""
+    def setup(self, adopted: bool = False) -> None:
+        """Apply everything, or undo what was done and raise. ``adopted``: the device is a
+        previous run's; its routes to VIPs no longer configured go."""
         ch = self._changes
         replies, self.replies = list(dict.fromkeys(self.replies)), []
         try:
@@ -70,6 +76,8 @@ class TunRoutes:
             netconf.sysctl_set(f"net/ipv4/conf/{self.tun_name}/rp_filter", 2)
             for vip in self.vips:
                 self._route(vip)
+            if adopted:
+                self._drop_stale_vip_routes()
             self.set_replies(replies)
         except BaseException:
             self.undo()
@@ -98,14 +106,29 @@ class TunRoutes:
                 self._route(vip)
         self.vips = want
 
-    def undo(self) -> None:
+    def undo(self, keep: bool = False) -> None:
         """Revert every change in reverse order, except the reply path's reservation (rules,
-        blackholes: lbcore.dataplane.replies); never raises."""
+        blackholes: lbcore.dataplane.replies); never raises. ``keep``: revert nothing (the
+        persistent device keeps its routes, the sysctls stay for it)."""
         self._rules.paths = []
         self.replies = []
         self._tables = set()
+        if keep:
+            self._changes.commit()
+            return
         for failure in self._changes.undo():
             log.debug("undo: %s", failure)
+
+    def _drop_stale_vip_routes(self) -> None:
+        """Host routes into the adopted device for VIPs the config no longer has (routes the
+        kernel made itself, such as IPv6 link-local ones, stay)."""
+        want = {host_prefix(v) for v in self.vips}
+        for r in netconf.routes():
+            if (r.oif == self.tun_name and r.proto != RTPROT_KERNEL
+                    and r.dst.endswith(("/32", "/128")) and r.dst not in want):
+                netconf.route_del(r.dst, oif=self.tun_name, family=r.family)
+                log.info("removed the route of %s into %s: no longer a VIP", r.dst,
+                         self.tun_name)
 
     def _route(self, vip: IPAddress) -> None:
         reserve_vip(vip)     # first: whenever the TUN's route is gone, the VIP's is a blackhole
