@@ -559,6 +559,34 @@ cdef class Dataplane:
             free(buf)
             free(out)
 
+    def sync_drain_ends(self, uint32_t max=4096) -> tuple:
+        """(records, reasons, drops): the flows the table removed on its own since the last
+        call (at most max: reclaimed idle past their timeout or evicted by an insert, purged
+        with their backend) as LB_SYNC_END wire records, how many of them by reason
+        ("expired", "evicted", "purged"), and how many such events the full ring has dropped
+        so far (those flows then expire at the peers)."""
+        cdef lb_flow_entry *buf = <lb_flow_entry *>malloc(max * sizeof(lb_flow_entry) + 1)
+        cdef uint8_t *out = <uint8_t *>malloc(<size_t>max * LB_SYNC_REC_SIZE + 1)
+        cdef uint32_t n, i
+        cdef uint64_t drops = 0
+        cdef uint64_t why[4]
+        cdef size_t nb
+        memset(why, 0, sizeof(why))
+        try:
+            if buf == NULL or out == NULL:
+                raise MemoryError()
+            with nogil:
+                n = lb_sync_drain_ends(self.dp, buf, max, &drops)
+                for i in range(n):
+                    why[buf[i].pad1 & 3] += 1
+                    buf[i].pad1 = 0
+                nb = lb_sync_encode(buf, n, LB_SYNC_END, lb_now_ms(), out,
+                                    <size_t>max * LB_SYNC_REC_SIZE)
+            return out[:nb], {"expired": why[1], "evicted": why[2], "purged": why[3]}, drops
+        finally:
+            free(buf)
+            free(out)
+
     def sync_apply(self, const uint8_t[:] body, now=None) -> dict:
         """Apply a datagram's records (already authenticated) to the flow
         table, each bound to the published table; counts by outcome (ext/

@@ -157,6 +157,7 @@ cdef extern from "lb_types.h" nogil:
         uint8_t family
         uint8_t state
         uint8_t flags
+        uint16_t pad1
         uint32_t vip_stat
         uint32_t be_stat
         uint32_t last_seen
@@ -407,6 +408,8 @@ cdef extern from "lb_sync.h" nogil:
         uint64_t full
     int lb_sync_attach(lb_dataplane *dp, uint32_t size)
     uint32_t lb_sync_drain(lb_dataplane *dp, lb_flow_entry *out, uint32_t max, uint64_t *drops)
+    uint32_t lb_sync_drain_ends(lb_dataplane *dp, lb_flow_entry *out, uint32_t max,
+                                uint64_t *drops)
     size_t lb_sync_encode(const lb_flow_entry *e, uint32_t n, uint8_t type, uint32_t now,
                           uint8_t *out, size_t cap)
     int lb_sync_bind(void *ctx, lb_flow_entry *e)

@@ -128,6 +128,7 @@
 #include "lb_flow.h"
 #include "lb_debug.h"
 #include "lb_proto.h"
+#include "lb_sync.h"
 
 #define FT_NSTRIPES     1024u   /* stripes per index (power of two) */
 #define FT_EVICT_BUDGET 64u     /* slots per eviction scan window */
@@ -199,6 +200,10 @@ struct lb_flowtable {
     uint32_t exp_cursor;                         /* lb_flow_expire cursor */
 
     _Alignas(FT_CACHELINE) struct lb_flow_counters cnt;
+
+    /* flows removed on their own, for sync peers (lb_flow_set_end_ring) */
+    _Alignas(FT_CACHELINE) uint32_t end_lock;
+    struct lb_sync_ring *end_ring;               /* atomic; NULL = not reported */
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -631,11 +636,43 @@ ft_take_snap(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why
     return ok;
 }
 
+void
+lb_flow_set_end_ring(struct lb_flowtable *ft, struct lb_sync_ring *r)
+{
+    __atomic_store_n(&ft->end_ring, r, __ATOMIC_RELEASE);
+}
+
+struct lb_sync_ring *
+lb_flow_end_ring(struct lb_flowtable *ft)
+{
+    return __atomic_load_n(&ft->end_ring, __ATOMIC_ACQUIRE);
+}
+
+/* Report a flow removed on its own (see lb_flow.h); bounded: a full ring counts a drop. */
+static void
+ft_end(struct lb_flowtable *ft, const struct lb_flow_entry *snap, uint16_t reason)
+{
+    struct lb_sync_ring *r = __atomic_load_n(&ft->end_ring, __ATOMIC_ACQUIRE);
+    if (!r)
+        return;
+    struct lb_flow_entry ev = *snap;
+    ev.pad1 = reason;
+    ft_lock(&ft->end_lock);
+    lb_sync_ring_push(r, &ev);
+    ft_unlock(&ft->end_lock);
+}
+
+/* ft_take, reporting what it took as ended for `reason` (expired if it was). */
 static int
-ft_take(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why why)
+ft_take_end(struct lb_flowtable *ft, uint32_t s, uint32_t now, enum ft_take_why why,
+            uint16_t reason)
 {
     struct lb_flow_entry snap;
-    return ft_take_snap(ft, s, now, why, &snap);
+    if (!ft_take_snap(ft, s, now, why, &snap))
+        return 0;
+    ft_end(ft, &snap, ft_expired(ft, snap.state, snap.last_seen, now) ? LB_FLOW_END_EXPIRED
+                                                                         : reason);
+    return 1;
 }
 
 /* ---- creation --------------------------------------------------------- */
@@ -936,7 +973,7 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
                 continue;
             uint32_t seen = __atomic_load_n(&e->last_seen, __ATOMIC_RELAXED);
             if (ft_expired(ft, st, seen, now)) {
-                if (ft_take(ft, i + 1, now, FT_TAKE_EXPIRED)) {
+                if (ft_take_end(ft, i + 1, now, FT_TAKE_EXPIRED, LB_FLOW_END_EXPIRED)) {
                     FT_INC(&ft->cnt.evicted_expired, 1u);
                     return i + 1;
                 }
@@ -959,15 +996,15 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
          * flood that the backends answer, and under a SYN flood the oldest
          * half-open entries still go first. */
         int udp_first = answered && best && answered_idle > best_idle;
-        if (udp_first && ft_take(ft, answered, now, FT_TAKE_ANSWERED)) {
+        if (udp_first && ft_take_end(ft, answered, now, FT_TAKE_ANSWERED, LB_FLOW_END_EVICTED)) {
             FT_INC(&ft->cnt.evicted_udp, 1u);
             return answered;
         }
-        if (best && ft_take(ft, best, now, FT_TAKE_RECLAIM)) {
+        if (best && ft_take_end(ft, best, now, FT_TAKE_RECLAIM, LB_FLOW_END_EVICTED)) {
             FT_INC(&ft->cnt.evicted_halfopen, 1u);
             return best;
         }
-        if (!best && answered && ft_take(ft, answered, now, FT_TAKE_ANSWERED)) {
+        if (!best && answered && ft_take_end(ft, answered, now, FT_TAKE_ANSWERED, LB_FLOW_END_EVICTED)) {
             FT_INC(&ft->cnt.evicted_udp, 1u);
             return answered;
         }
@@ -1161,6 +1198,7 @@ lb_flow_purge_backend(struct lb_flowtable *ft, const uint8_t *addr16, uint16_t p
         ft_ungrab(ft, 1, bf, br);
         if (hit) {
             ft_release(ft, i + 1);
+            ft_end(ft, &snap, LB_FLOW_END_PURGED);
             removed++;
         }
     }

@@ -33,6 +33,25 @@ struct lb_flow_counters {
     uint64_t deleted;           /* removed by lb_flow_delete / purge */
 };
 
+/* Flows the table removes on its own - idle past their timeout and reclaimed by an insert,
+ * evicted by an insert under pressure, purged with their backend - are reported to flow
+ * sync peers as END records; otherwise a peer keeps its copy until it expires there (and
+ * may carry the flow to the old backend meanwhile). The reason travels in the pad1 field of
+ * the copy pushed to the end ring (never in the table). Expiry by lb_flow_expire_report is
+ * reported by its caller instead (every removal, no ring). */
+#define LB_FLOW_END_EXPIRED 1u
+#define LB_FLOW_END_EVICTED 2u
+#define LB_FLOW_END_PURGED  3u
+
+struct lb_sync_ring;
+
+/* Push the flows removed on their own to r (NULL: to nowhere). Several threads produce (each
+ * worker's inserts, the control plane's purges): a spin lock held for one entry's copy
+ * serializes them; a full ring drops the event and counts it (r->drops), never waits for
+ * the consumer. Set it before the workers run, clear it after they stopped. */
+void lb_flow_set_end_ring(struct lb_flowtable *ft, struct lb_sync_ring *r);
+struct lb_sync_ring *lb_flow_end_ring(struct lb_flowtable *ft);
+
 /* capacity 1..LB_FLOW_MAX; tmo NULL = defaults. NULL on bad args / ENOMEM. */
 struct lb_flowtable *lb_flow_new(uint32_t capacity, uint64_t seed,
                                  const struct lb_timeouts *tmo);

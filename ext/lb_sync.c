@@ -44,6 +44,12 @@ uint32_t lb_sync_ring_pop(struct lb_sync_ring *r, struct lb_flow_entry *out, uin
 
 int lb_sync_attach(struct lb_dataplane *dp, uint32_t size)
 {
+    if (!lb_flow_end_ring(lb_dp_flows(dp))) {
+        struct lb_sync_ring *e = lb_sync_ring_new(size);
+        if (!e)
+            return -ENOMEM;
+        lb_flow_set_end_ring(lb_dp_flows(dp), e);
+    }
     for (uint32_t i = 0; i <= dp->n_workers; i++) {
         struct lb_sync_ring *r;
         if (dp->workers[i].sync)
@@ -60,6 +66,12 @@ int lb_sync_attach(struct lb_dataplane *dp, uint32_t size)
 
 void lb_sync_detach(struct lb_dataplane *dp)
 {
+    struct lb_flowtable *ft = lb_dp_flows(dp);
+    if (ft) {
+        struct lb_sync_ring *e = lb_flow_end_ring(ft);
+        lb_flow_set_end_ring(ft, NULL);
+        lb_sync_ring_free(e);
+    }
     for (uint32_t i = 0; i <= dp->n_workers; i++) {
         struct lb_sync_ring *r = __atomic_exchange_n(&dp->workers[i].sync, NULL,
                                                      __ATOMIC_ACQ_REL);
@@ -81,6 +93,18 @@ uint32_t lb_sync_drain(struct lb_dataplane *dp, struct lb_flow_entry *out, uint3
         *drops += __atomic_load_n(&r->drops, __ATOMIC_RELAXED);
     }
     return n;
+}
+
+uint32_t lb_sync_drain_ends(struct lb_dataplane *dp, struct lb_flow_entry *out, uint32_t max,
+                            uint64_t *drops)
+{
+    struct lb_sync_ring *r = lb_flow_end_ring(lb_dp_flows(dp));
+
+    *drops = 0;
+    if (!r)
+        return 0;
+    *drops = __atomic_load_n(&r->drops, __ATOMIC_RELAXED);
+    return lb_sync_ring_pop(r, out, max);
 }
 
 static inline void put16(uint8_t *p, uint16_t v_be)

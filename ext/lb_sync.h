@@ -82,6 +82,13 @@ void lb_sync_detach(struct lb_dataplane *dp);
 uint32_t lb_sync_drain(struct lb_dataplane *dp, struct lb_flow_entry *out, uint32_t max,
                        uint64_t *drops);
 
+/* The flows the table removed on its own (lb_flow.h, LB_FLOW_END_*): lb_sync_attach gives
+ * dp's flow table an end ring of the same size, lb_sync_detach takes it away. Move up to max
+ * of them to out (the reason in each one's pad1); *drops: events lost to the full ring so
+ * far. */
+uint32_t lb_sync_drain_ends(struct lb_dataplane *dp, struct lb_flow_entry *out, uint32_t max,
+                            uint64_t *drops);
+
 /* Encode n entries as records of `type` (ages against now) into out;
  * returns the bytes written (whole records only, at most cap). */
 size_t lb_sync_encode(const struct lb_flow_entry *e, uint32_t n, uint8_t type,

@@ -340,7 +340,7 @@ class Daemon:
             removed, ended = await asyncio.to_thread(self.dp.expire_flows, _core.now_ms(),
                                                      EXPIRE_BATCH)
             if self.sync is not None:
-                self.sync.send(ended, "end")
+                self.sync.send(ended, "end", reason="expired")
             if removed < EXPIRE_BATCH:
                 return
 

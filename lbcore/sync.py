@@ -6,7 +6,11 @@ since the flow began. Active-active: every gateway sends and receives.
 
 The packet path never runs Python for this: workers push each new flow into
 a bounded per-worker ring in C (ext/lb_sync.h; a full ring drops the event
-and counts it), and :class:`FlowSync` drains the rings every few ms, encodes
+and counts it), the flow table pushes the flows it removes on its own -
+reclaimed idle or evicted by an insert, purged with their backend - into
+a bounded END ring of its own (ext/lb_flow.h; full: dropped and counted,
+those flows then expire at the peers), housekeeping's expiry reports what it
+removed, and :class:`FlowSync` drains the rings every few ms, encodes
 the entries as 64-byte wire records in C, and sends them batched in UDP
 datagrams to every peer. Receiving, it checks each datagram here (length,
 version, MAC, timestamp window, sequence window) and hands the records of
@@ -71,6 +75,9 @@ DRAIN_EVERY_S = 0.005             # how often the workers' rings are emptied
 DRAIN_BATCH = 512                 # entries per drain call (small, stack-friendly buffers)
 RECV_BURST = 256                  # datagrams read per wake-up, then the loop runs again
 
+# why a flow's END record was sent: expired (housekeeping, or reclaimed idle by an insert),
+# evicted (by an insert under table pressure), purged (its backend left)
+END_REASONS = ("expired", "evicted", "purged")
 REJECT_REASONS = ("short", "bad_magic", "bad_version", "bad_length", "unknown_peer",
                   "bad_mac", "stale", "replay")
 
@@ -190,6 +197,7 @@ class FlowSync:
         self.sent = Counter()       # records / datagrams / send_errors, by kind
         self.received = Counter()   # datagrams, records, and lb_sync_apply's outcomes
         self.ring_drops = 0
+        self.end_ring_drops = 0
         self.last_send_error = ""
 
     def start(self) -> None:
@@ -222,10 +230,13 @@ class FlowSync:
 
     # -- sending -----------------------------------------------------------
 
-    def send(self, records: bytes, kind: str = "new") -> None:
-        """Send wire records (any number) to every peer; never raises."""
+    def send(self, records: bytes, kind: str = "new", reason: str | None = None) -> None:
+        """Send wire records (any number) to every peer; never raises. ``reason``: why END
+        records ended (END_REASONS), counted once per record."""
         if not records or self.sock is None:
             return
+        if reason is not None:
+            self.sent[f"end_{reason}"] += len(records) // RECORD
         for d in self.codec.seal(records):
             n = (len(d) - HEADER.size - TAG) // RECORD
             for peer in self.peers:
@@ -246,6 +257,15 @@ class FlowSync:
             records, drops = self.dp.sync_drain(DRAIN_BATCH)
             self.ring_drops = drops
             self.send(records, "new")
+            total += len(records) // RECORD
+            if len(records) < DRAIN_BATCH * RECORD:
+                break
+        while True:
+            records, reasons, drops = self.dp.sync_drain_ends(DRAIN_BATCH)
+            self.end_ring_drops = drops
+            for reason in END_REASONS:      # the ring's order is not by reason: count only
+                self.sent[f"end_{reason}"] += reasons.get(reason, 0)
+            self.send(records, "end")
             total += len(records) // RECORD
             if len(records) < DRAIN_BATCH * RECORD:
                 return total
@@ -308,7 +328,9 @@ class FlowSync:
                      "records_refresh": self.sent["records_refresh"],
                      "records_end": self.sent["records_end"],
                      "datagrams": self.sent["datagrams"],
-                     "send_errors": self.sent["send_errors"], "ring_drops": self.ring_drops},
+                     "send_errors": self.sent["send_errors"], "ring_drops": self.ring_drops,
+                     "end_ring_drops": self.end_ring_drops,
+                     **{f"end_{r}": self.sent[f"end_{r}"] for r in END_REASONS}},
             "received": dict(self.received),
             "rejected": {r: self.codec.rejected[r] for r in REJECT_REASONS},
         }

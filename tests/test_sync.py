@@ -125,6 +125,101 @@ def test_a_full_ring_drops_and_counts():
     assert len(rec) == 4 * REC and drops == 6
 
 
+def small_gateway(capacity=8, ring=1024):
+    dp = _core.Dataplane(workers=1, flow_capacity=capacity)
+    dp.publish(table(), seed=42)
+    dp.sync_attach(ring)
+    return dp
+
+
+def test_flows_evicted_by_table_pressure_are_ended_at_the_peers():
+    """A full table evicts half-open flows for new ones: each evicted flow goes out as an END
+    record (reason evicted), and the peer that holds its copy removes it."""
+    a, b = small_gateway(), gateway()
+    for p in range(8):
+        backend_of(a, 43000 + p, "S")
+    rec, _ = a.sync_drain()
+    assert b.sync_apply(rec)["inserted"] == 8
+    assert a.sync_drain_ends() == (b"", {"expired": 0, "evicted": 0, "purged": 0}, 0)
+    for p in range(5):                                  # five more: five evicted
+        backend_of(a, 44000 + p, "S")
+    ends, reasons, drops = a.sync_drain_ends()
+    assert reasons == {"expired": 0, "evicted": 5, "purged": 0} and drops == 0
+    assert len(ends) == 5 * REC and all(ends[i * REC] == 3 for i in range(5))   # LB_SYNC_END
+    res = b.sync_apply(ends)
+    assert res["ended"] == 5 and len(b.flow_table) == 3
+    assert a.flow_table.counters()["evicted_halfopen"] == 5
+
+
+def test_flows_reclaimed_idle_by_an_insert_are_ended_as_expired():
+    a, b = small_gateway(), gateway()
+    now = _core.now_ms()
+    for p in range(8):
+        a.process([tcp(45000 + p, "S")], now=now)
+    rec, _ = a.sync_drain()
+    b.sync_apply(rec)
+    # ten minutes later (every half-open flow idle past its timeout) a new flow comes
+    (v, reason, _), = a.process([tcp(46000, "S")], now=now + 10 * 60_000)
+    assert v == TX, reason
+    ends, reasons, _ = a.sync_drain_ends()
+    assert reasons["expired"] == 1 and reasons["evicted"] == 0 and len(ends) == REC
+    assert b.sync_apply(ends)["ended"] == 1
+
+
+def test_flows_purged_with_their_backend_are_ended_at_the_peers():
+    a, b = gateway(), gateway()
+    owners = {p: backend_of(a, 47000 + p, "S") for p in range(30)}
+    rec, _ = a.sync_drain()
+    assert b.sync_apply(rec)["inserted"] == 30
+    gone = BACKENDS[0]
+    n = a.flow_table.purge_backend(gone, 8080, "tcp")
+    assert n == sum(be == gone for be in owners.values()) > 0
+    ends, reasons, drops = a.sync_drain_ends()
+    assert reasons == {"expired": 0, "evicted": 0, "purged": n} and drops == 0
+    assert b.sync_apply(ends)["ended"] == n
+    assert {f["backend"] for f in b.flow_table.walk()} == set(BACKENDS) - {gone}
+
+
+def test_a_full_end_ring_drops_and_counts_and_never_blocks():
+    a = gateway(ring=4)
+    for p in range(10):
+        backend_of(a, 48000 + p, "S")
+    n = sum(a.flow_table.purge_backend(be, 8080, "tcp") for be in BACKENDS)
+    assert n == 10
+    ends, reasons, drops = a.sync_drain_ends()
+    assert len(ends) == 4 * REC and reasons["purged"] == 4 and drops == 6
+    assert len(a.flow_table) == 0                       # the removals all happened
+
+
+def test_end_records_through_the_datagram_layer_and_forged_ones_are_dropped():
+    """END records travel as any other: a forged or garbled datagram carrying them is
+    dropped and counted before a record is read, and removes nothing."""
+    a, b = gateway(), gateway()
+    for p in range(6):
+        backend_of(a, 49000 + p, "S")
+    rec, _ = a.sync_drain()
+    b.sync_apply(rec)
+    a.flow_table.purge_backend(BACKENDS[1], 8080, "tcp")
+    ends, reasons, _ = a.sync_drain_ends()
+    tx, rx = codecs()
+    forger = Codec(b"another key of some length", ["198.19.0.1"], 30.0, Clock())
+    for d in forger.seal(ends):
+        assert rx.open(PEER, d) is None
+    for d in tx.seal(ends):
+        bad = bytearray(d)
+        bad[HEADER.size + 17] ^= 0x40                   # a garbled client address
+        assert rx.open(PEER, bytes(bad)) is None
+    assert rx.rejected["bad_mac"] == 2 * len(tx.seal(ends)) and len(b.flow_table) == 6
+    for d in tx.seal(ends):
+        body = rx.open(PEER, d)
+        assert body is not None
+        assert b.sync_apply(body)["ended"] == reasons["purged"]
+    # a record with a field out of range is refused by C, also an END
+    bad = bytearray(ends[:REC])
+    bad[1] = 5                                          # family
+    assert b.sync_apply(bytes(bad))["bad_record"] == 1
+
+
 def test_a_body_of_partial_records_is_refused_whole():
     b = gateway()
     assert b.sync_apply(b"x" * (REC + 1)) == {"bad_length": 1}
