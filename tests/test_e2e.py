@@ -325,12 +325,15 @@ print(1)""")
 
 
 def test_sigkill_then_restart_starts_clean_and_works(lab):
-    """A crashed balancer leaves no TUN (non-persistent) and its stale rules
-    are removed by the next start, which forwards again."""
+    """A crashed balancer leaves its persistent TUN, which the next start re-attaches to (same
+    ifindex); its stale rules are removed by the next start, which forwards again."""
     if lab.spec.mode == "rawsock":
         # a blackhole route a SIGKILLed run left for a VIP the next config lacks goes too
         netconf.route_add("198.18.100.99/32", type="blackhole", proto=0xF4, netns="lbc-gw")
+    before = netconf.link_index("lbc0", netns="lbc-gw")
     lab_mod.restart_balancer(kill_signal=signal.SIGKILL)
+    if lab.spec.mode == "tun":
+        assert netconf.link_index("lbc0", netns="lbc-gw") == before
     assert not [r for r in netconf.routes("lbc-gw") if r.dst == "198.18.100.99/32"]
     rules = [r for r in netconf.rules("lbc-gw") if r.priority == 4242]
     # one rule per (backend, port) of the config, no duplicates from the old run
