@@ -996,7 +996,8 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
          * flood that the backends answer, and under a SYN flood the oldest
          * half-open entries still go first. */
         int udp_first = answered && best && answered_idle > best_idle;
-        if (udp_first && ft_take_end(ft, answered, now, FT_TAKE_ANSWERED, LB_FLOW_END_EVICTED)) {
+        if (udp_first &&
+            ft_take_end(ft, answered, now, FT_TAKE_ANSWERED, LB_FLOW_END_EVICTED)) {
             FT_INC(&ft->cnt.evicted_udp, 1u);
             return answered;
         }
@@ -1004,7 +1005,8 @@ ft_evict(struct lb_flowtable *ft, uint32_t now)
             FT_INC(&ft->cnt.evicted_halfopen, 1u);
             return best;
         }
-        if (!best && answered && ft_take_end(ft, answered, now, FT_TAKE_ANSWERED, LB_FLOW_END_EVICTED)) {
+        if (!best && answered &&
+            ft_take_end(ft, answered, now, FT_TAKE_ANSWERED, LB_FLOW_END_EVICTED)) {
             FT_INC(&ft->cnt.evicted_udp, 1u);
             return answered;
         }
