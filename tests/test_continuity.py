@@ -249,6 +249,24 @@ def test_restart_gap_with_the_persistent_tun(lab, kill_signal):
     assert f"{VIP}/32" in {r.dst for r in routes}
 
 
+def test_a_changed_worker_count_re_attaches_the_same_tun(lab):
+    """3 workers after 1, then 1 again: the device keeps its ifindex, the new process attaches
+    as many queues as it has workers, and the VIP answers."""
+    from lbcore.lab.ns import udp_requests
+    before = tun_index()
+    try:
+        for workers in (3, 1):
+            text = lab_mod.render_config(lab_mod.LabSpec(backends=5, workers=workers),
+                                         backends=[(1, 1), (2, 1), (3, 1)])
+            lab_mod.restart_balancer(kill_signal=signal.SIGKILL, config=text)
+            assert tun_index() == before
+            info = netconf.run_in_netns(lab_mod.GW_NS, netconf.tun_info, lab_mod.TUN_NAME)
+            assert info.queues == workers and info.persist, info
+            assert udp_requests(lab_mod.CLIENT_NS, VIP, n=20)["ok"] == 20
+    finally:
+        lab_mod.restart_balancer(config=config([(1, 1), (2, 1), (3, 1)]))
+
+
 def test_cleanup_on_exit_removes_the_tun_and_the_next_start_creates_it(lab):
     lab_mod.stop_balancer(signal.SIGTERM)
     assert tun_index() is not None             # a clean stop keeps it
