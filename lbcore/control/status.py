@@ -138,6 +138,7 @@ class StatusView:
             "bgp": ann.status() if ann is not None else None,
             "adoption": d.adoption,
             "sync": d.sync.counters() if d.sync is not None else None,
+            "shed": d.shed.status() if getattr(d, "shed", None) is not None else None,
         }
         self._add_rates(snap, now)
         return snap

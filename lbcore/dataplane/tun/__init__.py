@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..replies import IPAddress, ReplyPath
+from ..shed import SynShed, guarded_vips
 from .device import close_tun, open_tun
 from .routes import TunRoutes
 
@@ -29,6 +30,7 @@ class TunPlane:
         cfg = self.config
         self.fds, offload = open_tun(cfg.tun_name, cfg.workers, vnet_hdr=True)
         log.info("TUN %s: %d queue(s), offloads 0x%x", cfg.tun_name, len(self.fds), offload)
+        self.shed = SynShed.for_tun(self.fds[0], guarded_vips(cfg))   # before the queue
         try:
             self.routes.setup()
         except BaseException:
