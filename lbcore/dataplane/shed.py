@@ -307,6 +307,7 @@ class SynShed:
     prog_fd: int = -1
     tun_fd: int = -1
     tun_index: int = 0
+    last_tun_dropped: int | None = None  # the TUN's tx_dropped as last read (run())
     since: float | None = None          # wall-clock time the current shedding began
     _last: tuple[float, list[int]] | None = field(default=None, repr=False)
 
@@ -372,14 +373,15 @@ class SynShed:
     def tun_dropped(self) -> int | None:
         """The TUN's tx_dropped: packets the kernel dropped on their way into a queue, this
         filter's and a full queue's together (the kernel counts both there). None if the
-        device cannot be read."""
+        device cannot be read. Blocking: not on the event loop."""
         try:
             from pyroute2 import IPRoute
             with IPRoute() as ipr:
                 links = ipr.get_links(self.tun_index) if self.tun_index else []
                 stats = links[0].get_attr("IFLA_STATS64") if links else None
                 return int(stats["tx_dropped"]) if stats else None
-        except Exception:  # noqa: BLE001 - a status field; never fatal
+        except Exception as e:  # noqa: BLE001 - a status field; never fatal
+            log.warning("reading the TUN's counters: %s", e)
             return None
 
     def close(self) -> None:
@@ -431,17 +433,22 @@ class SynShed:
                          f"{v.vip.address}:{v.vip.port}" for v in self.vips if v.share > 0)
 
     async def run(self) -> None:
-        """The control loop, until cancelled."""
+        """The control loop, until cancelled; the TUN's drop counter is read once a second,
+        in a thread (pyroute2's synchronous socket cannot run on the event loop)."""
+        n = 0
         while True:
             try:
                 self.tick(time.monotonic())
             except OSError as e:        # never fatal: the guard in the data plane remains
                 log.error("SYN shed: %s", e)
+            if n % round(1.0 / TICK_S) == 0:
+                self.last_tun_dropped = await asyncio.to_thread(self.tun_dropped)
+            n += 1
             await asyncio.sleep(TICK_S)
 
     def status(self) -> dict[str, Any]:
         """For `lbcore status`: whether shedding, since when, and per VIP."""
-        return {"filter": "tun-ebpf", "tun_dropped": self.tun_dropped(),
+        return {"filter": "tun-ebpf", "tun_dropped": self.last_tun_dropped,
                 "active": self.since is not None, "since": self.since,
                 "max_share": MAX_SHARE, "headroom": HEADROOM,
                 "vips": [{"address": str(v.vip.address), "port": v.vip.port,
