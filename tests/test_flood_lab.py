@@ -219,7 +219,8 @@ def test_syn_flood_keeps_held_connections_and_admits_new_ones(tmp_path, mode):
           f"(median {sorted(ok)[len(ok) // 2] if ok else 0:.2f} s)")
     print(f"shed during: active {sh_during['active']}, shares "
           f"{[round(v['share'], 3) for v in sh_during['vips']]}; after: web VIP syns "
-          f"{web['syns']}, shed {web['shed']}, share {web['share']}, tun_dropped "
+          f"{web['syns']}, shed {web['shed']}, passed as retries {web['retried']}, share "
+          f"{web['share']}, tun_dropped "
           f"{sh_after['tun_dropped']}")
     print(f"data plane: refused {next(v for v in after['vips'] if v['port'] == 80)['refused']}, "
           f"drops {after['drops']}")
