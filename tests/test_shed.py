@@ -140,3 +140,37 @@ def test_control_law_follows_the_offered_rate():
     assert s.vips[0].share == 0.0 and s.since is None
     st = s.status()
     assert st["vips"][0]["new_flow_rate"] == 1000 and st["active"] is False
+
+
+def _reconfigure_in_ns() -> dict:
+    fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
+    a = shed.GuardedVip(ipaddress.ip_address(VIP), 80, 100)
+    sh = shed.SynShed.for_tun(fds[0], [a])
+    try:
+        netconf.link_set("lbtshed0", state="up")
+        netconf.route_add(f"{VIP}/32", oif="lbtshed0")
+        assert sh is not None
+        first = sh.loaded
+        sh.reconfigure([shed.GuardedVip(a.address, 80, 500)])     # a new rate: same program
+        same = sh.loaded is first and sh.vips[0].vip.rate == 500
+        sh.reconfigure([shed.GuardedVip(a.address, 81, 100)])     # another port: a new one
+        sh.set_share(0, shed.MAX_SHARE)
+        got = _exchange(fds[0], [_tcp(SRC, VIP, 20000 + i, p, 0x02)
+                                 for i in range(200) for p in (80, 81)])
+        return {"same": same, "new": sh.loaded is not first, "counters": sh.counters(),
+                "to80": sum(1 for p in got if struct.unpack("!H", p[22:24])[0] == 80)}
+    finally:
+        if sh is not None:
+            sh.close()
+        close_tun(fds)
+
+
+@pytest.mark.netns
+def test_reload_swaps_the_program_for_new_vips(nsname):
+    """A reload that only changes a rate keeps the program; one that guards another port
+    swaps in a new program: SYNs to the old port all pass, those to the new one are shed."""
+    r = netconf.run_in_netns(nsname, _reconfigure_in_ns)
+    assert r["same"] and r["new"], r
+    assert r["to80"] == 200, r
+    syns, dropped, _ = r["counters"]
+    assert syns == 200 and dropped >= 150, r
