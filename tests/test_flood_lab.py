@@ -242,7 +242,10 @@ def test_syn_flood_keeps_held_connections_and_admits_new_ones(tmp_path, mode):
         return
     # the filter acted during the flood, and it is visible where operators look
     assert sh_during["active"] and sh_during["since"] is not None, sh_during
-    assert web["syns"] >= fl["sent"] * 0.5 and web["shed"] > fl["sent"] * 0.3, web
+    # it saw the flood, and dropped at least half of what came beyond 1.5 x new_flow_rate
+    # (it aims at 1.2 x; the first tick comes up to 0.2 s late)
+    excess = web["syns"] - 1.5 * NEW_FLOW_RATE * fl["elapsed"]
+    assert web["syns"] >= fl["sent"] * 0.9 and web["shed"] >= 0.5 * excess, (web, excess)
     assert not sh_after["active"] and web["share"] == 0.0, sh_after
     assert _metric(metrics, "lbcore_shed_packets_total", address=VIP4, port="80") == web["shed"]
     assert _metric(metrics, "lbcore_shed_share", address=VIP4, port="80") == 0.0
