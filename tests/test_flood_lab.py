@@ -170,8 +170,8 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_syn_flood_keeps_held_connections_and_admits_new_ones(tmp_path, mode):
     """While the sender floods the web VIP with spoofed SYNs as fast as it can for 10 s (flow
     table 4096, new_flow_rate 20000): every one of 20 keep-alive connections gets every answer
-    within 3 s, most new connections opened meanwhile succeed, and the shed filter's work is
-    visible in `status --json` and the metrics."""
+    within 3 s, new connections opened meanwhile succeed, and (mode tun) the shed filter's
+    work is visible in `status --json` and the metrics."""
     exe = _build_synflood(tmp_path)
     spec = lab_mod.LabSpec(backends=3, mode=mode,
                            global_extra=("flow_table_size = 4096",),
@@ -235,8 +235,11 @@ def test_syn_flood_keeps_held_connections_and_admits_new_ones(tmp_path, mode):
     bad = [(i, r) for i, r in enumerate(held)
            if r["errors"] or r["late"] or len(r["backends"]) != 1 or r["answers"] < 15]
     assert not bad, bad[:5]
-    # new connections mostly succeed (a generous floor: their SYNs meet the same lottery)
-    assert len(new) >= 50 and share_new >= 0.5, (len(new), share_new)
+    # new connections succeed: in tun mode a retried SYN passes the filter, and then meets only
+    # the guard's odds (1 / HEADROOM) - 100% in every run so far, the floor is generous; in
+    # rawsock mode every try meets the guard's lottery among the flood (78-100% so far)
+    floor = 0.7 if mode == "tun" else 0.25
+    assert len(new) >= 50 and share_new >= floor, (len(new), share_new)
     if mode == "rawsock":
         assert during["shed"] is None and after["shed"] is None
         return
