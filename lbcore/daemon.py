@@ -115,6 +115,7 @@ class Daemon:
         self.cleanup_on_exit = False      # `run --cleanup-on-exit`: remove the reservation too
         self.tun_adopted: bool | None = None   # tun mode: attached to the last run's device
         self._reservation_found = True    # replies.reserved() at start (unknown: assume so)
+        self.shed: Any = None             # lbcore.dataplane.shed.SynShed, when a plane has one
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -173,6 +174,10 @@ class Daemon:
                 self._start_workers(loop)
 
             # the workers forward from here on; what follows is outside a restart's gap
+            self.shed = getattr(self.plane, "shed", None)
+            if self.shed is not None:        # SYN shedding before the queue: dataplane.shed
+                stack.callback(self.shed.close)
+                stack.callback(asyncio.ensure_future(self.shed.run()).cancel)
             self.digests = table_digests(spec, self.balancer.seed)
             if cfg.sync is not None:
                 from .sync import FlowSync
@@ -459,6 +464,9 @@ class Daemon:
                                "config stays"]
             await asyncio.to_thread(self.plane.update, new_vips, new_replies)
             self.config = new
+            if self.shed is not None:
+                from .dataplane.shed import guarded_vips
+                self.shed.reconfigure(guarded_vips(new))
             if self.health is not None:
                 from .health import targets_from_config
                 self.health.update(targets_from_config(new))

@@ -52,11 +52,15 @@ def collector_exposition() -> str:
     add_flow(d, "198.18.0.2", 40000, "198.19.0.12")
 
     class WithBgp:
-        """The daemon's view, as a gateway with a [bgp] section and one session shows it."""
+        """The daemon's view, as a gateway with a [bgp] section and one session, and a SYN
+        shed filter on its TUN, shows it."""
 
         def snapshot(self) -> dict:
             return d.view.snapshot() | {"bgp": {"sessions": [
-                {"neighbor": "198.18.1.1", "as": 65000, "up": True}]}}
+                {"neighbor": "198.18.1.1", "as": 65000, "up": True}]}, "shed": {
+                "active": True, "tun_dropped": 5, "vips": [
+                    {"name": "web", "address": "198.18.100.1", "port": 80, "share": 0.5,
+                     "syns": 10, "shed": 5, "retried": 0}]}}
 
     async def scrape() -> bytes:
         reg = CollectorRegistry(auto_describe=False)
@@ -167,10 +171,12 @@ def test_the_checker_catches_wrong_names_labels_and_values():
 
 def test_the_balancer_exports_no_metric_the_rules_forget():
     """Every kind of exported metric that warrants an alert has a rule: so far the backends,
-    the flow table and the drops; BGP metrics (lbcore_bgp_*) need one once they exist."""
+    the flow table, the drops and the SYN shed filter; BGP metrics (lbcore_bgp_*) need one once
+    they exist."""
     names = set(exported(collector_exposition()))
     used = {n for e in rule_exprs() for n, _ in SELECTOR.findall(e)}
-    for prefix in ("lbcore_backend_up", "lbcore_flow_table_", "lbcore_drops_", "lbcore_bgp_"):
+    for prefix in ("lbcore_backend_up", "lbcore_flow_table_", "lbcore_drops_", "lbcore_bgp_",
+                   "lbcore_shed_share"):
         exported_here = {n for n in names if n.startswith(prefix)}
         assert not exported_here or exported_here & used, f"no rule uses {prefix}*"
 

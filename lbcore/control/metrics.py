@@ -53,6 +53,34 @@ class LbCollector:
             up.add_metric([sess["neighbor"], str(sess["as"])], 1 if sess["up"] else 0)
         return (ann, up)
 
+    @staticmethod
+    def _shed(s: dict):
+        """The SYN shed filter before the TUN queue (lbcore.dataplane.shed), when present."""
+        sh = s.get("shed")
+        if not sh:
+            return ()
+        lv = ["vip", "address", "port"]
+        share = GaugeMetricFamily("lbcore_shed_share", "Share of the SYNs to a VIP the kernel "
+                                  "filter drops before the TUN queue now (0..1)", labels=lv)
+        syns = CounterMetricFamily("lbcore_shed_syns", "SYNs (without ACK) to a VIP the "
+                                   "kernel filter saw, shed or not", labels=lv)
+        shed = CounterMetricFamily("lbcore_shed_packets", "SYNs to a VIP the kernel filter "
+                                   "dropped before the TUN queue", labels=lv)
+        for v in sh["vips"]:
+            lab = [v["name"], v["address"], str(v["port"])]
+            share.add_metric(lab, v["share"])
+            syns.add_metric(lab, v["syns"])
+            shed.add_metric(lab, v["shed"])
+        active = GaugeMetricFamily("lbcore_shed_active", "1 while the kernel filter sheds "
+                                   "SYNs of some VIP, else 0", value=1 if sh["active"] else 0)
+        out = [share, syns, shed, active]
+        if sh.get("tun_dropped") is not None:
+            td = CounterMetricFamily("lbcore_tun_dropped", "Packets the kernel dropped on their "
+                                     "way into the TUN's queues (full queue or shed filter)")
+            td.add_metric([], sh["tun_dropped"])
+            out.append(td)
+        return out
+
     def collect(self):
         s = snapshot_on_loop(self.view, self.loop)
         vl = ["vip", "address", "port", "protocol"]
@@ -100,6 +128,7 @@ class LbCollector:
                 b_w.add_metric(lb, b["effective_weight"])
         yield from (v_pk, v_by, v_nf, v_af, v_rf, b_pk, b_by, b_nf, b_af, b_up, b_dr, b_w)
         yield from self._bgp(s)
+        yield from self._shed(s)
 
         drops = CounterMetricFamily("lbcore_drops", "Packets dropped, by reason",
                                     labels=["reason"])

@@ -142,6 +142,7 @@ class StatusView:
                      "ifindex": getattr(d.plane, "ifindex", 0)}
                     if getattr(d, "tun_adopted", None) is not None else None),
             "sync": d.sync.counters() if d.sync is not None else None,
+            "shed": d.shed.status() if getattr(d, "shed", None) is not None else None,
         }
         self._add_rates(snap, now)
         return snap

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..replies import IPAddress, ReplyPath
+from ..shed import SynShed, guarded_vips
 from .device import attach_tun, close_tun
 from .routes import TunRoutes
 
@@ -27,6 +28,7 @@ class TunPlane:
         self.fds: list[int] = []
         self.adopted = False          # attached to the device a previous run left
         self.ifindex = 0
+        self.shed: SynShed | None = None
         self.remove_device = False    # undo() deletes the device (clean-up, failed first start)
         self.routes = TunRoutes(config.tun_name, list(vips), list(replies))
 
@@ -39,6 +41,7 @@ class TunPlane:
         self.fds, self.adopted, self.ifindex = q.fds, q.adopted, q.ifindex
         log.info("TUN %s (ifindex %d): %s, %d queue(s), offloads 0x%x", cfg.tun_name,
                  q.ifindex, "adopted" if q.adopted else "created", len(q.fds), q.offload)
+        self.shed = SynShed.for_tun(self.fds[0], guarded_vips(cfg))   # before the queue
         return q.adopted
 
     def setup(self) -> None:
