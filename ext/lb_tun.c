@@ -368,16 +368,16 @@ static int ring_run(struct lb_tun *tun)
         uint32_t now = 0, nb = 0, got = 0;
         unsigned n;
 
-        w->stats.loops++;
         n = io_uring_peek_batch_cqe(&tun->ring, cqes, LB_TUN_BUFS);
         if (!n) {
             /* re-armed reads go out before we wait for them */
             if ((rc = ring_submit(tun)) < 0)
                 break;
-            if (spin_more(tun))
-                continue;
-            /* holding no table while asleep: a publish need not wait for us */
+            /* holding no table while spinning or asleep: a publish need not wait for us */
             __atomic_store_n(&w->qs, LB_QS_OFFLINE, __ATOMIC_SEQ_CST);
+            if (spin_more(tun))
+                continue;             /* a look, not a loop: not counted */
+            w->stats.loops++;
             struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = LB_TUN_SLEEP_MS * 1000000ll };
             struct io_uring_cqe *c;
             int r = io_uring_wait_cqe_timeout(&tun->ring, &c, &ts);
@@ -387,6 +387,7 @@ static int ring_run(struct lb_tun *tun)
             }
             continue;
         }
+        w->stats.loops++;
         for (unsigned k = 0; k < n; k++) {
             uint64_t ud = io_uring_cqe_get_data64(cqes[k]);
             int res = cqes[k]->res;
