@@ -9,9 +9,11 @@ STAMP   := $(VENV)/.deps-stamp
 # bird2 and keepalived: the multi-gateway lab (BGP towards a router, VRRP on the rack);
 # chromium and tmux: the tests look at the status page and `lbcore top` as a person would;
 # prometheus: promtool checks the shipped alerting rules; clang + its runtime: the libFuzzer
-# harness; iputils-ping: the tests ping the VIP
+# harness; iputils-ping: the tests ping the VIP; liburing-dev: the TUN worker's io_uring path
+# (linked statically, so wheels built here need nothing on the target; without it the build
+# falls back to read()/write())
 APT_PKGS := gcc make iproute2 procps bird2 keepalived chromium tmux prometheus clang \
-            libclang-rt-14-dev iputils-ping
+            libclang-rt-14-dev iputils-ping liburing-dev
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt-deps build test test-sanitize fuzz bench bench-lab demo lint vagrant-check vagrant-lab clean

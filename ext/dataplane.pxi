@@ -1,8 +1,20 @@
 # dataplane.pxi - the Dataplane: flow table, published forwarding table,
 # worker loops. The only `with nogil` sites that run the packet path are here.
+import errno as _dp_errno
 import os as _dp_os
 import threading as _dp_threading
 import time as _dp_time
+
+
+def _tun_fallback_why(int err):
+    """Why a TUN worker runs read()/write(), from lb_tun_fallback()."""
+    if err == -_dp_errno.ENOSYS:
+        return "built without liburing"
+    if err == -_dp_errno.ECANCELED:
+        return "read/write asked for (LBCORE_TUN_IO or io=)"
+    if err == -_dp_errno.EPERM:
+        return "io_uring not permitted (kernel.io_uring_disabled?)"
+    return f"io_uring set-up failed: {_dp_os.strerror(-err)}"
 
 
 def now_ms() -> int:
@@ -246,21 +258,58 @@ cdef class Dataplane:
 
     # ---- worker loops -----------------------------------------------------
 
-    def run_worker(self, uint32_t i, int fd, bint vnet_hdr=False):
+    def run_worker(self, uint32_t i, int fd, bint vnet_hdr=False, io=None, on_start=None):
         """Run worker i on a TUN queue fd until stop(); blocks, GIL released.
-        Call from a thread of its own. Raises OSError on a device error."""
+        Call from a thread of its own. Raises OSError on a device error.
+
+        io: "auto" (io_uring where it works, else read()/write()) or
+        "read/write" (the plain path, also "rw"); None takes the environment
+        variable LBCORE_TUN_IO, default "auto" (so that a deployment or a test
+        can force the plain path without a config key). on_start(path, why)
+        is called once the path is chosen, before the loop: path "io_uring" or
+        "read/write", why "" or the reason io_uring is not used. The choice
+        stays visible in io_paths() while the worker runs and after."""
         cdef lb_worker *w
-        cdef int rc
+        cdef lb_tun *t
+        cdef int rc = 0, err = 0, want
         if i >= self.workers:
             raise IndexError(f"worker {i} of {self.workers}")
+        if io is None:
+            io = _dp_os.environ.get("LBCORE_TUN_IO", "auto") or "auto"
+        if io not in ("auto", "read/write", "rw"):
+            raise ValueError(f"io must be 'auto' or 'read/write', not {io!r}")
+        want = io == "auto"
         w = lb_dp_worker(self.dp, i)
         w.fd = fd
         w.vnet_hdr = vnet_hdr
         with nogil:
-            rc = lb_tun_run(w)
-        w.fd = -1
+            t = lb_tun_open(w, want, &err)
+        if t == NULL:
+            w.fd = -1
+            raise convert_errno(err, f"worker {i}")
+        try:
+            if lb_tun_io(t) == LB_TUN_IO_URING:
+                path, why = "io_uring", ""
+            else:
+                path, why = "read/write", _tun_fallback_why(lb_tun_fallback(t))
+            if self._io is None:
+                self._io = {}
+            self._io[i] = (path, why)
+            if on_start is not None:
+                on_start(path, why)
+            with nogil:
+                rc = lb_tun_run(t)
+        finally:
+            with nogil:
+                lb_tun_close(t)
+            w.fd = -1
         if rc < 0:
             raise convert_errno(rc, f"worker {i}")
+
+    def io_paths(self):
+        """{worker: (path, why)} of the TUN workers started so far: path
+        "io_uring" or "read/write", why "" or why not io_uring."""
+        return dict(self._io or {})
 
     cdef lb_rawsock *_rawsock(self) except NULL:
         if self.rs == NULL:

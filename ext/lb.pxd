@@ -422,7 +422,16 @@ cdef extern from "lb_pipeline.h" nogil:
                               uint8_t *reasons, uint32_t n, uint32_t now)
 
 cdef extern from "lb_tun.h" nogil:
-    int lb_tun_run(lb_worker *w)
+    enum:
+        LB_TUN_IO_RW
+        LB_TUN_IO_URING
+    struct lb_tun:
+        pass
+    lb_tun *lb_tun_open(lb_worker *w, int want_uring, int *err)
+    int lb_tun_io(const lb_tun *t)
+    int lb_tun_fallback(const lb_tun *t)
+    int lb_tun_run(lb_tun *t)
+    void lb_tun_close(lb_tun *t)
 
 cdef extern from "lb_csum.h" nogil:
     uint16_t lb_csum_fold(uint32_t sum)

@@ -1,15 +1,34 @@
 /* lb_tun.c - mode "tun": the worker loop on one TUN queue, see lb_tun.h.
  *
- * poll() -> read() up to LB_TUN_BATCH packets (one per read on a TUN fd) ->
- * virtio_net_hdr check (lb_vnet.h) -> lb_pipeline_run over the batch ->
- * write() back each packet it sends, header and all (an answer, LB_REPLY,
- * with a zeroed header: its checksums are complete), then the batch's extra
- * packets (lb_out.h), each with a zeroed header in its headroom.
+ * Both I/O paths share the batch step: virtio_net_hdr check (lb_vnet.h) ->
+ * lb_pipeline_run over the batch -> send back each packet it sends, header
+ * and all (an answer, LB_REPLY, with a zeroed header: its checksums are
+ * complete), then the batch's extra packets (lb_out.h), each with a zeroed
+ * header in its headroom. The extras always leave by plain write(): they are
+ * rare, and their memory is only valid until lb_out_done.
+ *
+ * read/write: poll() -> read() up to LB_TUN_BATCH packets (one per read on a
+ * TUN fd) -> the batch -> one write() per packet.
+ *
+ * io_uring: LB_TUN_BUFS buffers, each with exactly one operation in flight
+ * at any time: a read armed on the fd, or the write of the packet it holds,
+ * whose completion re-arms the read. Completed reads form the batch; its
+ * writes and re-armed reads leave in one io_uring_submit. The ring is sized
+ * for one operation per buffer, so it never overflows. The fd is made
+ * blocking for the ring's life: io_uring answers a read on an O_NONBLOCK file
+ * with -EAGAIN instead of waiting for data.
+ *
+ * Busy poll: after its last packet a worker keeps looking for more (a
+ * non-blocking read, or a peek at the completion queue) for dp->busy_poll_us
+ * before it sleeps, so that a packet arriving within the window does not pay
+ * a wake-up. The clock is read only while spinning.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/virtio_net.h>
 
@@ -17,8 +36,36 @@
 #include "lb_tun.h"
 #include "lb_vnet.h"
 
+#ifndef LB_HAVE_URING
+#define LB_HAVE_URING 0
+#endif
+#if LB_HAVE_URING
+#include <liburing.h>
+#endif
+
 _Static_assert(LB_TUN_BATCH <= LB_BATCH, "lb_pipeline_run takes at most LB_BATCH packets");
 _Static_assert(sizeof(struct virtio_net_hdr) <= LB_OUT_HEADROOM, "extras have room for the header");
+
+/* io_uring: buffers, so that reads stay armed while a batch's writes are in flight */
+#define LB_TUN_BUFS (2u * LB_TUN_BATCH)
+#define LB_TUN_WRITE (1ull << 32)            /* user_data: a write (else a read) of buffer low bits */
+#define LB_TUN_SLEEP_MS 100                  /* longest sleep: dp->stop is seen within it */
+
+struct lb_tun {
+    struct lb_worker *w;
+    uint8_t *bufs;                /* nbufs * LB_PKT_MAX */
+    uint32_t nbufs;
+    int io;                       /* enum lb_tun_io */
+    int fallback;                 /* lb_tun_fallback() */
+    int fl;                       /* the fd's status flags before lb_tun_open (-1: untouched) */
+    int spin;                     /* busy poll: 0 asleep or idle, 1 traffic seen, 2 spinning */
+    uint64_t spin_end_ns;
+#if LB_HAVE_URING
+    struct io_uring ring;
+    uint32_t inflight;            /* operations submitted or queued, not yet completed */
+    uint32_t len[LB_TUN_BUFS];    /* bytes read into, or being written from, each buffer */
+#endif
+};
 
 /* The virtio_net_hdr in front of a packet read from the TUN (hdr bytes, 0
  * without IFF_VNET_HDR): 0 with *csum_start as lb_vnet_csum_start gives it,
@@ -48,34 +95,98 @@ static inline void tun_write(struct lb_worker *w, const uint8_t *buf, size_t n)
     }
 }
 
-int lb_tun_run(struct lb_worker *w)
+static inline size_t vnet_len(const struct lb_worker *w)
 {
+    return w->vnet_hdr ? sizeof(struct virtio_net_hdr) : 0;
+}
+
+static inline uint8_t *tun_buf(const struct lb_tun *t, uint32_t i)
+{
+    return t->bufs + (size_t)i * LB_PKT_MAX;
+}
+
+/* The batch's extras, then forget them (lb_out.h). */
+static void send_extras(struct lb_worker *w, size_t hdr)
+{
+    for (uint32_t i = 0; i < w->out.n; i++) {
+        uint8_t *d = w->out.pkt[i].data - hdr;
+        memset(d, 0, hdr);
+        tun_write(w, d, hdr + w->out.pkt[i].len);
+    }
+    lb_out_done(w);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    /* CLOCK_MONOTONIC is served by the vDSO: no system call */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* A batch just had packets: the next empty look starts a busy-poll window. */
+static inline void spin_traffic(struct lb_tun *t)
+{
+    t->spin = 1;
+}
+
+/* Nothing to do: 1 to look again at once (within the busy-poll window that
+ * started at the first empty look after traffic), 0 to sleep. */
+static inline int spin_more(struct lb_tun *t)
+{
+    uint32_t us = __atomic_load_n(&t->w->dp->busy_poll_us, __ATOMIC_RELAXED);
+    uint64_t now;
+
+    if (!us || !t->spin)
+        return 0;
+    now = mono_ns();
+    if (t->spin == 1) {
+        t->spin = 2;
+        t->spin_end_ns = now + (uint64_t)us * 1000u;
+        return 1;
+    }
+    if (now < t->spin_end_ns) {
+        cpu_relax();
+        return 1;
+    }
+    t->spin = 0;
+    return 0;
+}
+
+/* ---- read/write ----------------------------------------------------------- */
+
+static int rw_run(struct lb_tun *tun)
+{
+    struct lb_worker *w = tun->w;
     struct lb_dataplane *dp = w->dp;
     struct pollfd pfd = { .fd = w->fd, .events = POLLIN, .revents = 0 };
-    size_t hdr = w->vnet_hdr ? sizeof(struct virtio_net_hdr) : 0;
-    uint8_t *bufs, *data[LB_TUN_BATCH];
+    size_t hdr = vnet_len(w);
+    uint8_t *data[LB_TUN_BATCH];
     uint32_t len[LB_TUN_BATCH];
     size_t raw[LB_TUN_BATCH];
     uint16_t csum[LB_TUN_BATCH];
     uint8_t verdicts[LB_TUN_BATCH], reasons[LB_TUN_BATCH];
     int rc = 0, busy = 0;
 
-    if (w->fd < 0)
-        return -EBADF;
-    /* LB_TUN_BATCH packet buffers (GSO super-packets up to 64 KiB), allocated
-     * once per worker run, never per packet */
-    bufs = malloc((size_t)LB_TUN_BATCH * LB_PKT_MAX);
-    if (!bufs)
-        return -ENOMEM;
     while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
         const struct lb_table *t;
         uint32_t now, got = 0, n = 0;
 
         w->stats.loops++;
-        if (!busy) {
+        if (!busy && !spin_more(tun)) {
             /* holding no table while asleep: a publish need not wait for us */
             __atomic_store_n(&w->qs, LB_QS_OFFLINE, __ATOMIC_SEQ_CST);
-            int pr = poll(&pfd, 1, 100);
+            int pr = poll(&pfd, 1, LB_TUN_SLEEP_MS);
             if (pr < 0) {
                 if (errno == EINTR)
                     continue;
@@ -93,7 +204,7 @@ int lb_tun_run(struct lb_worker *w)
         now = lb_now_ms();
         /* 1. read a batch (a TUN fd gives one packet per read) */
         for (got = 0; got < LB_TUN_BATCH; got++) {
-            uint8_t *b = bufs + (size_t)n * LB_PKT_MAX;
+            uint8_t *b = tun_buf(tun, n);
             ssize_t r = read(w->fd, b, LB_PKT_MAX);
             if (r < 0) {
                 if (errno == EAGAIN || errno == EINTR)
@@ -111,11 +222,13 @@ int lb_tun_run(struct lb_worker *w)
             len[n] = (uint32_t)((size_t)r - hdr);
             n++;
         }
+        if (got)
+            spin_traffic(tun);
         /* 2. the pipeline over the batch, 3. write back what it sends */
         if (n) {
             lb_pipeline_run(w, t, data, len, csum, verdicts, reasons, n, now);
             for (uint32_t i = 0; i < n; i++) {
-                uint8_t *b = bufs + (size_t)i * LB_PKT_MAX;
+                uint8_t *b = tun_buf(tun, i);
                 if (verdicts[i] == LB_TX) {
                     tun_write(w, b, raw[i]);
                 } else if (verdicts[i] == LB_REPLY) {
@@ -123,12 +236,7 @@ int lb_tun_run(struct lb_worker *w)
                     tun_write(w, b, hdr + len[i]);
                 }
             }
-            for (uint32_t i = 0; i < w->out.n; i++) {
-                uint8_t *d = w->out.pkt[i].data - hdr;
-                memset(d, 0, hdr);
-                tun_write(w, d, hdr + w->out.pkt[i].len);
-            }
-            lb_out_done(w);
+            send_extras(w, hdr);
             w->stats.batches++;
         }
         /* a full batch means more is likely queued: go on without poll() */
@@ -136,6 +244,332 @@ int lb_tun_run(struct lb_worker *w)
     }
 out:
     lb_dp_leave(w);
-    free(bufs);
     return rc;
+}
+
+/* ---- io_uring ------------------------------------------------------------- */
+
+#if LB_HAVE_URING
+static struct io_uring_sqe *ring_sqe(struct lb_tun *t)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
+
+    if (!sqe) {
+        /* not expected (one operation per buffer fits the ring): make room */
+        io_uring_submit(&t->ring);
+        sqe = io_uring_get_sqe(&t->ring);
+    }
+    return sqe;
+}
+
+static int ring_read(struct lb_tun *t, uint32_t i)
+{
+    struct io_uring_sqe *sqe = ring_sqe(t);
+
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_read(sqe, t->w->fd, tun_buf(t, i), LB_PKT_MAX, 0);
+    io_uring_sqe_set_data64(sqe, i);
+    t->inflight++;
+    return 0;
+}
+
+static int ring_write(struct lb_tun *t, uint32_t i, uint32_t n)
+{
+    struct io_uring_sqe *sqe = ring_sqe(t);
+
+    if (!sqe)
+        return -EBUSY;
+    t->len[i] = n;
+    io_uring_prep_write(sqe, t->w->fd, tun_buf(t, i), n, 0);
+    io_uring_sqe_set_data64(sqe, LB_TUN_WRITE | i);
+    t->inflight++;
+    return 0;
+}
+
+/* Submit what is queued. 0, or -errno when the ring is broken (a busy or
+ * interrupted submission leaves the entries queued for the next one). */
+static int ring_submit(struct lb_tun *t)
+{
+    int r;
+
+    if (!io_uring_sq_ready(&t->ring))
+        return 0;
+    r = io_uring_submit(&t->ring);
+    if (r >= 0 || r == -EINTR || r == -EAGAIN || r == -EBUSY)
+        return 0;
+    return r;
+}
+
+/* The pipeline over the buffers idx[0..n) (reads of t->len[] bytes), their
+ * writes or re-armed reads queued, submitted together, then the extras. */
+static int ring_batch(struct lb_tun *tun, const struct lb_table *t, uint32_t *idx,
+                      uint32_t n, uint32_t now)
+{
+    struct lb_worker *w = tun->w;
+    size_t hdr = vnet_len(w);
+    uint8_t *data[LB_TUN_BATCH];
+    uint32_t len[LB_TUN_BATCH];
+    uint16_t csum[LB_TUN_BATCH];
+    uint8_t verdicts[LB_TUN_BATCH], reasons[LB_TUN_BATCH];
+    uint32_t m = 0;
+    int rc = 0;
+
+    for (uint32_t j = 0; j < n; j++) {
+        uint8_t *b = tun_buf(tun, idx[j]);
+        if (vnet_csum(b, tun->len[idx[j]], hdr, &csum[m]) < 0) {
+            w->stats.rx++;
+            w->stats.drops[LB_DROP_BAD_VNET]++;
+            rc |= ring_read(tun, idx[j]);
+            continue;
+        }
+        data[m] = b + hdr;
+        len[m] = (uint32_t)(tun->len[idx[j]] - hdr);
+        idx[m] = idx[j];              /* compacted to the packets the pipeline gets */
+        m++;
+    }
+    if (m)
+        lb_pipeline_run(w, t, data, len, csum, verdicts, reasons, m, now);
+    for (uint32_t j = 0; j < m; j++) {
+        uint32_t i = idx[j];
+        if (verdicts[j] == LB_TX) {
+            rc |= ring_write(tun, i, tun->len[i]);
+        } else if (verdicts[j] == LB_REPLY) {
+            memset(tun_buf(tun, i), 0, hdr);
+            rc |= ring_write(tun, i, (uint32_t)hdr + len[j]);
+        } else {
+            rc |= ring_read(tun, i);
+        }
+    }
+    if (rc)
+        return -EBUSY;
+    rc = ring_submit(tun);
+    /* after the batch's own writes: plain writes, issued in order behind them */
+    send_extras(w, hdr);
+    w->stats.batches++;
+    return rc;
+}
+
+static int ring_run(struct lb_tun *tun)
+{
+    struct lb_worker *w = tun->w;
+    struct lb_dataplane *dp = w->dp;
+    struct io_uring_cqe *cqes[LB_TUN_BUFS];
+    uint32_t idx[LB_TUN_BATCH];
+    int rc = 0;
+
+    for (uint32_t i = 0; i < tun->nbufs; i++)
+        if ((rc = ring_read(tun, i)) < 0)
+            return rc;
+    if ((rc = ring_submit(tun)) < 0)
+        return rc;
+    while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
+        const struct lb_table *t = NULL;
+        uint32_t now = 0, nb = 0, got = 0;
+        unsigned n;
+
+        n = io_uring_peek_batch_cqe(&tun->ring, cqes, LB_TUN_BUFS);
+        if (!n) {
+            /* re-armed reads go out before we wait for them */
+            if ((rc = ring_submit(tun)) < 0)
+                break;
+            /* holding no table while spinning or asleep: a publish need not wait for us */
+            __atomic_store_n(&w->qs, LB_QS_OFFLINE, __ATOMIC_SEQ_CST);
+            if (spin_more(tun))
+                continue;             /* a look, not a loop: not counted */
+            w->stats.loops++;
+            struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = LB_TUN_SLEEP_MS * 1000000ll };
+            struct io_uring_cqe *c;
+            int r = io_uring_wait_cqe_timeout(&tun->ring, &c, &ts);
+            if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+                rc = r;
+                break;
+            }
+            continue;
+        }
+        w->stats.loops++;
+        for (unsigned k = 0; k < n; k++) {
+            uint64_t ud = io_uring_cqe_get_data64(cqes[k]);
+            int res = cqes[k]->res;
+            uint32_t i = (uint32_t)(ud & 0xffffffffu);
+
+            if (i >= tun->nbufs)      /* not ours: nothing else submits on this ring */
+                continue;
+            tun->inflight--;
+            if (rc)                   /* leaving: only the count matters now */
+                continue;
+            if (ud & LB_TUN_WRITE) {
+                /* a TUN write is whole or failed: short counts as failed */
+                if (res < 0 || (uint32_t)res != tun->len[i])
+                    w->stats.tx_errors++;
+                rc = ring_read(tun, i);
+            } else if (res < 0) {
+                if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS)
+                    rc = ring_read(tun, i);
+                else
+                    rc = res;         /* the queue is gone (detached, closed): as read() */
+            } else {
+                got++;
+                tun->len[i] = (uint32_t)res;   /* <= LB_PKT_MAX, the size asked */
+                if (!t) {
+                    t = lb_dp_enter(w);
+                    now = lb_now_ms();
+                }
+                idx[nb++] = i;
+                if (nb == LB_TUN_BATCH) {
+                    rc = ring_batch(tun, t, idx, nb, now);
+                    nb = 0;
+                }
+            }
+        }
+        io_uring_cq_advance(&tun->ring, n);
+        if (rc == 0 && nb)
+            rc = ring_batch(tun, t, idx, nb, now);
+        if (rc == 0)
+            rc = ring_submit(tun);
+        if (rc < 0)
+            break;
+        if (got)
+            spin_traffic(tun);
+    }
+    lb_dp_leave(w);
+    return rc;
+}
+
+/* Cancel every operation and wait (bounded) for their completions: only then
+ * may the buffers be freed. 0, or -1 when some are still in flight. */
+static int ring_drain(struct lb_tun *t)
+{
+    struct io_uring_sqe *sqe;
+    uint64_t end = mono_ns() + 2000000000ull;
+
+    ring_submit(t);
+    if (t->inflight && (sqe = ring_sqe(t)) != NULL) {
+        io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+        io_uring_sqe_set_data64(sqe, ~0ull);
+        ring_submit(t);
+    }
+    while (t->inflight && mono_ns() < end) {
+        struct io_uring_cqe *c;
+        struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = 100000000ll };
+        int r = io_uring_wait_cqe_timeout(&t->ring, &c, &ts);
+        if (r < 0)
+            continue;
+        if ((io_uring_cqe_get_data64(c) & 0xffffffffu) < t->nbufs)
+            t->inflight--;
+        io_uring_cqe_seen(&t->ring, c);
+    }
+    return t->inflight ? -1 : 0;
+}
+
+/* The ring, or -errno why not. */
+static int ring_open(struct lb_tun *t)
+{
+    struct io_uring_params p;
+    int r, fl;
+
+    /* completions are posted when this thread next enters the kernel (it
+     * always does before it sleeps, and a peek enters when the flag says
+     * work is pending): no interrupt of a worker in the middle of a batch */
+    memset(&p, 0, sizeof(p));
+    p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+    r = io_uring_queue_init_params(LB_TUN_BUFS, &t->ring, &p);
+    if (r == -EINVAL) {
+        memset(&p, 0, sizeof(p));
+        r = io_uring_queue_init_params(LB_TUN_BUFS, &t->ring, &p);
+    }
+    if (r < 0)
+        return r;
+    if (!(p.features & IORING_FEAT_EXT_ARG)) {
+        /* the timed wait would need an SQE of its own in a full ring */
+        io_uring_queue_exit(&t->ring);
+        return -EOPNOTSUPP;
+    }
+    fl = fcntl(t->w->fd, F_GETFL);
+    if (fl < 0 || (fl & O_NONBLOCK && fcntl(t->w->fd, F_SETFL, fl & ~O_NONBLOCK) < 0)) {
+        r = -errno;
+        io_uring_queue_exit(&t->ring);
+        return r;
+    }
+    t->fl = fl;
+    return 0;
+}
+#endif
+
+/* ---- life cycle ----------------------------------------------------------- */
+
+struct lb_tun *lb_tun_open(struct lb_worker *w, int want_uring, int *err)
+{
+    struct lb_tun *t;
+
+    *err = 0;
+    if (w->fd < 0) {
+        *err = -EBADF;
+        return NULL;
+    }
+    t = calloc(1, sizeof(*t));
+    if (!t) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    t->w = w;
+    t->fl = -1;
+    t->io = LB_TUN_IO_RW;
+    t->nbufs = LB_TUN_BATCH;
+#if LB_HAVE_URING
+    t->fallback = want_uring ? ring_open(t) : -ECANCELED;
+    if (!t->fallback) {
+        t->io = LB_TUN_IO_URING;
+        t->nbufs = LB_TUN_BUFS;
+    }
+#else
+    t->fallback = want_uring ? -ENOSYS : -ECANCELED;
+#endif
+    /* GSO super-packets up to 64 KiB each, allocated once per worker run */
+    t->bufs = malloc((size_t)t->nbufs * LB_PKT_MAX);
+    if (!t->bufs) {
+        lb_tun_close(t);
+        *err = -ENOMEM;
+        return NULL;
+    }
+    return t;
+}
+
+int lb_tun_io(const struct lb_tun *t)
+{
+    return t->io;
+}
+
+int lb_tun_fallback(const struct lb_tun *t)
+{
+    return t->fallback;
+}
+
+int lb_tun_run(struct lb_tun *t)
+{
+#if LB_HAVE_URING
+    if (t->io == LB_TUN_IO_URING)
+        return ring_run(t);
+#endif
+    return rw_run(t);
+}
+
+void lb_tun_close(struct lb_tun *t)
+{
+    int keep = 0;
+
+    if (!t)
+        return;
+#if LB_HAVE_URING
+    if (t->io == LB_TUN_IO_URING) {
+        /* a buffer a read may still land in is never freed (kept, not reused) */
+        keep = ring_drain(t) < 0;
+        io_uring_queue_exit(&t->ring);
+    }
+#endif
+    if (t->fl >= 0)
+        fcntl(t->w->fd, F_SETFL, t->fl);
+    if (!keep)
+        free(t->bufs);
+    free(t);
 }

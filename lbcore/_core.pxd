@@ -40,6 +40,7 @@ cdef class Dataplane:
     cdef object _flow_file      # its path once committed
     cdef object _pending_file   # its path until commit_flow_file (the mapping is of path + ".new")
     cdef bytes _boot_id
+    cdef dict _io               # worker -> (I/O path, why not io_uring) of its TUN loop
     cdef lb_rawsock *_rawsock(self) except NULL
 
 

@@ -4,7 +4,7 @@ Addresses are IPv4/IPv6 strings (or ipaddress objects where noted), ports
 are host-order ints, protocols 6/17 or "tcp"/"udp"; times are the data
 plane's millisecond clock (now_ms()).
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -158,7 +158,9 @@ class Dataplane:
              ) -> tuple[int, int | None, str | None, int | None] | None: ...
     def process(self, packets: Sequence[bytes], now: int | None = None
                 ) -> list[tuple[int, str, bytes]]: ...
-    def run_worker(self, i: int, fd: int, vnet_hdr: bool = False) -> None: ...
+    def run_worker(self, i: int, fd: int, vnet_hdr: bool = False, io: str | None = None,
+                   on_start: Callable[[str, str], object] | None = None) -> None: ...
+    def io_paths(self) -> dict[int, tuple[str, str]]: ...
     def run_rawsock_worker(self, i: int, socks: Sequence[RawSocket]) -> None: ...
     def set_l2(self, src_macs: Sequence[bytes],
                routes: Sequence[tuple[int, Any, Address | None]],

@@ -127,6 +127,7 @@ class StatusView:
             "version": __version__, "pid": os.getpid(), "uptime": time.time() - d.started,
             "time": time.time(),
             "config": d.config_path, "mode": d.config.mode, "workers": d.config.workers,
+            "io": ", ".join(sorted({p for p, _ in dp.io_paths().values()})) or None,
             "vips": vips,
             "flows": {"active": len(ft), "capacity": ft.capacity, **ft.counters()},
             "fragments": dp.frag_stats(),

@@ -55,7 +55,8 @@ class TunPlane:
             raise
 
     def run_worker(self, i: int) -> None:
-        self.dp.run_worker(i, self.fds[i], True)
+        self.dp.run_worker(i, self.fds[i], True, on_start=lambda path, why: log.info(
+            "worker %d: TUN I/O %s%s", i, path, f" ({why})" if why else ""))
 
     def update(self, vips: Sequence[IPAddress], replies: Sequence[ReplyPath]) -> None:
         self.routes.set_vips(vips)
