@@ -230,9 +230,9 @@ def rig(nsname):
               [(0, str(CLIENT4), macs["c0"]), (1, str(BE4), macs["b0"])])
 
     def open_all():
-        socks = [_core.RawSocket(idx["c1"], 0, build_filter([VIP4], ()), 1 << 16, 4),
+        socks = [_core.RawSocket(idx["c1"], 0, build_filter([VIP4], ()), 128),
                  _core.RawSocket(idx["b1"], 0,
-                                 build_filter((), [ReplyPath(BE4, UDP, 5300)]), 1 << 16, 4)]
+                                 build_filter((), [ReplyPath(BE4, UDP, 5300)]), 128)]
         taps = {}
         for n in ("c0", "b0"):
             t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
@@ -363,12 +363,12 @@ def test_kernel_accepts_generated_filters_and_reloads_them(nsname):
         ReplyPath(BE6, UDP, 5300)]
 
     def make():
-        s = _core.RawSocket(idx, 4321, build_filter(vips, replies, [GW_LOCAL]), 1 << 16, 2)
+        s = _core.RawSocket(idx, 4321, build_filter(vips, replies, [GW_LOCAL]), 32)
         s.set_filter(build_filter(vips[:3], replies[:3]))
         return s
 
     s = netconf.run_in_netns(nsname, make)
-    assert s.fd >= 0 and s.ring_bytes == 2 << 16
+    assert s.fd >= 0 and s.ring_bytes == 1 << 16 and s.ring_frames == 32
     s.close()
     s.close()
     with pytest.raises(OSError):
