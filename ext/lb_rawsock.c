@@ -50,6 +50,12 @@
 #define BIG_NR 16u
 #define BIG_LEN (VNET_LEN + ETH_HLEN_ + 65535u + 1u)   /* +1: a longer one shows as MSG_TRUNC */
 #define RAW_RCVBUF (8 << 20)              /* queue room for copy-path super-packets */
+/* Coalescing under load: from NAP_RATE frames per ms on, a worker whose rings ran dry naps
+ * for about half a batch's worth of arrivals (at most NAP_MAX_NS) instead of spinning or
+ * waiting for poll() to wake it per frame; below, it spins (busy_poll_us) and sleeps. */
+#define NAP_RATE 200u
+#define NAP_MAX_NS 100000u
+#define RATE_WINDOW_NS 1000000u
 #ifndef PACKET_IGNORE_OUTGOING
 #define PACKET_IGNORE_OUTGOING 23
 #endif
@@ -590,7 +596,10 @@ static int spin_ready(struct lb_dataplane *dp, const struct lb_raw_sock *socks, 
  * last skb, and neither AF_PACKET's ring (tpacket_rcv records no NAPI id,
  * and a ring is not read by recvmsg/poll of the socket's queue) nor a veth
  * without XDP/GRO (no NAPI of its own) has one. So the loop spins itself,
- * reading the next slot's status word: no system call while it waits. */
+ * reading the next slot's status word: no system call while it waits.
+ * Under a flood (NAP_RATE frames per ms and more) neither spinning nor a
+ * poll() woken per frame pays: the worker naps instead, so that frames
+ * gather into batches (V3's block timer did that, at every rate). */
 int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_sock *socks,
                    uint32_t n_socks)
 {
@@ -619,8 +628,11 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
         free(run);
         return -ENOMEM;
     }
+    uint64_t win_start = mono_ns();
+    uint32_t win_frames = 0, rate = 0;   /* frames per ms in the last window */
     while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
         uint32_t got = 0;
+        uint64_t now;
         w->stats.loops++;
         lb_l2_release(w, rs, socks, n_socks, lb_now_ms());
         /* up to a few batches per link in turn, so that one busy link
@@ -633,12 +645,27 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
             if (!r)
                 break;
         }
+        win_frames += got;
+        now = mono_ns();
+        if (now - win_start >= RATE_WINDOW_NS) {
+            rate = (uint32_t)((uint64_t)win_frames * 1000000u / (now - win_start));
+            win_frames = 0;
+            win_start = now;
+        }
         if (got)
             continue;
-        /* holding no table while spinning or asleep: a publish need not
-         * wait for us */
+        /* holding no table while napping, spinning or asleep: a publish
+         * need not wait for us */
         lb_dp_leave(w);
-        if (spin_ns && spin_ready(dp, socks, n_socks, mono_ns() + spin_ns))
+        if (rate >= NAP_RATE) {
+            /* a flood: let half a batch gather, then take it in one go (one
+             * wake-up and one sendmmsg per batch, not per frame) */
+            uint64_t nap = (uint64_t)(LB_BATCH / 2) * 1000000u / rate;
+            struct timespec ts = { 0, (long)(nap < NAP_MAX_NS ? nap : NAP_MAX_NS) };
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        if (spin_ns && spin_ready(dp, socks, n_socks, now + spin_ns))
             continue;
         int pr = poll(pfd, n_socks, 100);
         if (pr < 0) {
