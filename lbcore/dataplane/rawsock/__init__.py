@@ -60,11 +60,13 @@ from .l2 import L2Resolver
 log = logging.getLogger("lbcore.rawsock")
 
 __all__ = ["RTPROT_LBCORE", "RawsockPlane", "build_filter"]
-# Receive ring slots per socket, 2 KiB each: 8192 = 16 MiB, as much memory as the former V3
-# ring. A slot holds one frame of up to 1500 bytes of IP (a GSO super-packet is read whole from
-# the socket's queue instead); 8192 slots hold ~30 ms of a 64-byte flood at the sender's
-# 270k pps, while a worker that keeps up needs only a batch's worth (a ring of 256 lost 40 %).
-RING_FRAMES = 8192
+# Receive ring slots per socket, 2 KiB each: 16384 = 32 MiB (the former V3 ring had 16 MiB, but
+# packed small frames ~16 to a slot's worth). A slot holds a frame of up to 1500 bytes of IP (a
+# GSO super-packet is read whole from the socket's queue instead). A worker that keeps up needs
+# a batch's worth; the rest absorbs the worker's absences (descheduled on a busy CPU): 16384
+# slots are ~65 ms of a one-worker 64-byte flood at 250k pps, where 8192 still lost 0.5 % of
+# one on a loaded machine and a ring of 256 lost 40 %.
+RING_FRAMES = 16384
 
 
 class RawsockPlane:
