@@ -487,12 +487,12 @@ cdef extern from "lb_rawsock.h" nogil:
         uint32_t ifindex
         uint8_t *ring
         size_t ring_len
-        uint32_t block_size
-        uint32_t block_nr
+        uint32_t frame_size
+        uint32_t frame_nr
         uint32_t cur
     int lb_raw_open(lb_raw_sock *s, uint32_t ifindex, uint16_t fanout_id,
                     const sock_filter *filter, uint16_t n_filter,
-                    uint32_t block_size, uint32_t block_nr, int qdisc_bypass)
+                    uint32_t frame_nr, int qdisc_bypass)
     void lb_raw_close(lb_raw_sock *s)
     int lb_raw_ring_stats(lb_raw_sock *s, uint32_t *packets, uint32_t *drops)
     int lb_raw_set_filter(lb_raw_sock *s, const sock_filter *filter, uint16_t n_filter)

@@ -30,7 +30,8 @@ struct lb_out_pkt {
     uint32_t len;
     uint32_t slot;       /* fragment-cache buffer to give back, or LB_OUT_NO_SLOT */
     uint8_t  kind;       /* enum lb_out_kind */
-    uint8_t  pad[7];
+    uint8_t  src;        /* index in its batch of the packet it came with (lb_pipeline_run) */
+    uint8_t  pad[6];
 };
 
 struct lb_out {

@@ -373,6 +373,15 @@ static inline enum lb_verdict pipe_later(struct lb_worker *w, const struct lb_ta
     return v;
 }
 
+/* The extras w->out.pkt[from..) came with packet i of the batch: a loop that
+ * sends each answer back the way its packet came (rawsock: link and MAC)
+ * finds the packet by this index. */
+static inline void out_src(struct lb_worker *w, uint32_t from, uint32_t i)
+{
+    for (uint32_t k = from; k < w->out.n; k++)
+        w->out.pkt[k].src = (uint8_t)i;
+}
+
 uint32_t lb_pipeline_run(struct lb_worker *w, const struct lb_table *t, uint8_t *const *data,
                          uint32_t *lens, const uint16_t *csum_partial,
                          uint8_t *verdicts, uint8_t *reasons, uint32_t n, uint32_t now)
@@ -386,6 +395,7 @@ uint32_t lb_pipeline_run(struct lb_worker *w, const struct lb_table *t, uint8_t 
     for (uint32_t i = 0; i < n; i++) {
         enum lb_drop_reason r;
         enum lb_verdict v = LB_DROP;
+        uint32_t o0 = w->out.n;
 
         w->stats.rx++;
         w->stats.rx_bytes += lens[i];
@@ -414,12 +424,13 @@ uint32_t lb_pipeline_run(struct lb_worker *w, const struct lb_table *t, uint8_t 
             }
             break;
         }
+        out_src(w, o0, i);
     }
     if (m)
         pipe_lookup(w, st, idx, m, now, ent, hit);
     for (uint32_t j = 0; j < m; j++) {
         enum lb_drop_reason r;
-        uint32_t i = idx[j];
+        uint32_t i = idx[j], o0 = w->out.n;
         enum lb_verdict v = pipe_forward(w, t, &st[i], hit[j], &ent[j], now, &r);
         verdicts[i] = (uint8_t)v;
         reasons[i] = (uint8_t)r;
@@ -431,14 +442,16 @@ uint32_t lb_pipeline_run(struct lb_worker *w, const struct lb_table *t, uint8_t 
                            v == LB_TX ? LB_DROP_NONE : (r != LB_DROP_NONE ? r : LB_DROP_FRAGMENT),
                            now);
         sent += v == LB_TX || v == LB_REPLY;
+        out_src(w, o0, i);
     }
     for (uint32_t j = 0; j < nl; j++) {
         enum lb_drop_reason r;
-        uint32_t i = later[j];
+        uint32_t i = later[j], o0 = w->out.n;
         enum lb_verdict v = pipe_later(w, t, &st[i], now, &r);
         verdicts[i] = (uint8_t)v;
         reasons[i] = (uint8_t)r;
         sent += v == LB_TX;
+        out_src(w, o0, i);
     }
     return sent;
 }

@@ -1,15 +1,17 @@
-# rawsock.pxi - AF_PACKET sockets with TPACKET_V3 rings (mode "rawsock").
+# rawsock.pxi - AF_PACKET sockets with TPACKET_V2 rings (mode "rawsock").
 # The sockets are opened here (C does the setsockopt/mmap sequence, see
 # lb_rawsock.c); lbcore.rawsock decides links, filters and fanout groups.
 import ipaddress as _rs_ipaddress
 
 @cython.final
 cdef class RawSocket:
-    """One AF_PACKET socket bound to a link, with a TPACKET_V3 receive ring,
-    a virtio_net_hdr per frame, a classic-BPF filter and a fanout group.
+    """One AF_PACKET socket bound to a link, with a TPACKET_V2 receive ring
+    (per-frame hand-over: no block retire timer on the path), a
+    virtio_net_hdr per frame, a classic-BPF filter and a fanout group.
 
-    RawSocket(ifindex, fanout_id, bpf, block_size=1<<18, block_nr=32,
-              qdisc_bypass=True)
+    RawSocket(ifindex, fanout_id, bpf, frame_nr=8192, qdisc_bypass=True)
+      frame_nr: ring slots of LB_RAW_FRAME (2 KiB) bytes, rounded up to whole
+        64 KiB blocks; a larger frame is read whole from the socket's queue.
       bpf: sequence of (code, jt, jf, k) instructions (empty: every frame).
       fanout_id: PACKET_FANOUT_HASH group id, 1..65535 (0: no fanout).
     Raises OSError (e.g. PermissionError without CAP_NET_RAW)."""
@@ -17,7 +19,7 @@ cdef class RawSocket:
     cdef readonly uint32_t ifindex
 
     def __cinit__(self, uint32_t ifindex, uint32_t fanout_id, bpf=(),
-                  uint32_t block_size=1 << 18, uint32_t block_nr=32, bint qdisc_bypass=True):
+                  uint32_t frame_nr=8192, bint qdisc_bypass=True):
         cdef Py_ssize_t n = len(bpf)
         cdef sock_filter *prog = NULL
         cdef int rc
@@ -28,7 +30,7 @@ cdef class RawSocket:
         try:
             with nogil:
                 rc = lb_raw_open(&self.s, ifindex, <uint16_t>fanout_id, prog, <uint16_t>n,
-                                 block_size, block_nr, qdisc_bypass)
+                                 frame_nr, qdisc_bypass)
         finally:
             free(prog)
         if rc < 0:
@@ -69,6 +71,10 @@ cdef class RawSocket:
     @property
     def ring_bytes(self):
         return self.s.ring_len
+
+    @property
+    def ring_frames(self):
+        return self.s.frame_nr
 
 
 cdef sock_filter *_bpf_program(bpf) except? NULL:
