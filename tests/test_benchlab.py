@@ -172,10 +172,12 @@ def test_interleave_rotates_groups_and_members():
 
 # --------------------------------------------------------------------------- the report
 
-def _sample(system, workload, rep, cpu1=10.0, busy_s=None, **metrics):
+def _sample(system, workload, rep, cpu1=10.0, softirq_s=None, forwarder_s=None, **metrics):
     cpu = {"forwarder_pct": cpu1, "per_cpu": {"0": {"busy": 90.0}, "1": {"busy": cpu1}}}
-    if busy_s is not None:
-        cpu["busy_s"] = busy_s
+    if softirq_s is not None:
+        cpu["softirq_s"] = softirq_s
+    if forwarder_s is not None:
+        cpu["forwarder_s"] = forwarder_s
     return {"system": system, "workload": workload, "rep": rep, "metrics": metrics, "cpu": cpu}
 
 
@@ -183,15 +185,15 @@ def _doc():
     samples = []
     for rep, k in enumerate((1.0, 1.1, 0.9)):
         samples += [
-            # the sender alone: 8e6 packets for 4 CPU seconds, 0.5 µs a packet
-            _sample("sender", "udp", rep, offered_pps=1.0e6 * k, sent=8.0e6, busy_s=4.0),
-            # kernel: 6.0 s for 7.6e6 sent (3.8 s of it the sender's), 7.6e6 delivered:
-            # 2.2 s / 7.6e6 = 0.289 µs a packet
+            # the sender alone: 8e6 packets for 4 softirq seconds, 0.5 µs a packet
+            _sample("sender", "udp", rep, offered_pps=1.0e6 * k, sent=8.0e6, softirq_s=4.0),
+            # kernel: 6.0 s of softirq for 7.6e6 sent (3.8 s of it the sender's), 7.6e6
+            # delivered: 2.2 s / 7.6e6 = 0.289 µs a packet
             _sample("kernel", "udp", rep, offered_pps=9.6e5 * k, delivered_pps=9.5e5 * k,
-                    loss_pct=1.0, sent=7.6e6, delivered=7.6e6, busy_s=6.0),
+                    loss_pct=1.0, sent=7.6e6, delivered=7.6e6, softirq_s=6.0),
             # nftables: 7.2e6 sent (3.6 s the sender's), 6.0e6 delivered: 2.4 s -> 0.4 µs
             _sample("nftables", "udp", rep, offered_pps=9.0e5, delivered_pps=7.6e5,
-                    loss_pct=15.5, sent=7.2e6, delivered=6.0e6, busy_s=6.0),
+                    loss_pct=15.5, sent=7.2e6, delivered=6.0e6, softirq_s=6.0),
             _sample("kernel", "bulk4", rep, gbps=15.0 * k),
             _sample("nftables", "bulk4", rep, gbps=13.5),
             _sample("haproxy", "bulk4", rep, gbps=10.0, cpu1=99.0),
@@ -242,15 +244,19 @@ def test_udp_cpu_per_packet_is_the_forwarders_beyond_the_sender():
 
 def test_udp_derived_figures_without_a_sender_cell():
     kernel = _sample("kernel", "udp", 2, delivered_pps=5.0e5, sent=1e6, delivered=1e6,
-                     busy_s=1.0)
+                     softirq_s=1.0)
     assert report.derived_udp(kernel, {}) == {}
     # the repetition's own sender cell failed: another repetition's stands in
     other = {0: {"pps": 1.0e6, "cpu_s_per_pkt": 0.5e-6}}
     d = report.derived_udp(kernel, other)
     assert d["of_ceiling"] == pytest.approx(0.5)
     assert d["cpu_us_per_pkt"] == pytest.approx(0.5)
+    # a user-space forwarder's process time counts with the softirq time
+    lb = _sample("lbcore-tun-1w", "udp", 0, delivered_pps=5.0e5, sent=1e6, delivered=5e5,
+                 softirq_s=1.0, forwarder_s=2.0)
+    assert report.derived_udp(lb, other)["cpu_us_per_pkt"] == pytest.approx(2.5 / 5e5 * 1e6)
     # never below zero when the machine was quieter than in the sender's cell
-    kernel["cpu"]["busy_s"] = 0.1
+    kernel["cpu"]["softirq_s"] = 0.1
     assert report.derived_udp(kernel, other)["cpu_us_per_pkt"] == 0.0
     # nothing delivered: no per-packet figure rather than a division by zero
     kernel["metrics"]["delivered"] = 0
@@ -415,11 +421,12 @@ def test_workload_names_and_aliases():
         run._parse_args(["--workloads", "nope"])
 
 
-def test_busy_seconds_sum_every_cpu():
+def test_cpu_seconds_sum_every_cpu():
     before = parse.parse_proc_stat("cpu0 100 0 50 1000 0 0 10 0\ncpu1 10 0 5 2000 0 0 0 0\n")
     after = parse.parse_proc_stat("cpu0 150 0 70 1100 5 0 40 0\ncpu1 110 0 5 2000 0 0 0 0\n")
     # cpu0: 50 user + 20 system + 30 softirq; cpu1: 100 user; idle and iowait do not count
-    assert parse.busy_seconds(before, after, 100) == pytest.approx(2.0)
+    assert parse.cpu_seconds(before, after, 100) == pytest.approx(2.0)
+    assert parse.cpu_seconds(before, after, 100, ("softirq",)) == pytest.approx(0.3)
 
 
 @pytest.mark.netns

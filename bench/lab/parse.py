@@ -157,17 +157,18 @@ def cpu_delta_pct(before: dict[int, dict[str, int]], after: dict[int, dict[str, 
     return out
 
 
-def busy_seconds(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
-                 hz: int) -> float:
-    """CPU seconds spent on anything but idle and iowait, summed over every CPU, between two
-    /proc/stat readings (``hz``: clock ticks per second)."""
+def cpu_seconds(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
+                hz: int, kinds: tuple[str, ...] | None = None) -> float:
+    """CPU seconds of the given kinds ("softirq", ...; default: everything but idle and
+    iowait), summed over every CPU, between two /proc/stat readings (``hz``: clock ticks per
+    second)."""
+    want = kinds or tuple(k for k in CPU_FIELDS if k not in ("idle", "iowait"))
     ticks = 0
     for cpu, a in after.items():
         b = before.get(cpu)
         if b is None:
             continue
-        ticks += sum(a.get(k, 0) - b.get(k, 0) for k in CPU_FIELDS
-                     if k not in ("idle", "iowait"))
+        ticks += sum(a.get(k, 0) - b.get(k, 0) for k in want)
     return ticks / hz
 
 

@@ -105,16 +105,17 @@ WORKLOAD_LABELS = {
 # --------------------------------------------------------------------------- summary
 
 def _sender_by_rep(samples: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """Per repetition, the sender-alone cell: its rate and its CPU seconds per packet sent."""
+    """Per repetition, the sender-alone cell: its rate and the softirq seconds it costs per
+    packet sent (the client's side of the link and the drop on entering lbc-gw)."""
     out: dict[int, dict[str, float]] = {}
     for s in samples:
         if s.get("system") != SENDER or s.get("error"):
             continue
         m, cpu = s.get("metrics") or {}, s.get("cpu") or {}
-        sent, busy = m.get("sent"), cpu.get("busy_s")
+        sent, soft = m.get("sent"), cpu.get("softirq_s")
         d = {"pps": float(m.get("offered_pps") or 0.0)}
-        if sent and busy is not None:
-            d["cpu_s_per_pkt"] = float(busy) / float(sent)
+        if sent and soft is not None:
+            d["cpu_s_per_pkt"] = float(soft) / float(sent)
         out[int(s.get("rep", 0))] = d
     return out
 
@@ -122,9 +123,14 @@ def _sender_by_rep(samples: Sequence[dict[str, Any]]) -> dict[int, dict[str, flo
 def derived_udp(sample: dict[str, Any], sender: dict[int, dict[str, float]]
                 ) -> dict[str, float]:
     """The UDP figures that need the sender-alone cell of the same repetition (or, if that one
-    failed, of any): the forwarder's CPU per delivered packet, in µs (the whole machine's CPU
-    time during the cell, less what the sender costs for the packets it sent), and the
-    delivered rate as a fraction of the sender's ceiling."""
+    failed, of any): the forwarder's CPU per delivered packet, in µs, and the delivered rate
+    as a fraction of the sender's ceiling.
+
+    The forwarder's CPU is its process time (none for kernel forwarding and nftables) plus the
+    softirq time of every CPU during the cell, less the softirq time the sender alone costs for
+    the packets it sent: the forwarder's work wherever the kernel does it, without the
+    sender's system calls or other jobs' processes (whole-machine busy time would count both).
+    """
     m, cpu = sample.get("metrics") or {}, sample.get("cpu") or {}
     ref = sender.get(int(sample.get("rep", 0)))
     if ref is None and sender:
@@ -132,11 +138,12 @@ def derived_udp(sample: dict[str, Any], sender: dict[int, dict[str, float]]
     out: dict[str, float] = {}
     if ref is None:
         return out
-    delivered, sent, busy = m.get("delivered"), m.get("sent"), cpu.get("busy_s")
+    delivered, sent, soft = m.get("delivered"), m.get("sent"), cpu.get("softirq_s")
     if ref.get("pps") and m.get("delivered_pps") is not None:
         out["of_ceiling"] = float(m["delivered_pps"]) / ref["pps"]
-    if delivered and sent is not None and busy is not None and "cpu_s_per_pkt" in ref:
-        fwd_s = float(busy) - ref["cpu_s_per_pkt"] * float(sent)
+    if delivered and sent is not None and soft is not None and "cpu_s_per_pkt" in ref:
+        fwd_s = (float(cpu.get("forwarder_s") or 0.0) + float(soft)
+                 - ref["cpu_s_per_pkt"] * float(sent))
         out["cpu_us_per_pkt"] = max(0.0, fwd_s) / float(delivered) * 1e6
     return out
 

@@ -134,11 +134,12 @@ NOTES = [
     "for kernel forwarding, to the VIP otherwise); keep-alive: the same without the header. "
     "wrk and nginx share CPU 0: kernel forwarding and nftables add their softirq work to that "
     "CPU 0, user-space forwarders theirs to CPU 1, so these can exceed 1.0x.",
-    "UDP CPU per packet: the CPU time of the whole machine during the cell (/proc/stat, both "
-    "CPUs), less what the sender alone costs per packet sent (its own cell in the same "
-    "repetition), per delivered packet: the forwarder's work wherever it runs (user space, "
-    "system calls, softirq on either CPU), plus the backends' counting drop (the same for "
-    "every system). Other jobs on the machine add to it: the load at the start is recorded.",
+    "UDP CPU per packet: the forwarder's process time (lbcore: every worker; none for kernel "
+    "forwarding and nftables) plus the softirq time of both CPUs during the cell (/proc/stat: "
+    "where the kernel forwards, and where a user-space forwarder's packets enter and leave), "
+    "less the softirq time the sender alone costs per packet sent (its own cell in the same "
+    "repetition), per delivered packet. So the sender's own system calls and other jobs' "
+    "processes are not in it; the backends' counting drop is (the same for every system).",
     f"Latency: one wrk, -c{LAT_CONNS} keep-alive connections, each waiting {LAT_DELAY_MS} ms "
     "after a response (a Lua delay()), so about 1000 requests/s; wrk --latency's p50/p99 "
     "(wrk2 is not in Debian).",
@@ -348,7 +349,10 @@ class CpuWindow:
         wall = time.monotonic() - self.t0
         per_cpu = {str(c): {k: round(v, 1) for k, v in d.items()}
                    for c, d in parse.cpu_delta_pct(self.s0, s1).items()}
-        busy_s = parse.busy_seconds(self.s0, s1, self.hz)
+        busy_s = parse.cpu_seconds(self.s0, s1, self.hz)
+        softirq_s = parse.cpu_seconds(self.s0, s1, self.hz, ("softirq",))
+        proc_s = (None if not self.fwd_pid or self.p0 is None or p1 is None
+                  else (p1 - self.p0) / self.hz)
         if self.fwd_pid and self.p0 is not None and p1 is not None and wall > 0:
             fwd = 100.0 * (p1 - self.p0) / self.hz / wall
             how = "process"
@@ -356,7 +360,9 @@ class CpuWindow:
             fwd = per_cpu.get(str(FWD_CPU), {}).get("softirq")
             how = f"softirq of CPU {FWD_CPU}"
         return {"forwarder_pct": None if fwd is None else round(fwd, 1), "forwarder_how": how,
-                "per_cpu": per_cpu, "wall_s": round(wall, 3), "busy_s": round(busy_s, 4)}
+                "per_cpu": per_cpu, "wall_s": round(wall, 3), "busy_s": round(busy_s, 4),
+                "softirq_s": round(softirq_s, 4),
+                "forwarder_s": None if proc_s is None else round(proc_s, 4)}
 
 
 # --------------------------------------------------------------------------- the bench
