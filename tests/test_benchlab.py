@@ -302,6 +302,28 @@ def test_markdown_table_has_figures_ratios_and_statuses():
             "… details") in md
 
 
+def test_readme_table_rows_in_order_for_the_five_systems(tmp_path, capsys):
+    doc = _doc()
+    doc["summary"] = report.summarize_samples(doc["samples"])
+    table = report.readme_table(doc).splitlines()
+    # kernel, nftables, haproxy; the n/a rawsock column; no 2-worker or sender column
+    assert table[0] == ("| workload | kernel forwarding | nftables DNAT | HAProxy | "
+                        "lbcore rawsock |")
+    labels = [line.split("|")[1].strip() for line in table[2:]]
+    assert labels == ["UDP 64 B, delivered at the backends",
+                      "UDP 64 B, forwarder CPU per delivered packet (lower is better)",
+                      "UDP 64 B, delivered / sender ceiling (udpflood alone: 1M pps ±10%)",
+                      "TCP bulk, 4 streams (iperf3)",
+                      "HTTP new connections/s (wrk, Connection: close)"]  # only what ran
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_doc()))
+    assert report.main([str(path), "--readme"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == table
+    assert not (tmp_path / "run.md").exists()           # printed, nothing re-rendered
+    keys = {(r.workload, r.metric) for r in report.ROWS}
+    assert set(report.README_ROWS) <= keys
+
+
 def test_charts_and_outputs(tmp_path):
     pytest.importorskip("matplotlib")
     written = report.write_outputs(_doc(), tmp_path / "lab-test")

@@ -224,15 +224,29 @@ def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def markdown_table(doc: dict[str, Any]) -> str:
+# The README's table: the rows a reader asks about first, in that order, and one column per kind
+# of system (the 2-worker variants are in the run's own table).
+README_ROWS: tuple[tuple[str, str], ...] = (
+    ("latency", "p50_us"), ("latency", "p99_us"), ("udp", "delivered_pps"),
+    ("udp", "cpu_us_per_pkt"), ("udp", "of_ceiling"), ("bulk1", "gbps"), ("bulk4", "gbps"),
+    ("conn", "cps"), ("keepalive", "rps"),
+)
+README_SYSTEMS = ("kernel", "nftables", "haproxy", "lbcore-tun-1w", "lbcore-rawsock-1w")
+
+
+def markdown_table(doc: dict[str, Any], rows: Sequence[Row] | None = None,
+                   systems: Sequence[str] | None = None) -> str:
     """The main table: every figure (median ±half-range of the repetitions) and, in bold, its
-    ratio to kernel forwarding measured in the same run."""
+    ratio to kernel forwarding measured in the same run. ``rows`` and ``systems`` narrow it
+    (the README's table)."""
     summary = doc["summary"]
     cols = _columns(doc)
+    if systems is not None:
+        cols = [c for c in cols if c[0] in systems]
     workloads = set(doc.get("settings", {}).get("workloads", []))
     head = "| workload | " + " | ".join(title for _, title, _ in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
-    for row in ROWS:
+    for row in ROWS if rows is None else rows:
         if workloads and row.workload not in workloads:
             continue
         ref = _summary(summary, KERNEL, row.workload, row.metric)
@@ -248,6 +262,12 @@ def markdown_table(doc: dict[str, Any]) -> str:
             cells.append(_cell(row, s, ref, sid == KERNEL))
         lines.append(f"| {row.title(summary)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def readme_table(doc: dict[str, Any]) -> str:
+    """The table of the top-level README, from a run: README_ROWS for README_SYSTEMS."""
+    by_key = {(r.workload, r.metric): r for r in ROWS}
+    return markdown_table(doc, [by_key[k] for k in README_ROWS], README_SYSTEMS)
 
 
 def cpu_table(doc: dict[str, Any]) -> str:
@@ -496,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Re-render or compare lab benchmark results.")
     p.add_argument("result", nargs="?", help="a result JSON to re-render (markdown + PNG)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two results")
+    p.add_argument("--readme", action="store_true",
+                   help="print the README's table of the result instead of re-rendering it")
     a = p.parse_args(argv)
     if a.compare:
         old, new = (json.loads(Path(x).read_text()) for x in a.compare)
@@ -505,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give a result JSON or --compare OLD NEW")
     path = Path(a.result)
     doc = json.loads(path.read_text())
+    if a.readme:
+        doc["summary"] = summarize_samples(doc.get("samples", []))
+        print(readme_table(doc))
+        return 0
     for w in write_outputs(doc, path.with_suffix("")):
         print(w)
     return 0
