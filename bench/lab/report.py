@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,7 +454,7 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
             ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color=colors)
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
-            ax.set_title(r.title(summary), fontsize=9)
+            ax.set_title(textwrap.fill(r.title(summary), 50), fontsize=9)   # no overlap
             ax.set_ylabel(r.unit, fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         for k in range(n, nrows * ncols):
