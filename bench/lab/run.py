@@ -138,8 +138,10 @@ NOTES = [
     "forwarding and nftables) plus the softirq time of both CPUs during the cell (/proc/stat: "
     "where the kernel forwards, and where a user-space forwarder's packets enter and leave), "
     "less the softirq time the sender alone costs per packet sent (its own cell in the same "
-    "repetition), per delivered packet. So the sender's own system calls and other jobs' "
-    "processes are not in it; the backends' counting drop is (the same for every system).",
+    "repetition), per delivered packet. The sender's own system calls and other jobs' "
+    "processes are not in it. What the sender's cell costs in softirq is a veth receive into "
+    "lbc-gw and a drop at its first hook; the backends' counting drop is the same work on the "
+    "far side, so the two stand in for each other and what remains is the forwarder's.",
     f"Latency: one wrk, -c{LAT_CONNS} keep-alive connections, each waiting {LAT_DELAY_MS} ms "
     "after a response (a Lua delay()), so about 1000 requests/s; wrk --latency's p50/p99 "
     "(wrk2 is not in Debian).",
