@@ -404,6 +404,25 @@ def test_lbcore_bench_config_adds_the_bulk_port():
     assert doc["pool"]["nginx"]["health"]["type"] == "tcp"
 
 
+@pytest.mark.parametrize("mode", ["tun", "rawsock"])
+def test_lbcore_bench_config_passes_lbcore_loader(tmp_path, mode):
+    """The config the bench starts lbcore with: the lab's own, the bulk port and the nginx
+    pool, accepted by lbcore's loader with every backend in the nginx pool."""
+    import ipaddress
+
+    from lbcore import lab
+    from lbcore.config import load_config
+    base = lab.render_config(lab.LabSpec(mode=mode), tmp_path)
+    path = tmp_path / "bench.toml"
+    path.write_text(peers.lbcore_bench_config(base, lab.VIP_V4, lab.backend_v4(1), BACKENDS))
+    cfg = load_config(path)
+    keys = {(str(v.address), v.port, v.protocol): v.pool for v in cfg.vips}
+    assert keys[(lab.VIP_V4, peers.NGINX_PORT, "tcp")] == "nginx"
+    assert keys[(lab.VIP_V4, peers.BULK_PORT, "tcp")] == "bulk"
+    assert {b.address for b in cfg.pools["nginx"].backends} == {
+        ipaddress.ip_address(b) for b in BACKENDS}
+
+
 def _nginx() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
 
