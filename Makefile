@@ -92,14 +92,19 @@ test-sanitize: $(STAMP)
 	  PYTHONPATH=. $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --capture=sys -m "not netns" \
 	  -k "not thread_hammer" $(wildcard $(SAN_TESTS))
 
+# The micro-benchmarks (pytest-benchmark, no network, ~2 min): the core's stages, and how the
+# per-packet cost grows with the flows in the table (1k/1M/16M: a 2^24-slot table, ~1.5 GB) and
+# the backends per VIP (bench/bench_scale.py). One file or test: make bench BENCH_ARGS='-k scale'.
+BENCH_ARGS ?=
 bench: build
 	mkdir -p bench/results
-	$(VPY) -m pytest bench -q --benchmark-only --benchmark-autosave \
-	  --benchmark-storage=file://bench/results/micro --benchmark-columns=min,median,mean,stddev,ops
+	$(VPY) -m pytest bench -q -s --benchmark-only --benchmark-autosave \
+	  --benchmark-storage=file://bench/results/micro --benchmark-columns=min,median,mean,stddev,ops \
+	  $(BENCH_ARGS)
 
-# The lab benchmark (root; ~20 min): lbcore beside kernel forwarding, nftables DNAT and
-# HAProxy on the namespace lab. Installs nftables/haproxy/iperf3/wrk itself. Quick look:
-# make bench-lab BENCH_LAB_ARGS=--quick. See bench/README.md.
+# The lab benchmark (root; ~22 min): lbcore beside kernel forwarding, nftables DNAT and
+# HAProxy on the namespace lab, nginx as the HTTP backends. Installs nftables/haproxy/iperf3/
+# wrk/nginx itself. Quick look: make bench-lab BENCH_LAB_ARGS=--quick. See bench/README.md.
 BENCH_LAB_ARGS ?=
 bench-lab: build
 	$(VPY) -m bench.lab.run $(BENCH_LAB_ARGS)

@@ -172,21 +172,28 @@ def test_interleave_rotates_groups_and_members():
 
 # --------------------------------------------------------------------------- the report
 
-def _sample(system, workload, rep, cpu1=10.0, **metrics):
-    return {"system": system, "workload": workload, "rep": rep, "metrics": metrics,
-            "cpu": {"forwarder_pct": cpu1, "per_cpu": {"0": {"busy": 90.0},
-                                                         "1": {"busy": cpu1}}}}
+def _sample(system, workload, rep, cpu1=10.0, softirq_s=None, forwarder_s=None, **metrics):
+    cpu = {"forwarder_pct": cpu1, "per_cpu": {"0": {"busy": 90.0}, "1": {"busy": cpu1}}}
+    if softirq_s is not None:
+        cpu["softirq_s"] = softirq_s
+    if forwarder_s is not None:
+        cpu["forwarder_s"] = forwarder_s
+    return {"system": system, "workload": workload, "rep": rep, "metrics": metrics, "cpu": cpu}
 
 
 def _doc():
     samples = []
     for rep, k in enumerate((1.0, 1.1, 0.9)):
         samples += [
-            _sample("sender", "udp", rep, offered_pps=1.0e6 * k),
+            # the sender alone: 8e6 packets for 4 softirq seconds, 0.5 µs a packet
+            _sample("sender", "udp", rep, offered_pps=1.0e6 * k, sent=8.0e6, softirq_s=4.0),
+            # kernel: 6.0 s of softirq for 7.6e6 sent (3.8 s of it the sender's), 7.6e6
+            # delivered: 2.2 s / 7.6e6 = 0.289 µs a packet
             _sample("kernel", "udp", rep, offered_pps=9.6e5 * k, delivered_pps=9.5e5 * k,
-                    loss_pct=1.0),
+                    loss_pct=1.0, sent=7.6e6, delivered=7.6e6, softirq_s=6.0),
+            # nftables: 7.2e6 sent (3.6 s the sender's), 6.0e6 delivered: 2.4 s -> 0.4 µs
             _sample("nftables", "udp", rep, offered_pps=9.0e5, delivered_pps=7.6e5,
-                    loss_pct=15.5),
+                    loss_pct=15.5, sent=7.2e6, delivered=6.0e6, softirq_s=6.0),
             _sample("kernel", "bulk4", rep, gbps=15.0 * k),
             _sample("nftables", "bulk4", rep, gbps=13.5),
             _sample("haproxy", "bulk4", rep, gbps=10.0, cpu1=99.0),
@@ -224,6 +231,38 @@ def test_summary_takes_medians_and_counts_failures():
     assert s["nftables"]["conn"] == {"failed": 1}
 
 
+def test_udp_cpu_per_packet_is_the_forwarders_beyond_the_sender():
+    s = report.summarize_samples(_doc()["samples"])
+    assert s["kernel"]["udp"]["cpu_us_per_pkt"]["median"] == pytest.approx(2.2 / 7.6)
+    assert s["nftables"]["udp"]["cpu_us_per_pkt"]["median"] == pytest.approx(0.4)
+    # delivered as a fraction of the sender's ceiling of the same repetition
+    assert s["kernel"]["udp"]["of_ceiling"]["median"] == pytest.approx(0.95)
+    assert s["nftables"]["udp"]["of_ceiling"]["median"] == pytest.approx(0.76)
+    assert s["nftables"]["udp"]["of_ceiling"]["n"] == 3
+    assert "cpu_us_per_pkt" not in s["sender"]["udp"]
+
+
+def test_udp_derived_figures_without_a_sender_cell():
+    kernel = _sample("kernel", "udp", 2, delivered_pps=5.0e5, sent=1e6, delivered=1e6,
+                     softirq_s=1.0)
+    assert report.derived_udp(kernel, {}) == {}
+    # the repetition's own sender cell failed: another repetition's stands in
+    other = {0: {"pps": 1.0e6, "cpu_s_per_pkt": 0.5e-6}}
+    d = report.derived_udp(kernel, other)
+    assert d["of_ceiling"] == pytest.approx(0.5)
+    assert d["cpu_us_per_pkt"] == pytest.approx(0.5)
+    # a user-space forwarder's process time counts with the softirq time
+    lb = _sample("lbcore-tun-1w", "udp", 0, delivered_pps=5.0e5, sent=1e6, delivered=5e5,
+                 softirq_s=1.0, forwarder_s=2.0)
+    assert report.derived_udp(lb, other)["cpu_us_per_pkt"] == pytest.approx(2.5 / 5e5 * 1e6)
+    # never below zero when the machine was quieter than in the sender's cell
+    kernel["cpu"]["softirq_s"] = 0.1
+    assert report.derived_udp(kernel, other)["cpu_us_per_pkt"] == 0.0
+    # nothing delivered: no per-packet figure rather than a division by zero
+    kernel["metrics"]["delivered"] = 0
+    assert "cpu_us_per_pkt" not in report.derived_udp(kernel, other)
+
+
 def test_markdown_table_has_figures_ratios_and_statuses():
     doc = _doc()
     doc["summary"] = report.summarize_samples(doc["samples"])
@@ -245,6 +284,15 @@ def test_markdown_table_has_figures_ratios_and_statuses():
     assert "15.5 %" in loss and "x**" not in loss        # no ratio of a loss
     assert "bulk1" not in md and "1 stream" not in table  # workloads not run: no rows
     assert "Sender ceiling" in md and "1M pps" in md
+    ceiling = next(line for line in table.splitlines() if "sender ceiling" in line)
+    assert "(udpflood alone: 1M pps ±10%)" in ceiling      # the ceiling, in the row's title
+    cells = [c.strip() for c in ceiling.strip("|").split("|")]
+    assert cells[1:4] == ["0.95 ±0%", "0.76 ±10%", "n/a (TCP only)"]
+    cpu = next(line for line in table.splitlines() if "CPU per delivered packet" in line)
+    cells = [c.strip() for c in cpu.strip("|").split("|")]
+    assert cells[1] == "0.289 µs ±0%" and cells[2] == "0.4 µs ±0% (**1.38x**)"
+    latency_rows = [r.label for r in report.ROWS if r.workload == "latency"]
+    assert any("p50" in r for r in latency_rows) and any("p99" in r for r in latency_rows)
     assert "kernel forwarding" in md.split("Sender ceiling")[1].split("\n")[0]  # sender-bound
     assert "nftables / conn: 1 repetition(s) failed" in md
     assert "haproxy / conn: up to 3 HTTP errors" in md
@@ -252,6 +300,28 @@ def test_markdown_table_has_figures_ratios_and_statuses():
     assert "- a note" in md
     assert ("- lab for peers, repetition 2: the lab was removed while the bench used it "
             "… details") in md
+
+
+def test_readme_table_rows_in_order_for_the_five_systems(tmp_path, capsys):
+    doc = _doc()
+    doc["summary"] = report.summarize_samples(doc["samples"])
+    table = report.readme_table(doc).splitlines()
+    # kernel, nftables, haproxy; the n/a rawsock column; no 2-worker or sender column
+    assert table[0] == ("| workload | kernel forwarding | nftables DNAT | HAProxy | "
+                        "lbcore rawsock |")
+    labels = [line.split("|")[1].strip() for line in table[2:]]
+    assert labels == ["UDP 64 B, delivered at the backends",
+                      "UDP 64 B, forwarder CPU per delivered packet (lower is better)",
+                      "UDP 64 B, delivered / sender ceiling (udpflood alone: 1M pps ±10%)",
+                      "TCP bulk, 4 streams (iperf3)",
+                      "HTTP new connections/s (wrk, Connection: close)"]  # only what ran
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_doc()))
+    assert report.main([str(path), "--readme"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == table
+    assert not (tmp_path / "run.md").exists()           # printed, nothing re-rendered
+    keys = {(r.workload, r.metric) for r in report.ROWS}
+    assert set(report.README_ROWS) <= keys
 
 
 def test_charts_and_outputs(tmp_path):
@@ -287,7 +357,8 @@ BACKENDS = ["198.19.0.11", "198.19.0.12", "198.19.0.13"]
 
 def test_nftables_ruleset_spreads_over_every_backend():
     text = peers.nftables_dnat("198.18.100.1", BACKENDS)
-    assert text.count("jhash ip saddr .") == 2
+    assert text.count("jhash ip saddr .") == 3           # :80, nginx's :8080, udp 5300
+    assert f"tcp dport {peers.NGINX_PORT} dnat to jhash" in text
     assert "map { 0 : 198.19.0.11, 1 : 198.19.0.12, 2 : 198.19.0.13 }" in text
     assert "mod 3" in text and "masquerade" not in text
     assert "tcp dport 5201 dnat to 198.19.0.11" in text
@@ -298,7 +369,9 @@ def test_haproxy_config():
                                 maxconn=peers.haproxy_maxconn(20000))
     assert "mode tcp" in text and "balance roundrobin" in text and "nbthread 1" in text
     assert "bind 198.18.100.1:80" in text and "bind 198.18.100.1:5201" in text
-    assert text.count("server be") == 4
+    assert f"bind 198.18.100.1:{peers.NGINX_PORT}" in text
+    assert text.count(f":{peers.NGINX_PORT} check inter 1s") == 3      # every nginx
+    assert text.count("server be") == 7
     if shutil.which("haproxy") is None:
         pytest.skip("haproxy not installed (make bench-lab installs it)")
     cfg = Path("/tmp") / f"benchlab-test-{os.getpid()}.cfg"
@@ -321,6 +394,80 @@ def test_lbcore_bench_config_adds_the_bulk_port():
                                                 "weight": 1}]
     assert "health" not in doc["pool"]["bulk"]
     assert doc["pool"]["web"]["health"]["type"] == "tcp"
+    # with the backends: the nginx port over all of them, health-checked
+    doc = tomllib.loads(peers.lbcore_bench_config(lab_cfg, "198.18.100.1", "198.19.0.11",
+                                                  BACKENDS))
+    assert [(v["port"], v["pool"]) for v in doc["vip"]] == [
+        (80, "web"), (5201, "bulk"), (peers.NGINX_PORT, "nginx")]
+    assert [b["address"] for b in doc["pool"]["nginx"]["backends"]] == BACKENDS
+    assert {b["port"] for b in doc["pool"]["nginx"]["backends"]} == {peers.NGINX_PORT}
+    assert doc["pool"]["nginx"]["health"]["type"] == "tcp"
+
+
+@pytest.mark.parametrize("mode", ["tun", "rawsock"])
+def test_lbcore_bench_config_passes_lbcore_loader(tmp_path, mode):
+    """The config the bench starts lbcore with: the lab's own, the bulk port and the nginx
+    pool, accepted by lbcore's loader with every backend in the nginx pool."""
+    import ipaddress
+
+    from lbcore import lab
+    from lbcore.config import load_config
+    base = lab.render_config(lab.LabSpec(mode=mode), tmp_path)
+    path = tmp_path / "bench.toml"
+    path.write_text(peers.lbcore_bench_config(base, lab.VIP_V4, lab.backend_v4(1), BACKENDS))
+    cfg = load_config(path)
+    keys = {(str(v.address), v.port, v.protocol): v.pool for v in cfg.vips}
+    assert keys[(lab.VIP_V4, peers.NGINX_PORT, "tcp")] == "nginx"
+    assert keys[(lab.VIP_V4, peers.BULK_PORT, "tcp")] == "bulk"
+    assert {b.address for b in cfg.pools["nginx"].backends} == {
+        ipaddress.ip_address(b) for b in BACKENDS}
+
+
+def _nginx() -> str | None:
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+
+
+def test_nginx_config(tmp_path):
+    """What the brief for the HTTP backends asks: one worker, no access log, keep-alive that
+    outlasts a cell, a tiny static body, everything nginx writes inside the prefix."""
+    text = peers.nginx_config("be2", str(tmp_path))
+    lines = [x.strip() for x in text.splitlines()]
+    for want in ("daemon off;", "master_process on;", "worker_processes 1;", "access_log off;",
+                 "keepalive_timeout 65s;", "keepalive_requests 1000000;",
+                 f"listen {peers.NGINX_PORT} backlog=4096;", 'return 200 "be2\\n";',
+                 f"pid {tmp_path}/nginx.pid;", "error_log stderr warn;"):
+        assert want in lines, want
+    for path in (x.split()[1].rstrip(";") for x in lines if "_temp_path" in x):
+        assert path.startswith(str(tmp_path) + "/")
+    with pytest.raises(ValueError):
+        peers.nginx_config("be1; evil", str(tmp_path))
+    nginx = _nginx()
+    if nginx is None:
+        pytest.skip("nginx not installed (make bench-lab installs it)")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    r = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_workload_names_and_aliases():
+    from bench.lab import run
+    a = run._parse_args(["--workloads", "http_new,http_keepalive,latency",
+                         "--systems", "nftables"])
+    assert a.workloads == ["conn", "keepalive", "latency"]
+    assert a.systems == ["kernel", "nftables"]        # the reference is always measured
+    assert run.HTTP_WORKLOADS <= set(run.ALL_WORKLOADS)
+    with pytest.raises(SystemExit):
+        run._parse_args(["--workloads", "nope"])
+
+
+def test_cpu_seconds_sum_every_cpu():
+    before = parse.parse_proc_stat("cpu0 100 0 50 1000 0 0 10 0\ncpu1 10 0 5 2000 0 0 0 0\n")
+    after = parse.parse_proc_stat("cpu0 150 0 70 1100 5 0 40 0\ncpu1 110 0 5 2000 0 0 0 0\n")
+    # cpu0: 50 user + 20 system + 30 softirq; cpu1: 100 user; idle and iowait do not count
+    assert parse.cpu_seconds(before, after, 100) == pytest.approx(2.0)
+    assert parse.cpu_seconds(before, after, 100, ("softirq",)) == pytest.approx(0.3)
 
 
 @pytest.mark.netns
@@ -387,16 +534,17 @@ def test_udpflood_rejects_bad_arguments(flood_binary):
 @pytest.mark.netns
 @pytest.mark.slow
 def test_one_tiny_real_cell(tmp_path):
-    """The harness end to end on the lab: kernel forwarding, UDP and latency, 1 s cells."""
+    """The harness end to end on the lab: kernel forwarding, UDP, latency and new HTTP
+    connections (both against the bench's nginx), 1 s cells."""
     from lbcore import lab
-    for tool in ("nft", "wrk", "iperf3", "gcc", "taskset"):
-        if shutil.which(tool) is None:
+    for tool in ("nft", "wrk", "iperf3", "gcc", "taskset", "nginx"):
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             pytest.skip(f"{tool} missing (make bench-lab installs it)")
     stem = tmp_path / "tiny"
     with lab.turn():       # our turn with the lab; the harness must not wait for it again
         lab.down(out=lambda _: None)    # a lab left over by a crashed session, as tests do
         r = subprocess.run([sys.executable, "-m", "bench.lab.run", "--systems", "kernel",
-                            "--workloads", "udp,latency", "--reps", "1", "--seconds", "1",
+                            "--workloads", "udp,latency,conn", "--reps", "1", "--seconds", "1",
                             "--no-install", "--no-lab-lock", "--out", str(stem)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         gone = not lab.present_namespaces()
@@ -407,5 +555,9 @@ def test_one_tiny_real_cell(tmp_path):
     assert s["kernel"]["udp"]["delivered_pps"]["median"] > 1000
     assert s["sender"]["udp"]["offered_pps"]["median"] > 1000
     assert 0 < s["kernel"]["latency"]["p50_us"]["median"] < 1e6
+    assert s["kernel"]["conn"]["cps"]["median"] > 100        # nginx answered
+    assert s["kernel"]["conn"]["errors"]["max"] == 0
+    assert s["kernel"]["udp"]["cpu_us_per_pkt"]["n"] == 1
+    assert "nginx" in doc["machine"]["versions"]
     assert doc["systems"]["kernel"]["status"] == "ok"
     assert doc["machine"]["nproc"] >= 1 and doc["machine"]["versions"]["wrk"] != "?"

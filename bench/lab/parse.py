@@ -157,6 +157,21 @@ def cpu_delta_pct(before: dict[int, dict[str, int]], after: dict[int, dict[str, 
     return out
 
 
+def cpu_seconds(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
+                hz: int, kinds: tuple[str, ...] | None = None) -> float:
+    """CPU seconds of the given kinds ("softirq", ...; default: everything but idle and
+    iowait), summed over every CPU, between two /proc/stat readings (``hz``: clock ticks per
+    second)."""
+    want = kinds or tuple(k for k in CPU_FIELDS if k not in ("idle", "iowait"))
+    ticks = 0
+    for cpu, a in after.items():
+        b = before.get(cpu)
+        if b is None:
+            continue
+        ticks += sum(a.get(k, 0) - b.get(k, 0) for k in want)
+    return ticks / hz
+
+
 def parse_pid_stat(text: str) -> tuple[int, int]:
     """(utime, stime) in clock ticks from /proc/<pid>/stat (the comm field may hold spaces
     and parentheses: split after the last ")")."""

@@ -5,7 +5,8 @@ Pure text generation (tested without root); run.py applies them in the lab's gat
 Every system gets the same three services on the VIP, so that every workload runs unchanged
 against every system:
 
-* TCP 80 -> the backends' HTTP servers on :80 (all backends);
+* TCP 8080 -> nginx on every backend (the HTTP cells: a C server, so that the cells measure the
+  forwarders and not the lab's Python servers, which stay on :80 for the lab's own checks);
 * UDP 5300 -> the backends' UDP port 5300 (all backends);
 * TCP 5201 -> iperf3 on backend 1 only. iperf3's control connection and its data connections
   must reach the same server, but they are different 5-tuples, which a 5-tuple hash (lbcore,
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-HTTP_PORT = 80
+HTTP_PORT = 80                  # the lab's Python servers (health checks, the VIP probe)
+NGINX_PORT = 8080               # nginx on every backend: what the HTTP cells measure
 UDP_PORT = 5300
 BULK_PORT = 5201
 NFT_TABLE = "lbcbench"          # the table this bench adds (gateway: DNAT; backends: counters)
@@ -45,6 +47,8 @@ def nftables_dnat(vip: str, backends: Sequence[str]) -> str:
         "    chain prerouting {\n"
         "        type nat hook prerouting priority dstnat; policy accept;\n"
         f"        ip daddr {vip} tcp dport {HTTP_PORT} dnat to jhash ip saddr . tcp sport "
+        f"mod {n} seed {JHASH_SEED:#x} map {m}\n"
+        f"        ip daddr {vip} tcp dport {NGINX_PORT} dnat to jhash ip saddr . tcp sport "
         f"mod {n} seed {JHASH_SEED:#x} map {m}\n"
         f"        ip daddr {vip} udp dport {UDP_PORT} dnat to jhash ip saddr . udp sport "
         f"mod {n} seed {JHASH_SEED:#x} map {m}\n"
@@ -112,6 +116,8 @@ def haproxy_config(vip: str, backends: Sequence[str], *, pidfile: str,
     HAPROXY_SETTINGS). The VIP must be a local address of the gateway while HAProxy runs."""
     servers = "\n".join(f"    server be{i} {b}:{HTTP_PORT} check inter 1s"
                         for i, b in enumerate(backends, 1))
+    nginx = "\n".join(f"    server be{i} {b}:{NGINX_PORT} check inter 1s"
+                      for i, b in enumerate(backends, 1))
     return f"""\
 global
     nbthread 1
@@ -134,6 +140,14 @@ backend web
     balance roundrobin
 {servers}
 
+frontend nginx
+    bind {vip}:{NGINX_PORT}
+    default_backend nginx
+
+backend nginx
+    balance roundrobin
+{nginx}
+
 frontend bulk
     bind {vip}:{BULK_PORT}
     default_backend bulk
@@ -143,10 +157,12 @@ backend bulk
 """
 
 
-def lbcore_bench_config(lab_config: str, vip: str, bulk_backend: str) -> str:
+def lbcore_bench_config(lab_config: str, vip: str, bulk_backend: str,
+                        backends: Sequence[str] = ()) -> str:
     """The lab's own balancer config plus the bulk VIP port (a one-backend pool without a
-    health check: iperf3 would take a check's connection for a test)."""
-    return lab_config.rstrip() + f"""
+    health check: iperf3 would take a check's connection for a test) and, given the backends,
+    the nginx port over all of them (checked like the lab's web pool)."""
+    text = lab_config.rstrip() + f"""
 
 # Added by bench/lab: iperf3 on backend 1 (see bench/lab/peers.py for why one backend).
 [[vip]]
@@ -159,6 +175,85 @@ pool = "bulk"
 backends = [
     {{ address = "{bulk_backend}", port = {BULK_PORT}, weight = 1 }},
 ]
+"""
+    if backends:
+        rows = "\n".join(f'    {{ address = "{b}", port = {NGINX_PORT}, weight = 1 }},'
+                         for b in backends)
+        text += f"""
+# Added by bench/lab: nginx on every backend, what the HTTP cells measure.
+[[vip]]
+address = "{vip}"
+port = {NGINX_PORT}
+protocol = "tcp"
+pool = "nginx"
+
+[pool.nginx]
+backends = [
+{rows}
+]
+
+[pool.nginx.health]
+type = "tcp"
+interval = 1
+timeout = 0.5
+rise = 1
+fall = 2
+"""
+    return text
+
+
+NGINX_SETTINGS = ("nginx from Debian, one per backend on :8080, started by the bench in the "
+                  "backend's namespace (CPU 0, with the generators): worker_processes 1, "
+                  "access_log off, keep-alive on (keepalive_requests 1000000, timeout 65 s), "
+                  "every request answered `200` with a 4-byte body (the backend's name) from "
+                  "the config itself (no file read), as the lab's own servers answer")
+
+
+def nginx_config(name: str, prefix: str, port: int = NGINX_PORT) -> str:
+    """One backend's nginx.conf: a C server answering every request with a tiny static body.
+
+    Everything nginx writes (pid file, temp directories) stays under ``prefix``, a temporary
+    directory of the bench; the error log goes to stderr, which the bench reads if nginx fails
+    to start. ``daemon off`` keeps the master in the foreground, so the PID the bench started
+    is nginx's master and stopping it (SIGTERM: fast shutdown) ends its worker too.
+    keepalive_requests is raised from its default (1000) so that the keep-alive cell measures
+    requests, not reconnections.
+    """
+    if not name.replace("-", "").isalnum():
+        raise ValueError(f"backend name must be alphanumeric: {name!r}")
+    return f"""\
+# Written by bench/lab for one lab backend; removed with its temporary directory.
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+
+events {{
+    worker_connections 8192;
+    multi_accept on;
+}}
+
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_timeout 65s;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+
+    server {{
+        listen {port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "{name}\\n";
+        }}
+    }}
+}}
 """
 
 

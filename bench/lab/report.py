@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,15 @@ def fmt_pct(v: float) -> str:
     return f"{v:.1f} %"
 
 
+def fmt_us_fine(v: float) -> str:
+    """CPU time per packet: 2.34 µs, 0.87 µs, 12.3 µs."""
+    return f"{v:.3g} µs"
+
+
+def fmt_fraction(v: float) -> str:
+    return f"{v:.2f}"
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the main table: a metric of a workload."""
@@ -55,6 +65,15 @@ class Row:
     show_ratio: bool = True
     unit: str = ""
 
+    def title(self, summary: dict[str, Any] | None = None) -> str:
+        """The label, with the sender's ceiling put in where the label asks for it (the
+        sender-ceiling row names the figure its fractions are of)."""
+        if "{ceiling}" not in self.label:
+            return self.label
+        s = _summary(summary or {}, SENDER, "udp", "offered_pps")
+        return self.label.format(ceiling=(f"{fmt_rate(s.median, ' pps')} ±{100 * s.spread:.0f}%"
+                                          if s is not None else "not measured"))
+
 
 ROWS: tuple[Row, ...] = (
     Row("udp", "delivered_pps", "UDP 64 B, delivered at the backends",
@@ -63,6 +82,10 @@ ROWS: tuple[Row, ...] = (
         unit="packets/s"),
     Row("udp", "loss_pct", "UDP 64 B, loss", fmt_pct, higher_is_better=False, show_ratio=False,
         unit="%"),
+    Row("udp", "cpu_us_per_pkt", "UDP 64 B, forwarder CPU per delivered packet (lower is better)",
+        fmt_us_fine, higher_is_better=False, unit="µs"),
+    Row("udp", "of_ceiling", "UDP 64 B, delivered / sender ceiling (udpflood alone: {ceiling})",
+        fmt_fraction, show_ratio=False, unit="fraction"),
     Row("bulk1", "gbps", "TCP bulk, 1 stream (iperf3)", fmt_gbps, unit="Gbit/s"),
     Row("bulk4", "gbps", "TCP bulk, 4 streams (iperf3)", fmt_gbps, unit="Gbit/s"),
     Row("conn", "cps", "HTTP new connections/s (wrk, Connection: close)", fmt_rate,
@@ -82,11 +105,57 @@ WORKLOAD_LABELS = {
 
 # --------------------------------------------------------------------------- summary
 
+def _sender_by_rep(samples: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Per repetition, the sender-alone cell: its rate and the softirq seconds it costs per
+    packet sent (the client's side of the link and the drop on entering lbc-gw)."""
+    out: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s.get("system") != SENDER or s.get("error"):
+            continue
+        m, cpu = s.get("metrics") or {}, s.get("cpu") or {}
+        sent, soft = m.get("sent"), cpu.get("softirq_s")
+        d = {"pps": float(m.get("offered_pps") or 0.0)}
+        if sent and soft is not None:
+            d["cpu_s_per_pkt"] = float(soft) / float(sent)
+        out[int(s.get("rep", 0))] = d
+    return out
+
+
+def derived_udp(sample: dict[str, Any], sender: dict[int, dict[str, float]]
+                ) -> dict[str, float]:
+    """The UDP figures that need the sender-alone cell of the same repetition (or, if that one
+    failed, of any): the forwarder's CPU per delivered packet, in µs, and the delivered rate
+    as a fraction of the sender's ceiling.
+
+    The forwarder's CPU is its process time (none for kernel forwarding and nftables) plus the
+    softirq time of every CPU during the cell, less the softirq time the sender alone costs for
+    the packets it sent: the forwarder's work wherever the kernel does it, without the
+    sender's system calls or other jobs' processes (whole-machine busy time would count both).
+    """
+    m, cpu = sample.get("metrics") or {}, sample.get("cpu") or {}
+    ref = sender.get(int(sample.get("rep", 0)))
+    if ref is None and sender:
+        ref = next(iter(sender.values()))
+    out: dict[str, float] = {}
+    if ref is None:
+        return out
+    delivered, sent, soft = m.get("delivered"), m.get("sent"), cpu.get("softirq_s")
+    if ref.get("pps") and m.get("delivered_pps") is not None:
+        out["of_ceiling"] = float(m["delivered_pps"]) / ref["pps"]
+    if delivered and sent is not None and soft is not None and "cpu_s_per_pkt" in ref:
+        fwd_s = (float(cpu.get("forwarder_s") or 0.0) + float(soft)
+                 - ref["cpu_s_per_pkt"] * float(sent))
+        out["cpu_us_per_pkt"] = max(0.0, fwd_s) / float(delivered) * 1e6
+    return out
+
+
 def summarize_samples(samples: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{system: {workload: {metric: Summary-as-JSON}}} over the repetitions. Samples that
     failed (an "error" key) are left out of the figures and counted under "failed"."""
     values: dict[tuple[str, str, str], list[float]] = {}
     failed: dict[tuple[str, str], int] = {}
+    samples = list(samples)
+    sender = _sender_by_rep(samples)
     for s in samples:
         key = (s["system"], s["workload"])
         if s.get("error"):
@@ -98,6 +167,8 @@ def summarize_samples(samples: Iterable[dict[str, Any]]) -> dict[str, dict[str, 
             flat["forwarder_cpu_pct"] = cpu["forwarder_pct"]
         for c, d in (cpu.get("per_cpu") or {}).items():
             flat[f"cpu{c}_busy_pct"] = d.get("busy")
+        if s["workload"] == "udp" and s["system"] != SENDER:
+            flat.update(derived_udp(s, sender))
         for m, v in flat.items():
             if isinstance(v, int | float):
                 values.setdefault((*key, m), []).append(float(v))
@@ -154,15 +225,29 @@ def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def markdown_table(doc: dict[str, Any]) -> str:
+# The README's table: the rows a reader asks about first, in that order, and one column per kind
+# of system (the 2-worker variants are in the run's own table).
+README_ROWS: tuple[tuple[str, str], ...] = (
+    ("latency", "p50_us"), ("latency", "p99_us"), ("udp", "delivered_pps"),
+    ("udp", "cpu_us_per_pkt"), ("udp", "of_ceiling"), ("bulk1", "gbps"), ("bulk4", "gbps"),
+    ("conn", "cps"), ("keepalive", "rps"),
+)
+README_SYSTEMS = ("kernel", "nftables", "haproxy", "lbcore-tun-1w", "lbcore-rawsock-1w")
+
+
+def markdown_table(doc: dict[str, Any], rows: Sequence[Row] | None = None,
+                   systems: Sequence[str] | None = None) -> str:
     """The main table: every figure (median ±half-range of the repetitions) and, in bold, its
-    ratio to kernel forwarding measured in the same run."""
+    ratio to kernel forwarding measured in the same run. ``rows`` and ``systems`` narrow it
+    (the README's table)."""
     summary = doc["summary"]
     cols = _columns(doc)
+    if systems is not None:
+        cols = [c for c in cols if c[0] in systems]
     workloads = set(doc.get("settings", {}).get("workloads", []))
     head = "| workload | " + " | ".join(title for _, title, _ in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
-    for row in ROWS:
+    for row in ROWS if rows is None else rows:
         if workloads and row.workload not in workloads:
             continue
         ref = _summary(summary, KERNEL, row.workload, row.metric)
@@ -176,8 +261,14 @@ def markdown_table(doc: dict[str, Any]) -> str:
                 cells.append("n/a (TCP only)")
                 continue
             cells.append(_cell(row, s, ref, sid == KERNEL))
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.title(summary)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def readme_table(doc: dict[str, Any]) -> str:
+    """The table of the top-level README, from a run: README_ROWS for README_SYSTEMS."""
+    by_key = {(r.workload, r.metric): r for r in ROWS}
+    return markdown_table(doc, [by_key[k] for k in README_ROWS], README_SYSTEMS)
 
 
 def cpu_table(doc: dict[str, Any]) -> str:
@@ -330,7 +421,7 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
                     color=color[sid])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks([i + height * (len(others) - 1) / 2 for i in range(len(ratio_rows))])
-        ax.set_yticklabels([r.label for r in ratio_rows], fontsize=8)
+        ax.set_yticklabels([r.title(summary) for r in ratio_rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("ratio to kernel forwarding in the same run (higher is better; "
                       "whiskers: min..max)", fontsize=9)
@@ -363,7 +454,7 @@ def render_charts(doc: dict[str, Any], stem: Path) -> list[Path]:
             ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color=colors)
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
-            ax.set_title(r.label, fontsize=9)
+            ax.set_title(textwrap.fill(r.title(summary), 50), fontsize=9)   # no overlap
             ax.set_ylabel(r.unit, fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         for k in range(n, nrows * ncols):
@@ -397,7 +488,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
             rn = ratio(n.median, nk.median if nk else None)
             raw = ratio(n.median, o.median)
             lines.append(
-                f"| {row.label} | {sid} | {row.fmt(o.median)}"
+                f"| {row.title()} | {sid} | {row.fmt(o.median)}"
                 f"{f' ({ro:.2f}x)' if ro is not None and sid != KERNEL else ''} | "
                 f"{row.fmt(n.median)}{f' ({rn:.2f}x)' if rn is not None and sid != KERNEL else ''}"
                 f" | {f'{raw:.2f}' if raw is not None else '–'} |")
@@ -426,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Re-render or compare lab benchmark results.")
     p.add_argument("result", nargs="?", help="a result JSON to re-render (markdown + PNG)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two results")
+    p.add_argument("--readme", action="store_true",
+                   help="print the README's table of the result instead of re-rendering it")
     a = p.parse_args(argv)
     if a.compare:
         old, new = (json.loads(Path(x).read_text()) for x in a.compare)
@@ -435,6 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give a result JSON or --compare OLD NEW")
     path = Path(a.result)
     doc = json.loads(path.read_text())
+    if a.readme:
+        doc["summary"] = summarize_samples(doc.get("samples", []))
+        print(readme_table(doc))
+        return 0
     for w in write_outputs(doc, path.with_suffix("")):
         print(w)
     return 0

@@ -3,12 +3,13 @@
 ``python -m bench.lab.run [--quick] [--reps N] [--seconds S] [--systems ...] [--workloads ...]``
 (root: it builds the namespace lab of :mod:`lbcore.lab`). What it does, in order:
 
-1. installs what it drives if missing (apt: nftables, haproxy, iperf3, wrk, gcc) and builds the
-   UDP sender (bench/lab/udpflood.c) into build/bench-lab/;
+1. installs what it drives if missing (apt: nftables, haproxy, iperf3, wrk, nginx, gcc) and
+   builds the UDP sender (bench/lab/udpflood.c) into build/bench-lab/;
 2. for each repetition, for each group of systems (rotated each repetition), brings a lab up:
    without a balancer for the kernel/nftables/HAProxy group, with lbcore (its own config: the
-   lab's plus a bulk port, see peers.py) for each lbcore variant; pins the lab's servers to CPU 0,
-   starts iperf3 in backend 1 and counters in every backend; then for every system of the group
+   lab's plus a bulk port and the nginx port, see peers.py) for each lbcore variant; pins the
+   lab's servers to CPU 0, starts iperf3 in backend 1, nginx (the HTTP cells' server) and
+   counters in every backend; then for every system of the group
    sets it up in lbc-gw, runs every workload cell (each bounded in time), tears it down;
    finally takes the lab down again;
 3. writes bench/results/lab-<date>.json (machine facts, settings, every sample, the summary),
@@ -38,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,10 +57,19 @@ GEN_CPU = 0          # generators, backend servers, this driver
 FWD_CPU = 1          # the forwarder under test
 
 APT_TOOLS = {"nft": "nftables", "haproxy": "haproxy", "iperf3": "iperf3", "wrk": "wrk",
-             "gcc": "gcc", "taskset": "util-linux"}
+             "nginx": "nginx", "gcc": "gcc", "taskset": "util-linux"}
+# Debian's packages start their service when installed; the bench wants the binary only (its
+# nginx runs in the backends' namespaces, never in the root namespace). invoke-rc.d asks this
+# script first, and exit 101 means "do not start"; it is put in place only when there is none.
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 ALL_WORKLOADS = ("udp", "bulk1", "bulk4", "conn", "keepalive", "latency")
 QUICK_WORKLOADS = ("udp", "bulk4", "conn", "latency")
+# Other names accepted by --workloads (what the rows are called in prose).
+WORKLOAD_ALIASES = {"http_new": "conn", "http_keepalive": "keepalive", "udp64": "udp",
+                    "bulk": "bulk4"}
+NGINX_READY_TIMEOUT = 10.0   # s: every backend's nginx listens by then
+HTTP_WORKLOADS = {"conn", "keepalive", "latency"}   # the cells that talk to nginx
 
 SENDER_DEST = "198.18.201.1"   # the sender-alone run's destination: dropped on entering lbc-gw
 
@@ -104,7 +115,8 @@ NOTES = [
     "Topology: `lbcore lab` (lbc-client 198.18.0.2 — lbc-gw — lbc-be1..3 198.19.0.11-13, veth "
     "links, VIP 198.18.100.1). Kernel forwarding talks to the backends' own addresses through "
     "lbc-gw (no balancing: the ceiling); every other system is reached through the VIP.",
-    "Pinning: udpflood, iperf3 (client and server), wrk, the backends' servers and the driver on "
+    "Pinning: udpflood, iperf3 (client and server), wrk, nginx, the backends' servers and the "
+    "driver on "
     "CPU 0; HAProxy and lbcore on CPU 1 (taskset; lbcore's workers pin themselves to the "
     "highest CPU). Kernel/nftables forwarding runs in softirq wherever the packet is, with veth "
     "mostly on the sender's CPU 0; their 'forwarder CPU' is the softirq time of CPU 1.",
@@ -117,13 +129,19 @@ NOTES = [
     "TCP bulk: iperf3 3.x, -P 1 and -P 4, -O 1 (first second omitted), receiver's figure; "
     "one iperf3 server on backend 1 (its control and data connections must meet one server, so "
     "the bulk VIP port 5201 has a one-backend pool in every system).",
-    "HTTP: the lab's backend servers (lbcore.lab.servers, Python asyncio) on :80. New connections: "
+    "HTTP: " + peers.NGINX_SETTINGS + ". New connections: "
     f"wrk -t1 -c{WRK_CONNS} -H 'Connection: close', three wrk processes (to the three backends "
-    "for kernel forwarding, to the VIP otherwise); keep-alive: the same without the header. The "
-    "backends' Python servers share CPU 0 with wrk: where the kernel column is no higher than "
-    "the balancers', the servers, not the forwarder, set the figure (kernel forwarding and "
-    "nftables add their softirq work to that CPU 0, user-space forwarders theirs to CPU 1, so "
-    "these can exceed 1.0x).",
+    "for kernel forwarding, to the VIP otherwise); keep-alive: the same without the header. "
+    "wrk and nginx share CPU 0: kernel forwarding and nftables add their softirq work to that "
+    "CPU 0, user-space forwarders theirs to CPU 1, so these can exceed 1.0x.",
+    "UDP CPU per packet: the forwarder's process time (lbcore: every worker; none for kernel "
+    "forwarding and nftables) plus the softirq time of both CPUs during the cell (/proc/stat: "
+    "where the kernel forwards, and where a user-space forwarder's packets enter and leave), "
+    "less the softirq time the sender alone costs per packet sent (its own cell in the same "
+    "repetition), per delivered packet. The sender's own system calls and other jobs' "
+    "processes are not in it. What the sender's cell costs in softirq is a veth receive into "
+    "lbc-gw and a drop at its first hook; the backends' counting drop is the same work on the "
+    "far side, so the two stand in for each other and what remains is the forwarder's.",
     f"Latency: one wrk, -c{LAT_CONNS} keep-alive connections, each waiting {LAT_DELAY_MS} ms "
     "after a response (a Lua delay()), so about 1000 requests/s; wrk --latency's p50/p99 "
     "(wrk2 is not in Debian).",
@@ -131,7 +149,8 @@ NOTES = [
     "prerouting hook (as nftlb / kube-proxy's nftables mode), conntrack on, no masquerade.",
     "HAProxy: " + peers.HAPROXY_SETTINGS + "; the VIP is a local address of lbc-gw for it.",
     "lbcore: the lab's generated config (tcp 80 and udp 5300 over 3 backends with health checks) "
-    "plus the bulk port; everything else at its defaults.",
+    f"plus the bulk port and tcp {peers.NGINX_PORT} over the 3 nginx (tcp health checks); "
+    "everything else at its defaults.",
     "Client and gateway: ip_local_port_range 1024-65535 (the generators open ~10^5 "
     "connections per cell).",
 ]
@@ -144,9 +163,35 @@ def log(msg: str) -> None:
     print(f"[bench-lab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _which(tool: str) -> str | None:
+    """The tool's path; /usr/sbin too (nginx lives there, and a sudo PATH may lack it)."""
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+
+
+def _nginx_bin() -> str:
+    return _which("nginx") or "nginx"
+
+
+@contextlib.contextmanager
+def no_service_start() -> Iterator[None]:
+    """While installing, tell Debian's maintainer scripts not to start services (a packaged
+    nginx would otherwise start listening on :80 in the root namespace). Leaves an existing
+    policy-rc.d alone; removes only the one it wrote."""
+    if POLICY_RC_D.exists():
+        yield
+        return
+    POLICY_RC_D.write_text("#!/bin/sh\n# bench/lab: installing tools, no service start\nexit 101\n")
+    POLICY_RC_D.chmod(0o755)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            POLICY_RC_D.unlink()
+
+
 def ensure_tools(install: bool = True) -> None:
     """Install the Debian packages of missing tools (apt-get update once first)."""
-    missing = sorted({pkg for tool, pkg in APT_TOOLS.items() if shutil.which(tool) is None})
+    missing = sorted({pkg for tool, pkg in APT_TOOLS.items() if _which(tool) is None})
     if not missing:
         return
     if not install:
@@ -154,8 +199,9 @@ def ensure_tools(install: bool = True) -> None:
     log(f"installing {' '.join(missing)} (apt)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    with no_service_start():
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
 
 
 def build_flood() -> Path:
@@ -224,6 +270,7 @@ def machine_facts() -> dict[str, Any]:
             "iperf3": _first_line(["iperf3", "--version"]),
             "wrk": _first_line(["wrk", "-v"]).split(" Copyright")[0],
             "gcc": _first_line(["gcc", "--version"]),
+            "nginx": _first_line([_nginx_bin(), "-v"]).replace("nginx version: ", ""),
         },
     }
 
@@ -251,6 +298,17 @@ def set_affinity(pid: int, cpu: int) -> None:
     for tid in tids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.sched_setaffinity(tid, {cpu})
+
+
+def _children(pid: int) -> list[int]:
+    """The child PIDs of ``pid`` (every thread's), from /proc."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError):
+                out += [int(x) for x in
+                        Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return out
 
 
 def pid_ticks(pid: int) -> int | None:
@@ -293,6 +351,10 @@ class CpuWindow:
         wall = time.monotonic() - self.t0
         per_cpu = {str(c): {k: round(v, 1) for k, v in d.items()}
                    for c, d in parse.cpu_delta_pct(self.s0, s1).items()}
+        busy_s = parse.cpu_seconds(self.s0, s1, self.hz)
+        softirq_s = parse.cpu_seconds(self.s0, s1, self.hz, ("softirq",))
+        proc_s = (None if not self.fwd_pid or self.p0 is None or p1 is None
+                  else (p1 - self.p0) / self.hz)
         if self.fwd_pid and self.p0 is not None and p1 is not None and wall > 0:
             fwd = 100.0 * (p1 - self.p0) / self.hz / wall
             how = "process"
@@ -300,7 +362,9 @@ class CpuWindow:
             fwd = per_cpu.get(str(FWD_CPU), {}).get("softirq")
             how = f"softirq of CPU {FWD_CPU}"
         return {"forwarder_pct": None if fwd is None else round(fwd, 1), "forwarder_how": how,
-                "per_cpu": per_cpu, "wall_s": round(wall, 3)}
+                "per_cpu": per_cpu, "wall_s": round(wall, 3), "busy_s": round(busy_s, 4),
+                "softirq_s": round(softirq_s, 4),
+                "forwarder_s": None if proc_s is None else round(proc_s, 4)}
 
 
 # --------------------------------------------------------------------------- the bench
@@ -342,6 +406,8 @@ class Bench:
     lab_created: float | None = None     # our lab's state.json "created": who owns the lab
     fwd_pid: int | None = None
     iperf_pid: int | None = None
+    nginx_dir: Path | None = None        # the round's nginx configs and logs (a temp dir)
+    nginx_workers: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, start)
 
     # -- processes ------------------------------------------------------------------------
 
@@ -459,6 +525,7 @@ class Bench:
             yield state
         finally:
             self.stop_all()
+            self.stop_nginx_workers()
             self.fwd_pid = self.iperf_pid = None
             if self.owns_lab():
                 lab.down(out=lambda _: None)
@@ -499,8 +566,9 @@ class Bench:
         base = lab.LabSpec(mode=s.mode or "tun", workers=s.workers)
         BUILD.mkdir(parents=True, exist_ok=True)
         cfg = BUILD / f"{group}.toml"
-        cfg.write_text(peers.lbcore_bench_config(lab.render_config(base), lab.VIP_V4,
-                                                 lab.backend_v4(1)))
+        cfg.write_text(peers.lbcore_bench_config(
+            lab.render_config(base), lab.VIP_V4, lab.backend_v4(1),
+            [lab.backend_v4(i) for i in range(1, base.backends + 1)]))
         argv = ("taskset", "-c", str(FWD_CPU), sys.executable, "-m", "lbcore", "run",
                 "-c", str(cfg))
         return lab.LabSpec(mode=s.mode or "tun", workers=s.workers, balancer_argv=argv)
@@ -521,6 +589,55 @@ class Bench:
                         stdout=subprocess.DEVNULL)
         self.iperf_pid = ip.pid
         self._wait(lambda: _listening(ip.pid, peers.BULK_PORT), "iperf3 server", 10, ip)
+        if HTTP_WORKLOADS & set(self.workloads):
+            self.start_nginx(state)
+
+    # -- nginx: the HTTP cells' backends ---------------------------------------------------
+
+    def start_nginx(self, state: Any) -> None:
+        """One nginx per backend namespace, each from its own config in a temporary directory,
+        started (and later stopped) by PID like every other process of the bench."""
+        from lbcore import lab
+        self.nginx_dir = Path(tempfile.mkdtemp(prefix="lbcore-bench-nginx-"))
+        masters = []
+        for i in range(1, state.spec.backends + 1):
+            d = self.nginx_dir / lab.backend_name(i)
+            d.mkdir()
+            conf = d / "nginx.conf"
+            conf.write_text(peers.nginx_config(lab.backend_name(i), str(d)))
+            logf = open(d / "stderr.log", "wb")   # noqa: SIM115 (the child holds it)
+            try:
+                p = self.spawn(lab.backend_ns(i), [_nginx_bin(), "-p", str(d), "-c", str(conf),
+                                                   "-e", "stderr"],
+                               stdout=logf, stderr=subprocess.STDOUT)
+            finally:
+                logf.close()
+            masters.append((p, d))
+        deadline = time.monotonic() + NGINX_READY_TIMEOUT
+        for p, d in masters:
+            while not (_listening(p.pid, peers.NGINX_PORT) and _children(p.pid)):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    why = (f"exited ({p.returncode})" if p.returncode is not None
+                           else f"not listening after {NGINX_READY_TIMEOUT:.0f} s")
+                    tail = (d / "stderr.log").read_text(errors="replace").strip()[-1500:]
+                    raise CellError(f"nginx in {d.name} {why}: {tail}")
+                time.sleep(0.05)
+            # its worker: stopped with the master (SIGTERM), and by PID should the master die
+            # without taking it along
+            self.nginx_workers += [(w, lab.starttime(w)) for w in _children(p.pid)]
+
+    def stop_nginx_workers(self) -> None:
+        """After the masters were stopped: any nginx worker still alive (same PID and start
+        time as when it was recorded) is killed; then the temporary directory goes."""
+        from lbcore import lab
+        for pid, start in self.nginx_workers:
+            if start is not None and lab.starttime(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.nginx_workers = []
+        if self.nginx_dir is not None:
+            shutil.rmtree(self.nginx_dir, ignore_errors=True)
+            self.nginx_dir = None
 
     def _nft(self, netns: str, ruleset: str) -> None:
         from lbcore import netconf
@@ -565,11 +682,12 @@ class Bench:
     # -- systems ----------------------------------------------------------------------------
 
     def targets(self, sid: str, backends: list[str], vip: str) -> Targets:
+        port = peers.NGINX_PORT
         if sid == "kernel":
-            return Targets(http=[f"http://{b}/" for b in backends], udp=list(backends),
-                           bulk=backends[0], latency=f"http://{backends[0]}/")
-        return Targets(http=[f"http://{vip}/"] * len(backends), udp=[vip], bulk=vip,
-                       latency=f"http://{vip}/")
+            return Targets(http=[f"http://{b}:{port}/" for b in backends], udp=list(backends),
+                           bulk=backends[0], latency=f"http://{backends[0]}:{port}/")
+        return Targets(http=[f"http://{vip}:{port}/"] * len(backends), udp=[vip], bulk=vip,
+                       latency=f"http://{vip}:{port}/")
 
     @contextlib.contextmanager
     def system(self, sid: str, state: Any) -> Iterator[None]:
@@ -593,6 +711,7 @@ class Bench:
             try:
                 hp = self.spawn(lab.GW_NS, ["haproxy", "-db", "-f", str(cfg)], cpu=FWD_CPU)
                 self._wait(lambda: _listening(hp.pid, peers.HTTP_PORT)
+                           and _listening(hp.pid, peers.NGINX_PORT)
                            and _listening(hp.pid, peers.BULK_PORT), "haproxy", 10, hp)
                 self.fwd_pid = hp.pid
                 self._probe_vip()
@@ -608,13 +727,15 @@ class Bench:
             yield
 
     def _probe_vip(self, timeout: float = 15.0) -> None:
-        """Wait until an HTTP request to the VIP from the client gets an answer (health checks
-        of the balancer may need a moment after start)."""
+        """Wait until an HTTP request to the VIP's nginx port from the client gets an answer
+        (health checks of the balancer may need a moment after start)."""
         from lbcore import lab, netconf
+        # the port the cells use; the lab's own HTTP servers when no cell needs nginx
+        port = peers.NGINX_PORT if self.nginx_dir is not None else peers.HTTP_PORT
 
         def once() -> bool:
             try:
-                with socket.create_connection((lab.VIP_V4, peers.HTTP_PORT), timeout=1) as s:
+                with socket.create_connection((lab.VIP_V4, port), timeout=1) as s:
                     s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
                     return s.recv(64).startswith(b"HTTP/1.1 200")
             except OSError:
@@ -847,7 +968,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions of every cell (default 3)")
     p.add_argument("--seconds", type=float, help="length of every cell (default 8)")
     p.add_argument("--systems", help="comma-separated, of: " + ",".join(SYSTEMS))
-    p.add_argument("--workloads", help="comma-separated, of: " + ",".join(ALL_WORKLOADS))
+    p.add_argument("--workloads", help="comma-separated, of: " + ",".join(ALL_WORKLOADS)
+                   + " (also " + ", ".join(f"{k}={v}" for k, v in WORKLOAD_ALIASES.items()) + ")")
     p.add_argument("--out", type=Path, help="output stem (default bench/results/lab-<date>)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get missing tools")
     p.add_argument("--no-lab-lock", action="store_true",
@@ -855,7 +977,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.reps = a.reps or (1 if a.quick else 3)
     a.seconds = a.seconds or (3.0 if a.quick else 8.0)
-    a.workloads = (a.workloads.split(",") if a.workloads
+    a.workloads = ([WORKLOAD_ALIASES.get(w, w) for w in a.workloads.split(",")] if a.workloads
                    else list(QUICK_WORKLOADS if a.quick else ALL_WORKLOADS))
     a.systems = a.systems.split(",") if a.systems else list(DEFAULT_SYSTEMS)
     for w in a.workloads:
