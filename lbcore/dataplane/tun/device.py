@@ -46,6 +46,7 @@ import fcntl
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 TUNSETIFF = 0x400454CA
@@ -119,6 +120,26 @@ def check_adoptable(name: str) -> str | None:
     return None
 
 
+# A process that has just died may hold its queues a little longer: its io_uring instance is
+# torn down by a kernel worker after the exit, and the reads it had armed keep the queue
+# files open until then. A restart right after a crash waits that long, not more.
+RELEASE_WAIT_S = 3.0
+
+
+def _adoptable_after_release(name: str, wait_s: float = RELEASE_WAIT_S) -> str | None:
+    """check_adoptable, waiting up to `wait_s` for queues still attached to go."""
+    from ... import netconf
+    deadline = time.monotonic() + wait_s
+    why = check_adoptable(name)
+    while why is not None and time.monotonic() < deadline:
+        info = netconf.tun_info(name)
+        if isinstance(info, bool) or info is None or not info.persist or not info.queues:
+            break                     # not a matter of queues still going away
+        time.sleep(0.02)
+        why = check_adoptable(name)
+    return why
+
+
 def _ifr(name: str, flags: int) -> bytes:
     return struct.pack("16sH22x", name.encode(), flags)
 
@@ -168,7 +189,7 @@ def attach_tun(name: str, queues: int) -> TunQueues:
     _check_name(name)
     adopted = bool(ifindex(name))
     if adopted:
-        why = check_adoptable(name)
+        why = _adoptable_after_release(name)
         if why is not None:
             raise TunError(errno.EEXIST, why)
     try:
@@ -215,7 +236,7 @@ def remove_persistent(name: str) -> bool:
     _check_name(name)
     if not ifindex(name):
         return False
-    why = check_adoptable(name)
+    why = _adoptable_after_release(name)
     if why is not None:
         raise TunError(errno.EBUSY, why)
     try:
