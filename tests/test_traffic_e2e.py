@@ -268,6 +268,10 @@ def test_fragmented_tcp_reply_comes_back_whole_and_translated(lab, vip):
     from lbcore import netconf
     from lbcore.lab import child_env
 
+    if (vip == VIP4
+            and netconf.sysctl_get("net/ipv4/conf/all/rp_filter", netns=lab_mod.GW_NS) != "0"):
+        pytest.skip("conf/all/rp_filter is on in the gateway: no port-less IPv4 TCP rule")
+
     marker, size = "FRAGTCP-" + vip, 3000
     senders = [netconf.popen_in_netns(ns, [sys.executable, "-c", FRAG_TCP_SENDER, marker,
                                            str(size)],
@@ -318,6 +322,11 @@ def test_a_backends_own_traffic_through_the_gateway_passes(lab, family):
     # reply rules bring it to the TUN; counted "passed"); the answers come back the normal way
     v6 = family == "ipv6"
     client = lab_mod.CLIENT_V6 if v6 else lab_mod.CLIENT_V4
+    from lbcore import netconf as nc
+
+    if (not v6 and lab.spec.mode == "tun"
+            and nc.sysctl_get("net/ipv4/conf/all/rp_filter", netns=lab_mod.GW_NS) != "0"):
+        pytest.skip("conf/all/rp_filter is on in the gateway: no IPv4 pass-through there")
     before = status()["totals"].get("passed", 0)
     server = netconf_popen("lbc-client", f"""
 import json, socket, threading
@@ -374,6 +383,15 @@ print(json.dumps(res))
     assert out == ["olleh", 100, 3000], out
     # the SYN, data, FIN of the TCP side, the datagrams and their fragments
     assert status()["totals"]["passed"] - before >= 6
+    from lbcore import netconf
+    from lbcore.dataplane import replies
+
+    fam = 10 if v6 else 2
+    rules = netconf.rules(lab_mod.GW_NS, family=fam)
+    assert [r.iif for r in rules if r.priority == replies.PASS_PRIORITY
+            and r.table == replies.MAIN_TABLE] == [lab_mod.TUN_NAME], rules
+    assert any(r.priority == replies.RULE_PRIORITY and r.ipproto == 6 and not r.sport
+               for r in rules), rules           # the port-less TCP rule
 
 
 def netconf_popen(ns: str, code: str):
