@@ -265,7 +265,8 @@ PIPELINE_CASES = [
         {"drops": {"no_vip": 1}}),
     PipelineCase(
         "a backend's fragmented tcp reply of a flow is translated, every fragment",
-        (tx(SYN, SYN_OUT),) + tuple(tx(f, o) for f, o in zip(TCP_FRAGS, TCP_FRAGS_OUT)),
+        (tx(SYN, SYN_OUT),) + tuple(tx(f, o) for f, o in zip(TCP_FRAGS, TCP_FRAGS_OUT,
+                                                                  strict=True)),
         {"flow_hit": 1, "passed": 0}),
     PipelineCase(
         "a backend's own tcp, no reply of any flow, is passed unchanged",
