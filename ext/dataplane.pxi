@@ -462,7 +462,7 @@ cdef class Dataplane:
         cdef lb_worker *w
         tot = dict(rx=0, tx=0, rx_bytes=0, tx_bytes=0, flow_hit=0, flow_miss=0,
                    flow_new=0, loops=0, batches=0, tx_errors=0, echo_replies=0, resets=0,
-                   unreachables=0, rejects_limited=0, out_dropped=0)
+                   unreachables=0, rejects_limited=0, out_dropped=0, passed=0)
         limits = {s: [0, 0, 0] for s in vip_stats}
         drops = [0] * LB_DROP__COUNT
         vips = {s: [0, 0, 0] for s in vip_stats}
@@ -486,6 +486,7 @@ cdef class Dataplane:
             tot["unreachables"] += s.unreachables
             tot["rejects_limited"] += s.rejects_limited
             tot["out_dropped"] += s.out_dropped
+            tot["passed"] += s.passed
             if i < self.workers:
                 workers.append({"rx": s.rx, "tx": s.tx, "loops": s.loops,
                                 "batches": s.batches})

@@ -183,6 +183,7 @@ cdef extern from "lb_types.h" nogil:
         uint64_t unreachables
         uint64_t rejects_limited
         uint64_t out_dropped
+        uint64_t passed
         uint64_t drops[<int>LB_DROP__COUNT]
         lb_counter *vip
         lb_counter *backend

@@ -26,6 +26,7 @@ enum frag_state {
     FS_PENDING = 1,    /* later fragments seen, first not yet: some may be held */
     FS_FWD = 2,        /* first fragment forwarded: flow + dir apply */
     FS_DROP = 3,       /* first fragment dropped: reason applies */
+    FS_PASS = 4,       /* first fragment passed (LB_PASS): so are the others */
 };
 
 struct frag_ent {
@@ -321,7 +322,12 @@ void lb_frag_decide(struct lb_worker *w, const struct lb_pkt *p, const struct lb
         ent->created = now;
     }
     LB_CNT_INC(&fc->c.first);
-    if (drop != LB_DROP_NONE || !e) {
+    if (drop == LB_DROP_NONE && !e) {
+        /* passed: the later fragments follow it unchanged; held ones are
+         * dropped (out of order and no reply: not worth a copy back) */
+        ent->state = FS_PASS;
+        __atomic_fetch_add(&fc->c.dropped, drop_held(fc, ent), __ATOMIC_RELAXED);
+    } else if (drop != LB_DROP_NONE || !e) {
         ent->state = FS_DROP;
         ent->reason = (uint8_t)(drop != LB_DROP_NONE ? drop : LB_DROP_FRAGMENT);
         __atomic_fetch_add(&fc->c.dropped, drop_held(fc, ent), __ATOMIC_RELAXED);
@@ -388,6 +394,13 @@ enum lb_verdict lb_frag_later(struct lb_worker *w, struct lb_pkt *p, int may_hol
         lb_spin_unlock(&s->lock);
         LB_CNT_INC(&fc->c.dropped);
         return LB_DROP;
+    }
+    if (ent && ent->state == FS_PASS) {
+        if (account(ent, p))
+            ent->state = FS_FREE;
+        lb_spin_unlock(&s->lock);
+        *reason = LB_DROP_NONE;
+        return LB_PASS;
     }
     if (!may_hold) {
         lb_spin_unlock(&s->lock);

@@ -77,13 +77,15 @@ void lb_frag_usage(struct lb_frag *fc, uint32_t *entries, uint32_t *buffers,
 
 /* The first fragment p (parsed, F_PKT_FRAGMENT, frag_off 0) has been
  * decided: forwarded with flow e in direction dir (drop == LB_DROP_NONE;
- * p is already rewritten), or dropped for drop. Records it and releases the
- * datagram's held fragments: translated onto w's out list, or freed. */
+ * p is already rewritten), passed (LB_PASS: e NULL, drop LB_DROP_NONE), or
+ * dropped for drop. Records it and releases the datagram's held fragments:
+ * translated onto w's out list, or freed (dropped, passed). */
 void lb_frag_decide(struct lb_worker *w, const struct lb_pkt *p, const struct lb_flow_entry *e,
                     enum lb_dir dir, enum lb_drop_reason drop, uint32_t now);
 
 /* A later fragment p (frag_off > 0). With a decision: translated in place,
- * LB_TX (*e, *dir the flow, for the counters), or LB_DROP with its reason.
+ * LB_TX (*e, *dir the flow, for the counters), LB_PASS (untouched, as its
+ * first fragment), or LB_DROP with its reason.
  * Without: held (LB_HOLD) when may_hold, else or when there is no room
  * LB_DROP (*reason frag_early, or no_vip when !may_hold). */
 enum lb_verdict lb_frag_later(struct lb_worker *w, struct lb_pkt *p, int may_hold, uint32_t now,

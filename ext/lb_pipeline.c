@@ -13,6 +13,8 @@
  *   4. pipe_later: later fragments, after every first fragment of the batch
  *      has been decided (so in-order fragments never wait): the cached
  *      decision, or held until it comes (lb_frag.h).
+ * A packet from a backend's address that is no reply of any flow is passed
+ * (LB_PASS, see passable()): the caller hands it back to the kernel as it is.
  * Stage 1 also answers what needs no flow: echo requests to a VIP address,
  * and the closed ports of a VIP address (lb_icmp.h).
  */
@@ -199,6 +201,23 @@ static inline enum lb_drop_reason new_flow(struct lb_worker *w, const struct lb_
     return LB_DROP_NONE;
 }
 
+/* Whether p, no reply of any flow, is handed back to the kernel unchanged
+ * (LB_PASS) rather than dropped: it is from a backend's address (the reply
+ * path's port-less rules bring all of a backend's TCP/UDP to the data plane,
+ * for the fragments of its replies, so its own traffic through the gateway
+ * comes too) and not to a VIP's address. The second condition is what keeps
+ * a passed packet from looping: in mode tun the kernel routes what is
+ * written to the TUN by the main table (rule `iif TUN lookup main`, before
+ * the reply rules), where only the VIPs' routes lead into the TUN, so a
+ * passed packet leaves by another way; and should a route into the TUN be
+ * added by hand, every pass through the kernel costs the packet one TTL /
+ * hop limit. */
+static inline int passable(const struct lb_table *t, const struct lb_pkt *p)
+{
+    return lb_table_backend_addr(t, p->family, p->key.src)
+        && !lb_table_vip_addr(t, p->family, p->key.dst);
+}
+
 /* Per-packet state between the stages of a batch. */
 struct pipe_pkt {
     struct lb_pkt p;
@@ -336,6 +355,11 @@ static inline enum lb_verdict pipe_forward(struct lb_worker *w, const struct lb_
             const struct lb_vip *v2 = NULL;
             const struct lb_backend *be = lb_table_find_backend(t, &p->key, &v2);
             if (!be) {
+                if (passable(t, p)) {
+                    w->stats.passed++;
+                    *reason = LB_DROP_NONE;
+                    return LB_PASS;
+                }
                 count_drop(w, LB_DROP_NO_VIP, reason);
                 return LB_DROP;
             }
@@ -367,6 +391,8 @@ static inline enum lb_verdict pipe_later(struct lb_worker *w, const struct lb_ta
         count_flow(w, &e, p->len, 0);
         w->stats.tx++;
         w->stats.tx_bytes += p->len;
+    } else if (v == LB_PASS) {
+        w->stats.passed++;
     } else if (v == LB_DROP) {
         w->stats.drops[*reason]++;
     }
@@ -436,11 +462,12 @@ uint32_t lb_pipeline_run(struct lb_worker *w, const struct lb_table *t, uint8_t 
         reasons[i] = (uint8_t)r;
         if (v == LB_REPLY)
             lens[i] = st[i].p.len;
+        /* a passed first fragment: decided "pass" (no flow, no drop reason) */
         if (st[i].p.flags & F_PKT_FRAGMENT)
             lb_frag_decide(w, &st[i].p, v == LB_TX ? &ent[j] : NULL,
                            st[i].vip ? LB_DIR_FWD : LB_DIR_REV,
-                           v == LB_TX ? LB_DROP_NONE : (r != LB_DROP_NONE ? r : LB_DROP_FRAGMENT),
-                           now);
+                           v == LB_TX || v == LB_PASS ? LB_DROP_NONE
+                           : (r != LB_DROP_NONE ? r : LB_DROP_FRAGMENT), now);
         sent += v == LB_TX || v == LB_REPLY;
         out_src(w, o0, i);
     }

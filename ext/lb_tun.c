@@ -3,7 +3,8 @@
  * Both I/O paths share the batch step: virtio_net_hdr check (lb_vnet.h) ->
  * lb_pipeline_run over the batch -> send back each packet it sends, header
  * and all (an answer, LB_REPLY, with a zeroed header: its checksums are
- * complete), then the batch's extra packets (lb_out.h), each with a zeroed
+ * complete; a passed packet, LB_PASS, exactly as it was read: the kernel
+ * routes it by the main table this time, rule `iif TUN lookup main`), then the batch's extra packets (lb_out.h), each with a zeroed
  * header in its headroom. The extras always leave by plain write(): they are
  * rare, and their memory is only valid until lb_out_done.
  *
@@ -229,7 +230,7 @@ static int rw_run(struct lb_tun *tun)
             lb_pipeline_run(w, t, data, len, csum, verdicts, reasons, n, now);
             for (uint32_t i = 0; i < n; i++) {
                 uint8_t *b = tun_buf(tun, i);
-                if (verdicts[i] == LB_TX) {
+                if (verdicts[i] == LB_TX || verdicts[i] == LB_PASS) {
                     tun_write(w, b, raw[i]);
                 } else if (verdicts[i] == LB_REPLY) {
                     memset(b, 0, hdr);
@@ -332,7 +333,7 @@ static int ring_batch(struct lb_tun *tun, const struct lb_table *t, uint32_t *id
         lb_pipeline_run(w, t, data, len, csum, verdicts, reasons, m, now);
     for (uint32_t j = 0; j < m; j++) {
         uint32_t i = idx[j];
-        if (verdicts[j] == LB_TX) {
+        if (verdicts[j] == LB_TX || verdicts[j] == LB_PASS) {
             rc |= ring_write(tun, i, tun->len[i]);
         } else if (verdicts[j] == LB_REPLY) {
             memset(tun_buf(tun, i), 0, hdr);

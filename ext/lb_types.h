@@ -19,7 +19,11 @@
 enum lb_verdict {
     LB_TX = 0,    /* rewritten in place: send it */
     LB_DROP = 1,  /* drop; the reason is counted */
-    LB_PASS = 2,  /* not ours (not VIP traffic, not a reply): leave it alone */
+    LB_PASS = 2,  /* from a backend's address but no reply of any flow (its own
+                     traffic through the gateway): handed back to the kernel
+                     unchanged (tun: written back to the TUN, routed by the
+                     main table; rawsock: nothing sent, the kernel has its
+                     own copy) */
     LB_REPLY = 3, /* answered in place (echo reply, RST): send it back the way
                      it came, i.e. routed to its new destination, the sender */
     LB_HOLD = 4,  /* kept by the data plane (a fragment that came before its
@@ -204,6 +208,8 @@ struct lb_stats {
     uint64_t rejects_limited;    /* rejects not sent: over the reject rate */
     uint64_t out_dropped;        /* extra packets (released fragments, ICMP
                                     errors) that did not fit the batch's out list */
+    uint64_t passed;             /* LB_PASS: a backend's packets that are no reply
+                                    (fragments included), handed back unchanged */
     uint64_t drops[LB_DROP__COUNT];
     struct lb_counter *vip;      /* [LB_MAX_STAT_IDS], indexed by stat_id */
     struct lb_counter *backend;  /* [LB_MAX_STAT_IDS] */

@@ -49,7 +49,7 @@ TABLE = [
 ]
 
 TX, DROP = _core.VERDICT_TX, _core.VERDICT_DROP
-REPLY, HOLD = _core.VERDICT_REPLY, _core.VERDICT_HOLD
+REPLY, HOLD, PASS = _core.VERDICT_REPLY, _core.VERDICT_HOLD, _core.VERDICT_PASS
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,10 @@ def hold(packet) -> Step:
     return Step(bytes(packet), HOLD, "none", bytes(packet))
 
 
+def passed(packet) -> Step:
+    return Step(bytes(packet), PASS, "none", bytes(packet))
+
+
 def tx_with(packet, expected, extras) -> Step:
     return Step(bytes(packet), TX, "none", bytes(expected), tuple(bytes(x) for x in extras))
 
@@ -105,6 +109,18 @@ FRAGS6 = fragment6(IPv6(src=CLIENT6, dst=VIP6) / FRAG6 / UDP(sport=3333, dport=5
                    1280)
 FRAGS6_OUT = fragment6(IPv6(src=CLIENT6, dst=BACKEND6) / FRAG6 / UDP(sport=3333, dport=5353)
                        / DGRAM, 1280)
+
+
+# a backend's TCP reply of the flow SYN opens, cut in fragments by the backend (DF off), and
+# as the client gets it; the backend's own UDP datagram to a client-side address, fragmented
+TCP_FRAGS = fragment(IP(src=BACKEND, dst=CLIENT, id=777, flags=0)
+                     / TCP(sport=8080, dport=CPORT, flags="PA") / DGRAM, fragsize=1200)
+TCP_FRAGS_OUT = fragment(IP(src=VIP, dst=CLIENT, id=777, flags=0)
+                         / TCP(sport=80, dport=CPORT, flags="PA") / DGRAM, fragsize=1200)
+OWN_FRAGS = fragment(IP(src=BACKEND, dst=CLIENT, id=778) / UDP(sport=9999, dport=7071)
+                     / DGRAM, fragsize=1200)
+TCP_FRAGS6 = fragment6(IPv6(src=BACKEND6, dst=CLIENT6) / IPv6ExtHdrFragment(id=779)
+                       / TCP(sport=12345, dport=7070, flags="PA") / DGRAM, 1280)
 
 
 def tcp4(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b""):
@@ -247,6 +263,35 @@ PIPELINE_CASES = [
         (drop(IP(src=CLIENT, dst="198.18.100.9", frag=100, proto=17) / Raw(b"x" * 24),
               "no_vip"),),
         {"drops": {"no_vip": 1}}),
+    PipelineCase(
+        "a backend's fragmented tcp reply of a flow is translated, every fragment",
+        (tx(SYN, SYN_OUT),) + tuple(tx(f, o) for f, o in zip(TCP_FRAGS, TCP_FRAGS_OUT,
+                                                                  strict=True)),
+        {"flow_hit": 1, "passed": 0}),
+    PipelineCase(
+        "a backend's own tcp, no reply of any flow, is passed unchanged",
+        (passed(tcp4(BACKEND, CLIENT, 12345, 7070, "S")),),
+        {"passed": 1, "tx": 0, "drops": {"no_vip": 0}}),
+    PipelineCase(
+        "a backend's own fragmented udp is passed, its later fragments too",
+        tuple(passed(f) for f in OWN_FRAGS),
+        {"passed": len(OWN_FRAGS), "drops": {"no_vip": 0, "fragment": 0}}),
+    PipelineCase(
+        "a backend's own fragmented tcp over ipv6 is passed",
+        tuple(passed(f) for f in TCP_FRAGS6),
+        {"passed": len(TCP_FRAGS6)}),
+    PipelineCase(
+        "a later fragment of a backend's own datagram held before its first is dropped",
+        (hold(OWN_FRAGS[1]), passed(OWN_FRAGS[0]), passed(OWN_FRAGS[2])),
+        {"passed": 2}),
+    PipelineCase(
+        "from no backend's address nothing is passed",
+        (drop(tcp4(CLIENT, "198.18.0.9", 12345, 7070, "S"), "no_vip"),),
+        {"passed": 0, "drops": {"no_vip": 1}}),
+    PipelineCase(
+        "a backend's packet to a vip address is no pass: the vip's closed port",
+        (drop(tcp4(BACKEND, VIP, 12345, 81, "S"), "closed_port"),),
+        {"passed": 0}),
 ]
 
 

@@ -341,3 +341,24 @@ def test_api_works_from_inside_an_asyncio_loop(nsname):
         return [li.name for li in nc.links(nsname)]
 
     assert "bra" in asyncio.run(main())
+
+
+@pytest.mark.parametrize("all_rp_filter,v4", [("0", (6, 17)), ("1", (17,)), ("2", (17,))])
+def test_tun_port_less_tcp_rule_only_where_a_pass_survives_rp_filter(monkeypatch, all_rp_filter,
+                                                                     v4):
+    # the kernel drops a passed IPv4 packet leaving the TUN when conf/all/rp_filter is on:
+    # there IPv4 TCP backends get no port-less rule (their own TCP keeps its normal route)
+    from ipaddress import ip_address
+
+    from lbcore.dataplane import replies
+    from lbcore.dataplane.tun import routes
+
+    monkeypatch.setattr(routes.netconf, "sysctl_get", lambda key, **kw: all_rp_filter)
+    protos = routes._fragment_protos()
+    assert protos == {4: v4, 6: (6, 17)}
+    paths = [replies.ReplyPath(ip_address("198.19.0.11"), 6, 80),
+             replies.ReplyPath(ip_address("198.19.0.11"), 17, 53),
+             replies.ReplyPath(ip_address("2001:db8:1::11"), 6, 80)]
+    frags = {(str(p.address), p.proto) for p in replies.with_fragments(paths, protos)
+             if p.port == replies.FRAGMENTS}
+    assert frags == ({("198.19.0.11", p) for p in v4} | {("2001:db8:1::11", 6)})

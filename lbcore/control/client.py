@@ -135,6 +135,8 @@ def cmd_status(args) -> int:
                                           "rejects_limited") if tot.get(k)}
     if answers:
         con.print("answered: " + ", ".join(f"{k}={n}" for k, n in answers.items()))
+    if tot.get("passed"):
+        con.print(f"passed to the kernel (a backend's own traffic): {tot['passed']}")
     fr = st.get("fragments")
     if fr and (fr["first"] or fr["held"] or fr["early_dropped"]):
         con.print(f"fragments: {fr['entries']}/{fr['capacity']} datagrams, "

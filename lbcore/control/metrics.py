@@ -143,6 +143,10 @@ class LbCollector:
         txe = CounterMetricFamily("lbcore_tx_errors", "Writes to the device that failed")
         txe.add_metric([], s["totals"]["tx_errors"])
         yield txe
+        yield CounterMetricFamily("lbcore_passed", "Packets from a backend's address that "
+                                  "are no reply of any flow (its own traffic through the "
+                                  "gateway), handed back to the kernel unchanged",
+                                  value=s["totals"].get("passed", 0))
         an = CounterMetricFamily("lbcore_answers", "Packets the data plane answered itself, by "
                                  "kind (echo_replies, resets, unreachables; rejects_limited: "
                                  "not sent, over reject_rate)", labels=["kind"])

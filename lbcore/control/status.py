@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 TOTALS = ("rx", "tx", "rx_bytes", "tx_bytes", "flow_hit", "flow_miss", "flow_new", "tx_errors",
-          "echo_replies", "resets", "unreachables", "rejects_limited", "out_dropped")
+          "echo_replies", "resets", "unreachables", "rejects_limited", "out_dropped",
+          "passed")
 RATED = ("packets", "bytes", "new_flows")  # the per-VIP and per-backend counters given as rates
 # rates are taken over at least this many seconds (shorter gaps are too noisy) and at most
 # RATE_MAX_INTERVAL (a sample older than that is forgotten: its mean says little about now)

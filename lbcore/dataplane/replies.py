@@ -9,19 +9,34 @@ the TUN, or a blackhole behind AF_PACKET) is the mode's business.
 
 Fragments. A policy rule's port selector is matched against the ports the kernel's flow
 dissector finds, and it finds none in a fragment (not even in the first: it does not parse past
-the IP header of a fragment), so a backend's fragmented UDP reply would miss its port rule and
-be routed un-translated. Rules cannot test the fragment offset either. So every UDP backend
-address gets one more rule, `from BACKEND ipproto udp lookup RULE_TABLE` (a ReplyPath with
-port 0, :data:`FRAGMENTS`): all its UDP to anything but the gateway itself goes to the data
-plane, which translates the fragments of a tracked reply (the fragment cache, keyed on the first
-fragment's flow decision, in any order) and drops the rest. The price is that a UDP backend's
-other UDP through this gateway (its own DNS queries to an outside resolver, say) is dropped;
-TCP-only backends keep everything but their replies. The same rule makes the reverse-path
-check pass for the translated fragments towards a backend: the kernel validates a packet that
-leaves the TUN by looking up the way back (from the backend to the client, with the packet's
-ports swapped, i.e. none for a fragment), and with the TUN holding no address even loose
-rp_filter accepts only a way back through the TUN itself; the port rules give that for
-whole datagrams, this rule for fragments.
+the IP header of a fragment), so a backend's fragmented reply would miss its port rule and be
+routed un-translated (a TCP client answers that with a RST). Rules cannot test the fragment
+offset either. So a backend address gets one more rule per protocol,
+`from BACKEND ipproto P lookup RULE_TABLE` (a ReplyPath with port 0, :data:`FRAGMENTS`): all
+its P to anything but the gateway itself goes to the data plane, which translates the
+fragments of a tracked reply (the fragment cache, keyed on the first fragment's flow decision,
+in any order). What is no reply of any flow (the backend's own traffic through the gateway:
+its DNS queries, its updates) the data plane passes: mode tun writes it back to the TUN
+unchanged, and the rule `iif TUN lookup main` (PASS_PRIORITY, before the reply rules) has
+the kernel route it normally this time; it cannot come back (only the VIPs' routes lead into
+the TUN, and a VIP address is never passed). Which protocols get the rule is the mode's:
+
+* mode tun: TCP and UDP for IPv6; for IPv4 TCP only where net.ipv4.conf.all.rp_filter is 0
+  (the TUN's own is set to 0). The kernel checks the reverse path of a passed packet as it
+  leaves the TUN, and its way back is not the TUN, which holds no address: with
+  conf/all/rp_filter on, the check drops it, and a TCP backend would lose its own IPv4 TCP
+  for fragmented IPv4 TCP replies, which stacks rarely send (DF). UDP always (fragmented UDP
+  replies are common): with rp_filter on, a UDP backend's own IPv4 UDP through the gateway is
+  then dropped;
+* mode rawsock: UDP only. RULE_TABLE is a blackhole there and a socket filter takes the
+  replies, so a port-less rule costs the backend its own traffic of that protocol (its
+  UDP), and a fragmented TCP reply is not translated (its first fragment is, by the port
+  filter; the kernel forwards its own copies un-translated).
+
+The same rules make the reverse-path check pass for the translated packets towards a
+backend: the kernel validates a packet that leaves the TUN by looking up the way back (from
+the backend to the client, with the packet's ports swapped, i.e. none for a fragment), which
+the port rules lead into the TUN for whole packets, the port-less ones for fragments.
 
 Policy rules outlive the process, and on purpose the reply path never opens: no un-translated
 reply (source = the backend's own address) may leave the gateway, not while lbcore starts, not
@@ -48,7 +63,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -62,15 +77,21 @@ RTPROT_LBCORE = 0xF4    # route protocol of lbcore's blackholes: any run finds t
 RESERVE_METRIC = 4242   # their metric: worse than any route lbcore makes (0 / IPv6's 1024)
 RTN_BLACKHOLE = 6
 
+PASS_PRIORITY = RULE_PRIORITY - 1   # `iif TUN lookup main`: before the reply rules
+MAIN_TABLE = 254
+
 IPAddress = IPv4Address | IPv6Address
+IPPROTO_TCP = 6
 IPPROTO_UDP = 17
-FRAGMENTS = 0           # a ReplyPath's port for "all UDP from the address" (its fragments)
+FRAGMENTS = 0           # a ReplyPath's port for "all of P from the address" (its fragments)
+UDP_ONLY = (IPPROTO_UDP,)
+TCP_UDP = (IPPROTO_TCP, IPPROTO_UDP)
 
 
 @dataclass(frozen=True)
 class ReplyPath:
-    """One (backend, protocol, port) whose replies must enter the TUN; port FRAGMENTS (UDP
-    only): all UDP from the address, for its fragmented replies."""
+    """One (backend, protocol, port) whose replies must enter the TUN; port FRAGMENTS: all of
+    the protocol from the address, for its fragmented replies."""
     address: IPAddress
     proto: int
     port: int
@@ -83,10 +104,12 @@ class ReplyRules:
 
     def __init__(self) -> None:
         self.paths: list[ReplyPath] = []
+        # per IP version, the protocols whose backends get a port-less FRAGMENTS rule
+        self.fragment_protos: dict[int, tuple[int, ...]] = {4: UDP_ONLY, 6: UDP_ONLY}
 
     def set(self, replies: Iterable[ReplyPath]) -> list[ReplyPath]:
         """Make the rules exactly `replies` (start and reload); returns them."""
-        want = with_fragments(replies)
+        want = with_fragments(replies, self.fragment_protos)
         for rp in list(self.paths):
             if rp not in want:
                 _rule(rp, add=False)
@@ -129,12 +152,16 @@ class ReplyRules:
                 _rule_del_info(r)
 
 
-def with_fragments(replies: Iterable[ReplyPath]) -> list[ReplyPath]:
+def with_fragments(replies: Iterable[ReplyPath],
+                   protos: Mapping[int, Iterable[int]] | None = None) -> list[ReplyPath]:
     """``replies`` (duplicates gone) and, after them, the FRAGMENTS path of every address
-    with a UDP reply path."""
+    with a reply path of a protocol in ``protos[IP version]`` (default: UDP only; mode tun
+    adds TCP where its data plane's pass-through works, see the module docstring)."""
+    protos = protos if protos is not None else {4: UDP_ONLY, 6: UDP_ONLY}
     want = list(dict.fromkeys(replies))
-    frags = [ReplyPath(rp.address, IPPROTO_UDP, FRAGMENTS) for rp in want
-             if rp.proto == IPPROTO_UDP and rp.port != FRAGMENTS]
+    frags = [ReplyPath(rp.address, rp.proto, FRAGMENTS) for rp in want
+             if rp.proto in tuple(protos.get(rp.address.version, UDP_ONLY))
+             and rp.port != FRAGMENTS]
     return list(dict.fromkeys(want + frags))
 
 
@@ -146,9 +173,9 @@ def _as_reply_path(r: netconf.RuleInfo) -> ReplyPath | None:
         if (net.prefixlen != net.max_prefixlen or r.ipproto is None
                 or (hi and hi != lo) or r.dst or r.iif or r.oif or r.dport or r.fwmark):
             return None
-        if not lo:      # the FRAGMENTS rule of a UDP backend
-            return (ReplyPath(net.network_address, IPPROTO_UDP, FRAGMENTS)
-                    if int(r.ipproto) == IPPROTO_UDP else None)
+        if not lo:      # the FRAGMENTS rule of a TCP or UDP backend
+            return (ReplyPath(net.network_address, int(r.ipproto), FRAGMENTS)
+                    if int(r.ipproto) in TCP_UDP else None)
         return ReplyPath(net.network_address, int(r.ipproto), int(lo))
     except ValueError:
         return None
@@ -158,6 +185,39 @@ def _rule_del_info(r: netconf.RuleInfo) -> None:
     lo, _, hi = (r.sport or "").partition(":")
     netconf.rule_del(priority=r.priority, table=r.table, src=r.src, ipproto=r.ipproto,
                      family=r.family, sport=(int(lo), int(hi or lo)) if r.sport else None)
+
+
+# --------------------------------------------------------------------------- the pass rule
+
+def _is_pass_rule(r: netconf.RuleInfo) -> bool:
+    return r.priority == PASS_PRIORITY and r.table == MAIN_TABLE and bool(r.iif)
+
+
+def add_pass_rules(tun: str, versions: Iterable[int]) -> None:
+    """The rule `iif TUN lookup main` (priority PASS_PRIORITY, before the reply rules) for
+    each IP version in ``versions``. What the data plane writes back to the TUN is routed by
+    the main table: a packet it passes (a backend's own traffic, LB_PASS) goes where it was
+    going instead of into RULE_TABLE again; the translated packets (source a VIP or a client)
+    match no reply rule anyway. Added before any port-less reply rule (a pass without it
+    would come back into the TUN), it stays like them when lbcore stops (the persistent TUN
+    keeps its name and the next run its rules). Idempotent."""
+    for fam in sorted({socket.AF_INET if v == 4 else socket.AF_INET6 for v in versions}):
+        netconf.rule_add(priority=PASS_PRIORITY, table=MAIN_TABLE, iif=tun, family=fam)
+
+
+def prune_pass_rules(tun: str, versions: Iterable[int]) -> None:
+    """Remove every pass rule but those add_pass_rules(tun, versions) makes (an earlier run's
+    TUN of another name, a version no longer served): after the reply rules are set, so that
+    no port-less rule is ever without its pass rule."""
+    want = {socket.AF_INET if v == 4 else socket.AF_INET6 for v in versions}
+    for r in netconf.rules():
+        if _is_pass_rule(r) and (r.iif != tun or r.family not in want):
+            _pass_rule_del(r)
+            log.info("removed a stale pass rule (iif %s)", r.iif)
+
+
+def _pass_rule_del(r: netconf.RuleInfo) -> None:
+    netconf.rule_del(priority=r.priority, table=r.table, iif=r.iif, family=r.family)
 
 
 # --------------------------------------------------------------------------- the reservation
@@ -216,7 +276,7 @@ def set_reserved_vips(vips: Iterable[IPAddress]) -> None:
 def reserved() -> bool:
     """Whether a reply path is reserved (rules or blackholes an earlier run left)."""
     return bool([r for r in netconf.rules()
-                 if r.priority == RULE_PRIORITY and r.table == RULE_TABLE]
+                 if (r.priority == RULE_PRIORITY and r.table == RULE_TABLE) or _is_pass_rule(r)]
                 or [r for r in netconf.routes(table=None) if r.proto == RTPROT_LBCORE])
 
 
@@ -228,6 +288,10 @@ def remove_all() -> int:
     for r in netconf.rules():
         if r.priority == RULE_PRIORITY and r.table == RULE_TABLE:
             _rule_del_info(r)
+            n += 1
+    for r in netconf.rules():       # after the reply rules: none is ever without its pass rule
+        if _is_pass_rule(r):
+            _pass_rule_del(r)
             n += 1
     for r in netconf.routes(table=None):
         if r.proto == RTPROT_LBCORE:

@@ -16,7 +16,7 @@
  *
  * Checked after every batch: every verdict is one of enum lb_verdict and
  * every reason one of enum lb_drop_reason; an answer (LB_REPLY) is no
- * longer than its question; the extra packets are IP packets within their
+ * longer than its question; a passed packet (LB_PASS) is exactly as it came; the extra packets are IP packets within their
  * buffers; every 256 batches the flow table's invariants (lb_flow_check).
  * A failed check aborts (a crash for libFuzzer).
  *
@@ -134,6 +134,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct lb_worker *w = lb_dp_worker(dp, 0);
     uint8_t *pkt[LB_BATCH], verdicts[LB_BATCH], reasons[LB_BATCH];
     uint32_t lens[LB_BATCH], orig[LB_BATCH], n = 0;
+    const uint8_t *in[LB_BATCH];
     const struct lb_table *t;
     size_t off = 0;
 
@@ -149,6 +150,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (!pkt[n])
             fail("malloc");
         memcpy(pkt[n], data + off, len);
+        in[n] = data + off;
         lens[n] = orig[n] = len;
         off += len;
         n++;
@@ -160,6 +162,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fail("verdict or reason out of range");
         if (lens[i] > orig[i])
             fail("an answer longer than its question");
+        if (verdicts[i] == LB_PASS && (lens[i] != orig[i] || memcmp(pkt[i], in[i], orig[i])))
+            fail("a passed packet was changed");
         free(pkt[i]);
     }
     for (uint32_t i = 0; i < w->out.n; i++) {

@@ -95,8 +95,9 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
     link both. Everything else stays with the kernel alone.
 
     A config too big for one program (BPF_MAXINSNS) gets a coarser reply test: protocol and
-    source port only, whatever the address. The pipeline then drops what is no reply of a
-    tracked flow (counted ``no_vip``), and the kernel still handles those frames as before.
+    source port only, whatever the address. The pipeline then leaves what is no reply of a
+    tracked flow alone (counted ``passed`` when from a backend's address, else ``no_vip``),
+    and the kernel still handles those frames as before.
     """
     vips = list(dict.fromkeys(vips))
     replies = list(dict.fromkeys(replies))

@@ -5,9 +5,12 @@ What tun mode needs from the kernel:
     overflow the default 500-packet queue while the worker is between reads);
   - a route for each VIP into the TUN (the balancer reads client packets);
   - the return path (lbcore.dataplane.replies): replies from a backend's service port enter
-    the TUN through a narrow policy rule, and RULE_TABLE's default route points into the TUN
-    (with a blackhole default behind it, for when the TUN is gone but the rules are not).
-    The packets the balancer writes back have the VIP as source, so they never loop;
+    the TUN through a narrow policy rule, all its TCP and UDP through a port-less one (for
+    fragmented replies), and RULE_TABLE's default route points into the TUN (with a blackhole
+    default behind it, for when the TUN is gone but the rules are not). Whatever the balancer
+    writes back is routed by the main table (rule `iif TUN lookup main`, before the reply
+    rules): the translated packets, and a backend's own traffic that the data plane passes
+    back unchanged, which so leaves by its normal route and never loops;
   - forwarding on, and loose reverse-path filtering on the TUN (the packets it emits carry
     client addresses that route out another link).
 
@@ -30,10 +33,14 @@ from dataclasses import dataclass, field
 from ... import netconf
 from ..replies import (
     RULE_TABLE,
+    TCP_UDP,
+    UDP_ONLY,
     IPAddress,
     ReplyPath,
     ReplyRules,
+    add_pass_rules,
     host_prefix,
+    prune_pass_rules,
     release_vip,
     reserve_replies,
     reserve_vip,
@@ -44,6 +51,26 @@ log = logging.getLogger("lbcore.tun")
 
 TXQUEUELEN = 10000
 RTPROT_KERNEL = 2        # routes the kernel adds by itself (IPv6 link-local)
+
+
+def _fragment_protos() -> dict[int, tuple[int, ...]]:
+    """Per IP version, the protocols whose backends get a port-less reply rule: those whose
+    fragmented replies can then be translated, and whose other traffic the data plane passes
+    back to the kernel through the TUN. IPv6 has no reverse-path filter in the kernel's
+    forwarding path: TCP and UDP. IPv4: TCP only when net.ipv4.conf.all.rp_filter is 0 (the
+    TUN's own is set to 0): otherwise the kernel drops a passed packet (its way back is not
+    the TUN), and a TCP backend would lose its own TCP through the gateway for the sake of
+    fragmented TCP replies, which IPv4 stacks rarely send (DF). UDP backends keep their rule
+    either way (their fragmented replies are common; their own UDP is then dropped, as it
+    always was, where rp_filter is on)."""
+    try:
+        strict = int(netconf.sysctl_get("net/ipv4/conf/all/rp_filter")) != 0
+    except (OSError, ValueError):
+        strict = True
+    if strict:
+        log.warning("net.ipv4.conf.all.rp_filter is on: no pass-through of IPv4 backends' "
+                    "own traffic; their fragmented IPv4 TCP replies are not translated")
+    return {4: UDP_ONLY if strict else TCP_UDP, 6: TCP_UDP}
 
 
 @dataclass
@@ -73,7 +100,12 @@ class TunRoutes:
                 netconf.sysctl_set("net/ipv6/conf/all/forwarding", 1, changes=ch)
                 # a packet pipe, not a host link: no router advertisements on it
                 netconf.sysctl_set(f"net/ipv6/conf/{self.tun_name}/accept_ra", 0)
-            netconf.sysctl_set(f"net/ipv4/conf/{self.tun_name}/rp_filter", 2)
+            # no reverse-path check of what the data plane writes (it alone writes to the
+            # TUN): a passed packet's way back is not the TUN, and the TUN has no address,
+            # so even loose rp_filter would drop it; the effective value is the larger of
+            # this and conf/all/rp_filter, hence _fragment_protos()
+            netconf.sysctl_set(f"net/ipv4/conf/{self.tun_name}/rp_filter", 0)
+            self._rules.fragment_protos = _fragment_protos()
             for vip in self.vips:
                 self._route(vip)
             if adopted:
@@ -88,11 +120,13 @@ class TunRoutes:
         want = list(dict.fromkeys(replies))
         fams = {r.address.version for r in want}
         reserve_replies(fams)
+        add_pass_rules(self.tun_name, fams)       # before any port-less rule
         for fam in sorted(fams - self._tables):
             netconf.route_add("0.0.0.0/0" if fam == 4 else "::/0", oif=self.tun_name,
                               table=RULE_TABLE, changes=self._changes)
             self._tables.add(fam)
         self.replies = self._rules.set(want)
+        prune_pass_rules(self.tun_name, fams)
 
     def set_vips(self, vips: Iterable[IPAddress]) -> None:
         """Make the VIP routes exactly `vips` (reload)."""
