@@ -11,6 +11,7 @@ it re-created, and the refusal of a device of tun_name that is not ours."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import statistics
@@ -359,3 +360,29 @@ def test_an_existing_device_that_is_not_our_tun_is_refused(nsname, tmp_path, kin
             netconf.link_del("lbt0", netns=nsname)
         else:
             netconf.run_in_netns(nsname, _unpersist, "lbt0", flags)
+
+
+def test_a_tun_held_by_a_running_process_is_refused_at_once_naming_it(nsname):
+    """A persistent TUN whose queue a running process holds is refused without waiting for
+    it (only a process being torn down is waited for), and the error names the holder."""
+    from lbcore.dataplane.tun import device
+
+    def hold_and_attach() -> tuple[float, str, list]:
+        q = device.attach_tun("lbt1", 1)         # this process: a running holder
+        try:
+            holders = device.queue_holders("lbt1")
+            t0 = time.monotonic()
+            try:
+                device.attach_tun("lbt1", 1)
+            except device.TunError as e:
+                return time.monotonic() - t0, str(e), holders
+            raise AssertionError("a held TUN was attached to")
+        finally:
+            device.close_tun(q.fds, remove=True)
+
+    took, why, holders = netconf.run_in_netns(nsname, hold_and_attach)
+    me = os.getpid()
+    assert [(p, x) for p, _, x in holders] == [(me, False)], holders
+    assert "in use" in why and f"pid {me} (" in why, why
+    assert took < device.RELEASE_WAIT_S / 2, took
+    assert not netconf.link_index("lbt1", netns=nsname)

@@ -122,8 +122,34 @@ def check_adoptable(name: str) -> str | None:
 
 # A process that has just died may hold its queues a little longer: its io_uring instance is
 # torn down by a kernel worker after the exit, and the reads it had armed keep the queue
-# files open until then. A restart right after a crash waits that long, not more.
-RELEASE_WAIT_S = 3.0
+# files open until then; on a loaded machine the exit itself can take seconds. A restart
+# right after a crash waits that long, not more.
+RELEASE_WAIT_S = 10.0
+
+
+PF_EXITING = 0x4                  # /proc/PID/stat's flags: the process is on its way out
+
+
+def queue_holders(name: str) -> list[tuple[int, str, bool]]:
+    """(pid, command, exiting) of every process with a queue of TUN `name` open (from /proc's
+    fdinfo, which names a TUN file's device): who holds the device, and whether it is a
+    process still running or one being torn down."""
+    found = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if f"iff:\t{name}\n" not in f.read():
+                        continue
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                flags = int(stat[stat.rindex(")") + 2:].split()[6])
+                found.append((int(pid), comm, bool(flags & PF_EXITING)))
+                break
+        except (OSError, ValueError, IndexError):
+            continue                  # gone meanwhile, or not ours to read
+    return found
 
 
 def _adoptable_after_release(name: str, wait_s: float = RELEASE_WAIT_S) -> str | None:
@@ -135,8 +161,14 @@ def _adoptable_after_release(name: str, wait_s: float = RELEASE_WAIT_S) -> str |
         info = netconf.tun_info(name)
         if isinstance(info, bool) or info is None or not info.persist or not info.queues:
             break                     # not a matter of queues still going away
+        if any(not exiting for _, _, exiting in queue_holders(name)):
+            break                     # a running process holds it: no use waiting
         time.sleep(0.02)
         why = check_adoptable(name)
+    if why is not None and "in use" in why:
+        held = ", ".join(f"pid {p} ({c}{', exiting' if x else ''})"
+                         for p, c, x in queue_holders(name))
+        why += f"; held by {held or 'no process (the kernel is still releasing it)'}"
     return why
 
 
