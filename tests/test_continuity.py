@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -386,3 +387,36 @@ def test_a_tun_held_by_a_running_process_is_refused_at_once_naming_it(nsname):
     assert "in use" in why and f"pid {me} (" in why, why
     assert took < device.RELEASE_WAIT_S / 2, took
     assert not netconf.link_index("lbt1", netns=nsname)
+
+
+def test_a_queue_held_by_no_process_is_not_waited_for_forever(nsname):
+    """A killed run's queue that the kernel has not released yet (held by no process: here
+    a queue file in flight in a unix socket, as an io_uring being torn down holds it) is
+    waited for briefly; then the device is deleted and made anew, and cleanup removes it."""
+    from lbcore.dataplane.tun import device
+
+    def strand_a_queue(name: str, a: socket.socket) -> int:
+        q = device.attach_tun(name, 1)
+        socket.send_fds(a, [b"q"], q.fds)        # the file lives on in the socket
+        os.close(q.fds[0])
+        return q.ifindex
+
+    def attach_again(name: str) -> tuple[bool, int, float]:
+        t0 = time.monotonic()
+        q = device.attach_tun(name, 1)
+        took = time.monotonic() - t0
+        device.close_tun(q.fds)
+        return q.adopted, q.ifindex, took
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        first = netconf.run_in_netns(nsname, strand_a_queue, "lbt2", a)
+        assert netconf.run_in_netns(nsname, device._stale, "lbt2")
+        adopted, second, took = netconf.run_in_netns(nsname, attach_again, "lbt2")
+        assert not adopted and second and second != first
+        assert device.RELEASE_WAIT_S - 0.5 <= took < device.RELEASE_WAIT_S + 30, took
+    finally:
+        a.close()                                # the stranded file goes with them
+        b.close()
+    assert netconf.run_in_netns(nsname, device.remove_persistent, "lbt2")
+    assert not netconf.link_index("lbt2", netns=nsname)

@@ -43,11 +43,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
 import time
 from dataclasses import dataclass
+
+log = logging.getLogger("lbcore.tun")
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
@@ -122,9 +125,10 @@ def check_adoptable(name: str) -> str | None:
 
 # A process that has just died may hold its queues a little longer: its io_uring instance is
 # torn down by a kernel worker after the exit, and the reads it had armed keep the queue
-# files open until then; on a loaded machine the exit itself can take seconds. A restart
-# right after a crash waits that long, not more.
-RELEASE_WAIT_S = 10.0
+# files open until then. A restart right after a crash waits that long, not more; a queue
+# that no process holds after it (seen on a loaded machine, the kernel still releasing it)
+# is not waited for any longer: the device is deleted and made anew (_stale).
+RELEASE_WAIT_S = 3.0
 
 
 PF_EXITING = 0x4                  # /proc/PID/stat's flags: the process is on its way out
@@ -150,6 +154,37 @@ def queue_holders(name: str) -> list[tuple[int, str, bool]]:
         except (OSError, ValueError, IndexError):
             continue                  # gone meanwhile, or not ours to read
     return found
+
+
+def _stale(name: str) -> bool:
+    """The device's queues are held by no process: a dead run's, still being released by
+    the kernel. Deleting the device is safe then (no reader is cut off)."""
+    from ... import netconf
+    info = netconf.tun_info(name)
+    return (not isinstance(info, bool) and info is not None and info.persist
+            and bool(info.queues) and not queue_holders(name))
+
+
+_STALE = "stale"
+
+
+def _settled(name: str) -> str | None:
+    """None if the existing device `name` may be attached to (after waiting for a dead run's
+    queues, see RELEASE_WAIT_S), _STALE if its queues are still held by no process, else why
+    it must not be."""
+    why = _adoptable_after_release(name)
+    if why is None:
+        return None
+    if _stale(name):
+        return _STALE
+    return check_adoptable(name) and why      # released just now: None
+
+
+def _delete_stale(name: str) -> None:
+    from ... import netconf
+    log.warning("TUN %s: its queues are held by no process (a killed run's, not yet released "
+                "by the kernel); deleting the device, this start makes it anew", name)
+    netconf.link_del(name)
 
 
 def _adoptable_after_release(name: str, wait_s: float = RELEASE_WAIT_S) -> str | None:
@@ -221,8 +256,11 @@ def attach_tun(name: str, queues: int) -> TunQueues:
     _check_name(name)
     adopted = bool(ifindex(name))
     if adopted:
-        why = _adoptable_after_release(name)
-        if why is not None:
+        why = _settled(name)
+        if why == _STALE:
+            _delete_stale(name)
+            adopted = False
+        elif why is not None:
             raise TunError(errno.EEXIST, why)
     try:
         fds = _open_queues(name, queues, PLANE_FLAGS)
@@ -268,7 +306,10 @@ def remove_persistent(name: str) -> bool:
     _check_name(name)
     if not ifindex(name):
         return False
-    why = _adoptable_after_release(name)
+    why = _settled(name)
+    if why == _STALE:
+        _delete_stale(name)
+        return True
     if why is not None:
         raise TunError(errno.EBUSY, why)
     try:
