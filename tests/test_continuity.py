@@ -134,6 +134,15 @@ def test_status_and_metrics_show_the_adopted_flows(lab):
     snap = request(str(lab_mod.paths()["control_socket"]), {"cmd": "status"})
     assert "adoption" in snap and snap["adoption"] is not None, snap.keys()
     assert snap["sync"] is None
+    # and in the words of `lbcore status`
+    text = subprocess.run([sys.executable, "-m", "lbcore", "status", "-s",
+                           str(lab_mod.paths()["control_socket"])], capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+    ad = snap["adoption"]
+    want = (f"adopted {ad['adopted']} flow(s)" if "refused" not in ad else "not adopted")
+    assert f"flow table at start: {want}" in text, text
+    if snap.get("tun") is not None:
+        assert f"tun {snap['tun']['name']}: " in text, text
 
 
 # ---------------------------------------------------------------- the persistent TUN and the gap

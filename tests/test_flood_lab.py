@@ -190,6 +190,10 @@ def test_syn_flood_keeps_held_connections_and_admits_new_ones(tmp_path, mode):
                                               str(FLOOD_SECONDS - 1)]) as newc:
                 time.sleep(FLOOD_SECONDS / 2)
                 during = _control({"cmd": "status"})
+                during_text = subprocess.run(
+                    [sys.executable, "-m", "lbcore", "status", "-s",
+                     str(lab_mod.paths()["control_socket"])], capture_output=True, text=True,
+                    timeout=60, env=child_env()).stdout
                 fout, ferr = flood.communicate(timeout=FLOOD_SECONDS + 30)
                 assert flood.returncode == 0, ferr
                 nout, nerr = newc.communicate(timeout=60)
@@ -245,6 +249,7 @@ def test_syn_flood_keeps_held_connections_and_admits_new_ones(tmp_path, mode):
         return
     # the filter acted during the flood, and it is visible where operators look
     assert sh_during["active"] and sh_during["since"] is not None, sh_during
+    assert "SYN shed filter before the TUN queue: shedding" in during_text, during_text
     # it saw the flood, and dropped at least half of what came beyond 1.5 x new_flow_rate
     # (it aims at 1.2 x; the first tick comes up to 0.2 s late)
     excess = web["syns"] - 1.5 * NEW_FLOW_RATE * fl["elapsed"]

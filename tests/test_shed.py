@@ -174,3 +174,49 @@ def test_reload_swaps_the_program_for_new_vips(nsname):
     assert r["to80"] == 200, r
     syns, dropped, _ = r["counters"]
     assert syns == 200 and dropped >= 150, r
+
+
+def _syns(got: list[bytes]) -> int:
+    """The IPv4 TCP SYNs to VIP among what a queue got (the link's own chatter aside)."""
+    return sum(1 for p in got if len(p) >= 40 and p[0] >> 4 == 4 and p[9] == 6
+               and p[16:20] == socket.inet_aton(VIP) and p[33] == 0x02)
+
+
+def _idle_then_guarded_in_ns() -> dict:
+    fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
+    a = shed.GuardedVip(ipaddress.ip_address(VIP), 80, 100)
+    sh = shed.SynShed.for_tun(fds[0], [])
+    try:
+        netconf.link_set("lbtshed0", state="up")
+        netconf.route_add(f"{VIP}/32", oif="lbtshed0")
+        assert sh is not None
+        out: dict = {"idle": (sh.loaded is None, sh.status()["filter"])}
+        sh.tick(1.0)                                    # an idle filter's loop has nothing to do
+        syns = [_tcp(SRC, VIP, 20000 + i, 80, 0x02) for i in range(200)]
+        out["idle_got"] = _syns(_exchange(fds[0], syns))
+        sh.reconfigure([a])                             # a reload guards its first VIP
+        sh.set_share(0, shed.MAX_SHARE)
+        out["guarded"] = sh.loaded is not None and sh.status()["filter"] == "tun-ebpf"
+        out["guarded_got"] = _syns(_exchange(fds[0], [_tcp(SRC, VIP, 40000 + i, 80, 0x02)
+                                                    for i in range(200)]))
+        out["counters"] = sh.counters()
+        sh.reconfigure([])                              # and then none: the program goes
+        out["unguarded"] = (sh.loaded is None, sh.vips)
+        out["unguarded_got"] = _syns(_exchange(fds[0], [_tcp(SRC, VIP, 50000 + i, 80, 0x02)
+                                                      for i in range(200)]))
+        return out
+    finally:
+        if sh is not None:
+            sh.close()
+        close_tun(fds)
+
+
+@pytest.mark.netns
+def test_a_reload_that_guards_the_first_vip_attaches_the_filter(nsname):
+    """A run that starts with no guarded VIP keeps an idle filter: every SYN reaches the
+    queue; a reload that sets new_flow_rate on a VIP attaches the program at once (no
+    restart), and a reload that guards nothing any more takes it away."""
+    r = netconf.run_in_netns(nsname, _idle_then_guarded_in_ns)
+    assert r["idle"] == (True, "idle") and r["idle_got"] == 200, r
+    assert r["guarded"] and r["counters"][0] == 200 and r["guarded_got"] <= 40, r
+    assert r["unguarded"] == (True, []) and r["unguarded_got"] == 200, r

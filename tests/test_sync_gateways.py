@@ -240,6 +240,15 @@ def test_connections_move_to_the_other_gateway_with_their_backends(rack):
     st = rack.ctl(other, {"cmd": "status"})
     assert st["totals"]["flow_hit"] > 0
     assert sum(st["sync"]["rejected"].values()) == 0, st["sync"]
+    # what `lbcore status` says of it
+    from rich.console import Console
+
+    from lbcore.control.client import _print_continuity
+    con = Console(record=True, width=400)
+    _print_continuity(con, st)
+    text = con.export_text()
+    assert re.search(r"sync with \S+: sent \d+ new, \d+ refresh, \d+ end in \d+ datagrams; "
+                     rf"received .*inserted={st['sync']['received']['inserted']}", text), text
     # evidence that the synced backends mattered: the new table sends most of these
     # connections elsewhere (both gateways build it alike: same seed, same backends)
     dp = _core.Dataplane(1, 64)

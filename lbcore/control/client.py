@@ -144,7 +144,55 @@ def cmd_status(args) -> int:
                   f"forwarded {fr['forwarded']}, held {fr['held']}, released {fr['released']}, "
                   f"early_dropped {fr['early_dropped']}, timeouts {fr['timeouts']}, "
                   f"evicted {fr['evicted']}")
+    _print_continuity(con, st)
+    _print_shed(con, st.get("shed"))
     return 0
+
+
+def _print_continuity(con, st: dict) -> None:
+    """The flow-continuity lines of `status`: what this run took over from the last one
+    (flow table, TUN) and the flow sync between gateways."""
+    ad = st.get("adoption")
+    if ad is not None:
+        if "refused" in ad:
+            con.print(f"flow table at start: not adopted ({ad['refused']})")
+        else:
+            skipped = {k: ad.get(k, 0) for k in ("expired", "unbound", "invalid",
+                                                 "duplicate", "full") if ad.get(k)}
+            con.print(f"flow table at start: adopted {ad['adopted']} flow(s) in "
+                      f"{ad.get('seconds', 0):.3f}s"
+                      + (" (skipped " + ", ".join(f"{k}={n}" for k, n in skipped.items())
+                         + ")" if skipped else ""))
+    tun = st.get("tun")
+    if tun is not None:
+        con.print(f"tun {tun['name']}: " + ("attached to the last run's device"
+                                           if tun["adopted"] else "made at start"))
+    sy = st.get("sync")
+    if sy is not None:
+        sent, rec = sy["sent"], sy["received"]
+        rejected = {k: n for k, n in sy["rejected"].items() if n}
+        con.print(f"sync with {', '.join(sy['peers']) or 'no peer'}: sent "
+                  f"{sent['records_new']} new, {sent['records_refresh']} refresh, "
+                  f"{sent['records_end']} end in {sent['datagrams']} datagrams; received "
+                  + ", ".join(f"{k}={n}" for k, n in rec.items())
+                  + ("; rejected " + ", ".join(f"{k}={n}" for k, n in sorted(rejected.items()))
+                     if rejected else ""))
+
+
+def _print_shed(con, sh: dict | None) -> None:
+    """The SYN shed filter's lines of `status` (tun mode): shedding now or not, per VIP."""
+    if sh is None or not sh["vips"]:
+        return
+    state = (f"[red]shedding[/] since {_ago(sh['since'])}" if sh["active"]
+             else "[green]idle[/]")
+    dropped = sh.get("tun_dropped")
+    con.print(f"SYN shed filter before the TUN queue: {state}"
+              + (f"  (TUN dropped {dropped})" if dropped is not None else ""))
+    for v in sh["vips"]:
+        con.print(f"  {v['name']} {v['address']}:{v['port']}: new_flow_rate "
+                  f"{v['new_flow_rate']}/s, offered {v['syn_rate'] or 0:.0f} SYN/s, share "
+                  f"{v['share']:.0%}; syns {v['syns']}, shed {v['shed']}, "
+                  f"retries passed {v['retried']}")
 
 
 def _print_bgp(con, bgp: dict | None) -> None:

@@ -453,39 +453,57 @@ class SynShed:
     @classmethod
     def for_tun(cls, tun_fd: int, vips: Iterable[GuardedVip]) -> SynShed | None:
         """Attach the filter for ``vips`` to the TUN of queue ``tun_fd`` (the program is the
-        device's, for every queue); None when no VIP is guarded. A kernel that refuses it
-        (no bpf(2), too old) is logged and leaves the TUN as it was: the data plane's guard
-        still works, just behind the queue."""
+        device's, for every queue). With no VIP guarded the filter stays idle (no program)
+        until a reload guards one. None when the kernel refuses the program (no bpf(2), too
+        old): logged, the TUN is left as it was, and the data plane's guard still works, just
+        behind the queue."""
+        self = cls([])
+        self.tun_fd = tun_fd
+        self.tun_index = _tun_index(tun_fd)
+        # the TUN outlives the process, and so would a program a last run attached (with that
+        # run's shares): start from none
+        try:
+            fcntl.ioctl(tun_fd, TUNSETFILTEREBPF, struct.pack("i", -1))
+        except OSError:
+            pass                      # no program, or a kernel without the ioctl
         vips = list(vips)
         if not vips:
-            # the TUN outlives the process, and so would a program a last run attached
-            # (with that run's shares): a run that guards nothing takes it away
-            try:
-                fcntl.ioctl(tun_fd, TUNSETFILTEREBPF, struct.pack("i", -1))
-            except OSError:
-                pass                  # no program, or a kernel without the ioctl
-            return None
-        self = cls([VipShed(v) for v in vips])
+            return self
         try:
-            self.loaded = _Loaded.load(vips)
-            fcntl.ioctl(tun_fd, TUNSETFILTEREBPF, struct.pack("i", self.loaded.prog_fd))
+            self._attach(vips)
         except OSError as e:
             log.warning("no SYN shedding before the TUN queue (%s); new_flow_rate still "
                         "acts in the data plane", e)
-            self.close()
             return None
-        self.tun_fd = tun_fd
-        self.tun_index = _tun_index(tun_fd)
         log.info("SYN shed filter on the TUN for %d VIP(s): %s", len(vips),
                  ", ".join(f"{v.address}:{v.port}" for v in vips))
         return self
 
+    def _attach(self, vips: list[GuardedVip]) -> None:
+        """Load a program for ``vips`` and swap it in with one ioctl (the kernel replaces the
+        old program atomically); ``vips=[]`` takes the program away. On OSError nothing has
+        changed."""
+        new = _Loaded.load(vips) if vips else None
+        try:
+            fcntl.ioctl(self.tun_fd, TUNSETFILTEREBPF,
+                        struct.pack("i", new.prog_fd if new is not None else -1))
+        except OSError:
+            if new is not None:
+                new.close()
+            raise
+        self.close()
+        self.loaded = new
+        self.vips = [VipShed(v) for v in vips]
+        self._last = None
+        self.since = None
+        self.generation = 0
+        self._rotated = 0.0
+
     def reconfigure(self, vips: Iterable[GuardedVip]) -> None:
         """A reload: new rates apply at the next tick; a changed set of guarded VIPs gets a
-        new program and maps, swapped in with one ioctl (the kernel replaces the old program
-        atomically). With no guarded VIP left the program stays, with nothing to match. A
-        kernel that refuses the new program leaves the old one in place (logged, never
-        raised: the reload itself has been applied)."""
+        new program and maps (or none, when no VIP is guarded any more). A kernel that
+        refuses the new program leaves the old one in place (logged, never raised: the
+        reload itself has been applied)."""
         vips = list(vips)
         if [(v.address, v.port) for v in vips] == [(v.vip.address, v.vip.port)
                                                   for v in self.vips]:
@@ -493,22 +511,12 @@ class SynShed:
                                  o.last_active) for v, o in zip(vips, self.vips, strict=True)]
             return
         try:
-            new = _Loaded.load(vips)
+            self._attach(vips)
         except OSError as e:
             log.error("SYN shed: the reload's VIPs get no new filter (%s)", e)
             return
-        try:
-            fcntl.ioctl(self.tun_fd, TUNSETFILTEREBPF, struct.pack("i", new.prog_fd))
-        except OSError as e:
-            new.close()
-            log.error("SYN shed: the reload's VIPs get no new filter (%s)", e)
-            return
-        self.close()
-        self.loaded = new
-        self.vips = [VipShed(v) for v in vips]
-        self._last = None
-        self.since = None
-        self.generation = 0
+        log.info("SYN shed filter on the TUN now for %d VIP(s)%s", len(vips),
+                 ": " + ", ".join(f"{v.address}:{v.port}" for v in vips) if vips else "")
 
     def tun_dropped(self) -> int | None:
         """The TUN's tx_dropped: packets the kernel dropped on their way into a queue, this
@@ -556,6 +564,8 @@ class SynShed:
 
     def tick(self, now: float) -> None:
         """Read the counters, set every VIP's share for the next tick."""
+        if not self.vips:                   # idle: no program to read
+            return
         self.rotate(now)
         c = self.counters()
         for i, vs in enumerate(self.vips):
@@ -606,7 +616,8 @@ class SynShed:
 
     def status(self) -> dict[str, Any]:
         """For `lbcore status`: whether shedding, since when, and per VIP."""
-        return {"filter": "tun-ebpf", "tun_dropped": self.last_tun_dropped,
+        return {"filter": "tun-ebpf" if self.loaded is not None else "idle",
+                "tun_dropped": self.last_tun_dropped,
                 "active": self.since is not None, "since": self.since,
                 "max_share": MAX_SHARE, "headroom": HEADROOM,
                 "vips": [{"address": str(v.vip.address), "port": v.vip.port,
