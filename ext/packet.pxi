@@ -76,7 +76,8 @@ cdef dict _pk_pkt_dict(const lb_pkt *p):
         raw = (<uint8_t *>&p.frag_id)
         d["frag"] = {
             "id": (raw[0] << 8 | raw[1]) if p.family == LB_AF_INET
-            else (raw[0] << 24 | raw[1] << 16 | raw[2] << 8 | raw[3]),
+            else (<uint32_t>raw[0] << 24 | <uint32_t>raw[1] << 16 | <uint32_t>raw[2] << 8
+                  | raw[3]),
             "offset": p.frag_off, "length": p.frag_len, "nh": p.frag_nh,
             "last": bool(p.frag_last),
         }

@@ -294,3 +294,16 @@ def test_pipeline_survives_hostile_batches(pipeline: Any, batch: list[bytes]) ->
     ft = pipeline.flow_table
     assert ft.check_code() == 0, ft.check_code()
     assert len(ft) <= ft.capacity
+
+
+
+def test_an_ipv6_fragment_id_above_2_31_reads_as_unsigned():
+    """Hypothesis found it: an IPv6 fragment id with its top bit set came out of the C
+    parser's view negative (a shift into an int's sign bit), where the reference has it
+    unsigned."""
+    pkt = (b"a\x00\x00\x00\x00?+@ \x01\r\xb8" + bytes(11) + b"\x10 \x01\r\xb8\x00\x01"
+           + bytes(9) + b"\x01,\x00\x00\x00\x00\x00\x00\x00 \x01\r\x00\x80\x02"
+           + bytes(9) + b"\x07\x11" + bytes(7) + b"\x9c@\x00P\x00\x1f\x83\"\x00"
+           + bytes(range(23)))
+    check(pkt)
+    assert _core.parse(pkt)["frag"]["id"] == 0x80020000
