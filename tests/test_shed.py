@@ -220,3 +220,105 @@ def test_a_reload_that_guards_the_first_vip_attaches_the_filter(nsname):
     assert r["idle"] == (True, "idle") and r["idle_got"] == 200, r
     assert r["guarded"] and r["counters"][0] == 200 and r["guarded_got"] <= 40, r
     assert r["unguarded"] == (True, []) and r["unguarded_got"] == 200, r
+
+
+CLIENT4, BACKEND4 = "198.18.0.50", "198.18.1.10"
+VIP6, CLIENT6, BACKEND6 = "2001:db8:100::1", "2001:db8::50", "2001:db8:1::10"
+
+
+def _udp(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """An IPv4 or IPv6 UDP datagram of 8 payload bytes (checksum 0 / left to nobody: the
+    filter does not look at it)."""
+    if ":" in src:
+        udp = struct.pack("!HHHH", sport, dport, 16, 0) + bytes(8)
+        return (struct.pack("!IHBB", 6 << 28, len(udp), 17, 64)
+                + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+                + udp)
+    udp = struct.pack("!HHHH", sport, dport, 16, 0) + bytes(8)
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                       socket.inet_aton(src), socket.inet_aton(dst)) + udp
+
+
+def _send_raw(fd: int, pkts: list[bytes]) -> list[bytes]:
+    """Send ``pkts`` (IPv4 or IPv6, header included) towards the TUN; what its queue got."""
+    v6 = pkts[0][0] >> 4 == 6
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                      socket.IPPROTO_RAW)
+    got: list[bytes] = []
+    try:
+        for i, p in enumerate(pkts):
+            dst = (socket.inet_ntop(socket.AF_INET6, p[24:40]) if v6
+                   else socket.inet_ntoa(p[16:20]))
+            s.sendto(p, (dst, 0))
+            if i % 64 == 63:
+                got += _drain(fd, 0.0)
+        got += _drain(fd, 0.3)
+    finally:
+        s.close()
+    return got
+
+
+def _udp_to(got: list[bytes], port: int) -> int:
+    """The UDP datagrams to ``port`` among what a queue got."""
+    n = 0
+    for p in got:
+        v6 = len(p) >= 48 and p[0] >> 4 == 6 and p[6] == 17
+        v4 = len(p) >= 28 and p[0] >> 4 == 4 and p[9] == 17
+        off = 40 if v6 else (p[0] & 15) * 4 if v4 else None
+        if off is not None and struct.unpack("!H", p[off + 2:off + 4])[0] == port:
+            n += 1
+    return n
+
+
+def _udp_in_ns(v6: bool) -> dict:
+    vip, client, backend = (VIP6, CLIENT6, BACKEND6) if v6 else (VIP, CLIENT4, BACKEND4)
+    fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
+    sh = None
+    try:
+        netconf.link_set("lbtshed0", state="up")
+        plen = 128 if v6 else 32
+        netconf.route_add(f"{vip}/{plen}", oif="lbtshed0")
+        netconf.route_add(f"{client}/{plen}", oif="lbtshed0")   # the replies' way in
+        g = shed.GuardedVip(ipaddress.ip_address(vip), 5300, 100, "dns", shed.IPPROTO_UDP)
+        sh = shed.SynShed.for_tun(fds[0], [g])
+        assert sh is not None
+        sh.set_share(0, shed.MAX_SHARE)
+        out: dict = {}
+        # a backend answers ten clients: their (address, port) become known
+        got = _send_raw(fds[0], [_udp(backend, client, 5300, 5000 + i) for i in range(10)])
+        out["replies"] = sum(_udp_to(got, 5000 + i) for i in range(10))
+        known = [_udp(client, vip, 5000 + i, 5300) for i in range(10) for _ in range(20)]
+        out["known_got"] = _udp_to(_send_raw(fds[0], known), 5300)
+        c1 = sh.counters()
+        unknown = [_udp(client, vip, 6000 + i, 5300) for i in range(200)]
+        out["unknown_got"] = _udp_to(_send_raw(fds[0], unknown), 5300)
+        c2 = sh.counters()
+        # two generations later nothing is known any more
+        sh.rotate(1_000.0)
+        sh.rotate(1_000.0 + shed.MARK_GENERATION_S)
+        out["forgotten_got"] = _udp_to(_send_raw(fds[0], known[:200:20]), 5300)
+        sh.set_share(0, 0.0)                       # not shedding: all pass
+        out["calm_got"] = _udp_to(_send_raw(fds[0], unknown), 5300)
+        out["c1"], out["c2"], out["c3"] = c1, c2, sh.counters()
+        return out
+    finally:
+        if sh is not None:
+            sh.close()
+        close_tun(fds)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_udp_datagrams_of_answered_clients_pass_a_shedding_filter(nsname, family):
+    """UDP has no SYN: a client a backend answered (its reply went through the TUN) is a
+    going flow, and its datagrams pass even at the highest share (counted as passed anyway);
+    datagrams of other clients are new flows and are shed; a client not answered for two
+    generations of marks is new again; with the share at 0 everything passes."""
+    r = netconf.run_in_netns(nsname, _udp_in_ns, family == "ipv6")
+    assert r["replies"] == 10, r                          # replies reach the queue untouched
+    assert r["known_got"] == 200, r
+    assert r["c1"] == [0, 0, 200], r                       # seen (new), shed, passed anyway
+    assert r["unknown_got"] <= 40 and r["c2"][0] == 200 and r["c2"][1] == 200 - r["unknown_got"]
+    assert r["forgotten_got"] <= 5, r
+    assert r["calm_got"] == 200, r
+    assert r["c3"][0] == 200 + 10 + 200, r

@@ -189,10 +189,13 @@ def _print_shed(con, sh: dict | None) -> None:
     con.print(f"SYN shed filter before the TUN queue: {state}"
               + (f"  (TUN dropped {dropped})" if dropped is not None else ""))
     for v in sh["vips"]:
-        con.print(f"  {v['name']} {v['address']}:{v['port']}: new_flow_rate "
-                  f"{v['new_flow_rate']}/s, offered {v['syn_rate'] or 0:.0f} SYN/s, share "
-                  f"{v['share']:.0%}; syns {v['syns']}, shed {v['shed']}, "
-                  f"retries passed {v['retried']}")
+        udp = v.get("protocol") == "udp"
+        con.print(f"  {v['name']} {v['address']}:{v['port']}/{v.get('protocol', 'tcp')}: "
+                  f"new_flow_rate {v['new_flow_rate']}/s, offered "
+                  f"{v['syn_rate'] or 0:.0f} new-flow {'datagrams' if udp else 'SYNs'}/s, "
+                  f"share {v['share']:.0%}; seen {v['syns']}, shed {v['shed']}, "
+                  + (f"answered flows passed {v['retried']}" if udp
+                     else f"retries passed {v['retried']}"))
 
 
 def _print_bgp(con, bgp: dict | None) -> None:

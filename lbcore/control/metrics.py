@@ -62,10 +62,11 @@ class LbCollector:
         lv = ["vip", "address", "port"]
         share = GaugeMetricFamily("lbcore_shed_share", "Share of the SYNs to a VIP the kernel "
                                   "filter drops before the TUN queue now (0..1)", labels=lv)
-        syns = CounterMetricFamily("lbcore_shed_syns", "SYNs (without ACK) to a VIP the "
-                                   "kernel filter saw, shed or not", labels=lv)
-        shed = CounterMetricFamily("lbcore_shed_packets", "SYNs to a VIP the kernel filter "
-                                   "dropped before the TUN queue", labels=lv)
+        syns = CounterMetricFamily("lbcore_shed_syns", "New-flow packets to a VIP the kernel "
+                                   "filter saw, shed or not: SYNs without ACK (TCP), datagrams "
+                                   "of clients no backend answered lately (UDP)", labels=lv)
+        shed = CounterMetricFamily("lbcore_shed_packets", "New-flow packets to a VIP the kernel "
+                                   "filter dropped before the TUN queue", labels=lv)
         for v in sh["vips"]:
             lab = [v["name"], v["address"], str(v["port"])]
             share.add_metric(lab, v["share"])

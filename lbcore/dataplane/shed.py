@@ -39,8 +39,16 @@ then does the exact limiting on a stream the worker can read. When the flood end
 follows the offered rate down, at most halving per tick, so a flood that pauses for a moment
 does not get a full queue on its return.
 
-What it cannot do: tell a spoofed SYN from a real one on its first try; a UDP flood has no SYN
-to tell new flows by and is not shed here. Why not more workers instead: the lab gateway has
+UDP VIPs with ``new_flow_rate`` are guarded too. A datagram carries no SYN; what tells a going
+UDP flow from a new one is that a backend answered it, and the answers pass this filter on
+their way into the TUN (a backend's reply, before translation). So every UDP packet into the
+TUN that is not to a guarded VIP sets the bit of its destination (address, port: the client)
+in the marks, and a datagram to a guarded VIP whose source has its bit passes; the others are
+the new-flow candidates the share applies to (see ``_udp``).
+
+What it cannot do: tell a spoofed SYN from a real one on its first try, or a new UDP flow's
+first datagram from a flood's; a UDP flow the backends never answer is shed like a new one
+while a flood lasts. Why not more workers instead: the lab gateway has
 two cores and the flood's sender (or, in a rack, the NIC's interrupts) needs one; the filter's
 drop happens in the sending context before the queue, at a fraction of a worker's per-packet
 cost (a read, a parse, a write), so it scales with the flood where a worker cannot. Measured
@@ -96,8 +104,9 @@ _JA, _JEQ, _JGE, _JNE, _JSET, _CALL, _EXIT, _JLT = 0x00, 0x10, 0x30, 0x50, 0x40,
 BPF_PSEUDO_MAP_FD = 1
 R0, R1, R2, R6, R7, R8, R9, R10 = 0, 1, 2, 6, 7, 8, 9, 10
 
-IPPROTO_TCP = 6
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
 TCP_SYN, TCP_ACK = 0x02, 0x10
+UDP_SALT = 0x2545F491     # a UDP client's hash starts here, a SYN's at 0: apart by design
 
 
 class _Prog:
@@ -163,21 +172,154 @@ class _Prog:
 
 @dataclass(frozen=True)
 class GuardedVip:
-    """A TCP VIP (address, port) with new_flow_rate set: the SYNs the filter may shed."""
+    """A VIP (address, port, protocol) with new_flow_rate set: TCP, the SYNs the filter may
+    shed; UDP, the datagrams of clients the backends have not answered lately."""
 
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     rate: int
     name: str = ""
+    proto: int = IPPROTO_TCP
+
+
+def _udp(p: _Prog, udp: Sequence[tuple[int, GuardedVip]], n: int, map_fd: int,
+         count: Any, mark_key: Any, bit: Any) -> None:
+    """The UDP part of the filter. UDP has no SYN: what tells a new flow from a going one is
+    whether a backend answered it. Every UDP packet into the TUN that is not to a guarded VIP
+    - a backend's reply, on its way to be translated - sets the bit of its destination (the
+    client's address and port) in the current generation of the marks. A datagram to a
+    guarded VIP whose source has its bit set (in either generation: answered within the
+    last 2-4 s) is a going flow's and passes, counted as "passed anyway" while shedding; any
+    other is a new-flow candidate, counted as seen, and shed by the VIP's share as a SYN is.
+    So a flow the backend answers keeps its packets through a flood; one it never answers
+    (syslog, one-way) takes the lottery while the flood lasts."""
+
+    def key(addr_offs: Sequence[int], port_reg: int | None, port_off: int) -> None:
+        """fp-8 = the hash of (address words, port), the same for a request's source and its
+        reply's destination."""
+        p.mov(R7, UDP_SALT)
+        for off in addr_offs:
+            p.ld_abs(_W, off)
+            p.op(_ALU | _XOR | _X, R7, R0)
+        p.op(_ALU | _MUL | _K, R7, imm=0x9E3779B1)
+        if port_reg is None:
+            p.ld_abs(_H, port_off)
+        else:
+            p.ld_ind(_H, port_reg, port_off)
+        p.op(_ALU | _ADD | _X, R7, R0)
+        p.op(_ALU | _MUL | _K, R7, imm=0x85EBCA6B)
+        p.movr(R1, R7)
+        p.op(_ALU | _RSH | _K, R1, imm=15)
+        p.op(_ALU | _XOR | _X, R7, R1)
+        p.op(_STX | _MEM | _W, R10, R7, off=-8)
+
+    p.label("v4udp")
+    p.ld_abs(_H, 6)
+    p.jmp32(_JSET, R0, 0x1FFF, "accept")             # a later fragment: no UDP header
+    p.ld_abs(_B, 0)
+    p.op(_ALU64 | _AND | _K, R0, imm=0x0F)
+    p.op(_ALU64 | _LSH | _K, R0, imm=2)
+    p.movr(R8, R0)                                   # IPv4 header length
+    p.ld_ind(_H, R8, 2)
+    p.movr(R9, R0)                                   # destination port
+    p.ld_abs(_W, 16)
+    for i, v in udp:
+        if v.address.version == 4:
+            p.jmp32(_JNE, R0, int(v.address), f"u4next{i}")
+            p.jmp32(_JNE, R9, v.port, f"u4next{i}")
+            p.mov(R9, i)
+            p.ja("u4req")
+            p.label(f"u4next{i}")
+    key([16], R8, 2)                                 # not to a guarded VIP: a reply, maybe
+    p.ja("umark")
+    if any(v.address.version == 4 for _, v in udp):
+        p.label("u4req")
+        key([12], R8, 0)
+        p.movr(R8, R9)
+        p.ja("ushed")
+
+    p.label("v6udp")                                 # no extension headers: UDP right away
+    p.ld_abs(_H, 40 + 2)
+    p.movr(R9, R0)
+    for i, v in udp:
+        if v.address.version == 6:
+            words = struct.unpack("!4I", v.address.packed)
+            for j, w in enumerate(words):
+                p.ld_abs(_W, 24 + 4 * j)
+                p.jmp32(_JNE, R0, w, f"u6next{i}")
+            p.jmp32(_JNE, R9, v.port, f"u6next{i}")
+            p.mov(R9, i)
+            p.ja("u6req")
+            p.label(f"u6next{i}")
+    key([24, 28, 32, 36], None, 40 + 2)
+    p.ja("umark")
+    if any(v.address.version == 6 for _, v in udp):
+        p.label("u6req")
+        key([8, 12, 16, 20], None, 40)
+        p.movr(R8, R9)
+        p.ja("ushed")
+
+    p.label("umark")                                 # set the bit in the current generation
+    p.mov(R1, 4 * n)
+    p.op(_STX | _MEM | _W, R10, R1, off=-4)
+    p.ld_map(R1, map_fd)
+    p.movr(R2, R10)
+    p.op(_ALU64 | _ADD | _K, R2, imm=-4)
+    p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+    p.jnull(R0, "accept")
+    p.op(_LDX | _MEM | _DW, R8, R0, off=0)
+    p.op(_ALU64 | _AND | _K, R8, imm=1)
+    p.op(_ALU64 | _MUL | _K, R8, imm=MARK_WORDS)
+    mark_key(R8)
+    p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+    p.jnull(R0, "accept")
+    bit(R2)
+    p.op(_LDX | _MEM | _DW, R1, R0, off=0)
+    p.op(_JMP | _JSET | _X, R1, R2, off="accept")    # set already: no write, no dirty line
+    p.op(_ALU64 | _OR | _X, R1, R2)                  # not atomic: a lost bit is set again
+    p.op(_STX | _MEM | _DW, R0, R1, off=0)           # by the flow's next reply
+    p.ja("accept")
+
+    p.label("ushed")                                 # r8 = the VIP's index, fp-8 the client
+    p.lookup(map_fd, R8)
+    p.jnull(R0, "accept")
+    p.op(_LDX | _MEM | _DW, R9, R0, off=0)           # r9 = its threshold
+    p.movr(R7, R8)
+    p.op(_ALU64 | _ADD | _X, R7, R8)
+    p.op(_ALU64 | _ADD | _X, R7, R8)
+    p.op(_ALU64 | _ADD | _K, R7, imm=n)              # r7 = n + 3i
+    for g in (0, 1):                                 # answered lately?
+        mark_key(None, g)
+        p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+        p.jnull(R0, f"unomark{g}")
+        p.op(_LDX | _MEM | _DW, R8, R0, off=0)
+        bit(R2)
+        p.op(_JMP | _JSET | _X, R8, R2, off="uknown")
+        p.label(f"unomark{g}")
+    count(0, "useen")                                # new-flow datagrams seen
+    p.label("useen")
+    p.jmp32(_JEQ, R9, 0, "accept")                   # not shedding
+    p.op(_JMP | _CALL, imm=BPF_FUNC_get_prandom_u32)
+    p.op(_JMP32 | _JGE | _X, R0, R9, off="accept")   # random >= threshold: it passes
+    count(1, "drop")                                 # dropped
+    p.ja("drop")
+    p.label("uknown")                                # a going flow's: passes
+    p.jmp32(_JEQ, R9, 0, "accept")
+    count(2, "accept")                               # counted while shedding
+    p.ja("accept")
 
 
 def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> bytes:
-    """The TUN filter for ``vips``. Map ``map_fd``: slot i is VIP i's threshold (a SYN is a
-    candidate for dropping when the random u32 is below it); slots n + 3i, n + 3i + 1 and
-    n + 3i + 2 count its SYNs seen, dropped, and passed as retries; slot 4n is the current
-    generation of the marks. Map ``marks_fd``: two generations of MARK_WORDS words, one bit
-    per hash of a dropped SYN's (source address, ports, sequence number)."""
+    """The TUN filter for ``vips``. Map ``map_fd``: slot i is VIP i's threshold (a new-flow
+    packet is a candidate for dropping when the random u32 is below it); slots n + 3i,
+    n + 3i + 1 and n + 3i + 2 count its new-flow packets seen, dropped, and passed anyway (TCP:
+    as the retry of a dropped SYN; UDP: while shedding, from a known client); slot 4n is the
+    current generation of the marks. Map ``marks_fd``: two generations of MARK_WORDS words,
+    one bit per hash of a dropped SYN's (source address, ports, sequence number) and one per
+    hash of a UDP client (address, port) a backend answered (see :func:`_udp`)."""
     n = len(vips)
+    tcp = [(i, v) for i, v in enumerate(vips) if v.proto == IPPROTO_TCP]
+    udp = [(i, v) for i, v in enumerate(vips) if v.proto == IPPROTO_UDP]
     p = _Prog()
     p.movr(R6, R1)                                   # LD_ABS wants the skb in r6
     p.ld_abs(_B, 0)
@@ -212,6 +354,8 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
 
     p.label("v4")
     p.ld_abs(_B, 9)
+    if udp:
+        p.jmp32(_JEQ, R0, IPPROTO_UDP, "v4udp")
     p.jmp32(_JNE, R0, IPPROTO_TCP, "accept")
     p.ld_abs(_H, 6)
     p.jmp32(_JSET, R0, 0x1FFF, "accept")             # a later fragment: no TCP header
@@ -226,7 +370,7 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
     p.ld_ind(_H, R8, 2)
     p.movr(R9, R0)                                   # destination port
     p.ld_abs(_W, 16)                                 # destination address
-    for i, v in enumerate(vips):
+    for i, v in tcp:
         if v.address.version == 4:
             p.jmp32(_JNE, R0, int(v.address), f"v4next{i}")
             p.jmp32(_JEQ, R9, v.port, f"vip{i}")
@@ -235,6 +379,8 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
 
     p.label("v6")                                    # no extension headers: TCP right away
     p.ld_abs(_B, 6)
+    if udp:
+        p.jmp32(_JEQ, R0, IPPROTO_UDP, "v6udp")
     p.jmp32(_JNE, R0, IPPROTO_TCP, "accept")
     p.ld_abs(_B, 40 + 13)
     p.op(_ALU64 | _AND | _K, R0, imm=TCP_SYN | TCP_ACK)
@@ -242,7 +388,7 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
     mix(None, [8, 12, 16, 20], 40, 44)
     p.ld_abs(_H, 40 + 2)
     p.movr(R9, R0)
-    for i, v in enumerate(vips):
+    for i, v in tcp:
         if v.address.version == 6:
             words = struct.unpack("!4I", v.address.packed)
             for j, w in enumerate(words):
@@ -252,7 +398,7 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
             p.label(f"v6next{i}")
     p.ja("accept")
 
-    for i in range(n):
+    for i, _ in tcp:
         p.label(f"vip{i}")
         p.mov(R8, i)
         p.ja("shed")
@@ -291,51 +437,56 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
         p.mov(dst, 1)
         p.op(_ALU64 | _LSH | _X, dst, R1)
 
-    p.label("shed")                                  # r8 = the VIP's index
-    p.lookup(map_fd, R8)
-    p.jnull(R0, "accept")
-    p.op(_LDX | _MEM | _DW, R9, R0, off=0)           # r9 = its threshold
-    p.movr(R7, R8)
-    p.op(_ALU64 | _ADD | _X, R7, R8)
-    p.op(_ALU64 | _ADD | _X, R7, R8)
-    p.op(_ALU64 | _ADD | _K, R7, imm=n)              # r7 = n + 3i
-    count(0, "seen")                                 # SYNs seen
-    p.label("seen")
-    p.jmp32(_JEQ, R9, 0, "accept")                   # not shedding: no marks either
-    for g in (0, 1):                                 # a retry of a SYN dropped lately?
-        mark_key(None, g)
+    if udp:
+        _udp(p, udp, n, map_fd, count, mark_key, bit)
+
+    if tcp:                                          # (the verifier refuses dead code)
+        p.label("shed")                                  # r8 = the VIP's index
+        p.lookup(map_fd, R8)
+        p.jnull(R0, "accept")
+        p.op(_LDX | _MEM | _DW, R9, R0, off=0)           # r9 = its threshold
+        p.movr(R7, R8)
+        p.op(_ALU64 | _ADD | _X, R7, R8)
+        p.op(_ALU64 | _ADD | _X, R7, R8)
+        p.op(_ALU64 | _ADD | _K, R7, imm=n)              # r7 = n + 3i
+        count(0, "seen")                                 # SYNs seen
+        p.label("seen")
+        p.jmp32(_JEQ, R9, 0, "accept")                   # not shedding: no marks either
+        for g in (0, 1):                                 # a retry of a SYN dropped lately?
+            mark_key(None, g)
+            p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+            p.jnull(R0, f"nomark{g}")
+            p.op(_LDX | _MEM | _DW, R8, R0, off=0)
+            bit(R2)
+            p.op(_JMP | _JSET | _X, R8, R2, off="retry")
+            p.label(f"nomark{g}")
+        p.op(_JMP | _CALL, imm=BPF_FUNC_get_prandom_u32)
+        p.op(_JMP32 | _JGE | _X, R0, R9, off="accept")   # random >= threshold: it passes
+        count(1, "counted")                              # SYNs dropped
+        p.label("counted")
+        p.mov(R1, 4 * n)                                 # mark it in the current generation
+        p.op(_STX | _MEM | _W, R10, R1, off=-4)
+        p.ld_map(R1, map_fd)
+        p.movr(R2, R10)
+        p.op(_ALU64 | _ADD | _K, R2, imm=-4)
         p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-        p.jnull(R0, f"nomark{g}")
+        p.jnull(R0, "drop")
         p.op(_LDX | _MEM | _DW, R8, R0, off=0)
+        p.op(_ALU64 | _AND | _K, R8, imm=1)
+        p.op(_ALU64 | _MUL | _K, R8, imm=MARK_WORDS)
+        mark_key(R8)
+        p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+        p.jnull(R0, "drop")
         bit(R2)
-        p.op(_JMP | _JSET | _X, R8, R2, off="retry")
-        p.label(f"nomark{g}")
-    p.op(_JMP | _CALL, imm=BPF_FUNC_get_prandom_u32)
-    p.op(_JMP32 | _JGE | _X, R0, R9, off="accept")   # random >= threshold: it passes
-    count(1, "counted")                              # SYNs dropped
-    p.label("counted")
-    p.mov(R1, 4 * n)                                 # mark it in the current generation
-    p.op(_STX | _MEM | _W, R10, R1, off=-4)
-    p.ld_map(R1, map_fd)
-    p.movr(R2, R10)
-    p.op(_ALU64 | _ADD | _K, R2, imm=-4)
-    p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-    p.jnull(R0, "drop")
-    p.op(_LDX | _MEM | _DW, R8, R0, off=0)
-    p.op(_ALU64 | _AND | _K, R8, imm=1)
-    p.op(_ALU64 | _MUL | _K, R8, imm=MARK_WORDS)
-    mark_key(R8)
-    p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-    p.jnull(R0, "drop")
-    bit(R2)
-    p.op(_LDX | _MEM | _DW, R1, R0, off=0)           # not atomic: a lost mark only makes
-    p.op(_ALU64 | _OR | _X, R1, R2)                  # that retry take its chances again
-    p.op(_STX | _MEM | _DW, R0, R1, off=0)
+        p.op(_LDX | _MEM | _DW, R1, R0, off=0)           # not atomic: a lost mark only makes
+        p.op(_ALU64 | _OR | _X, R1, R2)                  # that retry take its chances again
+        p.op(_STX | _MEM | _DW, R0, R1, off=0)
     p.label("drop")
     p.mov(R0, 0)
     p.op(_JMP | _EXIT)
-    p.label("retry")
-    count(2, "accept")                               # a retry: passes, and is counted
+    if tcp:
+        p.label("retry")
+        count(2, "accept")                           # a retry: passes, and is counted
     p.label("accept")
     p.mov(R0, -1)                                    # keep the whole packet
     p.op(_JMP | _EXIT)
@@ -505,8 +656,8 @@ class SynShed:
         refuses the new program leaves the old one in place (logged, never raised: the
         reload itself has been applied)."""
         vips = list(vips)
-        if [(v.address, v.port) for v in vips] == [(v.vip.address, v.vip.port)
-                                                  for v in self.vips]:
+        if [(v.address, v.port, v.proto) for v in vips] == [
+                (v.vip.address, v.vip.port, v.vip.proto) for v in self.vips]:
             self.vips = [VipShed(v, o.share, o.syns, o.shed, o.retried, o.syn_rate,
                                  o.last_active) for v, o in zip(vips, self.vips, strict=True)]
             return
@@ -577,7 +728,9 @@ class SynShed:
         wall = time.time()
         for i, vs in enumerate(self.vips):
             offered = (c[3 * i] - last[1][3 * i]) / dt
-            retries = (c[3 * i + 2] - last[1][3 * i + 2]) / dt
+            # a known UDP client's datagram is no new flow: it takes nothing of the budget
+            retries = ((c[3 * i + 2] - last[1][3 * i + 2]) / dt
+                       if vs.vip.proto == IPPROTO_TCP else 0.0)
             vs.syn_rate = offered
             want = 0.0
             if offered >= MIN_SYNS:
@@ -621,6 +774,7 @@ class SynShed:
                 "active": self.since is not None, "since": self.since,
                 "max_share": MAX_SHARE, "headroom": HEADROOM,
                 "vips": [{"address": str(v.vip.address), "port": v.vip.port,
+                          "protocol": "tcp" if v.vip.proto == IPPROTO_TCP else "udp",
                           "name": v.vip.name, "new_flow_rate": v.vip.rate,
                           "share": v.share, "syns": v.syns, "shed": v.shed,
                           "retried": v.retried,
@@ -638,12 +792,13 @@ def _tun_index(tun_fd: int) -> int:
 
 
 def guarded_vips(config: Any) -> list[GuardedVip]:
-    """The TCP VIPs of ``config`` with new_flow_rate set."""
+    """The TCP and UDP VIPs of ``config`` with new_flow_rate set."""
     out = []
     for v in config.vips:
         rate = int(getattr(v, "new_flow_rate", 0) or 0)
-        if v.protocol == "tcp" and rate > 0:
-            out.append(GuardedVip(ipaddress.ip_address(v.address), v.port, rate, v.name))
+        if v.protocol in ("tcp", "udp") and rate > 0:
+            out.append(GuardedVip(ipaddress.ip_address(v.address), v.port, rate, v.name,
+                                  IPPROTO_TCP if v.protocol == "tcp" else IPPROTO_UDP))
     return out
 
 

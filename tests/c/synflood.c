@@ -1,5 +1,6 @@
 /*
- * synflood: a spoofed TCP SYN flood for the lab tests (tests/test_flood_lab.py).
+ * synflood: a spoofed TCP SYN flood (or, with -u, a UDP one) for the lab tests
+ * (tests/test_flood_lab.py).
  *
  * Why C and sendmmsg: the test wants the flood as fast as the lab's sender can
  * make it; a Python loop sends one packet per system call and tops out far
@@ -8,13 +9,15 @@
  * Every packet is an IPv4 TCP SYN to ADDR:PORT from a random source address in
  * 198.18.128.0/17 (the benchmark range's upper half, which no lab host uses)
  * and a random source port, with a correct TCP checksum (a backend that gets
- * it answers with a SYN-ACK, as it would to a real flood). Neither the source
+ * it answers with a SYN-ACK, as it would to a real flood); with -u, a UDP
+ * datagram of 12 bytes (IPv4 + UDP + payload = 40 bytes, checksum correct).
+ * Neither the source
  * range nor anything outside 198.18.0.0/15 as destination can be chosen: the
  * program refuses other destinations. Bounded by count (-n) and time (-t, plus
  * an alarm as a safety net); -r caps the rate (packets/s, 0 = as fast as it
  * goes).
  *
- *   synflood -d 198.18.100.1 -p 80 [-n 5000000] [-t 10] [-r 0] [-b 64] [-s SEED]
+ *   synflood -d 198.18.100.1 -p 80 [-u] [-n 5000000] [-t 10] [-r 0] [-b 64] [-s SEED]
  *
  * On exit it prints one JSON line: {"sent": N, "errors": E, "elapsed": S, "pps": P}.
  * Exit status 0, or 2 for bad arguments / socket set-up failures.
@@ -109,10 +112,46 @@ static void make_syn(uint8_t *pkt, uint32_t src, uint32_t dst, uint16_t sport, u
 	t[17] = (uint8_t)c;
 }
 
+/* Fill pkt: a UDP datagram of PKT_LEN - 28 payload bytes from src:sport to
+ * dst:dport (all host order). */
+static void make_udp(uint8_t *pkt, uint32_t src, uint32_t dst, uint16_t sport, uint16_t dport,
+		     uint32_t salt)
+{
+	uint32_t sum = 0;
+	const int ulen = PKT_LEN - 20;
+
+	memset(pkt, 0, PKT_LEN);
+	pkt[0] = 0x45;
+	pkt[3] = PKT_LEN;
+	pkt[8] = 64;
+	pkt[9] = IPPROTO_UDP;
+	for (int i = 0; i < 4; i++) {
+		pkt[12 + i] = (uint8_t)(src >> (24 - 8 * i));
+		pkt[16 + i] = (uint8_t)(dst >> (24 - 8 * i));
+	}
+	uint8_t *u = pkt + 20;
+	u[0] = (uint8_t)(sport >> 8);
+	u[1] = (uint8_t)sport;
+	u[2] = (uint8_t)(dport >> 8);
+	u[3] = (uint8_t)dport;
+	u[5] = (uint8_t)ulen;
+	for (int i = 0; i < 4; i++)
+		u[8 + i] = (uint8_t)(salt >> (24 - 8 * i));
+	sum += (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF);
+	sum += IPPROTO_UDP + (uint32_t)ulen;
+	for (int i = 0; i < ulen; i += 2)
+		sum += (uint32_t)(u[i] << 8 | u[i + 1]);
+	uint16_t c = csum_fold(sum);
+	if (c == 0)
+		c = 0xFFFF;
+	u[6] = (uint8_t)(c >> 8);
+	u[7] = (uint8_t)c;
+}
+
 static int usage(const char *why)
 {
 	fprintf(stderr, "synflood: %s\n"
-		"usage: synflood -d ADDR -p PORT [-n COUNT] [-t SECONDS] [-r PPS] [-b BATCH] "
+		"usage: synflood -d ADDR -p PORT [-u] [-n COUNT] [-t SECONDS] [-r PPS] [-b BATCH] "
 		"[-s SEED]\n", why);
 	return 2;
 }
@@ -123,9 +162,9 @@ int main(int argc, char **argv)
 	long port = 0, count = 5000000, rate = 0, batch = 64;
 	double seconds = 10.0;
 	uint64_t seed = 1;
-	int opt;
+	int opt, udp = 0;
 
-	while ((opt = getopt(argc, argv, "d:p:n:t:r:b:s:")) != -1) {
+	while ((opt = getopt(argc, argv, "d:p:n:t:r:b:s:u")) != -1) {
 		switch (opt) {
 		case 'd':
 			if (inet_pton(AF_INET, optarg, &daddr) != 1)
@@ -137,6 +176,7 @@ int main(int argc, char **argv)
 		case 'r': rate = strtol(optarg, NULL, 10); break;
 		case 'b': batch = strtol(optarg, NULL, 10); break;
 		case 's': seed = strtoull(optarg, NULL, 10); break;
+		case 'u': udp = 1; break;
 		default: return usage("unknown option");
 		}
 	}
@@ -191,8 +231,12 @@ int main(int argc, char **argv)
 			uint32_t src = SRC_NET | (rnd() & SRC_MASK);
 			if ((src & 0xFF) == 0 || (src & 0xFF) == 0xFF)
 				src ^= 1;
-			make_syn(pkts[i], src, dst, (uint16_t)(1024 + rnd() % 64511), (uint16_t)port,
-				 rnd());
+			if (udp)
+				make_udp(pkts[i], src, dst, (uint16_t)(1024 + rnd() % 64511),
+					 (uint16_t)port, rnd());
+			else
+				make_syn(pkts[i], src, dst, (uint16_t)(1024 + rnd() % 64511),
+					 (uint16_t)port, rnd());
 		}
 		int r = sendmmsg(fd, msgs, (unsigned)n, 0);
 		if (r < 0) {
