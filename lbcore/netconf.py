@@ -87,6 +87,7 @@ MAIN_TABLE = 254            # RT_TABLE_MAIN
 CLONE_NEWNET = 0x40000000
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
+RT_SCOPE_HOST = 254
 NUD_PERMANENT = 0x80
 NTF_USE = 0x01              # neighbour "used": start resolution as a queued packet would
 NTF_PROXY = 0x08            # a proxy (pneigh) entry: answer ARP/NDP for the address
@@ -651,17 +652,20 @@ def _addr_present(ipr: IPRoute, idx: int, ip: ipaddress._BaseAddress, plen: int)
 
 
 @_off_loop
-def addr_add(ifname: str, address: str, *, netns: str | None = None,
+def addr_add(ifname: str, address: str, *, netns: str | None = None, host_scope: bool = False,
              changes: NetChanges | None = None) -> bool:
     """Add "ip/prefixlen" (no prefix: a host address) to ``ifname``. False if it was there.
 
     IPv6 addresses skip duplicate address detection (IFA_F_NODAD): the addresses lbcore sets
     are unique by construction, and DAD would keep them unusable for a second or two.
+    ``host_scope``: scope host, so the kernel never picks it as a packet's source address.
     Undo deletes the address (also one that was already there, see the module docstring).
     """
     iface = _iface(address)
     ip, plen = iface.ip, iface.network.prefixlen
     kw: dict[str, Any] = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
+    if host_scope:
+        kw["scope"] = RT_SCOPE_HOST
     added = _ensure_present(
         netns, f"address {address} on {ifname}", find=lambda ipr: _index(ipr, ifname, netns),
         present=lambda ipr, idx: _addr_present(ipr, idx, ip, plen),

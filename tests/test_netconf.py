@@ -343,18 +343,19 @@ def test_api_works_from_inside_an_asyncio_loop(nsname):
     assert "bra" in asyncio.run(main())
 
 
-@pytest.mark.parametrize("all_rp_filter,v4", [("0", (6, 17)), ("1", (17,)), ("2", (17,))])
-def test_tun_port_less_tcp_rule_only_where_a_pass_survives_rp_filter(monkeypatch, all_rp_filter,
-                                                                     v4):
-    # the kernel drops a passed IPv4 packet leaving the TUN when conf/all/rp_filter is on:
-    # there IPv4 TCP backends get no port-less rule (their own TCP keeps its normal route)
+@pytest.mark.parametrize("all_rp,tun,v4", [(0, 0, (6, 17)), (1, 2, (17,)), (2, 2, (6, 17))])
+def test_tun_reverse_path_check_and_port_less_rules_follow_conf_all(all_rp, tun, v4):
+    # the kernel applies the larger of conf/all and the TUN's own rp_filter: where conf/all
+    # is 0 the TUN is not checked at all, otherwise loosely (a passed packet's source routes
+    # out the backend's link). IPv4 TCP backends get their port-less rule unless the check is
+    # strict: it would drop the answers to their own TCP on the client-side links
     from ipaddress import ip_address
 
     from lbcore.dataplane import replies
     from lbcore.dataplane.tun import routes
 
-    monkeypatch.setattr(routes.netconf, "sysctl_get", lambda key, **kw: all_rp_filter)
-    protos = routes._fragment_protos()
+    assert routes._tun_rp_filter(all_rp) == tun
+    protos = routes._fragment_protos(all_rp)
     assert protos == {4: v4, 6: (6, 17)}
     paths = [replies.ReplyPath(ip_address("198.19.0.11"), 6, 80),
              replies.ReplyPath(ip_address("198.19.0.11"), 17, 53),

@@ -221,6 +221,7 @@ from scapy.all import IP, IPv6, IPv6ExtHdrFragment, TCP, conf, fragment, fragmen
 conf.verb = 0
 marker, size, deadline = sys.argv[1].encode(), int(sys.argv[2]), time.monotonic() + 40
 cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+print("ready", flush=True)
 sent = 0
 while time.monotonic() < deadline and not sent:
     if not select.select([cap], [], [], 0.2)[0]:
@@ -262,15 +263,22 @@ def test_fragmented_tcp_reply_comes_back_whole_and_translated(lab, vip):
     if lab.spec.mode == "rawsock":
         pytest.skip("mode rawsock translates only a TCP reply's first fragment "
                     "(lbcore.dataplane.replies)")
+    if vip == VIP4 and _strict_rp_filter():
+        pytest.skip("conf/all/rp_filter is 1 in the gateway: no port-less IPv4 TCP rule")
+    _fragmented_tcp_reply(lab, vip)
+
+
+def _strict_rp_filter() -> bool:
+    from lbcore import netconf
+    return netconf.sysctl_get("net/ipv4/conf/all/rp_filter", netns=lab_mod.GW_NS) == "1"
+
+
+def _fragmented_tcp_reply(lab, vip: str) -> None:
     import subprocess
     import sys
 
     from lbcore import netconf
     from lbcore.lab import child_env
-
-    if (vip == VIP4
-            and netconf.sysctl_get("net/ipv4/conf/all/rp_filter", netns=lab_mod.GW_NS) != "0"):
-        pytest.skip("conf/all/rp_filter is on in the gateway: no port-less IPv4 TCP rule")
 
     marker, size = "FRAGTCP-" + vip, 3000
     senders = [netconf.popen_in_netns(ns, [sys.executable, "-c", FRAG_TCP_SENDER, marker,
@@ -279,8 +287,9 @@ def test_fragmented_tcp_reply_comes_back_whole_and_translated(lab, vip):
                                       env=child_env())
                for ns in (lab_mod.backend_ns(i) for i in range(1, lab.spec.backends + 1))]
     try:
-        import time
-        time.sleep(1.5)          # the capture sockets are open
+        # every capture socket is open (importing scapy takes seconds on a busy machine)
+        ready = [p.stdout.readline().strip() for p in senders]
+        assert ready == ["ready"] * len(senders), ready
         out = ns_python("lbc-client", f"""
 import json, socket, time
 fam = socket.AF_INET6 if ":" in {vip!r} else socket.AF_INET
@@ -307,7 +316,7 @@ print(json.dumps([len(got), got == bytes(i % 251 for i in range({size})), s.getp
                 p.kill()
                 o, e = p.communicate()
             results.append((p.returncode, o.strip(), e[-500:]))
-    sent = [int(o) for rc, o, e in results if rc == 0 and o]
+    sent = [int(o.splitlines()[-1]) for rc, o, e in results if rc == 0 and o]
     assert sum(1 for n in sent if n) == 1, results        # one backend had the flow
     assert max(sent) >= 3, results                         # and cut its segment in fragments
     n, same, peer = out
@@ -320,13 +329,14 @@ def test_a_backends_own_traffic_through_the_gateway_passes(lab, family):
     # a backend's TCP and UDP (a large, fragmented datagram too) to a client-side address, no
     # reply of any flow: the data plane hands it back to the kernel (mode tun: the port-less
     # reply rules bring it to the TUN; counted "passed"); the answers come back the normal way
+    if family == "ipv4" and lab.spec.mode == "tun" and _strict_rp_filter():
+        pytest.skip("conf/all/rp_filter is 1 in the gateway: no IPv4 pass-through there")
+    _own_traffic(lab, family)
+
+
+def _own_traffic(lab, family: str) -> None:
     v6 = family == "ipv6"
     client = lab_mod.CLIENT_V6 if v6 else lab_mod.CLIENT_V4
-    from lbcore import netconf as nc
-
-    if (not v6 and lab.spec.mode == "tun"
-            and nc.sysctl_get("net/ipv4/conf/all/rp_filter", netns=lab_mod.GW_NS) != "0"):
-        pytest.skip("conf/all/rp_filter is on in the gateway: no IPv4 pass-through there")
     before = status()["totals"].get("passed", 0)
     server = netconf_popen("lbc-client", f"""
 import json, socket, threading
@@ -404,3 +414,27 @@ def netconf_popen(ns: str, code: str):
 
     return netconf.popen_in_netns(ns, [sys.executable, "-c", code], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def test_with_loose_rp_filter_a_backends_own_traffic_and_fragmented_replies_pass(lab):
+    """With net.ipv4.conf.all.rp_filter = 2 (loose, the systemd default on many distributions)
+    at start, the kernel checks the reverse path of what leaves the TUN: lbcore makes the
+    TUN's check loose and gives it an address, so a backend's own IPv4 traffic (passed back
+    through the TUN) and a fragmented IPv4 TCP reply still get through."""
+    if lab.spec.mode != "tun":
+        pytest.skip("only mode tun hands packets to the kernel's forwarding path")
+    from lbcore import netconf
+
+    key = "net/ipv4/conf/all/rp_filter"
+    old = netconf.sysctl_get(key, netns=lab_mod.GW_NS)
+    netconf.sysctl_set(key, 2, netns=lab_mod.GW_NS)
+    try:
+        lab_mod.restart_balancer()
+        tun = lab_mod.TUN_NAME
+        assert netconf.sysctl_get(f"net/ipv4/conf/{tun}/rp_filter", netns=lab_mod.GW_NS) == "2"
+        assert (tun, "192.0.0.8/32") in netconf.addresses(lab_mod.GW_NS, tun)
+        _own_traffic(lab, "ipv4")
+        _fragmented_tcp_reply(lab, VIP4)
+    finally:
+        netconf.sysctl_set(key, old, netns=lab_mod.GW_NS)
+        lab_mod.restart_balancer()

@@ -21,13 +21,11 @@ unchanged, and the rule `iif TUN lookup main` (PASS_PRIORITY, before the reply r
 the kernel route it normally this time; it cannot come back (only the VIPs' routes lead into
 the TUN, and a VIP address is never passed). Which protocols get the rule is the mode's:
 
-* mode tun: TCP and UDP for IPv6; for IPv4 TCP only where net.ipv4.conf.all.rp_filter is 0
-  (the TUN's own is set to 0). The kernel checks the reverse path of a passed packet as it
-  leaves the TUN, and its way back is not the TUN, which holds no address: with
-  conf/all/rp_filter on, the check drops it, and a TCP backend would lose its own IPv4 TCP
-  for fragmented IPv4 TCP replies, which stacks rarely send (DF). UDP always (fragmented UDP
-  replies are common): with rp_filter on, a UDP backend's own IPv4 UDP through the gateway is
-  then dropped;
+* mode tun: TCP and UDP, but for IPv4 UDP only where net.ipv4.conf.all.rp_filter is 1
+  (strict): the port-less rule makes the TUN the way back to the backend, and the strict
+  check on a client-side link would drop the answers to the backend's own TCP. Where the
+  check is on, the TUN's own is loose and the TUN has an address, so that a passed packet
+  (whose way back is the backend's link) leaves it (lbcore.dataplane.tun.routes);
 * mode rawsock: UDP only. RULE_TABLE is a blackhole there and a socket filter takes the
   replies, so a port-less rule costs the backend its own traffic of that protocol (its
   UDP), and a fragmented TCP reply is not translated (its first fragment is, by the port

@@ -11,8 +11,9 @@ What tun mode needs from the kernel:
     writes back is routed by the main table (rule `iif TUN lookup main`, before the reply
     rules): the translated packets, and a backend's own traffic that the data plane passes
     back unchanged, which so leaves by its normal route and never loops;
-  - forwarding on, and loose reverse-path filtering on the TUN (the packets it emits carry
-    client addresses that route out another link).
+  - forwarding on, and no reverse-path filtering on the TUN, or a loose one where
+    conf/all/rp_filter is on (the packets it emits carry client addresses that route out
+    another link), with RFC 7600's dummy IPv4 address on it, which the loose check needs.
 
 The TUN is persistent (lbcore.dataplane.tun.device): a stop keeps it with its routes and
 sysctls (undo(keep=True)), and the next run's setup(adopted=True) finds them in place, makes the
@@ -53,24 +54,45 @@ TXQUEUELEN = 10000
 RTPROT_KERNEL = 2        # routes the kernel adds by itself (IPv6 link-local)
 
 
-def _fragment_protos() -> dict[int, tuple[int, ...]]:
+DUMMY_V4 = "192.0.0.8/32"  # the IPv4 dummy address (RFC 7600), for a device without one
+
+
+def _all_rp_filter() -> int:
+    """net.ipv4.conf.all.rp_filter (1, strict, when it cannot be read)."""
+    try:
+        return int(netconf.sysctl_get("net/ipv4/conf/all/rp_filter"))
+    except (OSError, ValueError):
+        return 1
+
+
+def _tun_rp_filter(all_rp: int) -> int:
+    """The TUN's own net.ipv4.conf.<tun>.rp_filter; the kernel applies the larger of it and
+    conf/all. 0 where conf/all is 0: nothing written to the TUN is checked (the data plane
+    alone writes it), which saves a routing lookup per packet. Otherwise the check runs
+    anyway, and 2 (loose) makes it one that a passed packet - a backend's own traffic, whose
+    way back is the backend's link, not the TUN - survives: its source is routable. The
+    strict check would drop it, and so would any check on a device without an address,
+    which is why the TUN gets DUMMY_V4 (scope host: never a packet's source)."""
+    return 0 if all_rp == 0 else 2
+
+
+def _fragment_protos(all_rp: int) -> dict[int, tuple[int, ...]]:
     """Per IP version, the protocols whose backends get a port-less reply rule: those whose
     fragmented replies can then be translated, and whose other traffic the data plane passes
     back to the kernel through the TUN. IPv6 has no reverse-path filter in the kernel's
-    forwarding path: TCP and UDP. IPv4: TCP only when net.ipv4.conf.all.rp_filter is 0 (the
-    TUN's own is set to 0): otherwise the kernel drops a passed packet (its way back is not
-    the TUN), and a TCP backend would lose its own TCP through the gateway for the sake of
-    fragmented TCP replies, which IPv4 stacks rarely send (DF). UDP backends keep their rule
-    either way (their fragmented replies are common; their own UDP is then dropped, as it
-    always was, where rp_filter is on)."""
-    try:
-        strict = int(netconf.sysctl_get("net/ipv4/conf/all/rp_filter")) != 0
-    except (OSError, ValueError):
-        strict = True
-    if strict:
-        log.warning("net.ipv4.conf.all.rp_filter is on: no pass-through of IPv4 backends' "
-                    "own traffic; their fragmented IPv4 TCP replies are not translated")
-    return {4: UDP_ONLY if strict else TCP_UDP, 6: TCP_UDP}
+    forwarding path: TCP and UDP. IPv4 TCP too, unless conf/all/rp_filter is 1 (strict): the
+    port-less rule also makes the TUN the way back to a TCP backend in the kernel's eyes, so
+    the strict check on a client-side link would drop the answers to the backend's own TCP
+    connections through the gateway - a price too high for fragmented TCP replies, which
+    IPv4 stacks rarely send (DF). UDP backends keep their rule either way (their fragmented
+    replies are common; their own UDP through a strict gateway is then lost, as it always
+    was)."""
+    if all_rp == 1:
+        log.warning("net.ipv4.conf.all.rp_filter is 1 (strict): no pass-through of IPv4 "
+                    "backends' own traffic; their fragmented IPv4 TCP replies are not "
+                    "translated (2, loose, allows both)")
+        return {4: UDP_ONLY, 6: TCP_UDP}
+    return {4: TCP_UDP, 6: TCP_UDP}
 
 
 @dataclass
@@ -100,12 +122,13 @@ class TunRoutes:
                 netconf.sysctl_set("net/ipv6/conf/all/forwarding", 1, changes=ch)
                 # a packet pipe, not a host link: no router advertisements on it
                 netconf.sysctl_set(f"net/ipv6/conf/{self.tun_name}/accept_ra", 0)
-            # no reverse-path check of what the data plane writes (it alone writes to the
-            # TUN): a passed packet's way back is not the TUN, and the TUN has no address,
-            # so even loose rp_filter would drop it; the effective value is the larger of
-            # this and conf/all/rp_filter, hence _fragment_protos()
-            netconf.sysctl_set(f"net/ipv4/conf/{self.tun_name}/rp_filter", 0)
-            self._rules.fragment_protos = _fragment_protos()
+            # the reverse-path check of what the data plane writes: none, or loose (see
+            # _tun_rp_filter); loose needs the TUN to have an address
+            all_rp = _all_rp_filter()
+            netconf.addr_add(self.tun_name, DUMMY_V4, host_scope=True, changes=ch)
+            netconf.sysctl_set(f"net/ipv4/conf/{self.tun_name}/rp_filter",
+                               _tun_rp_filter(all_rp))
+            self._rules.fragment_protos = _fragment_protos(all_rp)
             for vip in self.vips:
                 self._route(vip)
             if adopted:
