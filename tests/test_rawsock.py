@@ -20,7 +20,7 @@ import pytest
 from lbcore import _core, netconf
 from lbcore.dataplane.rawsock.bpf import build_filter
 from lbcore.dataplane.rawsock.l2 import nexthop
-from lbcore.dataplane.replies import ReplyPath
+from lbcore.dataplane.replies import FRAGMENTS, ReplyPath
 from lbcore.reference.bpf import bpf_run
 
 ip = ipaddress.ip_address
@@ -101,6 +101,59 @@ def test_backend_side_filter(frame, verdict):
     assert (bpf_run(BACKEND_SIDE, frame) != 0) is verdict
 
 
+def ipv6_frag(src, dst, nh: int, l4: bytes, offset: int = 0) -> bytes:
+    """An IPv6 fragment: a Fragment header (next header nh, offset in 8-byte units) first."""
+    return ipv6(src, dst, 44, struct.pack("!BBHI", nh, 0, offset << 3, 7) + l4)
+
+
+# mode rawsock's reply paths: every (backend, protocol) also has its port-less FRAGMENTS path;
+# BE6's UDP has a port path only (no port-less rule: its UDP stays the kernel's)
+WHOLE = REPLIES + [ReplyPath(BE4, TCP, FRAGMENTS), ReplyPath(BE4, UDP, FRAGMENTS),
+                   ReplyPath(BE6, TCP, FRAGMENTS), ReplyPath(BE6, UDP, 5353)]
+BACKEND_WHOLE = build_filter((), WHOLE, [GW_LOCAL, ip("198.19.0.255"), ip("2001:db8:1::1")])
+
+
+@pytest.mark.parametrize("frame,verdict", [
+    (ipv4(BE4, CLIENT4, TCP, ports(40000, 7070)), True),        # no reply: its own traffic
+    (ipv4(BE4, CLIENT4, UDP, ports(9999, 7071)), True),
+    (ipv4(BE4, CLIENT4, TCP, ports(80, 1234)), True),           # a reply
+    (ipv4(BE4, CLIENT4, TCP, ports(40000, 7070), frag=185), True),   # a later fragment
+    (ipv4(BE4, CLIENT4, UDP, ports(9999, 7071), frag=0x2000), True),  # a first fragment
+    (ipv4(BE4, CLIENT4, TCP, ports(40000, 7070), ihl=6), True),
+    (ipv4(BE4, GW_LOCAL, TCP, ports(40000, 22)), False),        # to the gateway itself
+    (ipv4(BE4, GW_LOCAL, TCP, ports(80, 40000)), False),        # a health-check reply
+    (ipv4(BE4, "198.19.0.255", UDP, ports(9999, 7071)), False),  # its subnet's broadcast
+    (ipv4(BE4, "255.255.255.255", UDP, ports(68, 67)), False),
+    (ipv4(BE4, "224.0.0.251", UDP, ports(5353, 5353)), False),  # multicast
+    (ipv4(BE4, CLIENT4, 1, bytes(8)), False),                   # ICMP is the kernel's
+    (ipv4("198.19.0.12", CLIENT4, TCP, ports(40000, 7070)), False),  # no backend
+    (ipv6(BE6, CLIENT6, TCP, ports(40000, 7070)), True),
+    (ipv6(BE6, CLIENT6, TCP, ports(80, 1234)), True),
+    (ipv6_frag(BE6, CLIENT6, TCP, ports(40000, 7070)), True),
+    (ipv6_frag(BE6, CLIENT6, TCP, bytes(8), offset=100), True),
+    (ipv6(BE6, CLIENT6, UDP, ports(5353, 1234)), True),         # BE6's UDP: its port path
+    (ipv6(BE6, CLIENT6, UDP, ports(9999, 7071)), False),        # ... and nothing else
+    (ipv6_frag(BE6, CLIENT6, UDP, bytes(8), offset=100), False),
+    (ipv6(BE6, "2001:db8:1::1", TCP, ports(40000, 22)), False),
+    (ipv6(BE6, "ff02::1", TCP, ports(40000, 7070)), False),
+    (ipv6(BE6, "fe80::1", TCP, ports(40000, 7070)), False),
+    (ipv6("2001:db8:1::12", CLIENT6, TCP, ports(40000, 7070)), False),
+], ids=["tcp", "udp", "reply", "later-fragment", "first-fragment", "ihl6", "local",
+        "health-check", "subnet-broadcast", "broadcast", "multicast", "icmp", "src",
+        "v6-tcp", "v6-reply", "v6-first-fragment", "v6-later-fragment", "v6-udp-port",
+        "v6-udp-other", "v6-udp-fragment", "v6-local", "v6-multicast", "v6-link-local",
+        "v6-src"])
+def test_backend_side_filter_takes_all_of_a_protocol_with_a_portless_path(frame, verdict):
+    assert (bpf_run(BACKEND_WHOLE, frame) != 0) is verdict
+
+
+def test_port_paths_a_portless_path_covers_cost_nothing():
+    alone = build_filter((), [ReplyPath(BE4, TCP, FRAGMENTS), ReplyPath(BE6, TCP, FRAGMENTS)])
+    covered = build_filter((), [ReplyPath(BE4, TCP, FRAGMENTS), ReplyPath(BE6, TCP, FRAGMENTS)]
+                           + [ReplyPath(a, TCP, 80 + i) for a in (BE4, BE6) for i in range(50)])
+    assert covered == alone
+
+
 def test_shared_link_filter_takes_both():
     both = build_filter([VIP4], REPLIES, [GW_LOCAL])
     assert bpf_run(both, ipv4(CLIENT4, VIP4, UDP, ports(1, 5300)))
@@ -123,6 +176,26 @@ def test_large_configs_assemble_without_long_conditional_jumps(n, coarse):
     assert not bpf_run(prog, ipv4(replies[-2].address, CLIENT4, TCP, ports(82, 1)))
     assert not bpf_run(prog, ipv4(replies[-2].address, GW_LOCAL, TCP, ports(80, 1)))
     stranger = ipv4("198.19.5.5", CLIENT4, TCP, ports(80, 1))
+    assert bool(bpf_run(prog, stranger)) is coarse
+
+
+@pytest.mark.parametrize("n,coarse", [(700, False), (900, True)])
+def test_large_configs_with_portless_paths(n, coarse):
+    """Mode rawsock's paths (each address's protocol whole): too many addresses for one
+    program take the protocol whole from any address (the pipeline passes only what is from
+    a backend's address serving that protocol, which the kernel blackholes)."""
+    bes = [ip(f"198.19.{i // 200}.{10 + i % 200}") for i in range(n)]
+    replies = [ReplyPath(a, TCP, p) for a in bes for p in (80, FRAGMENTS)] + [
+        ReplyPath(BE6, UDP, FRAGMENTS)]
+    prog = build_filter((), replies, [GW_LOCAL])
+    assert len(prog) <= 4096
+    assert bpf_run(prog, ipv4(bes[-1], CLIENT4, TCP, ports(40000, 1)))
+    assert bpf_run(prog, ipv4(bes[-1], CLIENT4, TCP, ports(1, 2), frag=100))
+    assert bpf_run(prog, ipv6_frag(BE6, CLIENT6, UDP, bytes(8), offset=10))
+    assert not bpf_run(prog, ipv4(bes[-1], CLIENT4, UDP, ports(40000, 1)))
+    assert not bpf_run(prog, ipv4(bes[-1], GW_LOCAL, TCP, ports(40000, 1)))
+    assert not bpf_run(prog, ipv4(bes[-1], "224.0.0.1", TCP, ports(40000, 1)))
+    stranger = ipv4("198.20.5.5", CLIENT4, TCP, ports(40000, 1))
     assert bool(bpf_run(prog, stranger)) is coarse
 
 
@@ -565,7 +638,8 @@ def test_kernel_accepts_generated_filters_and_reloads_them(nsname):
     idx = netconf.link_index("x1", netns=nsname)
     vips = [ip(f"198.18.100.{i}") for i in range(1, 50)] + [VIP6]
     replies = [ReplyPath(ip(f"198.19.0.{10 + i}"), TCP, 80) for i in range(100)] + [
-        ReplyPath(BE6, UDP, 5300)]
+        ReplyPath(BE6, UDP, 5300), ReplyPath(BE6, UDP, FRAGMENTS),
+        ReplyPath(ip("198.19.0.10"), TCP, FRAGMENTS)]
 
     def make():
         s = _core.RawSocket(idx, 4321, build_filter(vips, replies, [GW_LOCAL]), 32)
