@@ -273,17 +273,28 @@ def _inet_csum(data: bytes) -> int:
     return s
 
 
-def _udp4(src, dst, sport: int, dport: int, payload: bytes) -> bytes:
+def _udp4(src, dst, sport: int, dport: int, payload: bytes, ttl: int = 64) -> bytes:
     """An IPv4/UDP packet with both checksums right."""
     ulen = 8 + len(payload)
     pseudo = ip(src).packed + ip(dst).packed + struct.pack("!BBH", 0, UDP, ulen)
     udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
     c = 0xFFFF - _inet_csum(pseudo + udp)
     udp = udp[:6] + struct.pack("!H", c or 0xFFFF) + udp[8:]
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, 64, UDP, 0, ip(src).packed,
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, ttl, UDP, 0, ip(src).packed,
                       ip(dst).packed)
     hdr = hdr[:10] + struct.pack("!H", 0xFFFF - _inet_csum(hdr)) + hdr[12:]
     return hdr + udp
+
+
+def _udp6(src, dst, sport: int, dport: int, payload: bytes, hlim: int = 64) -> bytes:
+    """An IPv6/UDP packet with its checksum right."""
+    ulen = 8 + len(payload)
+    pseudo = ip(src).packed + ip(dst).packed + struct.pack("!IxxxB", ulen, UDP)
+    udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
+    c = 0xFFFF - _inet_csum(pseudo + udp)
+    udp = udp[:6] + struct.pack("!H", c or 0xFFFF) + udp[8:]
+    return struct.pack("!IHBB16s16s", 0x60000000, ulen, UDP, hlim, ip(src).packed,
+                       ip(dst).packed) + udp
 
 
 BE2 = ip("198.19.0.12")       # a second backend, on-link but with no MAC in the L2 table
@@ -297,7 +308,7 @@ def _l2(dp, macs, *extra) -> None:
 
 @contextlib.contextmanager
 def _rig(ns: str, *, busy_poll_us: int = 0, start: bool = True, mtu: int = 0,
-         client_filter=None):
+         client_filter=None, backend_filter=None):
     """c0 <-> c1 (client side) and b0 <-> b1 (backend side) in one namespace; the worker reads
     c1 and b1; the test sends and captures on c0 and b0 with plain packet sockets. Yields
     (dp, macs, taps, thread): with start=False the worker starts only when the test calls
@@ -319,7 +330,8 @@ def _rig(ns: str, *, busy_poll_us: int = 0, start: bool = True, mtu: int = 0,
     def open_all():
         socks = [_core.RawSocket(idx["c1"], 0, client_filter or build_filter([VIP4], ()), 512),
                  _core.RawSocket(idx["b1"], 0,
-                                 build_filter((), [ReplyPath(BE4, UDP, 5300)]), 512)]
+                                 backend_filter or build_filter((), [ReplyPath(BE4, UDP, 5300)]),
+                                 512)]
         taps = {}
         for n in ("c0", "b0"):
             t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
@@ -449,6 +461,79 @@ def test_worker_forwards_frames_with_the_table_macs_and_holds_unresolved(rig):
                     + _udp4(CLIENT4, "198.18.100.2", 40000, 5300, b"no"))
     time.sleep(0.2)
     assert dp.stats()["rx"] == st["rx"]
+
+
+@pytest.mark.netns
+def test_worker_forwards_a_backends_own_traffic_as_the_kernel_would(nsname):
+    """A backend's packet that is no reply (the port-less rule keeps it from the kernel) is
+    routed by the worker: out of the link whose route covers its destination (the one it
+    came in on too), TTL / hop limit one less (IPv4 header checksum updated), to the next
+    hop's MAC (held until it resolves); dropped and counted without a route, when its TTL
+    runs out, and when it was not sent to the gateway's MAC."""
+    whole = build_filter((), [ReplyPath(BE4, UDP, 5300), ReplyPath(BE4, UDP, FRAGMENTS),
+                              ReplyPath(BE6, UDP, 5300), ReplyPath(BE6, UDP, FRAGMENTS)])
+    with _rig(nsname, backend_filter=whole) as (dp, macs, taps, _):
+        dp.publish([(str(VIP4), 5300, "udp", 0, 251, [(str(BE4), 5300, 1, 1, False)]),
+                    (str(VIP4), 5301, "udp", 2, 251, [(str(BE2), 5301, 1, 3, False)]),
+                    (str(VIP6), 5300, "udp", 4, 251, [(str(BE6), 5300, 1, 5, False)])], 7)
+        routes = [(0, "198.18.0.0/24", None), (1, "198.19.0.0/24", None),
+                  (0, "2001:db8::/64", None)]
+        neigh = [(0, str(CLIENT4), macs["c0"]), (1, str(BE4), macs["b0"]),
+                 (0, str(CLIENT6), macs["c0"])]
+        dp.set_l2([macs["c1"], macs["b1"]], routes, neigh)
+
+        def v6_tap():
+            t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+            t.bind(("c0", 0))
+            t.settimeout(2)
+            return t
+
+        tap6 = netconf.run_in_netns(nsname, v6_tap)
+        try:
+            to_gw = macs["b1"] + macs["b0"] + b"\x08\x00"
+            own = _udp4(BE4, CLIENT4, 9999, 7071, b"own")
+            taps["b0"].send(to_gw + own)
+            out = _recv_ip(taps["c0"], BE4.packed)
+            assert out[:6] == macs["c0"] and out[6:12] == macs["c1"]
+            pkt = out[14:]
+            assert pkt[8] == 63 and own[8] == 64
+            assert _inet_csum(pkt[:20]) == 0xFFFF                  # header checksum updated
+            assert pkt[:8] == own[:8] and pkt[9:10] == own[9:10] and pkt[12:] == own[12:]
+            own6 = _udp6(BE6, CLIENT6, 9999, 7071, b"own6")
+            taps["b0"].send(macs["b1"] + macs["b0"] + b"\x86\xdd" + own6)
+            while True:
+                frame, addr = tap6.recvfrom(2048)
+                if addr[2] != socket.PACKET_OUTGOING:
+                    break
+            assert frame[:6] == macs["c0"] and frame[6:12] == macs["c1"]
+            assert frame[14 + 7] == 63 and frame[14:21] == own6[:7]
+            assert frame[14 + 8:] == own6[8:]
+            # TTL / hop limit 1 (would reach 0), no route on any link, another host's frame
+            taps["b0"].send(to_gw + _udp4(BE4, CLIENT4, 9999, 7071, b"ttl1", ttl=1))
+            taps["b0"].send(macs["b1"] + macs["b0"] + b"\x86\xdd"
+                            + _udp6(BE6, CLIENT6, 9999, 7071, b"hlim1", hlim=1))
+            taps["b0"].send(to_gw + _udp4(BE4, "198.20.0.1", 9999, 7071, b"far"))
+            taps["b0"].send(b"\x02\x00\x00\x00\x00\x99" + macs["b0"] + b"\x08\x00"
+                            + _udp4(BE4, CLIENT4, 9999, 7071, b"other"))
+            _wait(lambda: dp.stats()["rx"] >= 6, dp.stats)
+            st = dp.stats()
+            assert st["passed"] == 2 and st["tx"] == 0, st
+            assert st["drops"]["ttl_exceeded"] == 2 and st["drops"]["no_route"] == 2, st
+            assert sum(st["drops"].values()) == 4
+            # back out of the link it came in on, to a next hop without a MAC yet: held (not
+            # counted passed until it leaves), sent once the neighbour resolves
+            taps["b0"].send(to_gw + _udp4(BE4, BE2, 9999, 7071, b"held"))
+            _wait(lambda: (1, str(BE2)) in dp.l2_misses(), dp.stats)
+            assert dp.stats()["passed"] == 2
+            dp.set_l2([macs["c1"], macs["b1"]], routes, [*neigh, (1, str(BE2), macs["b0"])])
+            out = _recv_ip(taps["b0"], BE4.packed)
+            assert out[:6] == macs["b0"] and out[6:12] == macs["b1"]
+            assert out[14 + 16:14 + 20] == BE2.packed and out[14 + 8] == 63
+            assert _inet_csum(out[14:34]) == 0xFFFF and out[-4:] == b"held"
+            st = dp.stats()
+            assert st["passed"] == 3 and st["tx"] == 0 and sum(st["drops"].values()) == 4
+        finally:
+            tap6.close()
 
 
 def _icmp4_echo(src, dst, payload: bytes) -> bytes:
