@@ -100,7 +100,8 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
     (passed). A port path (backend address, protocol, source port; IPv6 without extension
     headers) takes the unfragmented packets and first fragments of its replies; one that a
     FRAGMENTS path of its address and protocol covers costs no instructions. A client-side
-    socket gets only VIPs, a backend-side one only replies, one socket on a shared link both.
+    socket gets only VIPs, a backend-side one only what its reply paths name, one socket on a
+    shared link both.
     Everything else stays with the kernel alone.
 
     A config too big for one program (BPF_MAXINSNS) gets a coarser test, whatever the
