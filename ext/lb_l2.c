@@ -106,15 +106,37 @@ int lb_l2_add_neigh(struct lb_l2 *l2, uint8_t link, uint8_t family, const uint8_
     }
 }
 
-static int route_cmp(const void *a, const void *b)
-{
-    const struct lb_l2_route *x = a, *y = b;
-    return (int)y->plen - (int)x->plen;
-}
-
+/* Longest prefix first, and stable: of two routes of one prefix length the
+ * one given first wins (the control side gives them in the kernel's order,
+ * the better metric first). A counting sort by prefix length. */
 void lb_l2_seal(struct lb_l2 *l2)
 {
-    qsort(l2->routes, l2->n_routes, sizeof(*l2->routes), route_cmp);
+    uint32_t start[130] = { 0 };
+    struct lb_l2_route *tmp;
+
+    if (l2->n_routes < 2)
+        return;
+    tmp = malloc((size_t)l2->n_routes * sizeof(*tmp));
+    if (!tmp) {     /* no memory for the copy: an insertion sort, stable too */
+        for (uint32_t i = 1; i < l2->n_routes; i++) {
+            struct lb_l2_route r = l2->routes[i];
+            uint32_t j = i;
+            for (; j > 0 && l2->routes[j - 1].plen < r.plen; j--)
+                l2->routes[j] = l2->routes[j - 1];
+            l2->routes[j] = r;
+        }
+        return;
+    }
+    for (uint32_t i = 0; i < l2->n_routes; i++)
+        start[129u - l2->routes[i].plen]++;            /* plen 128 -> bucket 1 */
+    for (uint32_t b = 1; b < 130; b++)
+        start[b] += start[b - 1];                      /* start[b]: end of bucket b */
+    for (uint32_t b = 129; b > 0; b--)
+        start[b] = start[b - 1];                       /* start[b]: first of bucket b */
+    for (uint32_t i = 0; i < l2->n_routes; i++)
+        tmp[start[129u - l2->routes[i].plen]++] = l2->routes[i];
+    memcpy(l2->routes, tmp, (size_t)l2->n_routes * sizeof(*tmp));
+    free(tmp);
 }
 
 static inline int prefix_match(const uint8_t *a, const uint8_t *prefix, uint8_t plen)
@@ -141,6 +163,24 @@ int lb_l2_nexthop(const struct lb_l2 *l2, uint8_t link, uint8_t family,
         if (c->link == link && c->family == family && prefix_match(dst16, c->prefix, c->plen)) {
             if (c->has_gw)
                 memcpy(nh16, c->gw, 16);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int lb_l2_route_any(const struct lb_l2 *l2, uint8_t n_links, uint8_t family,
+                    const uint8_t *dst16, uint8_t *link, uint8_t *nh16)
+{
+    memcpy(nh16, dst16, 16);
+    if (!l2)
+        return 0;
+    for (uint32_t i = 0; i < l2->n_routes; i++) {
+        const struct lb_l2_route *c = &l2->routes[i];
+        if (c->link < n_links && c->family == family && prefix_match(dst16, c->prefix, c->plen)) {
+            if (c->has_gw)
+                memcpy(nh16, c->gw, 16);
+            *link = c->link;
             return 1;
         }
     }
@@ -217,16 +257,20 @@ static void hold_unlock(uint32_t *l)
 
 void lb_l2_hold(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
                 uint8_t link, uint8_t family, const uint8_t *dst16, const uint8_t *vframe,
-                uint32_t vlen, uint32_t iplen, uint32_t now)
+                uint32_t vlen, uint32_t iplen, int passed, uint32_t now)
 {
     struct lb_l2_hold *h = rs->hold;
     struct lb_l2_holdq *q = NULL, *free_q = NULL;
     uint8_t nh[16];
 
-    /* the pipeline counted it as sent; it is not (yet): the VIP and backend
-     * counters keep it, the flow did see the packet */
-    w->stats.tx--;
-    w->stats.tx_bytes -= iplen;
+    /* the pipeline counted it as sent (or passed); it is not (yet): the VIP
+     * and backend counters keep it, the flow did see the packet */
+    if (passed) {
+        w->stats.passed--;
+    } else {
+        w->stats.tx--;
+        w->stats.tx_bytes -= iplen;
+    }
     if (!lb_l2_nexthop(l2, link, family, dst16, nh)) {
         w->stats.drops[LB_DROP_NO_NEIGH]++;     /* no route: nothing to wait for */
         return;
@@ -262,6 +306,7 @@ void lb_l2_hold(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *
     f->data[0] &= VIRTIO_NET_HDR_F_NEEDS_CSUM;  /* DATA_VALID means nothing on transmit */
     f->len = vlen;
     f->iplen = iplen;
+    f->passed = passed != 0;
     f->since = now;
     __atomic_add_fetch(&h->n_held, 1u, __ATOMIC_RELEASE);
     hold_unlock(&h->lock);
@@ -293,8 +338,12 @@ void lb_l2_release(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
                 memcpy(eth, mac, 6);
                 memcpy(eth + 6, l2->src_mac[q->link], 6);
                 if (send(fd, f->data, f->len, MSG_DONTWAIT) == (ssize_t)f->len) {
-                    w->stats.tx++;
-                    w->stats.tx_bytes += f->iplen;
+                    if (f->passed) {
+                        w->stats.passed++;
+                    } else {
+                        w->stats.tx++;
+                        w->stats.tx_bytes += f->iplen;
+                    }
                 } else {
                     w->stats.tx_errors++;
                 }

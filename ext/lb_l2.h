@@ -76,6 +76,7 @@ struct lb_l2_held {
     uint32_t len;                /* bytes of data: virtio_net_hdr + Ethernet + IP */
     uint32_t iplen;              /* bytes of IP (the tx_bytes it counts once sent) */
     uint32_t since;              /* lb_now_ms() when held */
+    uint32_t passed;             /* a passed packet (LB_PASS): counted passed, not tx */
     uint8_t data[LB_L2_HOLD_BYTES];
 };
 
@@ -110,12 +111,19 @@ int lb_l2_set_route(struct lb_l2 *l2, uint32_t i, const struct lb_l2_route *r);
 /* Add or replace a neighbour; 0, -EINVAL or -ENOSPC (more than n_neigh). */
 int lb_l2_add_neigh(struct lb_l2 *l2, uint8_t link, uint8_t family, const uint8_t *addr16,
                     const uint8_t *mac6);
-/* Sort the routes longest prefix first; call once before publishing. */
+/* Sort the routes longest prefix first, routes of one prefix length in the
+ * order they were given (stable); call once before publishing. */
 void lb_l2_seal(struct lb_l2 *l2);
 /* The next hop of dst16 leaving on link (its route's gateway, or dst16
  * itself on-link) into nh16; 1, or 0 when no route of the link covers it. */
 int lb_l2_nexthop(const struct lb_l2 *l2, uint8_t link, uint8_t family,
                   const uint8_t *dst16, uint8_t *nh16);
+/* The route of dst16 over links 0..n_links-1 (longest prefix; of equal
+ * ones the first given): its link into *link, the next hop into nh16; 1, or
+ * 0 when no route of those links covers it. For a passed packet, which
+ * leaves by whichever link the kernel would have routed it to. */
+int lb_l2_route_any(const struct lb_l2 *l2, uint8_t n_links, uint8_t family,
+                    const uint8_t *dst16, uint8_t *link, uint8_t *nh16);
 /* The MAC of next hop nh16 on link, or NULL. */
 const uint8_t *lb_l2_mac(const struct lb_l2 *l2, uint8_t link, uint8_t family,
                          const uint8_t *nh16);
@@ -144,13 +152,14 @@ struct lb_raw_sock;
  * destination): keep a copy until the neighbour resolves, or drop it. vframe
  * is the virtio_net_hdr in front of the frame, vlen their length, iplen the
  * IP bytes the pipeline counted as sent (taken back: it is sent only on
- * release). Counts: no_neigh (no route, or too big to hold), hold_overflow
+ * release); passed: a passed frame (LB_PASS), counted passed instead of
+ * sent. Counts: no_neigh (no route, or too big to hold), hold_overflow
  * (the next hop's queue or every queue is full); records the miss so that
  * the control side asks the kernel to resolve it. The worker loop's one call
  * where it used to drop the frame. */
 void lb_l2_hold(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
                 uint8_t link, uint8_t family, const uint8_t *dst16, const uint8_t *vframe,
-                uint32_t vlen, uint32_t iplen, uint32_t now);
+                uint32_t vlen, uint32_t iplen, int passed, uint32_t now);
 /* Send the held frames whose next hop has a MAC in the published L2 table
  * (on socks[link], or socks[0] with one socket) and drop the ones held longer
  * than LB_L2_HOLD_MS (hold_timeout). Cheap when nothing is held (one atomic

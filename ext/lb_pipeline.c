@@ -202,19 +202,22 @@ static inline enum lb_drop_reason new_flow(struct lb_worker *w, const struct lb_
 }
 
 /* Whether p, no reply of any flow, is handed back to the kernel unchanged
- * (LB_PASS) rather than dropped: it is from a backend's address (the reply
- * path's port-less rules bring all of a backend's TCP/UDP to the data plane,
- * for the fragments of its replies, so its own traffic through the gateway
- * comes too) and not to a VIP's address. The second condition is what keeps
- * a passed packet from looping: in mode tun the kernel routes what is
- * written to the TUN by the main table (rule `iif TUN lookup main`, before
- * the reply rules), where only the VIPs' routes lead into the TUN, so a
- * passed packet leaves by another way; and should a route into the TUN be
- * added by hand, every pass through the kernel costs the packet one TTL /
- * hop limit. */
+ * (LB_PASS) rather than dropped: it is from a backend's address, of a
+ * protocol of the VIPs that backend serves (the reply path's port-less rules
+ * bring all of a backend's TCP/UDP of those protocols to the data plane, for
+ * the fragments of its replies, so its own traffic through the gateway comes
+ * too; what the rules leave to the kernel - the other protocol - is the
+ * kernel's even when a coarse rawsock filter lets a copy through), and not to
+ * a VIP's address. The last condition is what keeps a passed packet from
+ * looping: in mode tun the kernel routes what is written to the TUN by the
+ * main table (rule `iif TUN lookup main`, before the reply rules), where only
+ * the VIPs' routes lead into the TUN, so a passed packet leaves by another
+ * way; mode rawsock routes it itself by the routes of its links, which a
+ * packet not to a VIP does not bring back into the balancer's path. Every
+ * pass costs the packet one TTL / hop limit. */
 static inline int passable(const struct lb_table *t, const struct lb_pkt *p)
 {
-    return lb_table_backend_addr(t, p->family, p->key.src)
+    return lb_table_backend_proto(t, p->family, p->key.src, p->key.proto)
         && !lb_table_vip_addr(t, p->family, p->key.dst);
 }
 

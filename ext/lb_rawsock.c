@@ -12,6 +12,9 @@
  * virtio_net_hdr (NEEDS_CSUM / GSO pass through, as with the TUN) -> the
  * batch's extras -> every queue flushed -> the frames handed back to the
  * kernel (only now: the queued iovecs point into them).
+ * A passed packet (LB_PASS: a backend's own traffic) is routed by the worker
+ * as the kernel would have: egress link by the longest prefix over all its
+ * links, TTL / hop limit down by one (tx_pass).
  * An answer (LB_REPLY: echo reply, RST) leaves on the link it came from, to
  * the MAC it came from (the previous hop: no neighbour lookup, so the first
  * answer to a new client is not lost to an unresolved entry), with a zeroed
@@ -38,6 +41,7 @@
 #include <linux/virtio_net.h>
 
 #include "lb_bytes.h"
+#include "lb_csum.h"
 #include "lb_pipeline.h"
 #include "lb_rawsock.h"
 #include "lb_vnet.h"
@@ -317,6 +321,7 @@ struct raw_run {
     uint16_t csum[LB_BATCH];
     uint8_t verdict[LB_BATCH];
     uint8_t reason[LB_BATCH];
+    uint8_t pkttype[LB_BATCH];    /* sll_pkttype: PACKET_HOST, i.e. to our MAC? */
     uint8_t peer[LB_BATCH][6];
     uint8_t *big;                 /* BIG_NR buffers of BIG_LEN bytes */
 };
@@ -336,12 +341,101 @@ static uint32_t rx_copy(int fd, uint8_t *buf)
     }
 }
 
+/* Whether the kernel would forward a packet to dst at all: not to a
+ * multicast, broadcast, zero or loopback IPv4 address, nor to an IPv6
+ * multicast, link-local, unspecified or loopback one. */
+static inline int routable_dst(uint8_t family, const uint8_t *dst)
+{
+    static const uint8_t zero[15];
+
+    if (family == LB_AF_INET)
+        return dst[0] != 0 && dst[0] != 127 && dst[0] < 224;
+    if (dst[0] == 0xff || (dst[0] == 0xfe && (dst[1] & 0xc0) == 0x80))
+        return 0;
+    return memcmp(dst, zero, 15) != 0 || dst[15] > 1;
+}
+
+/* Take one from the IPv4 TTL (its header checksum updated incrementally,
+ * RFC 1624) or the IPv6 hop limit of the packet at ip (iplen bytes, its
+ * header validated by the pipeline). 0, and nothing changed, when it would
+ * reach 0 (the kernel's ip_forward/ip6_forward drop such a packet too). */
+static inline int ttl_dec(uint8_t *ip, uint32_t iplen, uint8_t family)
+{
+    if (family == LB_AF_INET) {
+        uint16_t from, to;
+        if (iplen < 20 || ip[8] <= 1)
+            return 0;
+        from = lb_load16(ip + 8);                 /* TTL and protocol */
+        ip[8]--;
+        to = lb_load16(ip + 8);
+        lb_store16(ip + 10, lb_csum_update(lb_load16(ip + 10), lb_csum_diff16(0, from, to)));
+        return 1;
+    }
+    if (iplen < 40 || ip[7] <= 1)
+        return 0;
+    ip[7]--;
+    return 1;
+}
+
+/* A passed packet (LB_PASS: a backend's own traffic, which the reply path's
+ * port-less rules keep from the kernel, its copy going to a blackhole): the
+ * worker forwards it as the kernel would have. The egress link is the one
+ * whose route covers the destination by the longest prefix, over all of the
+ * worker's links (the one it came in on included, as the kernel would); the
+ * next hop's MAC comes from the same lookup and hold as a translated
+ * packet's; the TTL / hop limit goes down by one. Dropped and counted: a
+ * frame not addressed to the gateway's MAC (seen in promiscuous mode: the
+ * kernel forwards only PACKET_HOST), a destination no route of the links
+ * covers or that is no unicast address (no_route), a TTL / hop limit that
+ * would reach 0 (ttl_exceeded: no ICMP error is sent). A passed packet is
+ * never to a VIP (passable() in the pipeline), so it cannot come back into
+ * the balancer's path as a client's packet. */
+static inline void tx_pass(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
+                           struct raw_run *run, struct lb_raw_sock *socks, uint32_t n_socks,
+                           uint32_t j, uint32_t now)
+{
+    uint8_t family, dst[16], nh[16], eg = 0, *frame = run->frame[j], *ip = run->data[j];
+    uint32_t snap = run->snap[j], iplen = snap - ETH_HLEN_;
+    enum lb_drop_reason r = LB_DROP_NO_ROUTE;
+    struct virtio_net_hdr vh;
+    const uint8_t *mac;
+
+    if (run->pkttype[j] != PACKET_HOST || !l2 || snap < ETH_HLEN_ + 20)
+        goto drop;
+    ip_dst(ip, &family, dst);
+    if (family == LB_AF_INET6 && iplen < 40)
+        goto drop;
+    if (!routable_dst(family, dst)
+        || !lb_l2_route_any(l2, (uint8_t)n_socks, family, dst, &eg, nh) || eg >= n_socks)
+        goto drop;
+    if (!ttl_dec(ip, iplen, family)) {
+        r = LB_DROP_TTL_EXCEEDED;
+        goto drop;
+    }
+    mac = lb_l2_mac(l2, eg, family, nh);
+    if (!mac) {     /* held until the next hop resolves (or dropped, counted) */
+        lb_l2_hold(w, rs, l2, eg, family, dst, frame - VNET_LEN, snap + VNET_LEN, iplen, 1,
+                   now);
+        return;
+    }
+    memcpy(&vh, frame - VNET_LEN, VNET_LEN);
+    memcpy(frame, mac, 6);
+    memcpy(frame + 6, l2->src_mac[eg], 6);
+    vh.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;   /* DATA_VALID means nothing on transmit */
+    memcpy(frame - VNET_LEN, &vh, VNET_LEN);
+    tx_add(w, socks[eg].fd, &run->q[eg], frame - VNET_LEN, (size_t)snap + VNET_LEN);
+    return;
+drop:
+    w->stats.passed--;
+    w->stats.drops[r]++;
+}
+
 /* Where a frame of the batch goes after the pipeline (verdict v, IP length
  * iplen): its Ethernet header and virtio_net_hdr rewritten in place and
  * queued on the egress link, or held for its next hop, or dropped. */
 static inline void tx_verdict(struct lb_worker *w, struct lb_rawsock *rs, const struct lb_l2 *l2,
-                              struct raw_run *run, struct lb_raw_sock *socks, uint8_t link,
-                              uint8_t out_link, uint32_t j, uint32_t now)
+                              struct raw_run *run, struct lb_raw_sock *socks, uint32_t n_socks,
+                              uint8_t link, uint8_t out_link, uint32_t j, uint32_t now)
 {
     uint8_t v = run->verdict[j], family, *frame = run->frame[j], *ip = run->data[j];
     uint32_t snap = run->snap[j], iplen = snap - ETH_HLEN_;
@@ -349,6 +443,10 @@ static inline void tx_verdict(struct lb_worker *w, struct lb_rawsock *rs, const 
     const uint8_t *mac;
     uint8_t eg;
 
+    if (v == LB_PASS) {
+        tx_pass(w, rs, l2, run, socks, n_socks, j, now);
+        return;
+    }
     if (v != LB_TX && v != LB_REPLY)
         return;
     /* the rewritten packet's destination decides the next hop; an answer
@@ -363,7 +461,7 @@ static inline void tx_verdict(struct lb_worker *w, struct lb_rawsock *rs, const 
         mac = lb_l2_lookup(l2, eg, family, dst, nh);
         if (!mac)   /* held until the next hop resolves (or dropped, counted) */
             lb_l2_hold(w, rs, l2, eg, family, dst, frame - VNET_LEN, snap + VNET_LEN,
-                       iplen, now);
+                       iplen, 0, now);
     } else {
         mac = next_mac(w, rs, l2, eg, ip, iplen, &family);
     }
@@ -480,6 +578,7 @@ static inline uint32_t rx_frame(struct lb_worker *w, const struct lb_table *t,
     run->snap[*n] = snap;
     run->csum[*n] = csum_start;
     memcpy(run->peer[*n], frame + 6, 6);
+    run->pkttype[*n] = sll->sll_pkttype;
     (*n)++;
     return used;
 }
@@ -529,7 +628,7 @@ static uint32_t rx_batch(struct lb_worker *w, struct lb_rawsock *rs, struct raw_
         lb_pipeline_run(w, t, run->data, run->len, run->csum, run->verdict, run->reason, n,
                         now);
         for (uint32_t j = 0; j < n; j++)
-            tx_verdict(w, rs, l2, run, socks, link, out_link, j, now);
+            tx_verdict(w, rs, l2, run, socks, n_socks, link, out_link, j, now);
         if (w->out.n)
             tx_extras(w, rs, l2, run, socks, link, out_link, n);
     }

@@ -12,8 +12,9 @@
  *     exactly one VIP on that port.
  * Both also hold one entry per address (port 0, protocol 0: no VIP or
  * backend has either), so "is this a VIP's / a backend's address at all"
- * costs one probe: for echo requests and closed ports of a VIP address, and
- * for fragments, which have no ports to look up by.
+ * costs one probe: for echo requests and closed ports of a VIP address, for
+ * fragments, which have no ports to look up by, and for a backend's own
+ * traffic (its entry also says which protocols its VIPs have).
  * Their keys come from the config, not from packets, so a plain (unseeded)
  * mix is enough: probe lengths are bounded by what the operator configured.
  */
@@ -23,10 +24,12 @@
 
 #include "lb_bytes.h"
 #include "lb_maglev.h"
+#include "lb_proto.h"
 #include "lb_table.h"
 
 #define IDX_EMPTY 0xFFFFFFFFu
 #define IDX_AMBIGUOUS 0xFFFFFFFEu
+#define PROTO_BIT(p) ((p) == LB_IPPROTO_TCP ? 1u : (p) == LB_IPPROTO_UDP ? 2u : 0u)
 
 struct idx_slot {
     uint8_t  addr[16];
@@ -34,7 +37,9 @@ struct idx_slot {
     uint8_t  proto;
     uint8_t  family;
     uint8_t  used;
-    uint8_t  pad[3];
+    uint8_t  protos;     /* an address entry of the backend index: PROTO_BIT of
+                            the protocols of the VIPs it serves */
+    uint8_t  pad[2];
     uint32_t vip;        /* VIP index, or IDX_AMBIGUOUS */
     uint32_t backend;    /* backend index within that VIP */
 };
@@ -199,6 +204,7 @@ int lb_table_seal(struct lb_table *pub)
                 s->vip = i;
                 s->backend = j;
             }
+            s->protos |= (uint8_t)PROTO_BIT(v->proto);
             s = idx_find(t->be_idx, t->be_mask, b->family, b->addr, b->port, v->proto);
             if (s->used) {
                 if (s->vip != i)
@@ -283,4 +289,16 @@ int lb_table_backend_addr(const struct lb_table *pub, uint8_t family, const uint
         return 0;
     s = idx_find(t->be_idx, t->be_mask, family, addr, 0, 0);
     return s && s->used;
+}
+
+int lb_table_backend_proto(const struct lb_table *pub, uint8_t family, const uint8_t *addr,
+                           uint8_t proto)
+{
+    const struct table_full *t = (const struct table_full *)pub;
+    const struct idx_slot *s;
+
+    if (!t || !t->be_idx || !PROTO_BIT(proto))
+        return 0;
+    s = idx_find(t->be_idx, t->be_mask, family, addr, 0, 0);
+    return s && s->used && (s->protos & PROTO_BIT(proto));
 }

@@ -37,4 +37,8 @@ const struct lb_vip *lb_table_vip_addr(const struct lb_table *t, uint8_t family,
 
 /* 1 if addr is the address of a backend of some VIP. */
 int lb_table_backend_addr(const struct lb_table *t, uint8_t family, const uint8_t *addr);
+/* 1 if addr is the address of a backend of some VIP of protocol proto (TCP
+ * or UDP): the reply path has rules for exactly those (address, protocol). */
+int lb_table_backend_proto(const struct lb_table *t, uint8_t family, const uint8_t *addr,
+                           uint8_t proto);
 #endif

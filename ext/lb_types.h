@@ -22,8 +22,8 @@ enum lb_verdict {
     LB_PASS = 2,  /* from a backend's address but no reply of any flow (its own
                      traffic through the gateway): handed back to the kernel
                      unchanged (tun: written back to the TUN, routed by the
-                     main table; rawsock: nothing sent, the kernel has its
-                     own copy) */
+                     main table; rawsock: routed by the worker itself, as
+                     the kernel would: TTL / hop limit decremented) */
     LB_REPLY = 3, /* answered in place (echo reply, RST): send it back the way
                      it came, i.e. routed to its new destination, the sender */
     LB_HOLD = 4,  /* kept by the data plane (a fragment that came before its
@@ -60,6 +60,9 @@ enum lb_drop_reason {
     LB_DROP_NEW_FLOW_RATE,  /* new flow over the VIP's new_flow_rate (overload guard) */
     LB_DROP_HOLD_OVERFLOW,  /* rawsock: next hop unresolved and its hold queue full */
     LB_DROP_HOLD_TIMEOUT,   /* rawsock: held for a next hop that did not resolve in time */
+    LB_DROP_NO_ROUTE,       /* rawsock: a passed packet no route of any link covers (or
+                               to a multicast, broadcast or link-local address) */
+    LB_DROP_TTL_EXCEEDED,   /* rawsock: a passed packet whose TTL / hop limit ran out */
     LB_DROP__COUNT
 };
 

@@ -83,8 +83,8 @@ def test_pipeline_case(case: PipelineCase):
 def test_pipeline_cases_cover_the_pipeline_drop_reasons():
     """The table has a sent packet and each drop that a Dataplane.process
     call can get from the pipeline's own stages (parse drops are tabled in
-    test_packet.py; bad_vnet, no_neigh and bad_l2 come from the worker loops;
-    flow_full is counted but the packet is still sent)."""
+    test_packet.py; bad_vnet, no_neigh, bad_l2, no_route and ttl_exceeded come from the
+    worker loops; flow_full is counted but the packet is still sent)."""
     reasons = {s.reason for c in PIPELINE_CASES for s in c.steps}
     assert {"none", "no_vip", "no_backend", "icmp_no_flow", "closed_port"} <= reasons
 

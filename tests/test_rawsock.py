@@ -20,7 +20,7 @@ import pytest
 from lbcore import _core, netconf
 from lbcore.dataplane.rawsock.bpf import build_filter
 from lbcore.dataplane.rawsock.l2 import nexthop
-from lbcore.dataplane.replies import ReplyPath
+from lbcore.dataplane.replies import FRAGMENTS, ReplyPath
 from lbcore.reference.bpf import bpf_run
 
 ip = ipaddress.ip_address
@@ -101,6 +101,59 @@ def test_backend_side_filter(frame, verdict):
     assert (bpf_run(BACKEND_SIDE, frame) != 0) is verdict
 
 
+def ipv6_frag(src, dst, nh: int, l4: bytes, offset: int = 0) -> bytes:
+    """An IPv6 fragment: a Fragment header (next header nh, offset in 8-byte units) first."""
+    return ipv6(src, dst, 44, struct.pack("!BBHI", nh, 0, offset << 3, 7) + l4)
+
+
+# mode rawsock's reply paths: every (backend, protocol) also has its port-less FRAGMENTS path;
+# BE6's UDP has a port path only (no port-less rule: its UDP stays the kernel's)
+WHOLE = REPLIES + [ReplyPath(BE4, TCP, FRAGMENTS), ReplyPath(BE4, UDP, FRAGMENTS),
+                   ReplyPath(BE6, TCP, FRAGMENTS), ReplyPath(BE6, UDP, 5353)]
+BACKEND_WHOLE = build_filter((), WHOLE, [GW_LOCAL, ip("198.19.0.255"), ip("2001:db8:1::1")])
+
+
+@pytest.mark.parametrize("frame,verdict", [
+    (ipv4(BE4, CLIENT4, TCP, ports(40000, 7070)), True),        # no reply: its own traffic
+    (ipv4(BE4, CLIENT4, UDP, ports(9999, 7071)), True),
+    (ipv4(BE4, CLIENT4, TCP, ports(80, 1234)), True),           # a reply
+    (ipv4(BE4, CLIENT4, TCP, ports(40000, 7070), frag=185), True),   # a later fragment
+    (ipv4(BE4, CLIENT4, UDP, ports(9999, 7071), frag=0x2000), True),  # a first fragment
+    (ipv4(BE4, CLIENT4, TCP, ports(40000, 7070), ihl=6), True),
+    (ipv4(BE4, GW_LOCAL, TCP, ports(40000, 22)), False),        # to the gateway itself
+    (ipv4(BE4, GW_LOCAL, TCP, ports(80, 40000)), False),        # a health-check reply
+    (ipv4(BE4, "198.19.0.255", UDP, ports(9999, 7071)), False),  # its subnet's broadcast
+    (ipv4(BE4, "255.255.255.255", UDP, ports(68, 67)), False),
+    (ipv4(BE4, "224.0.0.251", UDP, ports(5353, 5353)), False),  # multicast
+    (ipv4(BE4, CLIENT4, 1, bytes(8)), False),                   # ICMP is the kernel's
+    (ipv4("198.19.0.12", CLIENT4, TCP, ports(40000, 7070)), False),  # no backend
+    (ipv6(BE6, CLIENT6, TCP, ports(40000, 7070)), True),
+    (ipv6(BE6, CLIENT6, TCP, ports(80, 1234)), True),
+    (ipv6_frag(BE6, CLIENT6, TCP, ports(40000, 7070)), True),
+    (ipv6_frag(BE6, CLIENT6, TCP, bytes(8), offset=100), True),
+    (ipv6(BE6, CLIENT6, UDP, ports(5353, 1234)), True),         # BE6's UDP: its port path
+    (ipv6(BE6, CLIENT6, UDP, ports(9999, 7071)), False),        # ... and nothing else
+    (ipv6_frag(BE6, CLIENT6, UDP, bytes(8), offset=100), False),
+    (ipv6(BE6, "2001:db8:1::1", TCP, ports(40000, 22)), False),
+    (ipv6(BE6, "ff02::1", TCP, ports(40000, 7070)), False),
+    (ipv6(BE6, "fe80::1", TCP, ports(40000, 7070)), False),
+    (ipv6("2001:db8:1::12", CLIENT6, TCP, ports(40000, 7070)), False),
+], ids=["tcp", "udp", "reply", "later-fragment", "first-fragment", "ihl6", "local",
+        "health-check", "subnet-broadcast", "broadcast", "multicast", "icmp", "src",
+        "v6-tcp", "v6-reply", "v6-first-fragment", "v6-later-fragment", "v6-udp-port",
+        "v6-udp-other", "v6-udp-fragment", "v6-local", "v6-multicast", "v6-link-local",
+        "v6-src"])
+def test_backend_side_filter_takes_all_of_a_protocol_with_a_portless_path(frame, verdict):
+    assert (bpf_run(BACKEND_WHOLE, frame) != 0) is verdict
+
+
+def test_port_paths_a_portless_path_covers_cost_nothing():
+    alone = build_filter((), [ReplyPath(BE4, TCP, FRAGMENTS), ReplyPath(BE6, TCP, FRAGMENTS)])
+    covered = build_filter((), [ReplyPath(BE4, TCP, FRAGMENTS), ReplyPath(BE6, TCP, FRAGMENTS)]
+                           + [ReplyPath(a, TCP, 80 + i) for a in (BE4, BE6) for i in range(50)])
+    assert covered == alone
+
+
 def test_shared_link_filter_takes_both():
     both = build_filter([VIP4], REPLIES, [GW_LOCAL])
     assert bpf_run(both, ipv4(CLIENT4, VIP4, UDP, ports(1, 5300)))
@@ -123,6 +176,26 @@ def test_large_configs_assemble_without_long_conditional_jumps(n, coarse):
     assert not bpf_run(prog, ipv4(replies[-2].address, CLIENT4, TCP, ports(82, 1)))
     assert not bpf_run(prog, ipv4(replies[-2].address, GW_LOCAL, TCP, ports(80, 1)))
     stranger = ipv4("198.19.5.5", CLIENT4, TCP, ports(80, 1))
+    assert bool(bpf_run(prog, stranger)) is coarse
+
+
+@pytest.mark.parametrize("n,coarse", [(700, False), (900, True)])
+def test_large_configs_with_portless_paths(n, coarse):
+    """Mode rawsock's paths (each address's protocol whole): too many addresses for one
+    program take the protocol whole from any address (the pipeline passes only what is from
+    a backend's address serving that protocol, which the kernel blackholes)."""
+    bes = [ip(f"198.19.{i // 200}.{10 + i % 200}") for i in range(n)]
+    replies = [ReplyPath(a, TCP, p) for a in bes for p in (80, FRAGMENTS)] + [
+        ReplyPath(BE6, UDP, FRAGMENTS)]
+    prog = build_filter((), replies, [GW_LOCAL])
+    assert len(prog) <= 4096
+    assert bpf_run(prog, ipv4(bes[-1], CLIENT4, TCP, ports(40000, 1)))
+    assert bpf_run(prog, ipv4(bes[-1], CLIENT4, TCP, ports(1, 2), frag=100))
+    assert bpf_run(prog, ipv6_frag(BE6, CLIENT6, UDP, bytes(8), offset=10))
+    assert not bpf_run(prog, ipv4(bes[-1], CLIENT4, UDP, ports(40000, 1)))
+    assert not bpf_run(prog, ipv4(bes[-1], GW_LOCAL, TCP, ports(40000, 1)))
+    assert not bpf_run(prog, ipv4(bes[-1], "224.0.0.1", TCP, ports(40000, 1)))
+    stranger = ipv4("198.20.5.5", CLIENT4, TCP, ports(40000, 1))
     assert bool(bpf_run(prog, stranger)) is coarse
 
 
@@ -200,17 +273,28 @@ def _inet_csum(data: bytes) -> int:
     return s
 
 
-def _udp4(src, dst, sport: int, dport: int, payload: bytes) -> bytes:
+def _udp4(src, dst, sport: int, dport: int, payload: bytes, ttl: int = 64) -> bytes:
     """An IPv4/UDP packet with both checksums right."""
     ulen = 8 + len(payload)
     pseudo = ip(src).packed + ip(dst).packed + struct.pack("!BBH", 0, UDP, ulen)
     udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
     c = 0xFFFF - _inet_csum(pseudo + udp)
     udp = udp[:6] + struct.pack("!H", c or 0xFFFF) + udp[8:]
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, 64, UDP, 0, ip(src).packed,
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, ttl, UDP, 0, ip(src).packed,
                       ip(dst).packed)
     hdr = hdr[:10] + struct.pack("!H", 0xFFFF - _inet_csum(hdr)) + hdr[12:]
     return hdr + udp
+
+
+def _udp6(src, dst, sport: int, dport: int, payload: bytes, hlim: int = 64) -> bytes:
+    """An IPv6/UDP packet with its checksum right."""
+    ulen = 8 + len(payload)
+    pseudo = ip(src).packed + ip(dst).packed + struct.pack("!IxxxB", ulen, UDP)
+    udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
+    c = 0xFFFF - _inet_csum(pseudo + udp)
+    udp = udp[:6] + struct.pack("!H", c or 0xFFFF) + udp[8:]
+    return struct.pack("!IHBB16s16s", 0x60000000, ulen, UDP, hlim, ip(src).packed,
+                       ip(dst).packed) + udp
 
 
 BE2 = ip("198.19.0.12")       # a second backend, on-link but with no MAC in the L2 table
@@ -224,7 +308,7 @@ def _l2(dp, macs, *extra) -> None:
 
 @contextlib.contextmanager
 def _rig(ns: str, *, busy_poll_us: int = 0, start: bool = True, mtu: int = 0,
-         client_filter=None):
+         client_filter=None, backend_filter=None):
     """c0 <-> c1 (client side) and b0 <-> b1 (backend side) in one namespace; the worker reads
     c1 and b1; the test sends and captures on c0 and b0 with plain packet sockets. Yields
     (dp, macs, taps, thread): with start=False the worker starts only when the test calls
@@ -246,7 +330,8 @@ def _rig(ns: str, *, busy_poll_us: int = 0, start: bool = True, mtu: int = 0,
     def open_all():
         socks = [_core.RawSocket(idx["c1"], 0, client_filter or build_filter([VIP4], ()), 512),
                  _core.RawSocket(idx["b1"], 0,
-                                 build_filter((), [ReplyPath(BE4, UDP, 5300)]), 512)]
+                                 backend_filter or build_filter((), [ReplyPath(BE4, UDP, 5300)]),
+                                 512)]
         taps = {}
         for n in ("c0", "b0"):
             t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
@@ -376,6 +461,79 @@ def test_worker_forwards_frames_with_the_table_macs_and_holds_unresolved(rig):
                     + _udp4(CLIENT4, "198.18.100.2", 40000, 5300, b"no"))
     time.sleep(0.2)
     assert dp.stats()["rx"] == st["rx"]
+
+
+@pytest.mark.netns
+def test_worker_forwards_a_backends_own_traffic_as_the_kernel_would(nsname):
+    """A backend's packet that is no reply (the port-less rule keeps it from the kernel) is
+    routed by the worker: out of the link whose route covers its destination (the one it
+    came in on too), TTL / hop limit one less (IPv4 header checksum updated), to the next
+    hop's MAC (held until it resolves); dropped and counted without a route, when its TTL
+    runs out, and when it was not sent to the gateway's MAC."""
+    whole = build_filter((), [ReplyPath(BE4, UDP, 5300), ReplyPath(BE4, UDP, FRAGMENTS),
+                              ReplyPath(BE6, UDP, 5300), ReplyPath(BE6, UDP, FRAGMENTS)])
+    with _rig(nsname, backend_filter=whole) as (dp, macs, taps, _):
+        dp.publish([(str(VIP4), 5300, "udp", 0, 251, [(str(BE4), 5300, 1, 1, False)]),
+                    (str(VIP4), 5301, "udp", 2, 251, [(str(BE2), 5301, 1, 3, False)]),
+                    (str(VIP6), 5300, "udp", 4, 251, [(str(BE6), 5300, 1, 5, False)])], 7)
+        routes = [(0, "198.18.0.0/24", None), (1, "198.19.0.0/24", None),
+                  (0, "2001:db8::/64", None)]
+        neigh = [(0, str(CLIENT4), macs["c0"]), (1, str(BE4), macs["b0"]),
+                 (0, str(CLIENT6), macs["c0"])]
+        dp.set_l2([macs["c1"], macs["b1"]], routes, neigh)
+
+        def v6_tap():
+            t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+            t.bind(("c0", 0))
+            t.settimeout(2)
+            return t
+
+        tap6 = netconf.run_in_netns(nsname, v6_tap)
+        try:
+            to_gw = macs["b1"] + macs["b0"] + b"\x08\x00"
+            own = _udp4(BE4, CLIENT4, 9999, 7071, b"own")
+            taps["b0"].send(to_gw + own)
+            out = _recv_ip(taps["c0"], BE4.packed)
+            assert out[:6] == macs["c0"] and out[6:12] == macs["c1"]
+            pkt = out[14:]
+            assert pkt[8] == 63 and own[8] == 64
+            assert _inet_csum(pkt[:20]) == 0xFFFF                  # header checksum updated
+            assert pkt[:8] == own[:8] and pkt[9:10] == own[9:10] and pkt[12:] == own[12:]
+            own6 = _udp6(BE6, CLIENT6, 9999, 7071, b"own6")
+            taps["b0"].send(macs["b1"] + macs["b0"] + b"\x86\xdd" + own6)
+            while True:
+                frame, addr = tap6.recvfrom(2048)
+                if addr[2] != socket.PACKET_OUTGOING:
+                    break
+            assert frame[:6] == macs["c0"] and frame[6:12] == macs["c1"]
+            assert frame[14 + 7] == 63 and frame[14:21] == own6[:7]
+            assert frame[14 + 8:] == own6[8:]
+            # TTL / hop limit 1 (would reach 0), no route on any link, another host's frame
+            taps["b0"].send(to_gw + _udp4(BE4, CLIENT4, 9999, 7071, b"ttl1", ttl=1))
+            taps["b0"].send(macs["b1"] + macs["b0"] + b"\x86\xdd"
+                            + _udp6(BE6, CLIENT6, 9999, 7071, b"hlim1", hlim=1))
+            taps["b0"].send(to_gw + _udp4(BE4, "198.20.0.1", 9999, 7071, b"far"))
+            taps["b0"].send(b"\x02\x00\x00\x00\x00\x99" + macs["b0"] + b"\x08\x00"
+                            + _udp4(BE4, CLIENT4, 9999, 7071, b"other"))
+            _wait(lambda: dp.stats()["rx"] >= 6, dp.stats)
+            st = dp.stats()
+            assert st["passed"] == 2 and st["tx"] == 0, st
+            assert st["drops"]["ttl_exceeded"] == 2 and st["drops"]["no_route"] == 2, st
+            assert sum(st["drops"].values()) == 4
+            # back out of the link it came in on, to a next hop without a MAC yet: held (not
+            # counted passed until it leaves), sent once the neighbour resolves
+            taps["b0"].send(to_gw + _udp4(BE4, BE2, 9999, 7071, b"held"))
+            _wait(lambda: (1, str(BE2)) in dp.l2_misses(), dp.stats)
+            assert dp.stats()["passed"] == 2
+            dp.set_l2([macs["c1"], macs["b1"]], routes, [*neigh, (1, str(BE2), macs["b0"])])
+            out = _recv_ip(taps["b0"], BE4.packed)
+            assert out[:6] == macs["b0"] and out[6:12] == macs["b1"]
+            assert out[14 + 16:14 + 20] == BE2.packed and out[14 + 8] == 63
+            assert _inet_csum(out[14:34]) == 0xFFFF and out[-4:] == b"held"
+            st = dp.stats()
+            assert st["passed"] == 3 and st["tx"] == 0 and sum(st["drops"].values()) == 4
+        finally:
+            tap6.close()
 
 
 def _icmp4_echo(src, dst, payload: bytes) -> bytes:
@@ -565,7 +723,8 @@ def test_kernel_accepts_generated_filters_and_reloads_them(nsname):
     idx = netconf.link_index("x1", netns=nsname)
     vips = [ip(f"198.18.100.{i}") for i in range(1, 50)] + [VIP6]
     replies = [ReplyPath(ip(f"198.19.0.{10 + i}"), TCP, 80) for i in range(100)] + [
-        ReplyPath(BE6, UDP, 5300)]
+        ReplyPath(BE6, UDP, 5300), ReplyPath(BE6, UDP, FRAGMENTS),
+        ReplyPath(ip("198.19.0.10"), TCP, FRAGMENTS)]
 
     def make():
         s = _core.RawSocket(idx, 4321, build_filter(vips, replies, [GW_LOCAL]), 32)

@@ -260,10 +260,7 @@ print(json.dumps(sent))
 
 @pytest.mark.parametrize("vip", [VIP4, VIP6], ids=["ipv4", "ipv6"])
 def test_fragmented_tcp_reply_comes_back_whole_and_translated(lab, vip):
-    if lab.spec.mode == "rawsock":
-        pytest.skip("mode rawsock translates only a TCP reply's first fragment "
-                    "(lbcore.dataplane.replies)")
-    if vip == VIP4 and _strict_rp_filter():
+    if vip == VIP4 and lab.spec.mode == "tun" and _strict_rp_filter():
         pytest.skip("conf/all/rp_filter is 1 in the gateway: no port-less IPv4 TCP rule")
     _fragmented_tcp_reply(lab, vip)
 
@@ -327,8 +324,9 @@ print(json.dumps([len(got), got == bytes(i % 251 for i in range({size})), s.getp
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_a_backends_own_traffic_through_the_gateway_passes(lab, family):
     # a backend's TCP and UDP (a large, fragmented datagram too) to a client-side address, no
-    # reply of any flow: the data plane hands it back to the kernel (mode tun: the port-less
-    # reply rules bring it to the TUN; counted "passed"); the answers come back the normal way
+    # reply of any flow: the port-less reply rules bring it to the data plane, which passes it
+    # (counted "passed": mode tun hands it back to the kernel through the TUN, mode rawsock
+    # forwards it itself); the answers come back the normal way
     if family == "ipv4" and lab.spec.mode == "tun" and _strict_rp_filter():
         pytest.skip("conf/all/rp_filter is 1 in the gateway: no IPv4 pass-through there")
     _own_traffic(lab, family)
@@ -386,10 +384,6 @@ print(json.dumps(res))
         except Exception:  # noqa: BLE001 - the test's own server, by its PID
             server.kill()
             server.communicate()
-    if lab.spec.mode == "rawsock":
-        # TCP has no port-less rule in mode rawsock; UDP's still costs the backend its own UDP
-        assert out[0] == "olleh", out
-        return
     assert out == ["olleh", 100, 3000], out
     # the SYN, data, FIN of the TCP side, the datagrams and their fragments
     assert status()["totals"]["passed"] - before >= 6
@@ -398,10 +392,14 @@ print(json.dumps(res))
 
     fam = 10 if v6 else 2
     rules = netconf.rules(lab_mod.GW_NS, family=fam)
+    # mode tun: the pass rule leads what the TUN hands back to the main table; mode rawsock
+    # has none (nothing is handed back to the kernel)
     assert [r.iif for r in rules if r.priority == replies.PASS_PRIORITY
-            and r.table == replies.MAIN_TABLE] == [lab_mod.TUN_NAME], rules
-    assert any(r.priority == replies.RULE_PRIORITY and r.ipproto == 6 and not r.sport
-               for r in rules), rules           # the port-less TCP rule
+            and r.table == replies.MAIN_TABLE] == (
+                [lab_mod.TUN_NAME] if lab.spec.mode == "tun" else []), rules
+    for proto in (6, 17):                       # the port-less TCP and UDP rules
+        assert any(r.priority == replies.RULE_PRIORITY and r.ipproto == proto and not r.sport
+                   for r in rules), rules
 
 
 def netconf_popen(ns: str, code: str):

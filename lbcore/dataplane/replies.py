@@ -19,17 +19,23 @@ in any order). What is no reply of any flow (the backend's own traffic through t
 its DNS queries, its updates) the data plane passes: mode tun writes it back to the TUN
 unchanged, and the rule `iif TUN lookup main` (PASS_PRIORITY, before the reply rules) has
 the kernel route it normally this time; it cannot come back (only the VIPs' routes lead into
-the TUN, and a VIP address is never passed). Which protocols get the rule is the mode's:
+the TUN, and a VIP address is never passed). Mode rawsock forwards it itself, as the kernel
+would have (the route of its links that covers the destination, TTL / hop limit one less).
+Which protocols get the rule is the mode's:
 
 * mode tun: TCP and UDP, but for IPv4 UDP only where net.ipv4.conf.all.rp_filter is 1
   (strict): the port-less rule makes the TUN the way back to the backend, and the strict
   check on a client-side link would drop the answers to the backend's own TCP. Where the
   check is on, the TUN's own is loose and the TUN has an address, so that a passed packet
   (whose way back is the backend's link) leaves it (lbcore.dataplane.tun.routes);
-* mode rawsock: UDP only. RULE_TABLE is a blackhole there and a socket filter takes the
-  replies, so a port-less rule costs the backend its own traffic of that protocol (its
-  UDP), and a fragmented TCP reply is not translated (its first fragment is, by the port
-  filter; the kernel forwards its own copies un-translated).
+* mode rawsock: TCP and UDP, IPv4 and IPv6. RULE_TABLE is a blackhole there, and the
+  backend-side socket filter takes everything of the protocol from the backend's address
+  that is not to the gateway itself (nor multicast/broadcast): the replies, whole or in
+  fragments, are translated, and the rest - the backend's own traffic, which the blackhole
+  keeps from the kernel - the workers route and send themselves, by the routes of the two
+  links in the L2 table (none covering the destination: dropped, counted ``no_route``;
+  routes through the gateway's other interfaces are not seen). Nothing is written back
+  into the kernel, so rp_filter does not matter.
 
 The same rules make the reverse-path check pass for the translated packets towards a
 backend: the kernel validates a packet that leaves the TUN by looking up the way back (from
@@ -102,7 +108,8 @@ class ReplyRules:
 
     def __init__(self) -> None:
         self.paths: list[ReplyPath] = []
-        # per IP version, the protocols whose backends get a port-less FRAGMENTS rule
+        # per IP version, the protocols whose backends get a port-less FRAGMENTS rule (each
+        # mode sets its own: see the module docstring)
         self.fragment_protos: dict[int, tuple[int, ...]] = {4: UDP_ONLY, 6: UDP_ONLY}
 
     def set(self, replies: Iterable[ReplyPath]) -> list[ReplyPath]:
@@ -154,7 +161,8 @@ def with_fragments(replies: Iterable[ReplyPath],
                    protos: Mapping[int, Iterable[int]] | None = None) -> list[ReplyPath]:
     """``replies`` (duplicates gone) and, after them, the FRAGMENTS path of every address
     with a reply path of a protocol in ``protos[IP version]`` (default: UDP only; mode tun
-    adds TCP where its data plane's pass-through works, see the module docstring)."""
+    adds TCP where its data plane's pass-through works, mode rawsock always, see the module
+    docstring)."""
     protos = protos if protos is not None else {4: UDP_ONLY, 6: UDP_ONLY}
     want = list(dict.fromkeys(replies))
     frags = [ReplyPath(rp.address, rp.proto, FRAGMENTS) for rp in want

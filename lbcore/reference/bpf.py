@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..dataplane.rawsock.bpf import (
     BPF_JA,
     BPF_JEQ_K,
+    BPF_JGE_K,
     BPF_JSET_K,
     BPF_LD_B_ABS,
     BPF_LD_H_ABS,
@@ -53,6 +54,8 @@ def bpf_run(prog: list[tuple[int, int, int, int]], pkt: bytes) -> int:
             pc += k
         elif code == BPF_JEQ_K:
             pc += jt if a == k else jf
+        elif code == BPF_JGE_K:
+            pc += jt if a >= k else jf
         elif code == BPF_JSET_K:
             pc += jt if a & k else jf
         elif code == BPF_RET_K:

@@ -24,7 +24,7 @@ DROP_REASONS: tuple[str, ...] = (
     "fragment", "bad_l4", "unsupported", "no_vip", "no_backend",
     "icmp_no_flow", "icmp_bad", "bad_vnet", "flow_full", "no_neigh", "bad_l2",
     "frag_early", "closed_port", "limit_flows", "limit_rate", "new_flow_rate",
-    "hold_overflow", "hold_timeout",
+    "hold_overflow", "hold_timeout", "no_route", "ttl_exceeded",
 )
 
 DIR_FWD = 0

@@ -6,17 +6,21 @@ prepares everything around them, in the gateway's own namespace, and undoes it o
 
 * **Sockets**: per worker one :class:`lbcore._core.RawSocket` per link, in a PACKET_FANOUT_HASH
   group per link (the workers share a link by flow hash), with a classic-BPF filter generated
-  here (:func:`build_filter`): on the client link only frames to a VIP, on the backend link only
-  replies from a (backend, protocol, port) of the config that are not addressed to the gateway
-  itself (its health checks).
+  here (:func:`build_filter`): on the client link only frames to a VIP, on the backend link
+  only the TCP/UDP of a backend's address (of the protocols of its VIPs) that is not addressed
+  to the gateway itself (its health checks) or to a multicast/broadcast address.
 * **The kernel keeps out** of what the balancer forwards. AF_PACKET gets a copy of each frame;
   the kernel's own copy must die quietly (no ICMP, no second, un-NATed forward). The VIPs get
   blackhole routes (the kernel drops a packet to a blackhole silently, before forwarding), and
   the backends' replies are steered by the same narrow policy rules as in tun mode
   (``from BACKEND ipproto P sport PORT``, priority 4242) into a table whose default route is a
-  blackhole. Health-check replies are addressed to the gateway, which the local table (always
-  consulted first) delivers. Plain routes and rules: no nftables/tc dependency, nothing that
-  matches more than the balancer's own traffic. These are the reply path's reservation
+  blackhole, and by the port-less rules (``from BACKEND ipproto P``, for TCP and UDP) that
+  bring a backend's fragmented replies too. Health-check replies are addressed to the gateway,
+  which the local table (always consulted first) delivers. What the port-less rules take from
+  the kernel that is no reply of any flow (the backend's own traffic through the gateway) the
+  workers forward themselves, routed by the L2 table's routes of both links (passed). Plain
+  routes and rules: no nftables/tc dependency, nothing that matches more than the balancer's
+  own traffic and the backends' own. These are the reply path's reservation
   (lbcore.dataplane.replies), the same as in tun mode: they stay when lbcore stops or dies.
 * **ARP/NDP for the VIPs**: a VIP is normally routed to the gateway (as in the lab), so nobody
   asks for it; for a VIP on the client link's subnet: the kernel answers NDP for an IPv6 VIP
@@ -46,6 +50,7 @@ from typing import Any
 from ... import _core, netconf
 from ..replies import (
     RTPROT_LBCORE,
+    TCP_UDP,
     IPAddress,
     ReplyPath,
     ReplyRules,
@@ -93,6 +98,9 @@ class RawsockPlane:
         self._drops_logged_at = 0.0
         self._changes = netconf.NetChanges()
         self._rules = ReplyRules()
+        # the port-less rule for TCP and UDP: what it takes from the kernel that is no reply
+        # (a backend's own traffic) the workers forward themselves (LB_PASS)
+        self._rules.fragment_protos = {4: TCP_UDP, 6: TCP_UDP}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -156,7 +164,12 @@ class RawsockPlane:
     # -- pieces ----------------------------------------------------------------
 
     def _filters(self) -> list[list[Insn]]:
-        local = [ipaddress.ip_interface(a).ip for _, a in netconf.addresses()]
+        local: list[IPAddress] = []
+        for _, a in netconf.addresses():
+            iface = ipaddress.ip_interface(a)
+            local.append(iface.ip)
+            if iface.version == 4 and iface.network.prefixlen <= 30:
+                local.append(iface.network.broadcast_address)   # delivered, never forwarded
         if len(self.links) == 1:
             return [build_filter(self.vips, self.replies, local)]
         return [build_filter(self.vips, ()), build_filter((), self.replies, local)]

@@ -1,9 +1,12 @@
 """The rawsock sockets' classic-BPF filters: a tiny assembler and the filter generator.
 
 On the client link a socket takes only frames to a VIP (and ARP for them); on the backend
-link only replies from a (backend, protocol, port) of the config that are not addressed to the
-gateway itself (its own health checks). lbcore.reference.bpf runs these programs in Python for
-the tests.
+link what the reply path's policy rules keep from the kernel - everything of the protocol from
+a backend's address (its replies, whole or in fragments, and its own traffic through the
+gateway), or for a port path without such a rule the replies from a (backend, protocol, port)
+of the config - unless addressed to the gateway itself (its own health checks) or to a
+multicast or broadcast address. lbcore.reference.bpf runs these programs in Python for the
+tests.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ BPF_LD_H_IND = 0x48     # A = half at X + k
 BPF_LDX_B_MSH = 0xB1    # X = 4 * (byte at k & 0xf): the IPv4 header length
 BPF_JA = 0x05           # pc += k
 BPF_JEQ_K = 0x15        # pc += (A == k) ? jt : jf
+BPF_JGE_K = 0x35        # pc += (A >= k) ? jt : jf
 BPF_JSET_K = 0x45       # pc += (A & k) ? jt : jf
 BPF_RET_K = 0x06        # return k (bytes to keep; 0 = drop)
 ACCEPT = 0xFFFFFFFF
@@ -85,19 +89,27 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
 
     Accepted: Ethernet frames (no VLAN tag) carrying IPv4/IPv6 packets to one of ``vips`` (any
     protocol: the pipeline also translates ICMP errors for a VIP), ARP requests for an IPv4 VIP
-    (the data plane answers them), or a TCP/UDP packet from one
-    of ``replies`` (backend address, protocol, source port; IPv6 without extension headers) to
-    an address that is not in ``local`` (the gateway's own: its health checks are the kernel's).
-    A FRAGMENTS reply path (port 0) accepts the fragments from its address that carry no
-    ports: IPv4 ones with a non-zero offset and UDP inside, IPv6 ones with a Fragment header
-    first (the pipeline checks the protocol behind it); the kernel blackholes them meanwhile.
-    A client-side socket gets only VIPs, a backend-side one only replies, one socket on a shared
-    link both. Everything else stays with the kernel alone.
+    (the data plane answers them), or a TCP/UDP packet from one of ``replies`` to an address
+    that is not in ``local`` (the gateway's own, its subnets' broadcast addresses: its health
+    checks are the kernel's) and is no multicast or broadcast (IPv4) / multicast or link-local
+    (IPv6) address, which the kernel never forwards. A FRAGMENTS reply path (port 0) takes
+    every packet of its protocol from its address - whole, or a fragment (IPv4: the
+    protocol field; IPv6: the next header, or a Fragment header first and the protocol
+    behind it) - as the port-less rule blackholes all of them in the kernel: the replies of
+    a flow, translated, and the backend's own traffic, which the worker forwards itself
+    (passed). A port path (backend address, protocol, source port; IPv6 without extension
+    headers) takes the unfragmented packets and first fragments of its replies; one that a
+    FRAGMENTS path of its address and protocol covers costs no instructions. A client-side
+    socket gets only VIPs, a backend-side one only what its reply paths name, one socket on a
+    shared link both.
+    Everything else stays with the kernel alone.
 
-    A config too big for one program (BPF_MAXINSNS) gets a coarser reply test: protocol and
-    source port only, whatever the address. The pipeline then leaves what is no reply of a
-    tracked flow alone (counted ``passed`` when from a backend's address, else ``no_vip``),
-    and the kernel still handles those frames as before.
+    A config too big for one program (BPF_MAXINSNS) gets a coarser test, whatever the
+    source address: protocol (and source port for a port path) only. Frames from other
+    addresses then reach the pipeline too, which drops what is no reply of a tracked flow and
+    not from a backend's address serving that protocol (``no_vip``): the kernel, whose rules
+    do not blackhole them, forwards those itself as before. A passed packet is always one the
+    kernel blackholes, so nothing is forwarded twice.
     """
     vips = list(dict.fromkeys(vips))
     replies = list(dict.fromkeys(replies))
@@ -109,6 +121,18 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
         raise ValueError(f"socket filter of {len(prog)} instructions (max {BPF_MAXINSNS}): "
                          "too many VIPs for mode rawsock")
     return prog
+
+
+def _split(replies: list[ReplyPath]) -> tuple[dict[IPAddress, list[int]], list[ReplyPath]]:
+    """The addresses whose protocols are taken whole (their FRAGMENTS paths: address ->
+    protocols), and the port paths those do not cover."""
+    whole: dict[IPAddress, list[int]] = {}
+    for r in replies:
+        if r.port == FRAGMENTS and r.proto not in whole.setdefault(r.address, []):
+            whole[r.address].append(r.proto)
+    ported = [r for r in replies
+              if r.port != FRAGMENTS and r.proto not in whole.get(r.address, ())]
+    return whole, ported
 
 
 def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddress],
@@ -148,19 +172,36 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
         for v in v4:
             a.op(BPF_JEQ_K, int(v), 0, 1)
             a.op(BPF_RET_K, ACCEPT)
+    whole, ported = _split(replies)
     r4 = [r for r in replies if r.address.version == 4]
     if r4:
         a.op(BPF_LD_W_ABS, 14 + 16)
         for addr in (x for x in local if x.version == 4):
             a.op(BPF_JEQ_K, int(addr), 0, 1)
             a.op(BPF_RET_K, REJECT)
-        a.op(BPF_LD_H_ABS, 14 + 6)                  # flags + fragment offset
-        a.op(BPF_JSET_K, 0x1FFF, 0, 1)              # a later fragment has no ports
-        a.op(BPF_JA, "v4frag")
-        a.op(BPF_LDX_B_MSH, 14)
-        for r in r4:
-            if r.port == FRAGMENTS:
-                continue
+        a.op(BPF_JGE_K, 0xE0000000, 0, 1)           # multicast, broadcast: never a reply
+        a.op(BPF_RET_K, REJECT)
+        w4 = [(addr, protos) for addr, protos in whole.items() if addr.version == 4]
+        if w4 and not coarse:
+            a.op(BPF_LD_W_ABS, 14 + 12)             # source
+        for n, (addr, protos) in enumerate(w4):     # all of its protocols: whole, fragments
+            if not coarse:
+                a.op(BPF_JEQ_K, int(addr), 0, f"v4next{n}")
+            a.op(BPF_LD_B_ABS, 14 + 9)              # protocol
+            for p in protos:
+                a.op(BPF_JEQ_K, p, f"v4take{n}", 0)
+            a.op(BPF_JA, "v4ports")                 # another protocol: its port paths
+            a.label(f"v4take{n}")
+            a.op(BPF_RET_K, ACCEPT)
+            a.label(f"v4next{n}")
+        a.label("v4ports")
+        p4 = [r for r in ported if r.address.version == 4]
+        if p4:
+            a.op(BPF_LD_H_ABS, 14 + 6)              # flags + fragment offset
+            a.op(BPF_JSET_K, 0x1FFF, 0, 1)          # a later fragment has no ports
+            a.op(BPF_RET_K, REJECT)
+            a.op(BPF_LDX_B_MSH, 14)
+        for r in p4:
             if not coarse:
                 a.op(BPF_LD_W_ABS, 14 + 12)         # source
                 a.op(BPF_JEQ_K, int(r.address), 0, 5)
@@ -168,17 +209,6 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
             a.op(BPF_JEQ_K, r.proto, 0, 3)
             a.op(BPF_LD_H_IND, 14)                  # source port
             a.op(BPF_JEQ_K, r.port, 0, 1)
-            a.op(BPF_RET_K, ACCEPT)
-        a.op(BPF_RET_K, REJECT)
-        a.label("v4frag")                           # a later fragment: from its address?
-        for r in r4:
-            if r.port != FRAGMENTS:
-                continue
-            if not coarse:
-                a.op(BPF_LD_W_ABS, 14 + 12)
-                a.op(BPF_JEQ_K, int(r.address), 0, 3)
-            a.op(BPF_LD_B_ABS, 14 + 9)
-            a.op(BPF_JEQ_K, r.proto, 0, 1)
             a.op(BPF_RET_K, ACCEPT)
     a.op(BPF_RET_K, REJECT)
 
@@ -191,17 +221,34 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
         for addr in local:
             if addr.version == 6:
                 _v6_equal(a, 14 + 24, addr, REJECT)
-        for n, r in enumerate(r6):
+        a.op(BPF_LD_H_ABS, 14 + 24)                 # multicast, link-local: never a reply
+        a.op(BPF_JGE_K, 0xFF00, "v6reject", 0)
+        a.op(BPF_JGE_K, 0xFEC0, "v6unicast", 0)
+        a.op(BPF_JGE_K, 0xFE80, "v6reject", "v6unicast")
+        a.label("v6reject")
+        a.op(BPF_RET_K, REJECT)
+        a.label("v6unicast")
+        w6 = [(addr, protos) for addr, protos in whole.items() if addr.version == 6]
+        for n, (addr, protos) in enumerate(w6):     # all of its protocols: whole, fragments
+            w = _words(addr)
+            for i in range(4 if not coarse else 0):
+                a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)  # source
+                a.op(BPF_JEQ_K, w[i], 0, f"v6next{n}")
+            a.op(BPF_LD_B_ABS, 14 + 6)              # next header
+            for p in protos:
+                a.op(BPF_JEQ_K, p, f"v6take{n}", 0)
+            a.op(BPF_JEQ_K, IPPROTO_FRAGMENT, 0, f"v6other{n}")
+            a.op(BPF_LD_B_ABS, 14 + 40)             # the Fragment header's next header
+            for p in protos:
+                a.op(BPF_JEQ_K, p, f"v6take{n}", 0)
+            a.label(f"v6other{n}")
+            a.op(BPF_JA, "v6ports")                 # another protocol: its port paths
+            a.label(f"v6take{n}")
+            a.op(BPF_RET_K, ACCEPT)
+            a.label(f"v6next{n}")
+        a.label("v6ports")
+        for r in (r for r in ported if r.address.version == 6):
             w = _words(r.address)
-            if r.port == FRAGMENTS:                 # a Fragment header from the address
-                for i in range(4 if not coarse else 0):
-                    a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)
-                    a.op(BPF_JEQ_K, w[i], 0, f"v6next{n}")
-                a.op(BPF_LD_B_ABS, 14 + 6)
-                a.op(BPF_JEQ_K, IPPROTO_FRAGMENT, 0, 1)
-                a.op(BPF_RET_K, ACCEPT)
-                a.label(f"v6next{n}")
-                continue
             for i in range(4 if not coarse else 0):
                 a.op(BPF_LD_W_ABS, 14 + 8 + 4 * i)  # source
                 a.op(BPF_JEQ_K, w[i], 0, 11 - 2 * i)

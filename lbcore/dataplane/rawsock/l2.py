@@ -39,8 +39,9 @@ def _mac(s: str | None) -> bytes | None:
 
 
 def nexthop(routes: Sequence[L2Route], link: int, dst: IPAddress) -> IPAddress | None:
-    """The next hop of ``dst`` leaving on ``link`` by longest prefix (what the C lookup does):
-    the route's gateway, ``dst`` itself on-link, or None without a route."""
+    """The next hop of ``dst`` leaving on ``link`` by longest prefix, of equal ones the first
+    (what the C lookup does): the route's gateway, ``dst`` itself on-link, or None without a
+    route."""
     best: tuple[int, IPAddress] | None = None
     for lk, net, gw in routes:
         n = ipaddress.ip_network(net)
@@ -81,7 +82,9 @@ class L2Resolver:
                 raise OSError(errno.ENODEV, f"rawsock link {name!r} is gone")
             macs.append(_mac(info[name].mac) or bytes(6))
         routes: list[L2Route] = []
-        for r in netconf.routes():
+        # the better metric first: of two routes of one prefix the first wins (a passed
+        # packet, which may leave by either link, goes where the kernel would send it)
+        for r in sorted(netconf.routes(), key=lambda r: r.priority):
             if r.oif in self.links and r.type == RTN_UNICAST:
                 routes.append((self.links.index(r.oif), r.prefix, r.gateway))
         neigh: list[L2Neigh] = []
@@ -97,7 +100,7 @@ class L2Resolver:
         new table was published."""
         macs, routes, neigh = self.snapshot()
         self.refreshed_at = time.monotonic()
-        key = (tuple(macs), tuple(sorted(routes, key=str)), tuple(sorted(neigh)))
+        key = (tuple(macs), tuple(routes), tuple(sorted(neigh)))
         changed = key != self.published
         if changed:
             self.dp.set_l2(macs, routes, neigh)
