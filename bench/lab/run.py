@@ -402,6 +402,7 @@ class Bench:
     status: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     take_lock: bool = True
+    lbcore_global: tuple[str, ...] = ()  # extra [global] lines of lbcore's config
     doc: dict[str, Any] | None = None
     lab_created: float | None = None     # our lab's state.json "created": who owns the lab
     fwd_pid: int | None = None
@@ -563,7 +564,8 @@ class Bench:
         if group == "peers":
             return lab.LabSpec(balancer=False)
         s = next(s for s in SYSTEMS.values() if s.group == group)
-        base = lab.LabSpec(mode=s.mode or "tun", workers=s.workers)
+        base = lab.LabSpec(mode=s.mode or "tun", workers=s.workers,
+                           global_extra=self.lbcore_global)
         BUILD.mkdir(parents=True, exist_ok=True)
         cfg = BUILD / f"{group}.toml"
         cfg.write_text(peers.lbcore_bench_config(
@@ -972,6 +974,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    + " (also " + ", ".join(f"{k}={v}" for k, v in WORKLOAD_ALIASES.items()) + ")")
     p.add_argument("--out", type=Path, help="output stem (default bench/results/lab-<date>)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get missing tools")
+    p.add_argument("--lbcore-global", action="append", default=[], metavar="'KEY = VALUE'",
+                   help="a line for the [global] table of lbcore's config, e.g. "
+                        "'busy_poll_us = 1000' (repeatable): to measure a setting")
     p.add_argument("--no-lab-lock", action="store_true",
                    help="do not take lbcore's lab lock (the caller holds it, as tests do)")
     a = p.parse_args(argv)
@@ -1003,7 +1008,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
     stem = a.out or RESULTS / f"lab-{stamp}{'-quick' if a.quick else ''}"
     bench = Bench(reps=a.reps, seconds=a.seconds, workloads=a.workloads, systems=a.systems,
-                  out_stem=stem, command=_command(argv), take_lock=not a.no_lab_lock)
+                  out_stem=stem, command=_command(argv), take_lock=not a.no_lab_lock,
+                  lbcore_global=tuple(a.lbcore_global))
 
     main_pid = os.getpid()
 
