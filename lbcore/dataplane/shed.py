@@ -182,8 +182,123 @@ class GuardedVip:
     proto: int = IPPROTO_TCP
 
 
-def _udp(p: _Prog, udp: Sequence[tuple[int, GuardedVip]], n: int, map_fd: int,
-         count: Any, mark_key: Any, bit: Any) -> None:
+Load = tuple[int, int | None, int]      # (size, offset register or None, offset): a packet load
+
+
+class _ShedProg(_Prog):
+    """The filter's building blocks over its two maps (see :func:`build_program`): ``n`` VIPs,
+    the counters and thresholds in ``map_fd``, the marks in ``marks_fd``."""
+
+    def __init__(self, n: int, map_fd: int, marks_fd: int) -> None:
+        super().__init__()
+        self.n, self.map_fd, self.marks_fd = n, map_fd, marks_fd
+
+    def load(self, ld: Load) -> None:
+        size, reg, off = ld
+        if reg is None:
+            self.ld_abs(size, off)
+        else:
+            self.ld_ind(size, reg, off)
+
+    def hash(self, salt: int, xored: Sequence[Load], added: Load) -> None:
+        """fp-8 = a 32-bit multiply-xor hash: ``salt`` xor the ``xored`` loads, times a
+        constant, plus the ``added`` load, times another, folded (a bit index, not a secret)."""
+        self.mov(R7, salt)
+        for ld in xored:
+            self.load(ld)
+            self.op(_ALU | _XOR | _X, R7, R0)
+        self.op(_ALU | _MUL | _K, R7, imm=0x9E3779B1)
+        self.load(added)
+        self.op(_ALU | _ADD | _X, R7, R0)
+        self.op(_ALU | _MUL | _K, R7, imm=0x85EBCA6B)
+        self.movr(R1, R7)
+        self.op(_ALU | _RSH | _K, R1, imm=15)
+        self.op(_ALU | _XOR | _X, R7, R1)
+        self.op(_STX | _MEM | _W, R10, R7, off=-8)
+
+    def vip_slot(self) -> None:
+        """For the VIP of index r8: r9 = its threshold, r7 = n + 3i (its counters); no
+        threshold (cannot happen: the map has every slot): accept."""
+        self.lookup(self.map_fd, R8)
+        self.jnull(R0, "accept")
+        self.op(_LDX | _MEM | _DW, R9, R0, off=0)
+        self.movr(R7, R8)
+        self.op(_ALU64 | _ADD | _X, R7, R8)
+        self.op(_ALU64 | _ADD | _X, R7, R8)
+        self.op(_ALU64 | _ADD | _K, R7, imm=self.n)
+
+    def count(self, key: int, skip: str) -> None:
+        """map[r7 + key] += 1 (r7 = n + 3i); r1-r5 and r0 clobbered."""
+        self.movr(R1, R7)
+        self.op(_ALU64 | _ADD | _K, R1, imm=key)
+        self.op(_STX | _MEM | _W, R10, R1, off=-4)
+        self.ld_map(R1, self.map_fd)
+        self.movr(R2, R10)
+        self.op(_ALU64 | _ADD | _K, R2, imm=-4)
+        self.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+        self.jnull(R0, skip)
+        self.mov(R1, 1)
+        self.op(_STX | _ATOMIC | _DW, R0, R1, off=0, imm=_ADD)
+
+    def mark_key(self, gen_reg: int | None, gen: int = 0) -> None:
+        """fp-4 = generation * MARK_WORDS + word of the hash; r2 = fp-4; r1 = the marks."""
+        self.op(_LDX | _MEM | _W, R1, R10, off=-8)
+        self.op(_ALU | _RSH | _K, R1, imm=6)
+        self.op(_ALU | _AND | _K, R1, imm=MARK_WORDS - 1)
+        if gen_reg is None:
+            self.op(_ALU | _ADD | _K, R1, imm=gen * MARK_WORDS)
+        else:
+            self.op(_ALU | _ADD | _X, R1, gen_reg)
+        self.op(_STX | _MEM | _W, R10, R1, off=-4)
+        self.ld_map(R1, self.marks_fd)
+        self.movr(R2, R10)
+        self.op(_ALU64 | _ADD | _K, R2, imm=-4)
+
+    def bit(self, dst: int) -> None:
+        """dst = 1 << (hash & 63); clobbers r1."""
+        self.op(_LDX | _MEM | _W, R1, R10, off=-8)
+        self.op(_ALU64 | _AND | _K, R1, imm=63)
+        self.mov(dst, 1)
+        self.op(_ALU64 | _LSH | _X, dst, R1)
+
+    def test_marks(self, hit: str, tag: str) -> None:
+        """Jump to ``hit`` if the hash's bit is set in either generation; clobbers r8."""
+        for g in (0, 1):
+            self.mark_key(None, g)
+            self.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+            self.jnull(R0, f"{tag}{g}")
+            self.op(_LDX | _MEM | _DW, R8, R0, off=0)
+            self.bit(R2)
+            self.op(_JMP | _JSET | _X, R8, R2, off=hit)
+            self.label(f"{tag}{g}")
+
+    def set_mark(self, out: str, only_if_clear: bool = False) -> None:
+        """Set the hash's bit in the current generation, then go on (or to ``out`` if a map
+        lookup fails). Not atomic: a bit lost to a race is set again by the next packet that
+        sets it. ``only_if_clear``: a bit already set is not written again (to ``out``),
+        which keeps its cache line clean for a stream of packets that all set it."""
+        self.mov(R1, 4 * self.n)
+        self.op(_STX | _MEM | _W, R10, R1, off=-4)
+        self.ld_map(R1, self.map_fd)
+        self.movr(R2, R10)
+        self.op(_ALU64 | _ADD | _K, R2, imm=-4)
+        self.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+        self.jnull(R0, out)
+        self.op(_LDX | _MEM | _DW, R8, R0, off=0)
+        self.op(_ALU64 | _AND | _K, R8, imm=1)
+        self.op(_ALU64 | _MUL | _K, R8, imm=MARK_WORDS)
+        self.mark_key(R8)
+        self.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
+        self.jnull(R0, out)
+        self.bit(R2)
+        self.op(_LDX | _MEM | _DW, R1, R0, off=0)
+        if only_if_clear:
+            self.op(_JMP | _JSET | _X, R1, R2, off=out)
+        self.op(_ALU64 | _OR | _X, R1, R2)
+        self.op(_STX | _MEM | _DW, R0, R1, off=0)
+
+
+def _udp(p: _ShedProg, udp: Sequence[tuple[int, GuardedVip]]) -> None:
     """The UDP part of the filter. UDP has no SYN: what tells a new flow from a going one is
     whether a backend answered it. Every UDP packet into the TUN that is not to a guarded VIP
     - a backend's reply, on its way to be translated - sets the bit of its destination (the
@@ -192,26 +307,11 @@ def _udp(p: _Prog, udp: Sequence[tuple[int, GuardedVip]], n: int, map_fd: int,
     last 2-4 s) is a going flow's and passes, counted as "passed anyway" while shedding; any
     other is a new-flow candidate, counted as seen, and shed by the VIP's share as a SYN is.
     So a flow the backend answers keeps its packets through a flood; one it never answers
-    (syslog, one-way) takes the lottery while the flood lasts."""
+    (syslog, one-way) takes the lottery while the flood lasts. The hash of (address, port)
+    is the same for a request's source and its reply's destination."""
 
-    def key(addr_offs: Sequence[int], port_reg: int | None, port_off: int) -> None:
-        """fp-8 = the hash of (address words, port), the same for a request's source and its
-        reply's destination."""
-        p.mov(R7, UDP_SALT)
-        for off in addr_offs:
-            p.ld_abs(_W, off)
-            p.op(_ALU | _XOR | _X, R7, R0)
-        p.op(_ALU | _MUL | _K, R7, imm=0x9E3779B1)
-        if port_reg is None:
-            p.ld_abs(_H, port_off)
-        else:
-            p.ld_ind(_H, port_reg, port_off)
-        p.op(_ALU | _ADD | _X, R7, R0)
-        p.op(_ALU | _MUL | _K, R7, imm=0x85EBCA6B)
-        p.movr(R1, R7)
-        p.op(_ALU | _RSH | _K, R1, imm=15)
-        p.op(_ALU | _XOR | _X, R7, R1)
-        p.op(_STX | _MEM | _W, R10, R7, off=-8)
+    def key(addr_offs: Sequence[int], port: Load) -> None:
+        p.hash(UDP_SALT, [(_W, None, off) for off in addr_offs], port)
 
     p.label("v4udp")
     p.ld_abs(_H, 6)
@@ -230,11 +330,11 @@ def _udp(p: _Prog, udp: Sequence[tuple[int, GuardedVip]], n: int, map_fd: int,
             p.mov(R9, i)
             p.ja("u4req")
             p.label(f"u4next{i}")
-    key([16], R8, 2)                                 # not to a guarded VIP: a reply, maybe
+    key([16], (_H, R8, 2))                           # not to a guarded VIP: a reply, maybe
     p.ja("umark")
     if any(v.address.version == 4 for _, v in udp):
         p.label("u4req")
-        key([12], R8, 0)
+        key([12], (_H, R8, 0))
         p.movr(R8, R9)
         p.ja("ushed")
 
@@ -251,61 +351,31 @@ def _udp(p: _Prog, udp: Sequence[tuple[int, GuardedVip]], n: int, map_fd: int,
             p.mov(R9, i)
             p.ja("u6req")
             p.label(f"u6next{i}")
-    key([24, 28, 32, 36], None, 40 + 2)
+    key([24, 28, 32, 36], (_H, None, 40 + 2))
     p.ja("umark")
     if any(v.address.version == 6 for _, v in udp):
         p.label("u6req")
-        key([8, 12, 16, 20], None, 40)
+        key([8, 12, 16, 20], (_H, None, 40))
         p.movr(R8, R9)
         p.ja("ushed")
 
-    p.label("umark")                                 # set the bit in the current generation
-    p.mov(R1, 4 * n)
-    p.op(_STX | _MEM | _W, R10, R1, off=-4)
-    p.ld_map(R1, map_fd)
-    p.movr(R2, R10)
-    p.op(_ALU64 | _ADD | _K, R2, imm=-4)
-    p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-    p.jnull(R0, "accept")
-    p.op(_LDX | _MEM | _DW, R8, R0, off=0)
-    p.op(_ALU64 | _AND | _K, R8, imm=1)
-    p.op(_ALU64 | _MUL | _K, R8, imm=MARK_WORDS)
-    mark_key(R8)
-    p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-    p.jnull(R0, "accept")
-    bit(R2)
-    p.op(_LDX | _MEM | _DW, R1, R0, off=0)
-    p.op(_JMP | _JSET | _X, R1, R2, off="accept")    # set already: no write, no dirty line
-    p.op(_ALU64 | _OR | _X, R1, R2)                  # not atomic: a lost bit is set again
-    p.op(_STX | _MEM | _DW, R0, R1, off=0)           # by the flow's next reply
+    p.label("umark")                                 # a reply: its client is answered
+    p.set_mark("accept", only_if_clear=True)
     p.ja("accept")
 
     p.label("ushed")                                 # r8 = the VIP's index, fp-8 the client
-    p.lookup(map_fd, R8)
-    p.jnull(R0, "accept")
-    p.op(_LDX | _MEM | _DW, R9, R0, off=0)           # r9 = its threshold
-    p.movr(R7, R8)
-    p.op(_ALU64 | _ADD | _X, R7, R8)
-    p.op(_ALU64 | _ADD | _X, R7, R8)
-    p.op(_ALU64 | _ADD | _K, R7, imm=n)              # r7 = n + 3i
-    for g in (0, 1):                                 # answered lately?
-        mark_key(None, g)
-        p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-        p.jnull(R0, f"unomark{g}")
-        p.op(_LDX | _MEM | _DW, R8, R0, off=0)
-        bit(R2)
-        p.op(_JMP | _JSET | _X, R8, R2, off="uknown")
-        p.label(f"unomark{g}")
-    count(0, "useen")                                # new-flow datagrams seen
+    p.vip_slot()
+    p.test_marks("uknown", "unomark")                # answered lately?
+    p.count(0, "useen")                              # new-flow datagrams seen
     p.label("useen")
     p.jmp32(_JEQ, R9, 0, "accept")                   # not shedding
     p.op(_JMP | _CALL, imm=BPF_FUNC_get_prandom_u32)
     p.op(_JMP32 | _JGE | _X, R0, R9, off="accept")   # random >= threshold: it passes
-    count(1, "drop")                                 # dropped
+    p.count(1, "drop")                               # dropped
     p.ja("drop")
     p.label("uknown")                                # a going flow's: passes
     p.jmp32(_JEQ, R9, 0, "accept")
-    count(2, "accept")                               # counted while shedding
+    p.count(2, "accept")                             # counted while shedding
     p.ja("accept")
 
 
@@ -317,10 +387,9 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
     current generation of the marks. Map ``marks_fd``: two generations of MARK_WORDS words,
     one bit per hash of a dropped SYN's (source address, ports, sequence number) and one per
     hash of a UDP client (address, port) a backend answered (see :func:`_udp`)."""
-    n = len(vips)
     tcp = [(i, v) for i, v in enumerate(vips) if v.proto == IPPROTO_TCP]
     udp = [(i, v) for i, v in enumerate(vips) if v.proto == IPPROTO_UDP]
-    p = _Prog()
+    p = _ShedProg(len(vips), map_fd, marks_fd)
     p.movr(R6, R1)                                   # LD_ABS wants the skb in r6
     p.ld_abs(_B, 0)
     p.op(_ALU64 | _AND | _K, R0, imm=0xF0)
@@ -328,30 +397,8 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
     p.jmp32(_JEQ, R0, 0x60, "v6")
     p.ja("accept")
 
-    def mix(off_reg: int | None, src_offs: Sequence[int], ports: int, seq: int) -> None:
-        """The SYN's hash into the stack at fp-8 (32-bit multiply-xor: a bit index, not a
-        secret; a spoofed SYN would need the same sequence number too)."""
-        p.mov(R7, 0)
-        for off in src_offs:
-            p.ld_abs(_W, off)
-            p.op(_ALU | _XOR | _X, R7, R0)
-        if off_reg is None:
-            p.ld_abs(_W, seq)
-        else:
-            p.ld_ind(_W, off_reg, seq)
-        p.op(_ALU | _XOR | _X, R7, R0)
-        p.op(_ALU | _MUL | _K, R7, imm=0x9E3779B1)
-        if off_reg is None:
-            p.ld_abs(_W, ports)
-        else:
-            p.ld_ind(_W, off_reg, ports)
-        p.op(_ALU | _ADD | _X, R7, R0)
-        p.op(_ALU | _MUL | _K, R7, imm=0x85EBCA6B)
-        p.movr(R1, R7)
-        p.op(_ALU | _RSH | _K, R1, imm=15)
-        p.op(_ALU | _XOR | _X, R7, R1)
-        p.op(_STX | _MEM | _W, R10, R7, off=-8)
-
+    # a SYN's hash: (source address, sequence number, ports); a spoofed SYN would need the
+    # same sequence number to pass as a retry
     p.label("v4")
     p.ld_abs(_B, 9)
     if udp:
@@ -366,7 +413,7 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
     p.ld_ind(_B, R8, 13)                             # TCP flags
     p.op(_ALU64 | _AND | _K, R0, imm=TCP_SYN | TCP_ACK)
     p.jmp32(_JNE, R0, TCP_SYN, "accept")
-    mix(R8, [12], 0, 4)
+    p.hash(0, [(_W, None, 12), (_W, R8, 4)], (_W, R8, 0))
     p.ld_ind(_H, R8, 2)
     p.movr(R9, R0)                                   # destination port
     p.ld_abs(_W, 16)                                 # destination address
@@ -385,7 +432,7 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
     p.ld_abs(_B, 40 + 13)
     p.op(_ALU64 | _AND | _K, R0, imm=TCP_SYN | TCP_ACK)
     p.jmp32(_JNE, R0, TCP_SYN, "accept")
-    mix(None, [8, 12, 16, 20], 40, 44)
+    p.hash(0, [(_W, None, off) for off in (8, 12, 16, 20, 44)], (_W, None, 40))
     p.ld_abs(_H, 40 + 2)
     p.movr(R9, R0)
     for i, v in tcp:
@@ -403,90 +450,27 @@ def build_program(vips: Sequence[GuardedVip], map_fd: int, marks_fd: int) -> byt
         p.mov(R8, i)
         p.ja("shed")
 
-    def count(key: int, skip: str) -> None:
-        """map[r7 + key] += 1 (r7 = n + 3i); r1-r5 and r0 clobbered."""
-        p.movr(R1, R7)
-        p.op(_ALU64 | _ADD | _K, R1, imm=key)
-        p.op(_STX | _MEM | _W, R10, R1, off=-4)
-        p.ld_map(R1, map_fd)
-        p.movr(R2, R10)
-        p.op(_ALU64 | _ADD | _K, R2, imm=-4)
-        p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-        p.jnull(R0, skip)
-        p.mov(R1, 1)
-        p.op(_STX | _ATOMIC | _DW, R0, R1, off=0, imm=_ADD)
-
-    def mark_key(gen_reg: int | None, gen: int = 0) -> None:
-        """fp-4 = generation * MARK_WORDS + word of the hash; r2 = fp-4; r1 = the marks."""
-        p.op(_LDX | _MEM | _W, R1, R10, off=-8)
-        p.op(_ALU | _RSH | _K, R1, imm=6)
-        p.op(_ALU | _AND | _K, R1, imm=MARK_WORDS - 1)
-        if gen_reg is None:
-            p.op(_ALU | _ADD | _K, R1, imm=gen * MARK_WORDS)
-        else:
-            p.op(_ALU | _ADD | _X, R1, gen_reg)
-        p.op(_STX | _MEM | _W, R10, R1, off=-4)
-        p.ld_map(R1, marks_fd)
-        p.movr(R2, R10)
-        p.op(_ALU64 | _ADD | _K, R2, imm=-4)
-
-    def bit(dst: int) -> None:
-        """dst = 1 << (hash & 63); clobbers r1."""
-        p.op(_LDX | _MEM | _W, R1, R10, off=-8)
-        p.op(_ALU64 | _AND | _K, R1, imm=63)
-        p.mov(dst, 1)
-        p.op(_ALU64 | _LSH | _X, dst, R1)
-
     if udp:
-        _udp(p, udp, n, map_fd, count, mark_key, bit)
+        _udp(p, udp)
 
     if tcp:                                          # (the verifier refuses dead code)
-        p.label("shed")                                  # r8 = the VIP's index
-        p.lookup(map_fd, R8)
-        p.jnull(R0, "accept")
-        p.op(_LDX | _MEM | _DW, R9, R0, off=0)           # r9 = its threshold
-        p.movr(R7, R8)
-        p.op(_ALU64 | _ADD | _X, R7, R8)
-        p.op(_ALU64 | _ADD | _X, R7, R8)
-        p.op(_ALU64 | _ADD | _K, R7, imm=n)              # r7 = n + 3i
-        count(0, "seen")                                 # SYNs seen
+        p.label("shed")                              # r8 = the VIP's index
+        p.vip_slot()
+        p.count(0, "seen")                           # SYNs seen
         p.label("seen")
-        p.jmp32(_JEQ, R9, 0, "accept")                   # not shedding: no marks either
-        for g in (0, 1):                                 # a retry of a SYN dropped lately?
-            mark_key(None, g)
-            p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-            p.jnull(R0, f"nomark{g}")
-            p.op(_LDX | _MEM | _DW, R8, R0, off=0)
-            bit(R2)
-            p.op(_JMP | _JSET | _X, R8, R2, off="retry")
-            p.label(f"nomark{g}")
+        p.jmp32(_JEQ, R9, 0, "accept")               # not shedding: no marks either
+        p.test_marks("retry", "nomark")              # a retry of a SYN dropped lately?
         p.op(_JMP | _CALL, imm=BPF_FUNC_get_prandom_u32)
         p.op(_JMP32 | _JGE | _X, R0, R9, off="accept")   # random >= threshold: it passes
-        count(1, "counted")                              # SYNs dropped
+        p.count(1, "counted")                        # SYNs dropped
         p.label("counted")
-        p.mov(R1, 4 * n)                                 # mark it in the current generation
-        p.op(_STX | _MEM | _W, R10, R1, off=-4)
-        p.ld_map(R1, map_fd)
-        p.movr(R2, R10)
-        p.op(_ALU64 | _ADD | _K, R2, imm=-4)
-        p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-        p.jnull(R0, "drop")
-        p.op(_LDX | _MEM | _DW, R8, R0, off=0)
-        p.op(_ALU64 | _AND | _K, R8, imm=1)
-        p.op(_ALU64 | _MUL | _K, R8, imm=MARK_WORDS)
-        mark_key(R8)
-        p.op(_JMP | _CALL, imm=BPF_FUNC_map_lookup_elem)
-        p.jnull(R0, "drop")
-        bit(R2)
-        p.op(_LDX | _MEM | _DW, R1, R0, off=0)           # not atomic: a lost mark only makes
-        p.op(_ALU64 | _OR | _X, R1, R2)                  # that retry take its chances again
-        p.op(_STX | _MEM | _DW, R0, R1, off=0)
+        p.set_mark("drop")                           # so that its retry passes
     p.label("drop")
     p.mov(R0, 0)
     p.op(_JMP | _EXIT)
     if tcp:
         p.label("retry")
-        count(2, "accept")                           # a retry: passes, and is counted
+        p.count(2, "accept")                         # a retry: passes, and is counted
     p.label("accept")
     p.mov(R0, -1)                                    # keep the whole packet
     p.op(_JMP | _EXIT)
