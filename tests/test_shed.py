@@ -8,6 +8,8 @@ import os
 import select
 import socket
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -27,12 +29,17 @@ def _tcp(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
 
 
 def _exchange(fd: int, pkts: list[bytes]) -> list[bytes]:
-    """Send ``pkts`` from the namespace towards the TUN; what its queue got."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    """Send ``pkts`` (IPv4 or IPv6, header included, one family) from the namespace towards
+    the TUN; what its queue got."""
+    v6 = pkts[0][0] >> 4 == 6
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                      socket.IPPROTO_RAW)
     got: list[bytes] = []
     try:
         for i, p in enumerate(pkts):
-            s.sendto(p, (VIP, 0))
+            dst = (socket.inet_ntop(socket.AF_INET6, p[24:40]) if v6
+                   else socket.inet_ntoa(p[16:20]))
+            s.sendto(p, (dst, 0))
             if i % 64 == 63:
                 got += _drain(fd, 0.0)
         got += _drain(fd, 0.3)
@@ -51,20 +58,34 @@ def _drain(fd: int, wait: float) -> list[bytes]:
     return out
 
 
-def _in_ns(share: float) -> dict:
+@contextmanager
+def _shed_tun(vips: list[shed.GuardedVip], routes: tuple[str, ...] = (f"{VIP}/32",)
+              ) -> Iterator[tuple[int, shed.SynShed]]:
+    """A TUN (up, ``routes`` into it) with the shed filter for ``vips``: (queue fd, filter);
+    both closed when the block ends."""
     fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
     sh = None
     try:
         netconf.link_set("lbtshed0", state="up")
-        netconf.route_add(f"{VIP}/32", oif="lbtshed0")
-        sh = shed.SynShed.for_tun(fds[0], [shed.GuardedVip(ipaddress.ip_address(VIP), 80, 100)])
+        for r in routes:
+            netconf.route_add(r, oif="lbtshed0")
+        sh = shed.SynShed.for_tun(fds[0], vips)
         assert sh is not None
+        yield fds[0], sh
+    finally:
+        if sh is not None:
+            sh.close()
+        close_tun(fds)
+
+
+def _in_ns(share: float) -> dict:
+    with _shed_tun([shed.GuardedVip(ipaddress.ip_address(VIP), 80, 100)]) as (fd, sh):
         sh.set_share(0, share)
         syns = [_tcp(SRC, VIP, 20000 + i, 80, 0x02) for i in range(1000)]
         acks = [_tcp(SRC, VIP, 30000 + i, 80, 0x10) for i in range(300)]
         synacks = [_tcp(SRC, VIP, 31000 + i, 80, 0x12) for i in range(100)]
         other = [_tcp(SRC, VIP, 32000 + i, 81, 0x02) for i in range(300)]
-        got = _exchange(fds[0], syns + acks + synacks + other)
+        got = _exchange(fd, syns + acks + synacks + other)
         c = sh.counters()
         kinds = {"syn80": 0, "ack": 0, "synack": 0, "syn81": 0}
         for p in got:
@@ -75,15 +96,11 @@ def _in_ns(share: float) -> dict:
                    else "synack" if flags == 0x12 else "syn80")
             kinds[key] += 1
         # the SYNs again, as retries: those dropped the first time now pass
-        again = _exchange(fds[0], syns)
+        again = _exchange(fd, syns)
         c2 = sh.counters()
         return {"got": kinds, "syns": c[0], "shed": c[1], "retried": c2[2],
                 "again": sum(1 for p in again if len(p) >= 40 and p[9] == 6),
                 "shed_again": c2[1] - c[1]}
-    finally:
-        if sh is not None:
-            sh.close()
-        close_tun(fds)
 
 
 @pytest.mark.netns
@@ -143,26 +160,17 @@ def test_control_law_follows_the_offered_rate():
 
 
 def _reconfigure_in_ns() -> dict:
-    fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
     a = shed.GuardedVip(ipaddress.ip_address(VIP), 80, 100)
-    sh = shed.SynShed.for_tun(fds[0], [a])
-    try:
-        netconf.link_set("lbtshed0", state="up")
-        netconf.route_add(f"{VIP}/32", oif="lbtshed0")
-        assert sh is not None
+    with _shed_tun([a]) as (fd, sh):
         first = sh.loaded
         sh.reconfigure([shed.GuardedVip(a.address, 80, 500)])     # a new rate: same program
         same = sh.loaded is first and sh.vips[0].vip.rate == 500
         sh.reconfigure([shed.GuardedVip(a.address, 81, 100)])     # another port: a new one
         sh.set_share(0, shed.MAX_SHARE)
-        got = _exchange(fds[0], [_tcp(SRC, VIP, 20000 + i, p, 0x02)
-                                 for i in range(200) for p in (80, 81)])
+        got = _exchange(fd, [_tcp(SRC, VIP, 20000 + i, p, 0x02)
+                             for i in range(200) for p in (80, 81)])
         return {"same": same, "new": sh.loaded is not first, "counters": sh.counters(),
                 "to80": sum(1 for p in got if struct.unpack("!H", p[22:24])[0] == 80)}
-    finally:
-        if sh is not None:
-            sh.close()
-        close_tun(fds)
 
 
 @pytest.mark.netns
@@ -183,32 +191,23 @@ def _syns(got: list[bytes]) -> int:
 
 
 def _idle_then_guarded_in_ns() -> dict:
-    fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
     a = shed.GuardedVip(ipaddress.ip_address(VIP), 80, 100)
-    sh = shed.SynShed.for_tun(fds[0], [])
-    try:
-        netconf.link_set("lbtshed0", state="up")
-        netconf.route_add(f"{VIP}/32", oif="lbtshed0")
-        assert sh is not None
+    with _shed_tun([]) as (fd, sh):
         out: dict = {"idle": (sh.loaded is None, sh.status()["filter"])}
         sh.tick(1.0)                                    # an idle filter's loop has nothing to do
         syns = [_tcp(SRC, VIP, 20000 + i, 80, 0x02) for i in range(200)]
-        out["idle_got"] = _syns(_exchange(fds[0], syns))
+        out["idle_got"] = _syns(_exchange(fd, syns))
         sh.reconfigure([a])                             # a reload guards its first VIP
         sh.set_share(0, shed.MAX_SHARE)
         out["guarded"] = sh.loaded is not None and sh.status()["filter"] == "tun-ebpf"
-        out["guarded_got"] = _syns(_exchange(fds[0], [_tcp(SRC, VIP, 40000 + i, 80, 0x02)
-                                                    for i in range(200)]))
+        out["guarded_got"] = _syns(_exchange(fd, [_tcp(SRC, VIP, 40000 + i, 80, 0x02)
+                                                  for i in range(200)]))
         out["counters"] = sh.counters()
         sh.reconfigure([])                              # and then none: the program goes
         out["unguarded"] = (sh.loaded is None, sh.vips)
-        out["unguarded_got"] = _syns(_exchange(fds[0], [_tcp(SRC, VIP, 50000 + i, 80, 0x02)
-                                                      for i in range(200)]))
+        out["unguarded_got"] = _syns(_exchange(fd, [_tcp(SRC, VIP, 50000 + i, 80, 0x02)
+                                                    for i in range(200)]))
         return out
-    finally:
-        if sh is not None:
-            sh.close()
-        close_tun(fds)
 
 
 @pytest.mark.netns
@@ -239,25 +238,6 @@ def _udp(src: str, dst: str, sport: int, dport: int) -> bytes:
                        socket.inet_aton(src), socket.inet_aton(dst)) + udp
 
 
-def _send_raw(fd: int, pkts: list[bytes]) -> list[bytes]:
-    """Send ``pkts`` (IPv4 or IPv6, header included) towards the TUN; what its queue got."""
-    v6 = pkts[0][0] >> 4 == 6
-    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
-                      socket.IPPROTO_RAW)
-    got: list[bytes] = []
-    try:
-        for i, p in enumerate(pkts):
-            dst = (socket.inet_ntop(socket.AF_INET6, p[24:40]) if v6
-                   else socket.inet_ntoa(p[16:20]))
-            s.sendto(p, (dst, 0))
-            if i % 64 == 63:
-                got += _drain(fd, 0.0)
-        got += _drain(fd, 0.3)
-    finally:
-        s.close()
-    return got
-
-
 def _udp_to(got: list[bytes], port: int) -> int:
     """The UDP datagrams to ``port`` among what a queue got."""
     n = 0
@@ -272,39 +252,29 @@ def _udp_to(got: list[bytes], port: int) -> int:
 
 def _udp_in_ns(v6: bool) -> dict:
     vip, client, backend = (VIP6, CLIENT6, BACKEND6) if v6 else (VIP, CLIENT4, BACKEND4)
-    fds, _ = open_tun("lbtshed0", 1, vnet_hdr=False)
-    sh = None
-    try:
-        netconf.link_set("lbtshed0", state="up")
-        plen = 128 if v6 else 32
-        netconf.route_add(f"{vip}/{plen}", oif="lbtshed0")
-        netconf.route_add(f"{client}/{plen}", oif="lbtshed0")   # the replies' way in
-        g = shed.GuardedVip(ipaddress.ip_address(vip), 5300, 100, "dns", shed.IPPROTO_UDP)
-        sh = shed.SynShed.for_tun(fds[0], [g])
-        assert sh is not None
+    plen = 128 if v6 else 32
+    g = shed.GuardedVip(ipaddress.ip_address(vip), 5300, 100, "dns", shed.IPPROTO_UDP)
+    # the client's route into the TUN is the replies' way in
+    with _shed_tun([g], (f"{vip}/{plen}", f"{client}/{plen}")) as (fd, sh):
         sh.set_share(0, shed.MAX_SHARE)
         out: dict = {}
         # a backend answers ten clients: their (address, port) become known
-        got = _send_raw(fds[0], [_udp(backend, client, 5300, 5000 + i) for i in range(10)])
+        got = _exchange(fd, [_udp(backend, client, 5300, 5000 + i) for i in range(10)])
         out["replies"] = sum(_udp_to(got, 5000 + i) for i in range(10))
         known = [_udp(client, vip, 5000 + i, 5300) for i in range(10) for _ in range(20)]
-        out["known_got"] = _udp_to(_send_raw(fds[0], known), 5300)
+        out["known_got"] = _udp_to(_exchange(fd, known), 5300)
         c1 = sh.counters()
         unknown = [_udp(client, vip, 6000 + i, 5300) for i in range(200)]
-        out["unknown_got"] = _udp_to(_send_raw(fds[0], unknown), 5300)
+        out["unknown_got"] = _udp_to(_exchange(fd, unknown), 5300)
         c2 = sh.counters()
         # two generations later nothing is known any more
         sh.rotate(1_000.0)
         sh.rotate(1_000.0 + shed.MARK_GENERATION_S)
-        out["forgotten_got"] = _udp_to(_send_raw(fds[0], known[:200:20]), 5300)
+        out["forgotten_got"] = _udp_to(_exchange(fd, known[:200:20]), 5300)
         sh.set_share(0, 0.0)                       # not shedding: all pass
-        out["calm_got"] = _udp_to(_send_raw(fds[0], unknown), 5300)
+        out["calm_got"] = _udp_to(_exchange(fd, unknown), 5300)
         out["c1"], out["c2"], out["c3"] = c1, c2, sh.counters()
         return out
-    finally:
-        if sh is not None:
-            sh.close()
-        close_tun(fds)
 
 
 @pytest.mark.netns
