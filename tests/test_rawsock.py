@@ -306,6 +306,17 @@ def _l2(dp, macs, *extra) -> None:
               [(0, str(CLIENT4), macs["c0"]), (1, str(BE4), macs["b0"]), *extra])
 
 
+def _open_tap(ifname: str, ethertype: int, rcvbuf: int = 0) -> socket.socket:
+    """A packet socket on ``ifname`` (in the calling thread's namespace) for ``ethertype``,
+    with a 2 s timeout."""
+    t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+    if rcvbuf:
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    t.bind((ifname, 0))
+    t.settimeout(2)
+    return t
+
+
 @contextlib.contextmanager
 def _rig(ns: str, *, busy_poll_us: int = 0, start: bool = True, mtu: int = 0,
          client_filter=None, backend_filter=None):
@@ -332,16 +343,8 @@ def _rig(ns: str, *, busy_poll_us: int = 0, start: bool = True, mtu: int = 0,
                  _core.RawSocket(idx["b1"], 0,
                                  backend_filter or build_filter((), [ReplyPath(BE4, UDP, 5300)]),
                                  512)]
-        taps = {}
-        for n in ("c0", "b0"):
-            t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-            t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-            t.bind((n, 0))
-            t.settimeout(2)
-            taps[n] = t
-        taps["arp"] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-        taps["arp"].bind(("c0", 0))
-        taps["arp"].settimeout(2)
+        taps = {n: _open_tap(n, 0x0800, rcvbuf=1 << 21) for n in ("c0", "b0")}
+        taps["arp"] = _open_tap("c0", 0x0806)
         return socks, taps
 
     socks, taps = netconf.run_in_netns(ns, open_all)
@@ -482,13 +485,7 @@ def test_worker_forwards_a_backends_own_traffic_as_the_kernel_would(nsname):
                  (0, str(CLIENT6), macs["c0"])]
         dp.set_l2([macs["c1"], macs["b1"]], routes, neigh)
 
-        def v6_tap():
-            t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
-            t.bind(("c0", 0))
-            t.settimeout(2)
-            return t
-
-        tap6 = netconf.run_in_netns(nsname, v6_tap)
+        tap6 = netconf.run_in_netns(nsname, _open_tap, "c0", 0x86DD)
         try:
             to_gw = macs["b1"] + macs["b0"] + b"\x08\x00"
             own = _udp4(BE4, CLIENT4, 9999, 7071, b"own")
@@ -614,13 +611,7 @@ def test_worker_answers_a_lone_request_without_waiting_for_a_block_timer(nsname)
     with _rig(nsname) as (dp, macs, taps, _):      # busy_poll_us 0: the worker sleeps in poll()
         to_gw = macs["c1"] + macs["c0"] + b"\x08\x00"
 
-        def open_ref():
-            r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-            r.bind(("c1", 0))
-            r.settimeout(2)
-            return r
-
-        ref = netconf.run_in_netns(nsname, open_ref)
+        ref = netconf.run_in_netns(nsname, _open_tap, "c1", 0x0800)
         try:
             direct, worker = [], []
             for k in range(25):
