@@ -76,38 +76,54 @@ static uint16_t csum_fold(uint32_t sum)
 	return (uint16_t)~sum;
 }
 
-/* Fill pkt: a SYN from src:sport to dst:dport (all host order). */
-static void make_syn(uint8_t *pkt, uint32_t src, uint32_t dst, uint16_t sport, uint16_t dport,
-		     uint32_t seq)
+/* Fill pkt (PKT_LEN bytes) with an IPv4 header of protocol proto and the first
+ * four bytes of its transport header, the ports (all host order). */
+static uint8_t *make_ip(uint8_t *pkt, uint8_t proto, uint32_t src, uint32_t dst,
+			uint16_t sport, uint16_t dport)
 {
-	uint32_t sum = 0;
-
 	memset(pkt, 0, PKT_LEN);
 	pkt[0] = 0x45;
 	pkt[3] = PKT_LEN;               /* total length (the kernel sets it too) */
 	pkt[8] = 64;                    /* TTL */
-	pkt[9] = IPPROTO_TCP;
+	pkt[9] = proto;
 	for (int i = 0; i < 4; i++) {
 		pkt[12 + i] = (uint8_t)(src >> (24 - 8 * i));
 		pkt[16 + i] = (uint8_t)(dst >> (24 - 8 * i));
 	}
-	uint8_t *t = pkt + 20;
-	t[0] = (uint8_t)(sport >> 8);
-	t[1] = (uint8_t)sport;
-	t[2] = (uint8_t)(dport >> 8);
-	t[3] = (uint8_t)dport;
+	uint8_t *l4 = pkt + 20;
+	l4[0] = (uint8_t)(sport >> 8);
+	l4[1] = (uint8_t)sport;
+	l4[2] = (uint8_t)(dport >> 8);
+	l4[3] = (uint8_t)dport;
+	return l4;
+}
+
+/* The transport checksum of pkt (made by make_ip, its checksum field zero):
+ * pseudo header + the len bytes of the transport header and payload. */
+static uint16_t l4_csum(const uint8_t *pkt, uint32_t src, uint32_t dst, int len)
+{
+	const uint8_t *l4 = pkt + 20;
+	uint32_t sum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF);
+
+	sum += pkt[9] + (uint32_t)len;
+	for (int i = 0; i < len; i += 2)
+		sum += (uint32_t)(l4[i] << 8 | l4[i + 1]);
+	return csum_fold(sum);
+}
+
+/* Fill pkt: a SYN from src:sport to dst:dport (all host order). */
+static void make_syn(uint8_t *pkt, uint32_t src, uint32_t dst, uint16_t sport, uint16_t dport,
+		     uint32_t seq)
+{
+	uint8_t *t = make_ip(pkt, IPPROTO_TCP, src, dst, sport, dport);
+
 	for (int i = 0; i < 4; i++)
 		t[4 + i] = (uint8_t)(seq >> (24 - 8 * i));
 	t[12] = 5 << 4;                 /* data offset */
 	t[13] = 0x02;                   /* SYN */
 	t[14] = 0xFA;                   /* window 64240 */
 	t[15] = 0xF0;
-	/* pseudo header + TCP header */
-	sum += (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF);
-	sum += IPPROTO_TCP + 20;
-	for (int i = 0; i < 20; i += 2)
-		sum += (uint32_t)(t[i] << 8 | t[i + 1]);
-	uint16_t c = csum_fold(sum);
+	uint16_t c = l4_csum(pkt, src, dst, 20);
 	t[16] = (uint8_t)(c >> 8);
 	t[17] = (uint8_t)c;
 }
@@ -117,31 +133,13 @@ static void make_syn(uint8_t *pkt, uint32_t src, uint32_t dst, uint16_t sport, u
 static void make_udp(uint8_t *pkt, uint32_t src, uint32_t dst, uint16_t sport, uint16_t dport,
 		     uint32_t salt)
 {
-	uint32_t sum = 0;
 	const int ulen = PKT_LEN - 20;
+	uint8_t *u = make_ip(pkt, IPPROTO_UDP, src, dst, sport, dport);
 
-	memset(pkt, 0, PKT_LEN);
-	pkt[0] = 0x45;
-	pkt[3] = PKT_LEN;
-	pkt[8] = 64;
-	pkt[9] = IPPROTO_UDP;
-	for (int i = 0; i < 4; i++) {
-		pkt[12 + i] = (uint8_t)(src >> (24 - 8 * i));
-		pkt[16 + i] = (uint8_t)(dst >> (24 - 8 * i));
-	}
-	uint8_t *u = pkt + 20;
-	u[0] = (uint8_t)(sport >> 8);
-	u[1] = (uint8_t)sport;
-	u[2] = (uint8_t)(dport >> 8);
-	u[3] = (uint8_t)dport;
 	u[5] = (uint8_t)ulen;
 	for (int i = 0; i < 4; i++)
 		u[8 + i] = (uint8_t)(salt >> (24 - 8 * i));
-	sum += (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF);
-	sum += IPPROTO_UDP + (uint32_t)ulen;
-	for (int i = 0; i < ulen; i += 2)
-		sum += (uint32_t)(u[i] << 8 | u[i + 1]);
-	uint16_t c = csum_fold(sum);
+	uint16_t c = l4_csum(pkt, src, dst, ulen);
 	if (c == 0)
 		c = 0xFFFF;
 	u[6] = (uint8_t)(c >> 8);
