@@ -58,6 +58,7 @@ int lb_l2_set_route(struct lb_l2 *l2, uint32_t i, const struct lb_l2_route *r)
     if (i >= l2->n_routes || r->link >= LB_RAW_LINKS || !valid_family_plen(r->family, r->plen))
         return -EINVAL;
     l2->routes[i] = *r;
+    l2->routes[i].order = i;
     return 0;
 }
 
@@ -106,37 +107,20 @@ int lb_l2_add_neigh(struct lb_l2 *l2, uint8_t link, uint8_t family, const uint8_
     }
 }
 
-/* Longest prefix first, and stable: of two routes of one prefix length the
- * one given first wins (the control side gives them in the kernel's order,
- * the better metric first). A counting sort by prefix length. */
+static int route_cmp(const void *a, const void *b)
+{
+    const struct lb_l2_route *x = a, *y = b;
+    if (x->plen != y->plen)
+        return (int)y->plen - (int)x->plen;
+    return x->order < y->order ? -1 : x->order > y->order;
+}
+
+/* Longest prefix first; of two routes of one prefix length the one given
+ * first wins (the control side gives them in the kernel's order, the better
+ * metric first). */
 void lb_l2_seal(struct lb_l2 *l2)
 {
-    uint32_t start[130] = { 0 };
-    struct lb_l2_route *tmp;
-
-    if (l2->n_routes < 2)
-        return;
-    tmp = malloc((size_t)l2->n_routes * sizeof(*tmp));
-    if (!tmp) {     /* no memory for the copy: an insertion sort, stable too */
-        for (uint32_t i = 1; i < l2->n_routes; i++) {
-            struct lb_l2_route r = l2->routes[i];
-            uint32_t j = i;
-            for (; j > 0 && l2->routes[j - 1].plen < r.plen; j--)
-                l2->routes[j] = l2->routes[j - 1];
-            l2->routes[j] = r;
-        }
-        return;
-    }
-    for (uint32_t i = 0; i < l2->n_routes; i++)
-        start[129u - l2->routes[i].plen]++;            /* plen 128 -> bucket 1 */
-    for (uint32_t b = 1; b < 130; b++)
-        start[b] += start[b - 1];                      /* start[b]: end of bucket b */
-    for (uint32_t b = 129; b > 0; b--)
-        start[b] = start[b - 1];                       /* start[b]: first of bucket b */
-    for (uint32_t i = 0; i < l2->n_routes; i++)
-        tmp[start[129u - l2->routes[i].plen]++] = l2->routes[i];
-    memcpy(l2->routes, tmp, (size_t)l2->n_routes * sizeof(*tmp));
-    free(tmp);
+    qsort(l2->routes, l2->n_routes, sizeof(*l2->routes), route_cmp);
 }
 
 static inline int prefix_match(const uint8_t *a, const uint8_t *prefix, uint8_t plen)

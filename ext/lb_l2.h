@@ -28,6 +28,7 @@ struct lb_l2_route {
     uint8_t family;              /* LB_AF_INET / LB_AF_INET6 */
     uint8_t link;
     uint8_t has_gw;
+    uint32_t order;              /* its index as given (lb_l2_set_route): ties in the sort */
 };
 
 /* A resolved neighbour of a link. */
