@@ -11,13 +11,15 @@
  * read/write: poll() -> read() up to LB_TUN_BATCH packets (one per read on a
  * TUN fd) -> the batch -> one write() per packet.
  *
- * io_uring: LB_TUN_BUFS buffers, each with exactly one operation in flight
- * at any time: a read armed on the fd, or the write of the packet it holds,
- * whose completion re-arms the read. Completed reads form the batch; its
- * writes and re-armed reads leave in one io_uring_submit. The ring is sized
- * for one operation per buffer, so it never overflows. The fd is made
- * blocking for the ring's life: io_uring answers a read on an O_NONBLOCK file
- * with -EAGAIN instead of waiting for data.
+ * io_uring: LB_TUN_BUFS buffers, each free, being read into or being
+ * written from. A look at the queue is one io_uring_submit carrying the last
+ * batch's writes, then a few reads (more while they all find a packet, up to
+ * LB_TUN_BATCH); the reads are RWF_NOWAIT, so each completes at once with a
+ * packet or -EAGAIN. Nothing waits on the queue but one poll for
+ * readability, armed only when the worker goes to sleep: reads left waiting
+ * would all be woken by every packet (each a task-work item in the sender's
+ * softirq, then a failed read and a re-armed poll in the worker). The ring is
+ * sized for one operation per buffer and the poll, so it never overflows.
  *
  * Busy poll: after its last packet a worker keeps looking for more (a
  * non-blocking read, or a peek at the completion queue) for dp->busy_poll_us
@@ -25,7 +27,6 @@
  * a wake-up. The clock is read only while spinning.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,6 +51,8 @@ _Static_assert(sizeof(struct virtio_net_hdr) <= LB_OUT_HEADROOM, "extras have ro
 /* io_uring: buffers, so that reads stay armed while a batch's writes are in flight */
 #define LB_TUN_BUFS (2u * LB_TUN_BATCH)
 #define LB_TUN_WRITE (1ull << 32)            /* user_data: a write (else a read) of buffer low bits */
+#define LB_TUN_POLL (1ull << 33)             /* user_data: the poll for readability */
+#define LB_TUN_READS_MIN 4u                  /* reads per look on a quiet queue */
 #define LB_TUN_SLEEP_MS 100                  /* longest sleep: dp->stop is seen within it */
 
 struct lb_tun {
@@ -58,13 +61,15 @@ struct lb_tun {
     uint32_t nbufs;
     int io;                       /* enum lb_tun_io */
     int fallback;                 /* lb_tun_fallback() */
-    int fl;                       /* the fd's status flags before lb_tun_open (-1: untouched) */
     int spin;                     /* busy poll: 0 asleep or idle, 1 traffic seen, 2 spinning */
     uint64_t spin_end_ns;
 #if LB_HAVE_URING
     struct io_uring ring;
-    uint32_t inflight;            /* operations submitted or queued, not yet completed */
+    uint32_t inflight;            /* reads and writes submitted or queued, not yet completed */
     uint32_t len[LB_TUN_BUFS];    /* bytes read into, or being written from, each buffer */
+    uint32_t freeb[LB_TUN_BUFS];  /* buffers with no operation: a stack */
+    uint32_t nfree;
+    int polling;                  /* the poll for readability is in flight */
 #endif
 };
 
@@ -256,20 +261,28 @@ static struct io_uring_sqe *ring_sqe(struct lb_tun *t)
     struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
 
     if (!sqe) {
-        /* not expected (one operation per buffer fits the ring): make room */
+        /* not expected (one operation per buffer, one poll, fit the ring): make room */
         io_uring_submit(&t->ring);
         sqe = io_uring_get_sqe(&t->ring);
     }
     return sqe;
 }
 
-static int ring_read(struct lb_tun *t, uint32_t i)
+/* A read into a free buffer that never waits: it completes at submission with
+ * a packet or -EAGAIN. A read left waiting would sit on the queue's wait list,
+ * and every packet would wake every waiting read. */
+static int ring_read(struct lb_tun *t)
 {
-    struct io_uring_sqe *sqe = ring_sqe(t);
+    struct io_uring_sqe *sqe;
+    uint32_t i;
 
-    if (!sqe)
+    if (!t->nfree)
+        return 0;
+    if (!(sqe = ring_sqe(t)))
         return -EBUSY;
+    i = t->freeb[--t->nfree];
     io_uring_prep_read(sqe, t->w->fd, tun_buf(t, i), LB_PKT_MAX, 0);
+    sqe->rw_flags = RWF_NOWAIT;
     io_uring_sqe_set_data64(sqe, i);
     t->inflight++;
     return 0;
@@ -288,6 +301,26 @@ static int ring_write(struct lb_tun *t, uint32_t i, uint32_t n)
     return 0;
 }
 
+/* One poll for readability, armed only when the worker is about to sleep. */
+static int ring_poll(struct lb_tun *t)
+{
+    struct io_uring_sqe *sqe;
+
+    if (t->polling)
+        return 0;
+    if (!(sqe = ring_sqe(t)))
+        return -EBUSY;
+    io_uring_prep_poll_add(sqe, t->w->fd, POLLIN);
+    io_uring_sqe_set_data64(sqe, LB_TUN_POLL);
+    t->polling = 1;
+    return 0;
+}
+
+static inline void ring_free(struct lb_tun *t, uint32_t i)
+{
+    t->freeb[t->nfree++] = i;
+}
+
 /* Submit what is queued. 0, or -errno when the ring is broken (a busy or
  * interrupted submission leaves the entries queued for the next one). */
 static int ring_submit(struct lb_tun *t)
@@ -303,7 +336,8 @@ static int ring_submit(struct lb_tun *t)
 }
 
 /* The pipeline over the buffers idx[0..n) (reads of t->len[] bytes), their
- * writes or re-armed reads queued, submitted together, then the extras. */
+ * writes queued (sent with the next submission, ahead of its reads), the
+ * buffers of what it drops freed, then the extras. */
 static int ring_batch(struct lb_tun *tun, const struct lb_table *t, uint32_t *idx,
                       uint32_t n, uint32_t now)
 {
@@ -321,7 +355,7 @@ static int ring_batch(struct lb_tun *tun, const struct lb_table *t, uint32_t *id
         if (vnet_csum(b, tun->len[idx[j]], hdr, &csum[m]) < 0) {
             w->stats.rx++;
             w->stats.drops[LB_DROP_BAD_VNET]++;
-            rc |= ring_read(tun, idx[j]);
+            ring_free(tun, idx[j]);
             continue;
         }
         data[m] = b + hdr;
@@ -339,15 +373,85 @@ static int ring_batch(struct lb_tun *tun, const struct lb_table *t, uint32_t *id
             memset(tun_buf(tun, i), 0, hdr);
             rc |= ring_write(tun, i, (uint32_t)hdr + len[j]);
         } else {
-            rc |= ring_read(tun, i);
+            ring_free(tun, i);
         }
     }
     if (rc)
         return -EBUSY;
-    rc = ring_submit(tun);
-    /* after the batch's own writes: plain writes, issued in order behind them */
+    if (w->out.n)                     /* the extras leave behind the batch's own writes */
+        rc = ring_submit(tun);
     send_extras(w, hdr);
     w->stats.batches++;
+    return rc;
+}
+
+/* Reads to ask for in the next look: twice what the last one found, within
+ * [LB_TUN_READS_MIN, LB_TUN_BATCH], so that a quiet queue costs a few failed
+ * reads per look and a busy one a full batch per system call. */
+static inline uint32_t ring_want(uint32_t got)
+{
+    uint32_t k = 2 * got;
+
+    return k < LB_TUN_READS_MIN ? LB_TUN_READS_MIN : k > LB_TUN_BATCH ? LB_TUN_BATCH : k;
+}
+
+/* The completions on the ring: writes free their buffers, reads with a packet
+ * go through the pipeline (in batches of at most LB_TUN_BATCH), a read that
+ * found the queue empty sets *empty. 0 or -errno. */
+static int ring_reap(struct lb_tun *tun, uint32_t *got, int *empty)
+{
+    struct lb_worker *w = tun->w;
+    struct io_uring_cqe *cqes[LB_TUN_BUFS + 1];
+    uint32_t idx[LB_TUN_BATCH];
+    const struct lb_table *t = NULL;
+    uint32_t now = 0, nb = 0;
+    unsigned n;
+    int rc = 0;
+
+    n = io_uring_peek_batch_cqe(&tun->ring, cqes, LB_TUN_BUFS + 1);
+    for (unsigned k = 0; k < n; k++) {
+        uint64_t ud = io_uring_cqe_get_data64(cqes[k]);
+        int res = cqes[k]->res;
+        uint32_t i = (uint32_t)(ud & 0xffffffffu);
+
+        if (ud == LB_TUN_POLL) {
+            tun->polling = 0;         /* readable, or failed: the next look tells */
+            continue;
+        }
+        if (i >= tun->nbufs)          /* not ours: nothing else submits on this ring */
+            continue;
+        tun->inflight--;
+        if (ud & LB_TUN_WRITE) {
+            /* a TUN write is whole or failed: short counts as failed */
+            if (res < 0 || (uint32_t)res != tun->len[i])
+                w->stats.tx_errors++;
+            ring_free(tun, i);
+        } else if (res <= 0 || rc) {
+            ring_free(tun, i);
+            if (res == -EAGAIN || res == 0)
+                *empty = 1;
+            else if (res != -EINTR && res != -ENOBUFS && res < 0 && !rc)
+                rc = res;             /* the queue is gone (detached, closed): as read() */
+        } else {
+            (*got)++;
+            tun->len[i] = (uint32_t)res;   /* <= LB_PKT_MAX, the size asked */
+            if (!t) {
+                t = lb_dp_enter(w);
+                now = lb_now_ms();
+            }
+            idx[nb++] = i;
+            if (nb == LB_TUN_BATCH) {
+                rc = ring_batch(tun, t, idx, nb, now);
+                nb = 0;
+            }
+        }
+    }
+    io_uring_cq_advance(&tun->ring, n);
+    if (nb) {
+        int r = ring_batch(tun, t, idx, nb, now);
+        if (!rc)
+            rc = r;
+    }
     return rc;
 }
 
@@ -355,83 +459,47 @@ static int ring_run(struct lb_tun *tun)
 {
     struct lb_worker *w = tun->w;
     struct lb_dataplane *dp = w->dp;
-    struct io_uring_cqe *cqes[LB_TUN_BUFS];
-    uint32_t idx[LB_TUN_BATCH];
+    uint32_t want = LB_TUN_READS_MIN;
     int rc = 0;
 
-    for (uint32_t i = 0; i < tun->nbufs; i++)
-        if ((rc = ring_read(tun, i)) < 0)
-            return rc;
-    if ((rc = ring_submit(tun)) < 0)
-        return rc;
     while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
-        const struct lb_table *t = NULL;
-        uint32_t now = 0, nb = 0, got = 0;
-        unsigned n;
+        uint32_t got = 0, asked = 0;
+        int empty = 0;
 
-        n = io_uring_peek_batch_cqe(&tun->ring, cqes, LB_TUN_BUFS);
-        if (!n) {
-            /* re-armed reads go out before we wait for them */
-            if ((rc = ring_submit(tun)) < 0)
+        /* 1. the last batch's writes, then reads, in one system call */
+        while (asked < want && tun->nfree) {
+            if ((rc = ring_read(tun)) < 0)
                 break;
-            /* holding no table while spinning or asleep: a publish need not wait for us */
-            __atomic_store_n(&w->qs, LB_QS_OFFLINE, __ATOMIC_SEQ_CST);
-            if (spin_more(tun))
-                continue;             /* a look, not a loop: not counted */
-            w->stats.loops++;
-            struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = LB_TUN_SLEEP_MS * 1000000ll };
-            struct io_uring_cqe *c;
-            int r = io_uring_wait_cqe_timeout(&tun->ring, &c, &ts);
-            if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
-                rc = r;
-                break;
-            }
-            continue;
+            asked++;
         }
-        w->stats.loops++;
-        for (unsigned k = 0; k < n; k++) {
-            uint64_t ud = io_uring_cqe_get_data64(cqes[k]);
-            int res = cqes[k]->res;
-            uint32_t i = (uint32_t)(ud & 0xffffffffu);
-
-            if (i >= tun->nbufs)      /* not ours: nothing else submits on this ring */
-                continue;
-            tun->inflight--;
-            if (rc)                   /* leaving: only the count matters now */
-                continue;
-            if (ud & LB_TUN_WRITE) {
-                /* a TUN write is whole or failed: short counts as failed */
-                if (res < 0 || (uint32_t)res != tun->len[i])
-                    w->stats.tx_errors++;
-                rc = ring_read(tun, i);
-            } else if (res < 0) {
-                if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS)
-                    rc = ring_read(tun, i);
-                else
-                    rc = res;         /* the queue is gone (detached, closed): as read() */
-            } else {
-                got++;
-                tun->len[i] = (uint32_t)res;   /* <= LB_PKT_MAX, the size asked */
-                if (!t) {
-                    t = lb_dp_enter(w);
-                    now = lb_now_ms();
-                }
-                idx[nb++] = i;
-                if (nb == LB_TUN_BATCH) {
-                    rc = ring_batch(tun, t, idx, nb, now);
-                    nb = 0;
-                }
-            }
-        }
-        io_uring_cq_advance(&tun->ring, n);
-        if (rc == 0 && nb)
-            rc = ring_batch(tun, t, idx, nb, now);
-        if (rc == 0)
-            rc = ring_submit(tun);
-        if (rc < 0)
+        if (rc < 0 || (rc = ring_submit(tun)) < 0)
             break;
-        if (got)
+        /* 2. what completed: the pipeline over the packets read */
+        if ((rc = ring_reap(tun, &got, &empty)) < 0)
+            break;
+        if (got) {
             spin_traffic(tun);
+            want = ring_want(got);
+        }
+        /* every read found a packet: more is likely queued, look again at once */
+        if (asked && !empty)
+            continue;
+        /* holding no table while spinning or asleep: a publish need not wait for us */
+        __atomic_store_n(&w->qs, LB_QS_OFFLINE, __ATOMIC_SEQ_CST);
+        if (spin_more(tun))
+            continue;                 /* a look, not a loop: not counted */
+        w->stats.loops++;
+        /* 3. sleep until the queue has a packet (or a write completes, when
+         * every buffer is being written) */
+        if (tun->nfree && (rc = ring_poll(tun)) < 0)
+            break;
+        struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = LB_TUN_SLEEP_MS * 1000000ll };
+        struct io_uring_cqe *c;
+        int r = io_uring_submit_and_wait_timeout(&tun->ring, &c, 1, &ts, NULL);
+        if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+            rc = r;
+            break;
+        }
     }
     lb_dp_leave(w);
     return rc;
@@ -445,7 +513,7 @@ static int ring_drain(struct lb_tun *t)
     uint64_t end = mono_ns() + 2000000000ull;
 
     ring_submit(t);
-    if (t->inflight && (sqe = ring_sqe(t)) != NULL) {
+    if ((t->inflight || t->polling) && (sqe = ring_sqe(t)) != NULL) {
         io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
         io_uring_sqe_set_data64(sqe, ~0ull);
         ring_submit(t);
@@ -467,33 +535,48 @@ static int ring_drain(struct lb_tun *t)
 static int ring_open(struct lb_tun *t)
 {
     struct io_uring_params p;
-    int r, fl;
+    struct io_uring_sqe *sqe;
+    struct io_uring_cqe *c;
+    int r;
 
     /* completions are posted when this thread next enters the kernel (it
      * always does before it sleeps, and a peek enters when the flag says
      * work is pending): no interrupt of a worker in the middle of a batch */
     memset(&p, 0, sizeof(p));
     p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
-    r = io_uring_queue_init_params(LB_TUN_BUFS, &t->ring, &p);
+    r = io_uring_queue_init_params(LB_TUN_BUFS + 2, &t->ring, &p);
     if (r == -EINVAL) {
         memset(&p, 0, sizeof(p));
-        r = io_uring_queue_init_params(LB_TUN_BUFS, &t->ring, &p);
+        r = io_uring_queue_init_params(LB_TUN_BUFS + 2, &t->ring, &p);
     }
     if (r < 0)
         return r;
     if (!(p.features & IORING_FEAT_EXT_ARG)) {
         /* the timed wait would need an SQE of its own in a full ring */
-        io_uring_queue_exit(&t->ring);
-        return -EOPNOTSUPP;
+        r = -EOPNOTSUPP;
+        goto fail;
     }
-    fl = fcntl(t->w->fd, F_GETFL);
-    if (fl < 0 || (fl & O_NONBLOCK && fcntl(t->w->fd, F_SETFL, fl & ~O_NONBLOCK) < 0)) {
-        r = -errno;
-        io_uring_queue_exit(&t->ring);
-        return r;
+    /* a read that never waits needs RWF_NOWAIT on the TUN: a zero-length read
+     * answers 0 where it is supported, -EOPNOTSUPP where not */
+    sqe = io_uring_get_sqe(&t->ring);
+    io_uring_prep_read(sqe, t->w->fd, NULL, 0, 0);
+    sqe->rw_flags = RWF_NOWAIT;
+    io_uring_sqe_set_data64(sqe, 0);
+    r = io_uring_submit_and_wait(&t->ring, 1);
+    if (r >= 0)
+        r = io_uring_peek_cqe(&t->ring, &c);
+    if (r < 0)
+        goto fail;
+    r = c->res;
+    io_uring_cqe_seen(&t->ring, c);
+    if (r != 0) {
+        r = r < 0 ? r : -EIO;
+        goto fail;
     }
-    t->fl = fl;
     return 0;
+fail:
+    io_uring_queue_exit(&t->ring);
+    return r;
 }
 #endif
 
@@ -514,7 +597,6 @@ struct lb_tun *lb_tun_open(struct lb_worker *w, int want_uring, int *err)
         return NULL;
     }
     t->w = w;
-    t->fl = -1;
     t->io = LB_TUN_IO_RW;
     t->nbufs = LB_TUN_BATCH;
 #if LB_HAVE_URING
@@ -522,6 +604,8 @@ struct lb_tun *lb_tun_open(struct lb_worker *w, int want_uring, int *err)
     if (!t->fallback) {
         t->io = LB_TUN_IO_URING;
         t->nbufs = LB_TUN_BUFS;
+        for (uint32_t i = 0; i < t->nbufs; i++)
+            ring_free(t, i);
     }
 #else
     t->fallback = want_uring ? -ENOSYS : -ECANCELED;
@@ -568,8 +652,6 @@ void lb_tun_close(struct lb_tun *t)
         io_uring_queue_exit(&t->ring);
     }
 #endif
-    if (t->fl >= 0)
-        fcntl(t->w->fd, F_SETFL, t->fl);
     if (!keep)
         free(t->bufs);
     free(t);
