@@ -461,7 +461,7 @@ cdef class Dataplane:
         cdef uint32_t i, r
         cdef lb_worker *w
         tot = dict(rx=0, tx=0, rx_bytes=0, tx_bytes=0, flow_hit=0, flow_miss=0,
-                   flow_new=0, loops=0, batches=0, tx_errors=0, echo_replies=0, resets=0,
+                   flow_new=0, loops=0, batches=0, spin_ns=0, tx_errors=0, echo_replies=0, resets=0,
                    unreachables=0, rejects_limited=0, out_dropped=0, passed=0)
         limits = {s: [0, 0, 0] for s in vip_stats}
         drops = [0] * LB_DROP__COUNT
@@ -480,6 +480,7 @@ cdef class Dataplane:
             tot["flow_new"] += s.flow_new
             tot["loops"] += s.loops
             tot["batches"] += s.batches
+            tot["spin_ns"] += s.spin_ns
             tot["tx_errors"] += s.tx_errors
             tot["echo_replies"] += s.echo_replies
             tot["resets"] += s.resets
@@ -489,7 +490,7 @@ cdef class Dataplane:
             tot["passed"] += s.passed
             if i < self.workers:
                 workers.append({"rx": s.rx, "tx": s.tx, "loops": s.loops,
-                                "batches": s.batches})
+                                "batches": s.batches, "spin_s": s.spin_ns / 1e9})
             for r in range(LB_DROP__COUNT):
                 drops[r] += s.drops[r]
             for sid, acc in vips.items():

@@ -177,6 +177,7 @@ cdef extern from "lb_types.h" nogil:
         uint64_t rx, tx, rx_bytes, tx_bytes
         uint64_t flow_hit, flow_miss, flow_new
         uint64_t loops, batches
+        uint64_t spin_ns
         uint64_t tx_errors
         uint64_t echo_replies
         uint64_t resets

@@ -729,6 +729,7 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
     }
     uint64_t win_start = mono_ns();
     uint32_t win_frames = 0, rate = 0;   /* frames per ms in the last window */
+    int traffic = 0;                     /* frames since the last sleep: a window may start */
     while (!__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
         uint32_t got = 0;
         uint64_t now;
@@ -751,8 +752,10 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
             win_frames = 0;
             win_start = now;
         }
-        if (got)
+        if (got) {
+            traffic = 1;
             continue;
+        }
         /* holding no table while napping, spinning or asleep: a publish
          * need not wait for us */
         lb_dp_leave(w);
@@ -764,8 +767,13 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
             nanosleep(&ts, NULL);
             continue;
         }
-        if (spin_ns && spin_ready(dp, socks, n_socks, now + spin_ns))
-            continue;
+        if (spin_ns && traffic) {
+            int ready = spin_ready(dp, socks, n_socks, now + spin_ns);
+            w->stats.spin_ns += mono_ns() - now;
+            traffic = 0;
+            if (ready)
+                continue;
+        }
         int pr = poll(pfd, n_socks, 100);
         if (pr < 0) {
             if (errno == EINTR)

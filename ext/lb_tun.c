@@ -62,7 +62,7 @@ struct lb_tun {
     int io;                       /* enum lb_tun_io */
     int fallback;                 /* lb_tun_fallback() */
     int spin;                     /* busy poll: 0 asleep or idle, 1 traffic seen, 2 spinning */
-    uint64_t spin_end_ns;
+    uint64_t spin_start_ns, spin_end_ns;
 #if LB_HAVE_URING
     struct io_uring ring;
     uint32_t inflight;            /* reads and writes submitted or queued, not yet completed */
@@ -140,9 +140,12 @@ static inline uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* A batch just had packets: the next empty look starts a busy-poll window. */
+/* A batch just had packets: the next empty look starts a busy-poll window
+ * (and the window it ended, if any, is counted). */
 static inline void spin_traffic(struct lb_tun *t)
 {
+    if (t->spin == 2)
+        t->w->stats.spin_ns += mono_ns() - t->spin_start_ns;
     t->spin = 1;
 }
 
@@ -158,6 +161,7 @@ static inline int spin_more(struct lb_tun *t)
     now = mono_ns();
     if (t->spin == 1) {
         t->spin = 2;
+        t->spin_start_ns = now;
         t->spin_end_ns = now + (uint64_t)us * 1000u;
         return 1;
     }
@@ -165,6 +169,7 @@ static inline int spin_more(struct lb_tun *t)
         cpu_relax();
         return 1;
     }
+    t->w->stats.spin_ns += now - t->spin_start_ns;
     t->spin = 0;
     return 0;
 }

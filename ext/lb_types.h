@@ -204,6 +204,8 @@ struct lb_stats {
     uint64_t rx, tx, rx_bytes, tx_bytes;
     uint64_t flow_hit, flow_miss, flow_new;
     uint64_t loops, batches;     /* worker loop iterations / non-empty batches */
+    uint64_t spin_ns;            /* busy polling an empty queue (busy_poll_us): time
+                                    bought for latency, not spent on packets */
     uint64_t tx_errors;          /* write() to the device failed */
     uint64_t echo_replies;       /* ICMP/ICMPv6 echo requests to a VIP answered */
     uint64_t resets;             /* TCP RSTs sent (closed port, limit reject) */

@@ -3,6 +3,7 @@ drain, reload, metrics and `status --json`, with real traffic."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -206,6 +207,13 @@ def test_metrics_and_status_json_match_the_traffic(lab):
                  "lbcore_worker_loops_total", "lbcore_backend_bytes_total",
                  "lbcore_flow_table_entries"):
         assert any(k[0] == name for k in samples), name
+    # busy polling (the default 50 us window after traffic): counted per worker, and the
+    # status's total is their sum at the time it was taken
+    spins = {k[1]: v for k, v in samples.items() if k[0] == "lbcore_worker_busy_poll_seconds_total"}
+    assert sorted(dict(lb)["worker"] for lb in spins) == [str(i) for i in range(st["workers"])]
+    assert sum(spins.values()) > 0
+    assert st["busy_poll"]["window_us"] == 50
+    assert 0 < st["busy_poll"]["seconds"] <= sum(spins.values())
     ups = [v for (n, _), v in samples.items() if n == "lbcore_backend_up"]
     assert ups and all(v in (0.0, 1.0) for v in ups)
 
@@ -231,3 +239,5 @@ def test_sighup_reloads_socket_is_root_only_and_flows_cli(lab):
     human = subprocess.run([sys.executable, "-m", "lbcore", "status", "-s", str(sock)],
                            capture_output=True, text=True, check=True).stdout
     assert VIP in human and "up" in human
+    assert re.search(r"busy poll 50 µs after traffic: .* spinning on empty queues, "
+                     r"[0-9.]+ s since start", human), human

@@ -633,6 +633,22 @@ def test_worker_answers_a_lone_request_without_waiting_for_a_block_timer(nsname)
             ref.close()
         d, w = sorted(direct)[len(direct) // 2], sorted(worker)[len(worker) // 2]
         assert w < 3 * d + 250e-6, (d, w)
+        assert dp.stats()["spin_ns"] == 0         # no window, no busy polling counted
+
+
+@pytest.mark.netns
+def test_busy_polling_is_counted_apart_from_the_work(nsname):
+    """The time a worker spins on empty rings after a frame is counted (spin_ns: the
+    lbcore_worker_busy_poll_seconds metric): a whole 50 ms window after a lone frame, and
+    never more than the worker has been running."""
+    t_start = time.monotonic()
+    with _rig(nsname, busy_poll_us=50_000) as (dp, macs, taps, worker):
+        taps["c0"].send(macs["c1"] + macs["c0"] + b"\x08\x00"
+                        + _udp4(CLIENT4, VIP4, 45100, 5300, b"x"))
+        _recv_ip(taps["b0"], CLIENT4.packed)
+        time.sleep(0.4)                           # the window ends, the worker sleeps
+        spin = dp.stats()["spin_ns"] / 1e9
+        assert 0.045 <= spin <= time.monotonic() - t_start, spin
 
 
 @pytest.mark.netns

@@ -81,14 +81,15 @@ def test_a_large_tcp_transfer_arrives_intact_both_ways(io_lab):
 
 
 # A worker on a TUN of its own in a fresh namespace: 50 datagrams routed into the TUN (no
-# table: each is read and dropped as no_vip), then stop() -- first while the worker sleeps,
-# then inside a 100 ms busy-poll window. Prints the path, the join times and the rx count.
+# table: each is read and dropped as no_vip), then stop() -- while the worker sleeps without
+# busy polling, inside a 100 ms busy-poll window, and asleep again after a 50 ms one. Prints
+# the path, the join times, the rx count and the time counted as busy polling.
 STOP = """
 import json, socket, subprocess, threading, time
 from lbcore._core import Dataplane
 from lbcore.dataplane.tun.device import open_tun, close_tun
 out = {{}}
-for busy in (0, 100000):
+for busy, wait in ((0, 0.5), (100000, 0.02), (50000, 0.5)):
     fds, _ = open_tun("lbt-io", 1, vnet_hdr=True)
     try:
         subprocess.run(["ip", "link", "set", "lbt-io", "up"], check=True)
@@ -98,21 +99,20 @@ for busy in (0, 100000):
         seen = []
         th = threading.Thread(target=dp.run_worker, args=(0, fds[0], True),
                               kwargs={{"io": {io!r}, "on_start": lambda p, w: seen.append((p, w))}})
+        t_start = time.monotonic()
         th.start()
         time.sleep(0.3)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for i in range(50):
             s.sendto(b"x" * 64, ("198.18.251.7", 9000 + i))
         s.close()
-        if busy:
-            time.sleep(0.02)    # still inside the window that started after the last packet
-        else:
-            time.sleep(0.5)     # asleep in its wait
+        time.sleep(wait)
         t0 = time.monotonic()
         dp.stop()
         th.join(5)
         out[busy] = {{"alive": th.is_alive(), "join": time.monotonic() - t0,
-                     "rx": dp.stats()["rx"], "path": seen, "io": dp.io_paths()}}
+                     "rx": dp.stats()["rx"], "path": seen, "io": dp.io_paths(),
+                     "spin": dp.stats()["spin_ns"] / 1e9, "span": time.monotonic() - t_start}}
     finally:
         close_tun(fds)
 print(json.dumps(out))
@@ -126,6 +126,14 @@ def test_stop_ends_the_worker_promptly(io, nsname):
         assert not r["alive"], (busy, r)
         assert r["join"] < 1.0, (busy, r)         # the loop looks at dp->stop every 100 ms
         assert r["rx"] >= 50, (busy, r)     # and what the kernel sends on a new link
+        # busy polling is counted: none without a window; a whole window after the last
+        # packet when the worker went to sleep after it; never more than the worker ran
+        if busy == "0":
+            assert r["spin"] == 0, r
+        elif busy == "50000":
+            assert 0.045 <= r["spin"] <= r["span"], r
+        else:
+            assert r["spin"] <= r["span"], r
         (path, why), = r["path"]
         assert r["io"] == {"0": [path, why]}, r
         if io == "read/write":

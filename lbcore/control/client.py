@@ -80,6 +80,19 @@ def _human(n: float) -> str:
     return f"{n:.1f}P"
 
 
+def _print_busy_poll(con, bp: dict | None) -> None:
+    """The workers' busy polling: the window, and the CPU it costs now and in all."""
+    if not bp:
+        return
+    if not bp["window_us"]:
+        con.print("busy poll off (busy_poll_us = 0): workers sleep as soon as a queue is empty")
+        return
+    now = (f"{bp['cores'] * 100:.1f} % of a core" if bp.get("cores") is not None
+           else "rate not known yet")
+    con.print(f"busy poll {bp['window_us']} µs after traffic: {now} spinning on empty queues, "
+              f"{bp['seconds']:.1f} s since start")
+
+
 def cmd_status(args) -> int:
     st = request(socket_path(args), {"cmd": "status"})
     if args.json:
@@ -93,6 +106,7 @@ def cmd_status(args) -> int:
               f"workers {st['workers']}  up {st['uptime']:.0f}s  config {st['config']}")
     con.print(f"flows {f['active']}/{f['capacity']}  rx {st['totals']['rx']}  "
               f"tx {st['totals']['tx']}  table rebuilds {st['table']['rebuilds']}")
+    _print_busy_poll(con, st.get("busy_poll"))
     _print_bgp(con, st.get("bgp"))
     t = Table(show_lines=False)
     for col in ("VIP", "backend", "health", "weight", "flows", "packets", "bytes",

@@ -219,12 +219,16 @@ class LbCollector:
                                  labels=["worker"])
         wp = CounterMetricFamily("lbcore_worker_packets", "Packets per worker",
                                  labels=["worker", "direction"])
+        ws = CounterMetricFamily("lbcore_worker_busy_poll_seconds", "Seconds a worker spent "
+                                 "polling its empty queue after traffic (busy_poll_us): CPU "
+                                 "spent for latency, not on packets", labels=["worker"])
         for i, w in enumerate(s["worker_loops"]):
             wl.add_metric([str(i)], w["loops"])
             wb.add_metric([str(i)], w["batches"])
             wp.add_metric([str(i), "rx"], w["rx"])
             wp.add_metric([str(i), "tx"], w["tx"])
-        yield from (wl, wb, wp)
+            ws.add_metric([str(i)], w["spin_s"])
+        yield from (wl, wb, wp, ws)
         yield GaugeMetricFamily("lbcore_uptime_seconds", "Seconds since start",
                                 value=s["uptime"])
 

@@ -134,6 +134,9 @@ class StatusView:
             "fragments": dp.frag_stats(),
             "totals": {k: st[k] for k in TOTALS},
             "drops": st["drops"], "worker_loops": st["workers"],
+            # time the workers spent polling empty queues after traffic (the window is
+            # busy_poll_us): CPU bought for latency, idle otherwise
+            "busy_poll": {"window_us": d.config.busy_poll_us, "seconds": st["spin_ns"] / 1e9},
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s,
                       "publish_failures": bal.publish_failures,
                       "last_publish_error": bal.last_publish_error},
@@ -165,6 +168,7 @@ class StatusView:
             counters[f"total|{k}"] = n
         for k, n in snap["drops"].items():
             counters[f"drop|{k}"] = n
+        counters["busy_poll|seconds"] = snap["busy_poll"]["seconds"]
         events = {k: n for k, n in snap["flows"].items() if k not in ("active", "capacity")}
         for k, n in events.items():
             counters[f"flow|{k}"] = n
@@ -175,6 +179,8 @@ class StatusView:
             for b in v["backends"]:
                 b["rates"] = {k: r.get(f"be|{vkey}|{b['address']}|{b['port']}|{k}")
                               for k in RATED}
+        # seconds spinning per second: the share of one core, summed over the workers
+        snap["busy_poll"]["cores"] = r.get("busy_poll|seconds")
         snap["rates"] = {
             "interval": interval,
             "totals": {k: r.get(f"total|{k}") for k in snap["totals"]},
