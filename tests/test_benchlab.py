@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.lab import parse, peers, report
+from bench.lab import parse, peers, report, run
 from bench.lab.stats import Summary, interleave, ratio, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,6 +255,12 @@ def test_udp_derived_figures_without_a_sender_cell():
     lb = _sample("lbcore-tun-1w", "udp", 0, delivered_pps=5.0e5, sent=1e6, delivered=5e5,
                  softirq_s=1.0, forwarder_s=2.0)
     assert report.derived_udp(lb, other)["cpu_us_per_pkt"] == pytest.approx(2.5 / 5e5 * 1e6)
+    # less the time its workers spent busy polling empty queues
+    lb["cpu"]["spin_s"] = 1.5
+    assert report.derived_udp(lb, other)["cpu_us_per_pkt"] == pytest.approx(1.0 / 5e5 * 1e6)
+    lb["cpu"]["wall_s"] = 3.0
+    summ = report.summarize_samples([lb])["lbcore-tun-1w"]["udp"]
+    assert summ["forwarder_spin_pct"]["median"] == pytest.approx(50.0)
     # never below zero when the machine was quieter than in the sender's cell
     kernel["cpu"]["softirq_s"] = 0.1
     assert report.derived_udp(kernel, other)["cpu_us_per_pkt"] == 0.0
@@ -529,6 +535,67 @@ def test_udpflood_rejects_bad_arguments(flood_binary):
         assert r.returncode == 2 and "usage" in r.stderr
 
 
+def test_wakeprobe_measures_wake_ups_and_stalls(tmp_path):
+    """The machine probe: JSON with the wake-up distribution of a thread on CPU 1 woken by
+    CPU 0 and the stall figures of a thread spinning there; bad arguments exit 2."""
+    if shutil.which("gcc") is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs gcc and two CPUs")
+    out = tmp_path / "wakeprobe"
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+                        "-pthread", "-o", str(out), str(ROOT / "bench" / "lab" / "wakeprobe.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(out), "-a", "0", "-b", "1", "-n", "20", "-p", "2", "-s", "1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["wake_n"] == 20
+    assert 0 < res["wake_p50_us"] <= res["wake_p99_us"]
+    assert 0.99 <= res["spin_s"] < 5
+    assert 0 <= res["stalls_over_1ms_per_s"] and res["stall_ms_per_s"] >= 0
+    for args in ([], ["-a", "0"], ["-a", "0", "-b", "0"], ["-a", "0", "-b", "1", "-n", "1"],
+                 ["-a", "0", "-b", "99999"], ["-a", "0", "-b", "1", "-p", "x"]):
+        r = subprocess.run([str(out), *args], capture_output=True, text=True, timeout=5)
+        assert r.returncode == 2, args
+
+
+def test_wakeprobe_line_and_latency_only_columns():
+    doc = _doc()
+    doc["settings"]["workloads"].append("latency")
+    doc["wakeprobe"] = [
+        {"rep": 0, "wake_p50_us": 50.0, "wake_p99_us": 120.0, "wake_n": 300,
+         "stall_ms_per_s": 1.0, "stalls_over_1ms_per_s": 0.5, "spin_s": 3.0},
+        {"rep": 1, "error": "wakeprobe: the sleeper failed"},
+        {"rep": 2, "wake_p50_us": 70.0, "wake_p99_us": 200.0, "wake_n": 300,
+         "stall_ms_per_s": 3.0, "stalls_over_1ms_per_s": 1.5, "spin_s": 3.0}]
+    doc["systems"]["lbcore-tun-1w-poll"] = {"label": "lbcore tun, polling", "status": "ok",
+                                            "only": ["latency"]}
+    for rep in range(3):
+        doc["samples"] += [_sample("kernel", "latency", rep, p50_us=300.0, p99_us=500.0),
+                           _sample("lbcore-tun-1w-poll", "latency", rep, p50_us=240.0,
+                                   p99_us=900.0, cpu1=100.0)]
+    doc["summary"] = report.summarize_samples(doc["samples"])
+    line = report.wakeprobe_line(doc)
+    assert "2 run(s)" in line and "p50 60 µs" in line and "p99 160 µs" in line
+    assert "2.0 ms per second" in line and "(1.0 per second over 1 ms)" in line
+    table = report.markdown_table(doc)
+    p50 = next(ln for ln in table.splitlines() if ln.startswith("| latency p50"))
+    assert p50.rstrip(" |").endswith("240 µs ±0% (**0.80x**)")
+    bulk = next(ln for ln in table.splitlines() if ln.startswith("| TCP bulk, 4"))
+    assert bulk.rstrip(" |").endswith("–")                 # a workload it does not run
+    assert report.wakeprobe_line({"wakeprobe": [{"rep": 0, "error": "x"}]}) is None
+    assert line in report.render_markdown(doc)
+
+
+def test_a_systems_own_lbcore_setting_yields_to_the_command_line():
+    assert run._unless_given(["busy_poll_us = 20000", "workers = 1"],
+                             ["busy_poll_us=0"]) == ["workers = 1"]
+    assert run._unless_given(run.POLL_GLOBAL, []) == list(run.POLL_GLOBAL)
+    polls = [s for s in run.SYSTEMS.values() if s.lbcore_global]
+    assert {s.mode for s in polls} == {"tun", "rawsock"}
+    assert all(s.only == ("latency",) for s in polls)
+
+
 # --------------------------------------------------------------------------- one real cell
 
 @pytest.mark.netns
@@ -558,6 +625,8 @@ def test_one_tiny_real_cell(tmp_path):
     assert s["kernel"]["conn"]["cps"]["median"] > 100        # nginx answered
     assert s["kernel"]["conn"]["errors"]["max"] == 0
     assert s["kernel"]["udp"]["cpu_us_per_pkt"]["n"] == 1
+    probe, = doc["wakeprobe"]                 # the machine, once per repetition
+    assert "error" in probe or probe["wake_p50_us"] > 0
     assert "nginx" in doc["machine"]["versions"]
     assert doc["systems"]["kernel"]["status"] == "ok"
     assert doc["machine"]["nproc"] >= 1 and doc["machine"]["versions"]["wrk"] != "?"

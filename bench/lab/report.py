@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
@@ -131,6 +132,8 @@ def derived_udp(sample: dict[str, Any], sender: dict[int, dict[str, float]]
     softirq time of every CPU during the cell, less the softirq time the sender alone costs for
     the packets it sent: the forwarder's work wherever the kernel does it, without the
     sender's system calls or other jobs' processes (whole-machine busy time would count both).
+    Less, too, the time lbcore's workers spent busy polling empty queues (cpu "spin_s", its
+    lbcore_worker_busy_poll_seconds): idle time spent on latency, not work per packet.
     """
     m, cpu = sample.get("metrics") or {}, sample.get("cpu") or {}
     ref = sender.get(int(sample.get("rep", 0)))
@@ -143,8 +146,8 @@ def derived_udp(sample: dict[str, Any], sender: dict[int, dict[str, float]]
     if ref.get("pps") and m.get("delivered_pps") is not None:
         out["of_ceiling"] = float(m["delivered_pps"]) / ref["pps"]
     if delivered and sent is not None and soft is not None and "cpu_s_per_pkt" in ref:
-        fwd_s = (float(cpu.get("forwarder_s") or 0.0) + float(soft)
-                 - ref["cpu_s_per_pkt"] * float(sent))
+        fwd_s = (float(cpu.get("forwarder_s") or 0.0) - float(cpu.get("spin_s") or 0.0)
+                 + float(soft) - ref["cpu_s_per_pkt"] * float(sent))
         out["cpu_us_per_pkt"] = max(0.0, fwd_s) / float(delivered) * 1e6
     return out
 
@@ -165,6 +168,8 @@ def summarize_samples(samples: Iterable[dict[str, Any]]) -> dict[str, dict[str, 
         cpu = s.get("cpu") or {}
         if cpu.get("forwarder_pct") is not None:
             flat["forwarder_cpu_pct"] = cpu["forwarder_pct"]
+        if cpu.get("spin_s") is not None and cpu.get("wall_s"):
+            flat["forwarder_spin_pct"] = 100.0 * float(cpu["spin_s"]) / float(cpu["wall_s"])
         for c, d in (cpu.get("per_cpu") or {}).items():
             flat[f"cpu{c}_busy_pct"] = d.get("busy")
         if s["workload"] == "udp" and s["system"] != SENDER:
@@ -260,6 +265,10 @@ def markdown_table(doc: dict[str, Any], rows: Sequence[Row] | None = None,
             if s is None and row.workload == "udp" and sid == "haproxy":
                 cells.append("n/a (TCP only)")
                 continue
+            only = doc.get("systems", {}).get(sid, {}).get("only")
+            if s is None and only and row.workload not in only:
+                cells.append("–")
+                continue
             cells.append(_cell(row, s, ref, sid == KERNEL))
         lines.append(f"| {row.title(summary)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -273,7 +282,8 @@ def readme_table(doc: dict[str, Any]) -> str:
 
 def cpu_table(doc: dict[str, Any]) -> str:
     """Forwarder CPU per cell: the forwarder's process time (lbcore, HAProxy) or the softirq time
-    of CPU 1 (kernel forwarding, nftables), in % of one core; then busy % of CPU 0 / CPU 1."""
+    of CPU 1 (kernel forwarding, nftables), in % of one core; then busy % of CPU 0 / CPU 1, and
+    for lbcore the share of a core its workers spent busy polling empty queues."""
     summary = doc["summary"]
     cols = _columns(doc)
     workloads = [w for w in doc.get("settings", {}).get("workloads", WORKLOAD_LABELS)
@@ -286,11 +296,13 @@ def cpu_table(doc: dict[str, Any]) -> str:
             f = _summary(summary, sid, w, "forwarder_cpu_pct")
             c0 = _summary(summary, sid, w, "cpu0_busy_pct")
             c1 = _summary(summary, sid, w, "cpu1_busy_pct")
+            sp = _summary(summary, sid, w, "forwarder_spin_pct")
             if status != "ok" or f is None:
                 cells.append("–")
                 continue
             busy = (f" ({c0.median:.0f} / {c1.median:.0f})" if c0 and c1 else "")
-            cells.append(f"{f.median:.0f} %{busy}")
+            poll = f", {sp.median:.0f} % polling" if sp is not None else ""
+            cells.append(f"{f.median:.0f} %{busy}{poll}")
         lines.append(f"| {WORKLOAD_LABELS[w]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -313,6 +325,29 @@ def sender_line(doc: dict[str, Any]) -> str | None:
         text += (" Delivered within 10 % of that, so bounded by the sender rather than the "
                  "forwarder: " + ", ".join(bound) + ".")
     return text
+
+
+def wakeprobe_line(doc: dict[str, Any]) -> str | None:
+    """What the machine costs a forwarder with a core of its own (bench/lab/wakeprobe.c, once
+    per repetition before its labs): medians over the repetitions."""
+    runs = [r for r in doc.get("wakeprobe", []) if "error" not in r]
+    if not runs:
+        return None
+
+    def med(k: str) -> float:
+        return statistics.median(float(r[k]) for r in runs)
+
+    gen = doc.get("settings", {}).get("gen_cpu", 0)
+    fwd = doc.get("settings", {}).get("fwd_cpu", 1)
+    return (f"The machine (wakeprobe, {len(runs)} run(s), medians): a thread on the idle CPU "
+            f"{fwd} woken by CPU {gen} runs after p50 {med('wake_p50_us'):.0f} µs, "
+            f"p99 {med('wake_p99_us'):.0f} µs; a thread spinning on CPU {fwd} loses "
+            f"{med('stall_ms_per_s'):.1f} ms per second to stalls over 100 µs "
+            f"({med('stalls_over_1ms_per_s'):.1f} per second over 1 ms). A forwarder with a core "
+            "of its own pays that wake-up on the first packet after a pause, once each way of a "
+            "request, and holds whatever arrives during a stall; kernel forwarding stays on the "
+            "sender's CPU and pays neither. That is the latency cell's floor for lbcore and "
+            "HAProxy, unless the forwarder polls instead of sleeping (the busy_poll_us columns).")
 
 
 def error_lines(doc: dict[str, Any]) -> list[str]:
@@ -364,9 +399,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
     sl = sender_line(doc)
     if sl:
         lines += [sl, ""]
+    wl = wakeprobe_line(doc)
+    if wl:
+        lines += [wl, ""]
     if doc.get("interrupted"):
         lines += ["**This run was interrupted: partial results.**", ""]
-    lines += ["Forwarder CPU, % of one core (in brackets: busy % of CPU 0 / CPU 1):", "",
+    lines += ["Forwarder CPU, % of one core (in brackets: busy % of CPU 0 / CPU 1; for lbcore, "
+              "the share of a core its workers spent busy polling empty queues):", "",
               cpu_table(doc), ""]
     errs = error_lines(doc)
     if errs:

@@ -98,7 +98,14 @@ class System:
     group: str
     mode: str | None = None       # lbcore: tun | rawsock
     workers: int = 0
+    only: tuple[str, ...] = ()    # the workloads it runs (none: all)
+    lbcore_global: tuple[str, ...] = ()   # [global] lines of its own
 
+
+# lbcore's busy-poll window for the "polling" columns: longer than the latency cell's pauses
+# (10 ms), so that its worker never sleeps - the cost is a whole core, which the CPU table shows
+POLL_US = 20_000
+POLL_GLOBAL = (f"busy_poll_us = {POLL_US}",)
 
 SYSTEMS: dict[str, System] = {s.id: s for s in (
     System("kernel", "kernel forwarding", "peers"),
@@ -108,6 +115,10 @@ SYSTEMS: dict[str, System] = {s.id: s for s in (
     System("lbcore-tun-2w", "lbcore tun, 2 workers", "lbcore-tun-2w", "tun", 2),
     System("lbcore-rawsock-1w", "lbcore rawsock, 1 worker", "lbcore-rawsock-1w", "rawsock", 1),
     System("lbcore-rawsock-2w", "lbcore rawsock, 2 workers", "lbcore-rawsock-2w", "rawsock", 2),
+    System("lbcore-tun-1w-poll", f"lbcore tun, 1 worker, busy_poll_us {POLL_US}",
+           "lbcore-tun-1w-poll", "tun", 1, ("latency",), POLL_GLOBAL),
+    System("lbcore-rawsock-1w-poll", f"lbcore rawsock, 1 worker, busy_poll_us {POLL_US}",
+           "lbcore-rawsock-1w-poll", "rawsock", 1, ("latency",), POLL_GLOBAL),
 )}
 DEFAULT_SYSTEMS = tuple(SYSTEMS)
 
@@ -138,13 +149,19 @@ NOTES = [
     "forwarding and nftables) plus the softirq time of both CPUs during the cell (/proc/stat: "
     "where the kernel forwards, and where a user-space forwarder's packets enter and leave), "
     "less the softirq time the sender alone costs per packet sent (its own cell in the same "
-    "repetition), per delivered packet. The sender's own system calls and other jobs' "
-    "processes are not in it. What the sender's cell costs in softirq is a veth receive into "
-    "lbc-gw and a drop at its first hook; the backends' counting drop is the same work on the "
-    "far side, so the two stand in for each other and what remains is the forwarder's.",
+    "repetition), per delivered packet. For lbcore, less the time its workers spent busy "
+    "polling empty queues (lbcore_worker_busy_poll_seconds, read over the control socket "
+    "before and after the cell): time spent on latency, idle otherwise. The sender's own "
+    "system calls and other jobs' processes are not in it. What the sender's cell costs in "
+    "softirq is a veth receive into lbc-gw and a drop at its first hook; the backends' "
+    "counting drop is the same work on the far side, so the two stand in for each other and "
+    "what remains is the forwarder's.",
     f"Latency: one wrk, -c{LAT_CONNS} keep-alive connections, each waiting {LAT_DELAY_MS} ms "
     "after a response (a Lua delay()), so about 1000 requests/s; wrk --latency's p50/p99 "
-    "(wrk2 is not in Debian).",
+    "(wrk2 is not in Debian). The busy_poll_us columns run lbcore with a busy-poll window "
+    f"({POLL_US} µs) longer than the cell's pauses, latency cell only: its worker never "
+    "sleeps, so no packet waits for its CPU to wake (see the wakeprobe line), at the price of "
+    "a whole core.",
     "nftables: one `jhash ip saddr . <proto> sport mod 3` DNAT map per service in the nat "
     "prerouting hook (as nftlb / kube-proxy's nftables mode), conntrack on, no masquerade.",
     "HAProxy: " + peers.HAPROXY_SETTINGS + "; the VIP is a local address of lbc-gw for it.",
@@ -204,16 +221,30 @@ def ensure_tools(install: bool = True) -> None:
                        stdout=subprocess.DEVNULL)
 
 
-def build_flood() -> Path:
-    """Compile udpflood.c (again if the source is newer)."""
-    src = Path(__file__).with_name("udpflood.c")
-    out = BUILD / "udpflood"
+def build_tool(name: str) -> Path:
+    """Compile bench/lab/<name>.c (again if the source is newer): udpflood, wakeprobe."""
+    src = Path(__file__).with_name(f"{name}.c")
+    out = BUILD / name
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
         return out
     BUILD.mkdir(parents=True, exist_ok=True)
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
-                    "-o", str(out), str(src)], check=True)
+                    "-pthread", "-o", str(out), str(src)], check=True)
     return out
+
+
+def wakeprobe(tool: Path) -> dict[str, Any]:
+    """The machine's own cost to a forwarder with a core of its own (bench/lab/wakeprobe.c):
+    wake-up of a thread on the idle FWD_CPU by GEN_CPU, and the stalls of a thread spinning
+    there. {"error": ...} if it failed."""
+    try:
+        r = subprocess.run([str(tool), "-a", str(GEN_CPU), "-b", str(FWD_CPU), "-n", "300",
+                            "-p", "10", "-s", "3"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            return {"error": (r.stderr or r.stdout).strip()[:200]}
+        return json.loads(r.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        return {"error": str(e)}
 
 
 def _first_line(argv: Sequence[str]) -> str:
@@ -330,6 +361,25 @@ def _listening(pid: int, port: int) -> bool:
                 if len(cols) > 3 and cols[1].endswith(want) and cols[3] == "0A":
                     return True
     return False
+
+
+def _unless_given(lines: Sequence[str], given: Sequence[str]) -> list[str]:
+    """The ``KEY = VALUE`` lines of ``lines`` whose key ``given`` does not set (--lbcore-global
+    wins over a system's own setting: one key twice would be a TOML error)."""
+    keys = {g.split("=", 1)[0].strip() for g in given}
+    return [ln for ln in lines if ln.split("=", 1)[0].strip() not in keys]
+
+
+def lbcore_spin_s() -> float | None:
+    """Seconds the lab balancer's workers have spent busy polling (status "busy_poll"), over
+    its control socket; None if it does not answer."""
+    from lbcore import lab
+    from lbcore.control import ControlError, request
+    try:
+        return float(request(str(lab.paths()["control_socket"]), {"cmd": "status"})
+                     ["busy_poll"]["seconds"])
+    except (OSError, ControlError, KeyError, TypeError, ValueError):
+        return None
 
 
 class CpuWindow:
@@ -565,7 +615,8 @@ class Bench:
             return lab.LabSpec(balancer=False)
         s = next(s for s in SYSTEMS.values() if s.group == group)
         base = lab.LabSpec(mode=s.mode or "tun", workers=s.workers,
-                           global_extra=self.lbcore_global)
+                           global_extra=(*_unless_given(s.lbcore_global, self.lbcore_global),
+                                         *self.lbcore_global))
         BUILD.mkdir(parents=True, exist_ok=True)
         cfg = BUILD / f"{group}.toml"
         cfg.write_text(peers.lbcore_bench_config(
@@ -759,9 +810,13 @@ class Bench:
                                   "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         try:
             self.check_lab()
+            spin0 = lbcore_spin_s() if sid.startswith("lbcore") else None
             win.start()
             metrics = fn()
             sample["cpu"] = win.stop()
+            spin1 = lbcore_spin_s() if spin0 is not None else None
+            if spin0 is not None and spin1 is not None:
+                sample["cpu"]["spin_s"] = round(spin1 - spin0, 4)
             sample["metrics"] = metrics
             log(f"  {sid:<18} {workload:<10} " + ", ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
@@ -852,9 +907,12 @@ class Bench:
             "keepalive": lambda: self.w_http(t.http, close=False),
             "latency": lambda: self.w_latency(t.latency),
         }
+        only = SYSTEMS[sid].only
         for w in self.workloads:
             if w == "udp" and sid == "haproxy":
                 continue   # HAProxy (community) does not balance UDP
+            if only and w not in only:
+                continue
             self.cell(sid, w, rep, cells[w])
 
     # -- the whole run ----------------------------------------------------------------------
@@ -897,7 +955,8 @@ class Bench:
         """The whole run; the result document (also in ``self.doc`` as it grows, so that an
         interrupted run can still be written out)."""
         from lbcore import lab
-        flood = build_flood()
+        flood = build_tool("udpflood")
+        probe = build_tool("wakeprobe") if "latency" in self.workloads else None
         started = dt.datetime.now(dt.UTC)
         machine = machine_facts()
         machine["background_busy_pct"] = background_busy()
@@ -925,8 +984,14 @@ class Bench:
         self._finish(doc, started, "peers" in groups)
         rounds = [(rep, members, False) for rep, members in
                   interleave(self.reps, list(groups.values()))]
+        probed: set[int] = set()
         while rounds:
             rep, members, retried = rounds.pop(0)
+            if probe is not None and rep not in probed:
+                probed.add(rep)        # on a quiet machine: no lab up yet in this repetition
+                res = wakeprobe(probe)
+                log(f"repetition {rep + 1}/{self.reps}: wakeprobe {res}")
+                doc.setdefault("wakeprobe", []).append({"rep": rep, **res})
             group = SYSTEMS[members[0]].group
             live = [s for s in members if self.status[s] == "ok"]
             if not live:
@@ -956,7 +1021,8 @@ class Bench:
         systems = {"sender": {"label": "udpflood alone", "status": "ok"}} \
             if "udp" in self.workloads and with_sender else {}
         for sid in self.systems:
-            systems[sid] = {"label": SYSTEMS[sid].label, "status": self.status[sid]}
+            systems[sid] = {"label": SYSTEMS[sid].label, "status": self.status[sid],
+                            "only": list(SYSTEMS[sid].only)}
         doc["systems"] = systems
         doc["samples"] = self.samples
 
