@@ -1,7 +1,7 @@
 """The rawsock workers' MAC table, filled from the kernel's neighbour and routing tables.
 
-See :class:`L2Resolver`: one dump of each table whenever rtnetlink reports a change (and once a
-second anyway), and on-demand resolution by the kernel of the next hops the workers found
+See :class:`L2Resolver`: one dump of each table whenever rtnetlink reports a change (and every
+REFRESH_S anyway), and on-demand resolution by the kernel of the next hops the workers found
 unresolved.
 """
 from __future__ import annotations
@@ -23,7 +23,12 @@ log = logging.getLogger("lbcore.rawsock")
 
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80   # reachable stale delay probe noarp perm.
 RTN_UNICAST = 1
-REFRESH_S = 1.0          # re-read the kernel's tables at least this often
+# re-read the kernel's tables at least this often. Every change is announced on the notifier
+# (and a lost announcement, ENOBUFS, makes it readable too), so this is only a safety net; a
+# re-read is three netlink dumps, several ms of CPU in this thread, which the scheduler takes
+# from a worker spinning on the same CPU: once a second showed in the latency's p99.
+REFRESH_S = 30.0
+TICK_S = 1.0             # on_tick (the ring-drop count) this often
 MISS_CHECK_S = 0.1       # look at the workers' unresolved next hops this often
 RESOLVE_EVERY_S = 1.0    # ask the kernel to resolve one next hop at most this often
 
@@ -140,8 +145,8 @@ class L2Resolver:
                 log.debug("resolving %s on %s: %s", addr, self.links[lk], e)
 
     def start(self) -> None:
-        """Refresh on every rtnetlink change and every REFRESH_S seconds, in a thread of its
-        own, until stop()."""
+        """Refresh on every rtnetlink change and every REFRESH_S seconds, call on_tick every
+        TICK_S, in a thread of its own, until stop()."""
         self._stop.clear()
         self._notifier = netconf.change_notifier()
         self._thread = threading.Thread(target=self._run, name="lbcore-l2", daemon=True)
@@ -149,17 +154,20 @@ class L2Resolver:
 
     def _run(self) -> None:
         failing = False
+        ticked = time.monotonic()
         while not self._stop.is_set():
             ready, _, _ = select.select([self._notifier], [], [], MISS_CHECK_S)
             try:
                 if ready:
                     netconf.drain_notifier(self._notifier)
-                if ready or time.monotonic() - self.refreshed_at >= REFRESH_S:
+                now = time.monotonic()
+                if ready or now - self.refreshed_at >= REFRESH_S:
                     self.refresh()
-                    if self.on_tick is not None:
-                        self.on_tick()
                 else:
                     self.resolve_missing()
+                if self.on_tick is not None and now - ticked >= TICK_S:
+                    ticked = now
+                    self.on_tick()
                 failing = False
             except Exception as e:  # noqa: BLE001 - logged once, retried
                 if not failing:
