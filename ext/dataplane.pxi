@@ -101,7 +101,7 @@ cdef class Dataplane:
             raise ValueError(f"bad fragment cache ({frag_entries} entries, {frag_buffers} "
                              f"buffers, {frag_timeout_ms} ms) or client table "
                              f"({client_entries}) size")
-        self.dp.busy_poll_us = busy_poll_us
+        lb_dp_set_busy_poll(self.dp, busy_poll_us)
 
     def __dealloc__(self):
         if self.rs != NULL:
@@ -443,6 +443,16 @@ cdef class Dataplane:
     def stop(self):
         """Ask every worker loop to return (within its 100 ms poll timeout)."""
         lb_dp_set_stop(self.dp, 1)
+
+    @property
+    def busy_poll_us(self):
+        """The busy-poll window (µs) the workers use; settable while they run
+        (a reload): each reads it when its queue runs empty."""
+        return lb_dp_busy_poll(self.dp)
+
+    @busy_poll_us.setter
+    def busy_poll_us(self, uint32_t us):
+        lb_dp_set_busy_poll(self.dp, us)
 
     # ---- flow table -------------------------------------------------------
 

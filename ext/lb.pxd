@@ -349,6 +349,8 @@ cdef extern from "lb_dp.h" nogil:
     lb_worker *lb_dp_worker(lb_dataplane *dp, uint32_t i)
     lb_flowtable *lb_dp_flows(lb_dataplane *dp)
     void lb_dp_set_stop(lb_dataplane *dp, int stop)
+    void lb_dp_set_busy_poll(lb_dataplane *dp, uint32_t us)
+    uint32_t lb_dp_busy_poll(const lb_dataplane *dp)
     const lb_table *lb_dp_enter(lb_worker *w)
     void lb_dp_leave(lb_worker *w)
 

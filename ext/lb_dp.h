@@ -42,7 +42,8 @@ struct lb_dataplane {
     uint32_t reject_rate;         /* rejects per second, whole data plane (lb_icmp.h) */
     uint32_t reject_burst;
     uint32_t busy_poll_us;        /* a worker polls this long after its last packet before it
-                                   * sleeps (0: sleeps at once); set before workers run */
+                                   * sleeps (0: sleeps at once); read atomically by the
+                                   * workers, so it may change while they run */
 };
 
 struct lb_dataplane *lb_dp_new(uint32_t n_workers, uint32_t flow_capacity,
@@ -83,6 +84,14 @@ static inline struct lb_flowtable *lb_dp_flows(struct lb_dataplane *dp) { return
 static inline void lb_dp_set_stop(struct lb_dataplane *dp, int stop)
 {
     __atomic_store_n(&dp->stop, stop, __ATOMIC_RELEASE);
+}
+static inline void lb_dp_set_busy_poll(struct lb_dataplane *dp, uint32_t us)
+{
+    __atomic_store_n(&dp->busy_poll_us, us, __ATOMIC_RELAXED);
+}
+static inline uint32_t lb_dp_busy_poll(const struct lb_dataplane *dp)
+{
+    return __atomic_load_n(&dp->busy_poll_us, __ATOMIC_RELAXED);
 }
 /* Enter a read-side section on worker w: returns the current table, which
  * stays valid until lb_dp_leave(w). */

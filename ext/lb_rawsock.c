@@ -703,7 +703,6 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
                    uint32_t n_socks)
 {
     struct lb_dataplane *dp = w->dp;
-    uint64_t spin_ns = (uint64_t)dp->busy_poll_us * 1000u;
     struct pollfd pfd[LB_RAW_LINKS];
     struct raw_run *run;
     int rc = 0;
@@ -767,6 +766,7 @@ int lb_rawsock_run(struct lb_worker *w, struct lb_rawsock *rs, struct lb_raw_soc
             nanosleep(&ts, NULL);
             continue;
         }
+        uint64_t spin_ns = (uint64_t)lb_dp_busy_poll(dp) * 1000u;
         if (spin_ns && traffic) {
             int ready = spin_ready(dp, socks, n_socks, now + spin_ns);
             w->stats.spin_ns += mono_ns() - now;

@@ -153,7 +153,7 @@ static inline void spin_traffic(struct lb_tun *t)
  * started at the first empty look after traffic), 0 to sleep. */
 static inline int spin_more(struct lb_tun *t)
 {
-    uint32_t us = __atomic_load_n(&t->w->dp->busy_poll_us, __ATOMIC_RELAXED);
+    uint32_t us = lb_dp_busy_poll(t->w->dp);
     uint64_t now;
 
     if (!us || !t->spin)

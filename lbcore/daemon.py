@@ -464,6 +464,10 @@ class Daemon:
                                "config stays"]
             await asyncio.to_thread(self.plane.update, new_vips, new_replies)
             self.config = new
+            if self.dp is not None and self.dp.busy_poll_us != new.busy_poll_us:
+                log.info("busy poll window %d -> %d us", self.dp.busy_poll_us,
+                         new.busy_poll_us)
+                self.dp.busy_poll_us = new.busy_poll_us
             if self.shed is not None:
                 from .dataplane.shed import guarded_vips
                 self.shed.reconfigure(guarded_vips(new))
@@ -510,7 +514,8 @@ def _unreloadable(old: Config, new: Config) -> list[str]:
     """Settings fixed at start (sizes, devices): changing them needs a restart."""
     out = []
     for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket", "rawsock",
-                "bgp", "flow_file", "sync"):
+                "bgp", "flow_file", "sync", "timeouts", "fragments", "client_table_size",
+                "reject_rate", "reject_burst", "metrics_listen", "log_level"):
         if getattr(old, key) != getattr(new, key):
             where = key if key in ("rawsock", "bgp", "sync") else f"global.{key}"
             out.append(f"{where} changed ({getattr(old, key)!r} -> "

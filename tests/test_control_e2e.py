@@ -169,8 +169,29 @@ def test_reload_adds_a_fourth_backend_without_dropping_connections(lab):
         with pytest.raises(Exception, match="reload refused.*99999"):
             ctl({"cmd": "reload"})
         assert http_requests("lbc-client", VIP, n=20)["ok"] == 20
-    finally:
+        # the busy-poll window changes live; a setting fixed at start is refused by its name
+        # rather than accepted and ignored
+        base = lab.full_config.replace("[global]\n", "[global]\nbusy_poll_us = 200\n", 1)
+        cfg.write_text(base)
+        ctl({"cmd": "reload"})
+        assert ctl({"cmd": "status"})["busy_poll"]["window_us"] == 200
+        assert http_requests("lbc-client", VIP, n=20)["ok"] == 20
+        fixed = {"global.reject_rate": base.replace("[global]\n", "[global]\nreject_rate = 7\n"),
+                 "global.client_table_size": base.replace(
+                     "[global]\n", "[global]\nclient_table_size = 1024\n"),
+                 "global.timeouts": base + "\n[global.timeouts]\nudp = 5\n"}
+        for key, text in fixed.items():
+            cfg.write_text(text)
+            with pytest.raises(Exception, match=re.escape(key) + " changed.*needs a restart"):
+                ctl({"cmd": "reload"})
+        assert ctl({"cmd": "status"})["busy_poll"]["window_us"] == 200
         cfg.write_text(lab.full_config)
+        ctl({"cmd": "reload"})
+        assert ctl({"cmd": "status"})["busy_poll"]["window_us"] == 50
+    finally:
+        # the lab's own config, running again, for the tests that follow
+        cfg.write_text(lab.full_config)
+        ctl({"cmd": "reload"})
         for h in held:
             h.close()
 

@@ -140,3 +140,29 @@ def test_bad_config_exits_2_before_touching_the_network(nsname, tmp_path):
     r = run(nsname, cfg)
     assert r.returncode == 2 and "vip[0].port" in r.stdout
     assert leftovers(nsname) == []
+
+
+def test_a_reload_refuses_by_name_what_is_fixed_at_start_and_takes_the_rest():
+    """Settings the running process cannot change (sizes, devices, the rates given to the
+    data plane at start) make a reload fail with their name; the busy-poll window does not
+    (the workers read it live)."""
+    from lbcore.config import parse_config
+    from lbcore.daemon import _unreloadable
+    base = CONFIG.format(sock="/run/lbt.sock").replace('metrics_listen = ""\n', "")
+    old = parse_config(base)
+    for line, key in (("reject_rate = 7", "global.reject_rate"),
+                      ("reject_burst = 9", "global.reject_burst"),
+                      ("client_table_size = 1024", "global.client_table_size"),
+                      ('log_level = "debug"', "global.log_level"),
+                      ('metrics_listen = ""', "global.metrics_listen"),
+                      ("workers = 2", "global.workers")):
+        new = parse_config(base.replace("[global]\n", f"[global]\n{line}\n"))
+        problems = _unreloadable(old, new)
+        assert len(problems) == 1 and problems[0].startswith(f"{key} changed"), problems
+        assert problems[0].endswith("needs a restart")
+    for section, key in (("[global.timeouts]\nudp = 5\n", "global.timeouts"),
+                         ("[global.fragments]\ntimeout = 5\n", "global.fragments")):
+        problems = _unreloadable(old, parse_config(base + "\n" + section))
+        assert len(problems) == 1 and problems[0].startswith(f"{key} changed"), problems
+    assert _unreloadable(old, parse_config(base.replace("[global]\n",
+                                                        "[global]\nbusy_poll_us = 500\n"))) == []

@@ -82,14 +82,16 @@ def test_a_large_tcp_transfer_arrives_intact_both_ways(io_lab):
 
 # A worker on a TUN of its own in a fresh namespace: 50 datagrams routed into the TUN (no
 # table: each is read and dropped as no_vip), then stop() -- while the worker sleeps without
-# busy polling, inside a 100 ms busy-poll window, and asleep again after a 50 ms one. Prints
-# the path, the join times, the rx count and the time counted as busy polling.
+# busy polling, inside a 100 ms busy-poll window, asleep again after a 50 ms one, and after a
+# 50 ms window set while the worker ran (as a reload does). Prints the path, the join times,
+# the rx count and the time counted as busy polling.
 STOP = """
 import json, socket, subprocess, threading, time
 from lbcore._core import Dataplane
 from lbcore.dataplane.tun.device import open_tun, close_tun
 out = {{}}
-for busy, wait in ((0, 0.5), (100000, 0.02), (50000, 0.5)):
+for name, busy, live, wait in (("0", 0, 0, 0.5), ("100000", 100000, 0, 0.02),
+                               ("50000", 50000, 0, 0.5), ("live", 0, 50000, 0.5)):
     fds, _ = open_tun("lbt-io", 1, vnet_hdr=True)
     try:
         subprocess.run(["ip", "link", "set", "lbt-io", "up"], check=True)
@@ -102,6 +104,8 @@ for busy, wait in ((0, 0.5), (100000, 0.02), (50000, 0.5)):
         t_start = time.monotonic()
         th.start()
         time.sleep(0.3)
+        if live:
+            dp.busy_poll_us = live
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for i in range(50):
             s.sendto(b"x" * 64, ("198.18.251.7", 9000 + i))
@@ -110,8 +114,9 @@ for busy, wait in ((0, 0.5), (100000, 0.02), (50000, 0.5)):
         t0 = time.monotonic()
         dp.stop()
         th.join(5)
-        out[busy] = {{"alive": th.is_alive(), "join": time.monotonic() - t0,
-                     "rx": dp.stats()["rx"], "path": seen, "io": dp.io_paths(),
+        out[name] = {{"alive": th.is_alive(), "join": time.monotonic() - t0,
+                     "window": dp.busy_poll_us, "rx": dp.stats()["rx"], "path": seen,
+                     "io": dp.io_paths(),
                      "spin": dp.stats()["spin_ns"] / 1e9, "span": time.monotonic() - t_start}}
     finally:
         close_tun(fds)
@@ -130,8 +135,9 @@ def test_stop_ends_the_worker_promptly(io, nsname):
         # packet when the worker went to sleep after it; never more than the worker ran
         if busy == "0":
             assert r["spin"] == 0, r
-        elif busy == "50000":
+        elif busy in ("50000", "live"):
             assert 0.045 <= r["spin"] <= r["span"], r
+            assert r["window"] == 50000, r
         else:
             assert r["spin"] <= r["span"], r
         (path, why), = r["path"]

@@ -136,7 +136,7 @@ class StatusView:
             "drops": st["drops"], "worker_loops": st["workers"],
             # time the workers spent polling empty queues after traffic (the window is
             # busy_poll_us): CPU bought for latency, idle otherwise
-            "busy_poll": {"window_us": d.config.busy_poll_us, "seconds": st["spin_ns"] / 1e9},
+            "busy_poll": {"window_us": dp.busy_poll_us, "seconds": st["spin_ns"] / 1e9},
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s,
                       "publish_failures": bal.publish_failures,
                       "last_publish_error": bal.last_publish_error},
