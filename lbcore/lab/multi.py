@@ -245,10 +245,19 @@ def keepalived_config(spec: LabSpec, i: int) -> str:
     """Gateway ``i``'s keepalived: the backends' default gateway as a VRRP address, held only
     by a gateway whose balancer runs (track_interface on the balancer's anchor device, which
     dies with the process). nopreempt: a gateway that comes back does not take the address
-    from a working one."""
+    from a working one.
+
+    The master repeats its gratuitous ARP every second. When a master goes, two backups of
+    equal priority may both take over for a moment and both announce the address, and the
+    backends keep the MAC they heard last, which may be the loser's. Its running balancer
+    still translates what reaches it, which hides the stale entry until that balancer
+    stops: then every reply is dropped until the entry times out. The refresh corrects it
+    within a second.
+    (``vrrp_min_garp`` must not be used with it: it turns the refresh's repeat count to 0.)"""
     out = ["global_defs {", f"  router_id lbc-gw{i}", "  vrrp_version 3",
            "  dynamic_interfaces", "  vrrp_garp_master_repeat 3",
-           "  vrrp_garp_master_refresh 1", "  vrrp_min_garp true",
+           "  vrrp_garp_master_delay 0",
+           "  vrrp_garp_master_refresh 1", "  vrrp_garp_master_refresh_repeat 1",
            "}", ""]
     fams = [("4", RACK_VIP_V4, 32, VRRP_ID)]
     if spec.ipv6:
