@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _core
+from . import _core, netconf
 from .balancer import PROTO, Balancer, PublishError
 from .config import Config, ConfigError, load_config
 from .control.status import StatusView
@@ -577,6 +577,12 @@ def cmd_cleanup(args) -> int:
         except (TunError, ValueError) as e:
             print(f"lbcore cleanup: {e}", file=sys.stderr)
             rc = 1
+    if cfg is not None and cfg.mode == "rawsock" and cfg.rawsock is not None:
+        # a stop removes them; a crashed run's stay (they drop only what the blackholes would)
+        from .dataplane.rawsock import KERNEL_DROP_PREF
+        for link in dict.fromkeys([cfg.rawsock.client_link, cfg.rawsock.backend_link]):
+            if netconf.ingress_bpf_del(link, pref=KERNEL_DROP_PREF):
+                print(f"removed the tc ingress filter on {link}")
     n = replies.remove_all()
     print(f"removed {n} reply rule(s) and blackhole route(s)")
     return rc

@@ -56,6 +56,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -63,8 +64,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2 import netns as _pyroute2_netns
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, nla, nlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 
 __all__ = [
@@ -73,7 +75,8 @@ __all__ = [
     "veth_add", "bridge_add", "link_set", "link_del", "link_index", "links", "tun_info",
     "addr_add", "addr_del", "addresses", "route_add", "route_del", "route_nexthops", "routes",
     "rule_add", "rule_del", "rules", "neigh_add", "neigh_del", "neighbours", "neigh_resolve",
-    "neigh_proxy_add", "neigh_proxy_del", "change_notifier",
+    "neigh_proxy_add", "neigh_proxy_del", "change_notifier", "ingress_bpf_set",
+    "ingress_bpf_del", "ingress_qdisc_del", "ingress_drops",
     "drain_notifier",
     "sysctl_get", "sysctl_set", "run_in_netns", "popen_in_netns",
 ]
@@ -1116,6 +1119,145 @@ def drain_notifier(s: socket.socket) -> int:
             if e.errno != errno.ENOBUFS:
                 raise
         n += 1
+
+
+# --------------------------------------------------------------------------- tc ingress
+
+TC_INGRESS_PARENTS = {"clsact": 0xFFFFFFF2, "ingress": 0xFFFF0000}   # filters' parent, by qdisc
+TC_H_INGRESS = 0xFFFFFFF1   # where an ingress or clsact qdisc hangs
+ETH_P_ALL = 0x0003
+TCA_BPF_FLAG_ACT_DIRECT = 1
+RTM_NEWTFILTER, RTM_DELTFILTER = 44, 45
+
+
+class _ClassicBpfFilter(nlmsg):
+    """A tc filter message of kind "bpf" with a classic-BPF program (TCA_BPF_OPS). pyroute2's
+    own "bpf" filter knows only eBPF programs by file descriptor; a class of its own, not a
+    subclass of pyroute2's tcmsg, keeps pyroute2's compiled attribute maps out of it."""
+
+    prefix = "TCA_"
+    fields = (("family", "B"), ("pad1", "B"), ("pad2", "H"), ("index", "i"), ("handle", "I"),
+              ("parent", "I"), ("info", "I"))
+    nla_map = (("TCA_UNSPEC", "none"), ("TCA_KIND", "asciiz"), ("TCA_OPTIONS", "options"))
+
+    class options(nla):
+        nla_map = (("TCA_BPF_UNSPEC", "none"), ("TCA_BPF_ACT", "none"),
+                   ("TCA_BPF_POLICE", "none"), ("TCA_BPF_CLASSID", "uint32"),
+                   ("TCA_BPF_OPS_LEN", "uint16"), ("TCA_BPF_OPS", "cdata"),
+                   ("TCA_BPF_FD", "uint32"), ("TCA_BPF_NAME", "asciiz"),
+                   ("TCA_BPF_FLAGS", "uint32"))
+
+
+def _tc_request(netns: str | None, msg: nlmsg, msg_type: int, flags: int) -> None:
+    """Send one tc message and wait for the kernel's answer (a NetlinkError if it refuses).
+    Through pyroute2's asyncio core: its blocking wrapper of a raw request is broken in
+    pyroute2 0.9 (KeyError 'nlm_generator')."""
+    async def send() -> None:
+        kw: dict[str, Any] = {"netns": netns, "flags": 0} if netns is not None else {}
+        async with AsyncIPRoute(**kw) as ipr:
+            async for _ in await ipr.nlm_request(msg, msg_type=msg_type, msg_flags=flags):
+                pass
+
+    asyncio.run(send())
+
+
+def _ingress_qdisc(ipr: IPRoute, idx: int) -> str | None:
+    """The kind of the device's ingress-side qdisc ("clsact", "ingress"), or None."""
+    for q in ipr.get_qdiscs(index=idx):
+        if q["parent"] == TC_H_INGRESS:
+            return q.get_attr("TCA_KIND")
+    return None
+
+
+@_off_loop
+def ingress_bpf_set(ifname: str, prog: Sequence[tuple[int, int, int, int]], *, pref: int,
+                    name: str, netns: str | None = None,
+                    changes: NetChanges | None = None) -> None:
+    """Run the classic-BPF program ``prog`` ((code, jt, jf, k) instructions) on every frame
+    ``ifname`` receives, as a direct-action tc filter at priority ``pref`` of its ingress
+    qdisc: the program's return value is the verdict (TC_ACT_SHOT = 2 drops the frame,
+    TC_ACT_UNSPEC = 0xFFFFFFFF goes on to the next filter and the stack). The kernel runs it
+    after the packet sockets (taps) got their copy and before IP. A filter already at ``pref``
+    is replaced in one step; a clsact qdisc is added if the device has no ingress qdisc. Undo
+    deletes the filter and the qdisc if it was added here."""
+    ops = b"".join(struct.pack("=HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
+    with _ipr(netns) as ipr:
+        idx = _index(ipr, ifname, netns)
+        kind = _ingress_qdisc(ipr, idx)
+        if kind is None:
+            ipr.tc("add", "clsact", idx)
+            if changes is not None:
+                changes.record(f"clsact qdisc on {ifname}{_where(netns)}",
+                               lambda: ingress_qdisc_del(ifname, netns=netns))
+            kind = "clsact"
+    if kind not in TC_INGRESS_PARENTS:
+        raise OSError(errno.EOPNOTSUPP, f"{ifname}: ingress qdisc {kind!r} takes no filters")
+    msg = _ClassicBpfFilter()
+    msg["index"] = idx
+    msg["handle"] = 1
+    msg["parent"] = TC_INGRESS_PARENTS[kind]
+    msg["info"] = (pref << 16) | socket.htons(ETH_P_ALL)
+    msg["attrs"] = [("TCA_KIND", "bpf"), ("TCA_OPTIONS", {"attrs": [
+        ("TCA_BPF_OPS_LEN", len(prog)), ("TCA_BPF_OPS", ops), ("TCA_BPF_NAME", name),
+        ("TCA_BPF_FLAGS", TCA_BPF_FLAG_ACT_DIRECT)]})]
+    _tc_request(netns, msg, RTM_NEWTFILTER,
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+    if changes is not None:
+        changes.record(f"tc ingress filter {name} (pref {pref}) on {ifname}{_where(netns)}",
+                       lambda: ingress_bpf_del(ifname, pref=pref, netns=netns))
+
+
+@_off_loop
+def ingress_bpf_del(ifname: str, *, pref: int, netns: str | None = None) -> bool:
+    """Delete the ingress filters at priority ``pref`` of ``ifname``. False if there were
+    none (or no ingress qdisc, or no device)."""
+    with _ipr(netns) as ipr:
+        idx = _index_or_none(ipr, ifname)
+        kind = _ingress_qdisc(ipr, idx) if idx is not None else None
+    if kind not in TC_INGRESS_PARENTS:
+        return False
+    msg = _ClassicBpfFilter()
+    msg["index"] = idx
+    msg["parent"] = TC_INGRESS_PARENTS[kind]
+    msg["info"] = (pref << 16) | socket.htons(ETH_P_ALL)
+    try:
+        _tc_request(netns, msg, RTM_DELTFILTER, NLM_F_REQUEST | NLM_F_ACK)
+    except NetlinkError as e:
+        if is_gone(e):
+            return False
+        raise
+    return True
+
+
+@_off_loop
+def ingress_qdisc_del(ifname: str, *, netns: str | None = None) -> bool:
+    """Delete ``ifname``'s clsact qdisc (and so every ingress and egress filter on it). False if
+    it had none."""
+    with _ipr(netns) as ipr:
+        idx = _index_or_none(ipr, ifname)
+        if idx is None or _ingress_qdisc(ipr, idx) != "clsact":
+            return False
+        ipr.tc("del", "clsact", idx)
+    return True
+
+
+@_off_loop
+def ingress_drops(ifname: str, *, netns: str | None = None) -> int | None:
+    """Frames the ingress filters of ``ifname`` dropped so far (the drop counter of its
+    ingress/clsact qdisc), or None without such a qdisc."""
+    with _ipr(netns) as ipr:
+        idx = _index_or_none(ipr, ifname)
+        if idx is None:
+            return None
+        for q in ipr.get_qdiscs(index=idx):
+            if q["parent"] == TC_H_INGRESS:
+                st = q.get_attr("TCA_STATS2")
+                qs = st.get_attr("TCA_STATS_QUEUE") if st is not None else None
+                if qs is not None:
+                    return int(qs["drops"])
+                old = q.get_attr("TCA_STATS")
+                return int(old["drop"]) if old is not None else 0
+    return None
 
 
 # --------------------------------------------------------------------------- sysctls

@@ -239,6 +239,18 @@ def test_metrics_and_status_json_match_the_traffic(lab):
     assert 0 < st["busy_poll"]["seconds"] <= sum(spins.values())
     ups = [v for (n, _), v in samples.items() if n == "lbcore_backend_up"]
     assert ups and all(v in (0.0, 1.0) for v in ups)
+    # mode rawsock: the kernel's copies die in a tc filter on both links, counted
+    tc = {dict(k[1])["link"]: v for k, v in samples.items()
+          if k[0] == "lbcore_rawsock_kernel_copy_filter"}
+    dropped = {dict(k[1])["link"]: v for k, v in samples.items()
+               if k[0] == "lbcore_rawsock_kernel_copies_dropped_total"}
+    if st["mode"] == "rawsock":
+        assert tc == {"lbc-gw-cl": 1.0, "lbc-br0": 1.0}
+        # (their growth with traffic: test_e2e; read once a second, so maybe not yet here)
+        assert set(dropped) == set(tc) and all(v >= 0 for v in dropped.values())
+        assert ("lbcore_rawsock_ring_drops_total", ()) in samples
+    else:
+        assert not tc and not dropped
 
 
 def test_sighup_reloads_socket_is_root_only_and_flows_cli(lab):

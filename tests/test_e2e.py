@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from lbcore.lab.ns import (
     bulk_sink,
     bulk_source,
     http_requests,
+    ns_call,
     ns_python,
     udp_requests,
 )
@@ -209,6 +211,67 @@ def test_client_sees_only_the_vip_no_kernel_duplicates_or_icmp(lab):
     assert not [p for p in to_client if p[2]], "ICMP to the client"
 
 
+def test_rawsock_kernel_copies_die_in_a_tc_filter(lab):
+    """Mode rawsock: on both links a tc ingress filter drops the kernel's copy of each frame
+    the workers take, before IP (status "rawsock", counted once a second); what the workers
+    do not take - the client's own traffic to the gateway - still reaches the kernel. Mode
+    tun has no such section."""
+    st = ctl({"cmd": "status"})
+    if lab.spec.mode == "tun":
+        assert st["rawsock"] is None
+        return
+    copies = st["rawsock"]["kernel_copy"]
+    assert set(copies) == {"lbc-gw-cl", "lbc-br0"}, copies
+    assert all(c["dropped_by"] == "tc" and c["reason"] is None for c in copies.values())
+    before = {k: c["dropped"] for k, c in copies.items()}
+    assert udp_requests("lbc-client", VIP4, n=40)["ok"] == 40
+
+    def grown() -> dict:
+        now = ctl({"cmd": "status"})["rawsock"]["kernel_copy"]
+        return {k: now[k]["dropped"] - before[k] for k in now}
+
+    deadline = time.monotonic() + 10
+    while min(grown().values()) < 40 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert min(grown().values()) >= 40, grown()       # 40 requests in, 40 replies back
+    ping = subprocess.run(["ip", "netns", "exec", "lbc-client", "ping", "-c", "2", "-W", "2",
+                           "198.18.0.1"], capture_output=True, text=True)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
+def test_rawsock_a_new_gateway_address_is_left_to_the_kernel(lab):
+    """The filters leave the gateway's own addresses to the kernel (a health check's reply,
+    say); an address added while lbcore runs is one of them within seconds, else the tc
+    filter would drop a backend's UDP to it as a reply to forward."""
+    if lab.spec.mode == "tun":
+        assert ctl({"cmd": "status"})["rawsock"] is None
+        return
+    new = "198.19.0.254"
+    with netconf.NetChanges() as ch:
+        netconf.addr_add("lbc-br0", f"{new}/24", netns="lbc-gw", changes=ch)
+
+        def bind() -> socket.socket:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind((new, 7999))
+            u.settimeout(0.2)
+            return u
+
+        u = ns_call("lbc-gw", bind)
+        try:
+            got = b""
+            deadline = time.monotonic() + 15
+            while not got and time.monotonic() < deadline:
+                ns_python("lbc-be1", "import socket; socket.socket(socket.AF_INET, socket."
+                          f"SOCK_DGRAM).sendto(b'to-the-gateway', ('{new}', 7999)); print(1)")
+                try:
+                    got = u.recv(100)
+                except TimeoutError:
+                    pass
+            assert got == b"to-the-gateway"
+        finally:
+            u.close()
+
+
 def test_status_and_pick_agree_with_traffic(lab):
     st = ctl({"cmd": "status"})
     web = [v for v in st["vips"] if v["address"] == VIP4 and v["port"] == 80][0]
@@ -324,6 +387,15 @@ print(1)""")
             client.wait()
 
 
+def lbcore_tc_filters(link: str) -> int:
+    """How many of lbcore's kernel-copy filters (mode rawsock) hang on the link's ingress."""
+    from lbcore.dataplane.rawsock import KERNEL_DROP_PREF
+    with netconf._ipr("lbc-gw") as ipr:
+        idx = netconf.link_index(link, netns="lbc-gw")
+        return sum(1 for f in ipr.get_filters(index=idx, parent=0xFFFFFFF2)
+                   if f["info"] >> 16 == KERNEL_DROP_PREF and f.get_attr("TCA_OPTIONS"))
+
+
 def test_sigkill_then_restart_starts_clean_and_works(lab):
     """A crashed balancer leaves its persistent TUN, which the next start re-attaches to (same
     ifindex); its stale rules are removed by the next start, which forwards again."""
@@ -342,6 +414,8 @@ def test_sigkill_then_restart_starts_clean_and_works(lab):
     assert r["ok"] == 60
     if lab.spec.mode == "tun":
         assert [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
+    else:   # the killed run's tc filters were replaced, not doubled
+        assert [lbcore_tc_filters(k) for k in ("lbc-gw-cl", "lbc-br0")] == [1, 1]
 
 
 def test_sigterm_undoes_everything_in_the_gateway_but_the_reply_reservation(lab):
@@ -363,6 +437,13 @@ def test_sigterm_undoes_everything_in_the_gateway_but_the_reply_reservation(lab)
     vip_routes = [r for r in netconf.routes("lbc-gw") if r.dst.split("/")[0] in (VIP4, VIP6)
                   and r.oif != "lbc0"]
     assert vip_routes and all((r.type, r.proto) == (6, 0xF4) for r in vip_routes)
+    if not tun:
+        from lbcore.dataplane.rawsock import KERNEL_DROP_PREF
+        # a clean stop removes its tc filters; one as a crashed run leaves it: cleanup's
+        assert [lbcore_tc_filters(k) for k in ("lbc-gw-cl", "lbc-br0")] == [0, 0]
+        netconf.ingress_bpf_set("lbc-br0", [(0x06, 0, 0, 0xFFFFFFFF)], pref=KERNEL_DROP_PREF,
+                                name="left-by-a-crash", netns="lbc-gw")
+        assert lbcore_tc_filters("lbc-br0") == 1
     cfg = lab_mod.paths()["config"]
     p = netconf.popen_in_netns("lbc-gw", [sys.executable, "-m", "lbcore", "cleanup", "-c",
                                           str(cfg)], stdout=subprocess.PIPE,
@@ -373,5 +454,8 @@ def test_sigterm_undoes_everything_in_the_gateway_but_the_reply_reservation(lab)
     assert not [x for x in netconf.links("lbc-gw") if x.name == "lbc0"]
     assert not [r for r in netconf.routes("lbc-gw", table=4242)]
     assert not [r for r in netconf.routes("lbc-gw") if r.dst.split("/")[0] in (VIP4, VIP6)]
+    if not tun:
+        assert "removed the tc ingress filter on lbc-br0" in out
+        assert lbcore_tc_filters("lbc-br0") == 0
     lab_mod.restart_balancer()
     assert http_requests("lbc-client", VIP4, n=10)["ok"] == 10

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -260,6 +261,101 @@ def test_sysctl_in_netns_only_and_undo(nsname):
         "32768", "60999"]
     with pytest.raises(ValueError):
         nc.sysctl_path("net/../../etc/passwd")
+
+
+# --------------------------------------------------------------------------- tc ingress
+
+# classic BPF, direct action: IPv4 -> TC_ACT_SHOT, anything else -> TC_ACT_UNSPEC
+DROP_V4 = [(0x28, 0, 0, 12), (0x15, 0, 1, 0x0800), (0x06, 0, 0, 2), (0x06, 0, 0, 0xFFFFFFFF)]
+KEEP_ALL = [(0x06, 0, 0, 0xFFFFFFFF)]
+
+UDP_PROBE = """
+import json, socket, sys, time
+dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+with socket.socket(fam, socket.SOCK_DGRAM) as s:
+    for i in range(n):
+        s.sendto(b"probe", (dst, port))
+        time.sleep(0.01)
+"""
+
+
+def _udp_through(a: str, b: str, dst: str, n: int = 5) -> tuple[int, int]:
+    """Send n datagrams from a to dst (in b): (how many b's socket got, how many frames a
+    packet socket on vb saw)."""
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+
+    def open_both() -> tuple[socket.socket, socket.socket]:
+        u = socket.socket(fam, socket.SOCK_DGRAM)
+        u.bind((dst, 0))
+        u.settimeout(0.05)
+        raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        raw.bind(("vb", 0))
+        raw.settimeout(0.05)
+        return u, raw
+
+    u, raw = ns_call(b, open_both)
+    port = u.getsockname()[1]
+    try:
+        ns_run(a, [sys.executable, "-c", UDP_PROBE, dst, str(port), str(n)], timeout=30)
+        got = seen = 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and (got < n or seen < n):
+            for sock in (u, raw):
+                try:
+                    data = sock.recv(2048)
+                except TimeoutError:
+                    continue
+                if sock is u:
+                    got += data == b"probe"
+                elif data.endswith(b"probe") and port.to_bytes(2, "big") in data:
+                    seen += 1
+        return got, seen
+    finally:
+        u.close()
+        raw.close()
+
+
+@pytest.mark.netns
+def test_ingress_filter_drops_after_the_taps_replaces_and_undoes(pair):
+    a, b = pair
+    assert _udp_through(a, b, "198.18.7.2") == (5, 5)
+    assert nc.ingress_drops("vb", netns=b) is None              # no ingress qdisc yet
+    ch = nc.NetChanges()
+    nc.ingress_bpf_set("vb", DROP_V4, pref=244, name="t-drop", netns=b, changes=ch)
+    # the packet socket (a tap) still sees every frame; IP never gets them
+    assert _udp_through(a, b, "198.18.7.2") == (0, 5)
+    assert nc.ingress_drops("vb", netns=b) >= 5
+    assert _udp_through(a, b, "2001:db8:7::2") == (5, 5)       # UNSPEC: on to the stack
+    # the same priority again: replaced in one step, not a second filter
+    nc.ingress_bpf_set("vb", KEEP_ALL, pref=244, name="t-drop", netns=b)
+    assert _udp_through(a, b, "198.18.7.2") == (5, 5)
+    nc.ingress_bpf_set("vb", DROP_V4, pref=244, name="t-drop", netns=b)
+    assert _udp_through(a, b, "198.18.7.2")[0] == 0
+    assert ch.descriptions == [f"clsact qdisc on vb in netns {b}",
+                               f"tc ingress filter t-drop (pref 244) on vb in netns {b}"]
+    assert ch.undo() == []
+    assert nc.ingress_drops("vb", netns=b) is None              # the qdisc it added: gone
+    assert _udp_through(a, b, "198.18.7.2") == (5, 5)
+    assert nc.ingress_bpf_del("vb", pref=244, netns=b) is False
+    assert nc.ingress_qdisc_del("vb", netns=b) is False
+    assert nc.ingress_bpf_del("nosuch", pref=244, netns=b) is False
+
+
+@pytest.mark.netns
+def test_ingress_filter_joins_an_ingress_qdisc_it_did_not_add(pair):
+    a, b = pair
+    with nc._ipr(b) as ipr:                     # an operator's own (old-style) ingress qdisc
+        ipr.tc("add", "ingress", nc.link_index("vb", netns=b))
+    ch = nc.NetChanges()
+    nc.ingress_bpf_set("vb", DROP_V4, pref=244, name="t-drop", netns=b, changes=ch)
+    assert _udp_through(a, b, "198.18.7.2")[0] == 0
+    assert len(ch) == 1                         # the filter only
+    ch.undo()
+    assert _udp_through(a, b, "198.18.7.2")[0] == 5
+    assert nc.ingress_drops("vb", netns=b) is not None          # the operator's qdisc stays
+    with pytest.raises(OSError):
+        nc.ingress_bpf_set("nosuch", DROP_V4, pref=244, name="t", netns=b)
 
 
 # --------------------------------------------------------------------------- NetChanges

@@ -16,9 +16,11 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lbcore import _core, netconf
-from lbcore.dataplane.rawsock.bpf import build_filter
+from lbcore.dataplane.rawsock.bpf import TC_ACT_SHOT, TC_ACT_UNSPEC, build_filter, build_kernel_drop
 from lbcore.dataplane.rawsock.l2 import nexthop
 from lbcore.dataplane.replies import FRAGMENTS, ReplyPath
 from lbcore.reference.bpf import bpf_run
@@ -197,6 +199,118 @@ def test_large_configs_with_portless_paths(n, coarse):
     assert not bpf_run(prog, ipv4(bes[-1], "224.0.0.1", TCP, ports(40000, 1)))
     stranger = ipv4("198.20.5.5", CLIENT4, TCP, ports(40000, 1))
     assert bool(bpf_run(prog, stranger)) is coarse
+
+
+# --------------------------------------------------------------------------- the kernel's copy
+
+def _kernel_keeps(frame: bytes) -> bool:
+    """What build_kernel_drop leaves with the kernel although the socket takes it: ARP, and
+    ICMPv6 to an IPv6 VIP (proxy NDP answers its neighbour solicitations)."""
+    etype = int.from_bytes(frame[12:14], "big") if len(frame) >= 14 else 0
+    return etype == 0x0806 or (etype == 0x86DD and len(frame) > 20 and frame[20] == 58
+                               and frame[38:54] == VIP6.packed)
+
+
+CASES = [  # (VIPs, replies, local) of one link, as RawsockPlane builds them
+    ([VIP4, VIP6], [], []),
+    ([], WHOLE, [GW_LOCAL, ip("198.19.0.255"), ip("2001:db8:1::1")]),
+    ([VIP4, VIP6], WHOLE, [GW_LOCAL, ip("2001:db8:1::1")]),
+]
+ADDRS4 = [CLIENT4, VIP4, BE4, GW_LOCAL, ip("198.19.0.255"), ip("224.0.0.251"),
+          ip("198.19.0.12")]
+ADDRS6 = [CLIENT6, VIP6, BE6, ip("2001:db8:1::1"), ip("ff02::1"), ip("fe80::1")]
+arp = st.builds(lambda op, tpa: eth(struct.pack("!HHBBH6s4s6s4s", 1, 0x800, 6, 4, op, bytes(6),
+                                                CLIENT4.packed, bytes(6), tpa.packed), 0x0806),
+                st.sampled_from([1, 2]), st.sampled_from(ADDRS4))
+v4 = st.builds(lambda s_, d, p, sp, dp, frag, ihl: ipv4(s_, d, p, ports(sp, dp), frag=frag,
+                                                         ihl=ihl),
+               st.sampled_from(ADDRS4), st.sampled_from(ADDRS4), st.sampled_from([1, 6, 17]),
+               st.sampled_from([80, 5300, 5353, 40000]), st.sampled_from([80, 1234]),
+               st.sampled_from([0, 0x2000, 185]), st.sampled_from([5, 6]))
+v6 = st.builds(lambda s_, d, nh, sp, frag: (ipv6_frag(s_, d, nh, ports(sp, 1), offset=frag)
+                                            if frag >= 0 else ipv6(s_, d, nh, ports(sp, 1))),
+               st.sampled_from(ADDRS6), st.sampled_from(ADDRS6), st.sampled_from([6, 17, 58]),
+               st.sampled_from([80, 5353, 40000]), st.sampled_from([-1, 0, 100]))
+frames = st.one_of(arp, v4, v6, st.binary(max_size=60))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=st.sampled_from(CASES), frame=frames)
+def test_kernel_drop_filter_drops_exactly_what_the_socket_takes(case, frame):
+    """The tc program drops (TC_ACT_SHOT) the kernel's copy of a frame exactly when the
+    link's socket filter takes the frame, except what the kernel must still see; anything
+    else goes on (TC_ACT_UNSPEC; a runt ends the program with 0 = TC_ACT_OK, the stack)."""
+    vips, replies, local = case
+    sock = build_filter(vips, replies, local)
+    drop = build_kernel_drop(vips, replies, local)
+    taken = bpf_run(sock, frame) != 0
+    verdict = bpf_run(drop, frame)
+    assert verdict in (TC_ACT_SHOT, TC_ACT_UNSPEC, 0)
+    assert (verdict == TC_ACT_SHOT) is (taken and not _kernel_keeps(frame))
+
+
+@pytest.mark.parametrize("frame,shot", [
+    (ipv4(CLIENT4, VIP4, UDP, ports(1234, 5300)), True),
+    (ipv4(CLIENT4, VIP4, 1, bytes(8)), True),               # ICMP to a VIP: blackholed anyway
+    (ipv6(CLIENT6, VIP6, TCP, ports(1234, 80)), True),
+    (ipv6(CLIENT6, VIP6, 58, bytes(24)), False),            # NDP to the VIP: proxy_ndp's
+    (eth(struct.pack("!HHBBH6s4s6s4s", 1, 0x800, 6, 4, 1, bytes(6), CLIENT4.packed, bytes(6),
+                     VIP4.packed), 0x0806), False),       # who-has VIP4: the kernel learns
+    (ipv4(CLIENT4, "198.18.0.1", TCP, ports(1, 22)), False),
+    (ipv4(BE4, CLIENT4, TCP, ports(80, 1234)), True),
+    (ipv4(BE4, GW_LOCAL, TCP, ports(80, 40000)), False),    # a health-check reply
+], ids=["vip-udp", "vip-icmp", "vip6", "vip6-ndp", "arp-vip", "gateway", "reply", "local"])
+def test_kernel_drop_filter_verdicts(frame, shot):
+    prog = build_kernel_drop([VIP4, VIP6], WHOLE, [GW_LOCAL])
+    assert (bpf_run(prog, frame) == TC_ACT_SHOT) is shot
+
+
+def test_kernel_drop_filter_only_when_exact():
+    """Where the socket filter must be coarse (too many addresses for one exact program) it
+    takes frames the kernel still forwards itself: no tc drop program then."""
+    bes = [ip(f"198.19.{i // 200}.{10 + i % 200}") for i in range(900)]
+    replies = [ReplyPath(a, TCP, p) for a in bes for p in (80, FRAGMENTS)]
+    assert build_kernel_drop((), replies, [GW_LOCAL]) is None
+    assert len(build_kernel_drop((), replies[:1400], [GW_LOCAL])) <= 4096
+
+
+def test_kernel_drop_falls_back_to_the_routes_and_says_why(monkeypatch, caplog):
+    """Where the kernel refuses the tc filter (no cls_bpf, a foreign qdisc), the blackhole
+    routes alone keep the kernel out, as before: status says so and why, warned once per
+    link; once it is accepted the undo log gets the filter once, not per reload."""
+    from types import SimpleNamespace
+
+    from lbcore.dataplane.rawsock import RawsockPlane
+    cfg = SimpleNamespace(workers=1, rawsock=SimpleNamespace(client_link="c0", backend_link="b0"))
+    plane = RawsockPlane(cfg, None, [VIP4], WHOLE)
+    plane.vips, plane.replies, plane._local = [VIP4], WHOLE, [GW_LOCAL]
+
+    def refuse(ifname, prog, **kw):
+        raise OSError(95, f"{ifname}: Operation not supported")
+
+    monkeypatch.setattr(netconf, "ingress_bpf_set", refuse)
+    with caplog.at_level("WARNING", logger="lbcore.rawsock"):
+        plane._set_kernel_drop()
+        plane._set_kernel_drop()
+    assert plane.kernel_copy == {
+        "c0": {"dropped_by": "routes", "reason": "[Errno 95] c0: Operation not supported",
+               "dropped": None},
+        "b0": {"dropped_by": "routes", "reason": "[Errno 95] b0: Operation not supported",
+               "dropped": None}}
+    assert len([r for r in caplog.records if "no tc ingress filter" in r.message]) == 2
+    assert plane.status()["kernel_copy"]["c0"]["dropped_by"] == "routes"
+
+    got = []
+    monkeypatch.setattr(netconf, "ingress_bpf_set",
+                        lambda ifname, prog, **kw: got.append((ifname, kw["changes"] is not None,
+                                                            bpf_run(prog, ipv4(CLIENT4, VIP4,
+                                                                    UDP, ports(1, 53))))))
+    plane._set_kernel_drop()
+    plane._set_kernel_drop()
+    assert got == [("c0", True, TC_ACT_SHOT), ("b0", True, TC_ACT_UNSPEC),
+                   ("c0", False, TC_ACT_SHOT), ("b0", False, TC_ACT_UNSPEC)]
+    assert {k: v["dropped_by"] for k, v in plane.kernel_copy.items()} == {"c0": "tc",
+                                                                         "b0": "tc"}
 
 
 # --------------------------------------------------------------------------- the L2 table

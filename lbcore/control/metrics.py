@@ -82,6 +82,28 @@ class LbCollector:
             out.append(td)
         return out
 
+    @staticmethod
+    def _rawsock(s: dict):
+        """Mode rawsock: the kernel's copies its tc ingress filters dropped, per link, and the
+        frames the receive rings had no room for."""
+        rs = s.get("rawsock")
+        if not rs:
+            return ()
+        tc = GaugeMetricFamily("lbcore_rawsock_kernel_copy_filter", "1 if a tc ingress filter "
+                               "drops the kernel's copy of the frames the workers take on the "
+                               "link, 0 if only the blackhole routes do", labels=["link"])
+        dropped = CounterMetricFamily("lbcore_rawsock_kernel_copies_dropped", "The kernel's "
+                                      "copies of taken frames the link's tc ingress filter "
+                                      "dropped before IP", labels=["link"])
+        for link, k in rs["kernel_copy"].items():
+            tc.add_metric([link], 1 if k["dropped_by"] == "tc" else 0)
+            if k["dropped"] is not None:
+                dropped.add_metric([link], k["dropped"])
+        ring = CounterMetricFamily("lbcore_rawsock_ring_drops", "Frames the receive rings had "
+                                   "no room for (the workers fell behind)")
+        ring.add_metric([], rs["ring_drops"])
+        return (tc, dropped, ring)
+
     def collect(self):
         s = snapshot_on_loop(self.view, self.loop)
         vl = ["vip", "address", "port", "protocol"]
@@ -130,6 +152,7 @@ class LbCollector:
         yield from (v_pk, v_by, v_nf, v_af, v_rf, b_pk, b_by, b_nf, b_af, b_up, b_dr, b_w)
         yield from self._bgp(s)
         yield from self._shed(s)
+        yield from self._rawsock(s)
 
         drops = CounterMetricFamily("lbcore_drops", "Packets dropped, by reason",
                                     labels=["reason"])

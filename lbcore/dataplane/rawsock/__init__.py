@@ -47,6 +47,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from ... import _core, netconf
 from ..replies import (
     RTPROT_LBCORE,
@@ -59,7 +61,7 @@ from ..replies import (
     reserve_vip,
     set_reserved_vips,
 )
-from .bpf import Insn, build_filter
+from .bpf import Insn, build_filter, build_kernel_drop
 from .l2 import L2Resolver
 
 log = logging.getLogger("lbcore.rawsock")
@@ -72,6 +74,10 @@ __all__ = ["RTPROT_LBCORE", "RawsockPlane", "build_filter"]
 # slots are ~65 ms of a one-worker 64-byte flood at 250k pps, where 8192 still lost 0.5 % of
 # one on a loaded machine and a ring of 256 lost 40 %.
 RING_FRAMES = 16384
+# The tc ingress filter that drops the kernel's copy of what the workers take: its priority
+# on the links' ingress qdisc, and its name there (`tc filter show dev LINK ingress`).
+KERNEL_DROP_PREF = 0xF4
+KERNEL_DROP_NAME = "lbcore-kernel-copy"
 
 
 class RawsockPlane:
@@ -93,7 +99,8 @@ class RawsockPlane:
         self._want_vips = list(dict.fromkeys(vips))
         self._want_replies = list(dict.fromkeys(replies))
         self.socks: list[list[Any]] = []
-        self.resolver = L2Resolver(dp, self.links, len(self.links) - 1, self._check_rings)
+        self.resolver = L2Resolver(dp, self.links, len(self.links) - 1, self._tick,
+                                   self._addresses_changed)
         self.ring_drops = 0
         self._drops_logged_at = 0.0
         self._changes = netconf.NetChanges()
@@ -101,6 +108,12 @@ class RawsockPlane:
         # the port-less rule for TCP and UDP: what it takes from the kernel that is no reply
         # (a backend's own traffic) the workers forward themselves (LB_PASS)
         self._rules.fragment_protos = {4: TCP_UDP, 6: TCP_UDP}
+        # per link: how the kernel's own copy of the frames the workers take dies ("tc": a
+        # tc ingress filter before IP; "routes": the blackhole routes and rules alone) and,
+        # for "routes", why; what the filter has dropped is read once a second
+        self.kernel_copy: dict[str, dict[str, Any]] = {}
+        self._tc_links: set[str] = set()
+        self._local: list[IPAddress] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -121,6 +134,7 @@ class RawsockPlane:
             self.set_replies(self._want_replies)
             self.resolver.refresh()
             self._open_sockets(ifindex)
+            self._set_kernel_drop()
             self.resolver.start()
             log.info("rawsock: %s, %d worker(s), %d socket(s) of %d KiB ring each",
                      " + ".join(self.links), self.workers, sum(map(len, self.socks)),
@@ -131,6 +145,10 @@ class RawsockPlane:
 
     def run_worker(self, i: int) -> None:
         self.dp.run_rawsock_worker(i, self.socks[i])
+
+    def _tick(self) -> None:
+        self._check_rings()
+        self._count_kernel_drops()
 
     def _check_rings(self) -> None:
         """Sum the frames the receive rings dropped (full: the workers fell behind); warn at
@@ -158,21 +176,35 @@ class RawsockPlane:
         self._rules.paths = []      # the rules and blackholes stay: lbcore.dataplane.replies
         self.replies = []
         self.vips = []
-        for failure in self._changes.undo():
+        for failure in self._changes.undo():    # the tc filters too: the blackholes remain
             log.debug("undo: %s", failure)
+        self._tc_links.clear()
+        self.kernel_copy = {}
 
     # -- pieces ----------------------------------------------------------------
 
-    def _filters(self) -> list[list[Insn]]:
+    @staticmethod
+    def _local_addresses() -> list[IPAddress]:
+        """The gateway's own addresses (and the broadcast addresses of its IPv4 subnets): the
+        kernel delivers what is sent to them, the filters leave it to the kernel."""
         local: list[IPAddress] = []
         for _, a in netconf.addresses():
             iface = ipaddress.ip_interface(a)
             local.append(iface.ip)
             if iface.version == 4 and iface.network.prefixlen <= 30:
                 local.append(iface.network.broadcast_address)   # delivered, never forwarded
+        return local
+
+    def _per_link(self) -> list[tuple[list[IPAddress], list[ReplyPath]]]:
+        """(VIPs, reply paths) of each link's filters: the client link's VIPs, the backend
+        link's replies; one link carries both."""
         if len(self.links) == 1:
-            return [build_filter(self.vips, self.replies, local)]
-        return [build_filter(self.vips, ()), build_filter((), self.replies, local)]
+            return [(self.vips, self.replies)]
+        return [(self.vips, []), ([], self.replies)]
+
+    def _filters(self) -> list[list[Insn]]:
+        self._local = self._local_addresses()
+        return [build_filter(v, r, self._local if r else ()) for v, r in self._per_link()]
 
     def _open_sockets(self, ifindex: list[int]) -> None:
         filters = self._filters()
@@ -190,6 +222,58 @@ class RawsockPlane:
         for socks in self.socks:
             for s, f in zip(socks, filters, strict=True):
                 s.set_filter(f)
+        self._set_kernel_drop()
+
+    def _addresses_changed(self) -> None:
+        """After an L2 refresh (an rtnetlink change): the filters leave the gateway's own
+        addresses to the kernel, so a new or removed address means new filters."""
+        if self.socks and self._local_addresses() != self._local:
+            log.info("rawsock: the gateway's addresses changed; filters rebuilt")
+            self._refilter()
+
+    def _set_kernel_drop(self) -> None:
+        """Give every link the tc ingress filter that drops the kernel's copy of what its
+        sockets take (build_kernel_drop), or replace it with the current VIPs and replies.
+        Where that fails (no clsact/cls_bpf in the kernel, a foreign ingress qdisc) or the
+        program would be too large, the blackhole routes and rules alone keep the kernel out,
+        as before: it only costs the receiving CPU more per frame. Logged once per link."""
+        for name, (vips, replies) in zip(self.links, self._per_link(), strict=True):
+            prog = build_kernel_drop(vips, replies, self._local if replies else ())
+            was = self.kernel_copy.get(name, {})
+            try:
+                if prog is None:
+                    raise ValueError("the exact filter exceeds 4096 instructions")
+                first = name not in self._tc_links
+                netconf.ingress_bpf_set(name, prog, pref=KERNEL_DROP_PREF,
+                                        name=KERNEL_DROP_NAME,
+                                        changes=self._changes if first else None)
+                self._tc_links.add(name)
+                if was.get("dropped_by") != "tc":
+                    log.info("rawsock: %s: the kernel's copies die in a tc ingress filter "
+                             "(%d instructions)", name, len(prog))
+                self.kernel_copy[name] = {"dropped_by": "tc", "reason": None,
+                                          "dropped": was.get("dropped", 0)}
+            except (OSError, ValueError, NetlinkError) as e:
+                if name in self._tc_links:
+                    netconf.ingress_bpf_del(name, pref=KERNEL_DROP_PREF)
+                    self._tc_links.discard(name)
+                if was.get("dropped_by") != "routes":
+                    log.warning("rawsock: %s: no tc ingress filter (%s); the kernel's copies "
+                                "die in its blackhole routes (more CPU per frame)", name, e)
+                self.kernel_copy[name] = {"dropped_by": "routes", "reason": str(e),
+                                          "dropped": None}
+
+    def _count_kernel_drops(self) -> None:
+        for name in list(self._tc_links):
+            n = netconf.ingress_drops(name)
+            if n is not None and name in self.kernel_copy:
+                self.kernel_copy[name]["dropped"] = n
+
+    def status(self) -> dict[str, Any]:
+        """For the status snapshot: per link, how the kernel's copies die and how many the tc
+        filter dropped; the frames the receive rings had no room for."""
+        return {"kernel_copy": {k: dict(v) for k, v in self.kernel_copy.items()},
+                "ring_drops": self.ring_drops}
 
     def set_vips(self, vips: Iterable[IPAddress]) -> None:
         """Make the VIPs exactly ``vips``: blackhole routes (the kernel drops its copy of their

@@ -71,13 +71,17 @@ def _words(a: ipaddress.IPv6Address) -> tuple[int, ...]:
     return struct.unpack("!4I", a.packed)
 
 
-def _v6_equal(a: _Asm, off: int, addr: ipaddress.IPv6Address, ret: int) -> None:
-    """if the 16 bytes at off == addr: return ret; else fall through (9 instructions)."""
+def _v6_equal(a: _Asm, off: int, addr: ipaddress.IPv6Address, ret: int | str) -> None:
+    """if the 16 bytes at off == addr: return ret (a number), or jump to ret (a label); else
+    fall through (9 instructions)."""
     w = _words(addr)
     for i in range(4):
         a.op(BPF_LD_W_ABS, off + 4 * i)
         a.op(BPF_JEQ_K, w[i], 0, 7 - 2 * i)
-    a.op(BPF_RET_K, ret)
+    if isinstance(ret, str):
+        a.op(BPF_JA, ret)
+    else:
+        a.op(BPF_RET_K, ret)
 
 
 BPF_MAXINSNS = 4096
@@ -123,6 +127,30 @@ def build_filter(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
     return prog
 
 
+# tc verdicts of a direct-action filter (linux/pkt_cls.h)
+TC_ACT_SHOT = 2
+TC_ACT_UNSPEC = 0xFFFFFFFF      # -1: the next filter, then the stack
+IPPROTO_ICMPV6 = 58
+
+
+def build_kernel_drop(vips: Iterable[IPAddress], replies: Iterable[ReplyPath],
+                      local: Iterable[IPAddress] = ()) -> list[Insn] | None:
+    """The tc ingress program of one link that drops the kernel's own copy of what the
+    link's socket filter (:func:`build_filter`, same arguments) takes: TC_ACT_SHOT for those
+    frames, TC_ACT_UNSPEC for the rest. The kernel would drop each of them anyway (a VIP's
+    blackhole route, the reply rules' blackhole table), but only after an input route lookup
+    through the policy rules and a route allocated and freed per packet, on the CPU that
+    received the frame; the filter runs before IP, after the packet sockets got their copy.
+    Left with the kernel although the socket takes them: ARP requests (the kernel learns the
+    asker's MAC from them) and ICMPv6 to an IPv6 VIP (neighbour solicitations, which proxy
+    NDP answers). None when the exact program does not fit in BPF_MAXINSNS (the socket filter
+    is coarse then, and takes frames the kernel still forwards itself: no tc drop at all)."""
+    prog = _build(list(dict.fromkeys(vips)), list(dict.fromkeys(replies)),
+                  list(dict.fromkeys(local)), coarse=False, take=TC_ACT_SHOT,
+                  leave=TC_ACT_UNSPEC, kernel=True)
+    return prog if len(prog) <= BPF_MAXINSNS else None
+
+
 def _split(replies: list[ReplyPath]) -> tuple[dict[IPAddress, list[int]], list[ReplyPath]]:
     """The addresses whose protocols are taken whole (their FRAGMENTS paths: address ->
     protocols), and the port paths those do not cover."""
@@ -136,7 +164,10 @@ def _split(replies: list[ReplyPath]) -> tuple[dict[IPAddress, list[int]], list[R
 
 
 def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddress],
-           coarse: bool) -> list[Insn]:
+           coarse: bool, take: int = ACCEPT, leave: int = REJECT,
+           kernel: bool = False) -> list[Insn]:
+    """The program of build_filter (take/leave: ACCEPT/REJECT) or, with ``kernel``, of
+    build_kernel_drop (no ARP; ICMPv6 to a VIP left to the kernel)."""
     if coarse:   # one test per (family, protocol, port): the address matches anything
         replies = list(dict.fromkeys(
             ReplyPath(ipaddress.ip_address(0) if r.address.version == 4
@@ -148,39 +179,39 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
     a.op(BPF_JEQ_K, ETH_P_IPV6, 0, 1)
     a.op(BPF_JA, "v6")
     v4 = [v for v in vips if v.version == 4]
-    if v4:
+    if v4 and not kernel:
         a.op(BPF_JEQ_K, ETH_P_ARP, 0, 1)
         a.op(BPF_JA, "arp")
-    a.op(BPF_RET_K, REJECT)
+    a.op(BPF_RET_K, leave)
 
-    if v4:
+    if v4 and not kernel:
         # ARP requests for a VIP: the data plane answers them (the kernel cannot: the VIP is
         # not a local address, and its blackhole route is no unicast route to proxy for)
         a.label("arp")
         a.op(BPF_LD_H_ABS, 14 + 6)                  # operation
         a.op(BPF_JEQ_K, 1, 1, 0)
-        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_RET_K, leave)
         a.op(BPF_LD_W_ABS, 14 + 24)                 # target protocol address
         for v in v4:
             a.op(BPF_JEQ_K, int(v), 0, 1)
-            a.op(BPF_RET_K, ACCEPT)
-        a.op(BPF_RET_K, REJECT)
+            a.op(BPF_RET_K, take)
+        a.op(BPF_RET_K, leave)
 
     a.label("v4")
     if v4:
         a.op(BPF_LD_W_ABS, 14 + 16)                 # destination
         for v in v4:
             a.op(BPF_JEQ_K, int(v), 0, 1)
-            a.op(BPF_RET_K, ACCEPT)
+            a.op(BPF_RET_K, take)
     whole, ported = _split(replies)
     r4 = [r for r in replies if r.address.version == 4]
     if r4:
         a.op(BPF_LD_W_ABS, 14 + 16)
         for addr in (x for x in local if x.version == 4):
             a.op(BPF_JEQ_K, int(addr), 0, 1)
-            a.op(BPF_RET_K, REJECT)
+            a.op(BPF_RET_K, leave)
         a.op(BPF_JGE_K, 0xE0000000, 0, 1)           # multicast, broadcast: never a reply
-        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_RET_K, leave)
         w4 = [(addr, protos) for addr, protos in whole.items() if addr.version == 4]
         if w4 and not coarse:
             a.op(BPF_LD_W_ABS, 14 + 12)             # source
@@ -192,14 +223,14 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
                 a.op(BPF_JEQ_K, p, f"v4take{n}", 0)
             a.op(BPF_JA, "v4ports")                 # another protocol: its port paths
             a.label(f"v4take{n}")
-            a.op(BPF_RET_K, ACCEPT)
+            a.op(BPF_RET_K, take)
             a.label(f"v4next{n}")
         a.label("v4ports")
         p4 = [r for r in ported if r.address.version == 4]
         if p4:
             a.op(BPF_LD_H_ABS, 14 + 6)              # flags + fragment offset
             a.op(BPF_JSET_K, 0x1FFF, 0, 1)          # a later fragment has no ports
-            a.op(BPF_RET_K, REJECT)
+            a.op(BPF_RET_K, leave)
             a.op(BPF_LDX_B_MSH, 14)
         for r in p4:
             if not coarse:
@@ -209,24 +240,32 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
             a.op(BPF_JEQ_K, r.proto, 0, 3)
             a.op(BPF_LD_H_IND, 14)                  # source port
             a.op(BPF_JEQ_K, r.port, 0, 1)
-            a.op(BPF_RET_K, ACCEPT)
-    a.op(BPF_RET_K, REJECT)
+            a.op(BPF_RET_K, take)
+    a.op(BPF_RET_K, leave)
 
     a.label("v6")
-    for v in vips:
-        if v.version == 6:
-            _v6_equal(a, 14 + 24, v, ACCEPT)
+    v6 = [v for v in vips if v.version == 6]
+    for v in v6:
+        _v6_equal(a, 14 + 24, v, "v6vip" if kernel else take)
+    if v6 and kernel:
+        a.op(BPF_JA, "v6replies")
+        a.label("v6vip")
+        a.op(BPF_LD_B_ABS, 14 + 6)                  # next header
+        a.op(BPF_JEQ_K, IPPROTO_ICMPV6, 0, 1)
+        a.op(BPF_RET_K, leave)
+        a.op(BPF_RET_K, take)
+        a.label("v6replies")
     r6 = [r for r in replies if r.address.version == 6]
     if r6:
         for addr in local:
             if addr.version == 6:
-                _v6_equal(a, 14 + 24, addr, REJECT)
+                _v6_equal(a, 14 + 24, addr, leave)
         a.op(BPF_LD_H_ABS, 14 + 24)                 # multicast, link-local: never a reply
         a.op(BPF_JGE_K, 0xFF00, "v6reject", 0)
         a.op(BPF_JGE_K, 0xFEC0, "v6unicast", 0)
         a.op(BPF_JGE_K, 0xFE80, "v6reject", "v6unicast")
         a.label("v6reject")
-        a.op(BPF_RET_K, REJECT)
+        a.op(BPF_RET_K, leave)
         a.label("v6unicast")
         w6 = [(addr, protos) for addr, protos in whole.items() if addr.version == 6]
         for n, (addr, protos) in enumerate(w6):     # all of its protocols: whole, fragments
@@ -244,7 +283,7 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
             a.label(f"v6other{n}")
             a.op(BPF_JA, "v6ports")                 # another protocol: its port paths
             a.label(f"v6take{n}")
-            a.op(BPF_RET_K, ACCEPT)
+            a.op(BPF_RET_K, take)
             a.label(f"v6next{n}")
         a.label("v6ports")
         for r in (r for r in ported if r.address.version == 6):
@@ -256,8 +295,8 @@ def _build(vips: list[IPAddress], replies: list[ReplyPath], local: list[IPAddres
             a.op(BPF_JEQ_K, r.proto, 0, 3)
             a.op(BPF_LD_H_ABS, 14 + 40)             # source port
             a.op(BPF_JEQ_K, r.port, 0, 1)
-            a.op(BPF_RET_K, ACCEPT)
-    a.op(BPF_RET_K, REJECT)
+            a.op(BPF_RET_K, take)
+    a.op(BPF_RET_K, leave)
     return a.assemble()
 
 

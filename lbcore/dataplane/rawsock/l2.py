@@ -63,9 +63,10 @@ class L2Resolver:
     link (the backends), resolved before any client asks."""
 
     def __init__(self, dp: Any, links: Sequence[str], backend_link: int,
-                 on_tick: Any = None) -> None:
+                 on_tick: Any = None, on_refresh: Any = None) -> None:
         self.dp = dp
         self.on_tick = on_tick
+        self.on_refresh = on_refresh
         self.links = list(links)
         self.backend_link = backend_link
         self.wanted: list[IPAddress] = []
@@ -145,8 +146,8 @@ class L2Resolver:
                 log.debug("resolving %s on %s: %s", addr, self.links[lk], e)
 
     def start(self) -> None:
-        """Refresh on every rtnetlink change and every REFRESH_S seconds, call on_tick every
-        TICK_S, in a thread of its own, until stop()."""
+        """Refresh on every rtnetlink change and every REFRESH_S seconds (then call
+        on_refresh), call on_tick every TICK_S, in a thread of its own, until stop()."""
         self._stop.clear()
         self._notifier = netconf.change_notifier()
         self._thread = threading.Thread(target=self._run, name="lbcore-l2", daemon=True)
@@ -163,6 +164,8 @@ class L2Resolver:
                 now = time.monotonic()
                 if ready or now - self.refreshed_at >= REFRESH_S:
                     self.refresh()
+                    if self.on_refresh is not None:
+                        self.on_refresh()
                 else:
                     self.resolve_missing()
                 if self.on_tick is not None and now - ticked >= TICK_S:
