@@ -10,17 +10,27 @@ prepares everything around them, in the gateway's own namespace, and undoes it o
   only the TCP/UDP of a backend's address (of the protocols of its VIPs) that is not addressed
   to the gateway itself (its health checks) or to a multicast/broadcast address.
 * **The kernel keeps out** of what the balancer forwards. AF_PACKET gets a copy of each frame;
-  the kernel's own copy must die quietly (no ICMP, no second, un-NATed forward). The VIPs get
-  blackhole routes (the kernel drops a packet to a blackhole silently, before forwarding), and
-  the backends' replies are steered by the same narrow policy rules as in tun mode
-  (``from BACKEND ipproto P sport PORT``, priority 4242) into a table whose default route is a
-  blackhole, and by the port-less rules (``from BACKEND ipproto P``, for TCP and UDP) that
-  bring a backend's fragmented replies too. Health-check replies are addressed to the gateway,
-  which the local table (always consulted first) delivers. What the port-less rules take from
-  the kernel that is no reply of any flow (the backend's own traffic through the gateway) the
-  workers forward themselves, routed by the L2 table's routes of both links (passed). Plain
-  routes and rules: no nftables/tc dependency, nothing that matches more than the balancer's
-  own traffic and the backends' own. These are the reply path's reservation
+  the kernel's own copy must die quietly (no ICMP, no second, un-NATed forward). First, on
+  each link a tc ingress filter (a direct-action classic-BPF program, :func:`build_kernel_drop`:
+  the socket filter's own test) drops the kernel's copy of every frame the workers take,
+  after the packet sockets got theirs and before IP, on the CPU that received it; without it
+  each copy costs an input route lookup through the policy rules and a route allocated and
+  freed per packet (the lab's 64-byte flood, sender-bound: 0.75x kernel forwarding without
+  the filter, 0.99x with it). Set through
+  netlink (pyroute2) on a clsact qdisc (added if the link has no ingress qdisc; an existing
+  one is joined), removed on exit; where the kernel refuses it, the routes below do it alone
+  (status "rawsock", warned). Underneath, and on their own while lbcore is not running, the
+  VIPs get blackhole routes (the kernel drops a packet to a blackhole silently, before
+  forwarding), and the backends' replies are steered by the same narrow policy rules as in
+  tun mode (``from BACKEND ipproto P sport PORT``, priority 4242) into a table whose default
+  route is a blackhole, and by the port-less rules (``from BACKEND ipproto P``, for TCP and
+  UDP) that bring a backend's fragmented replies too. Health-check replies are addressed to
+  the gateway, which the local table (always consulted first) delivers, and which both
+  filters leave to the kernel (rebuilt when the gateway's addresses change). What the
+  port-less rules take from the kernel that is no reply of any flow (the backend's own
+  traffic through the gateway) the workers forward themselves, routed by the L2 table's
+  routes of both links (passed). Nothing matches more than the balancer's own traffic and
+  the backends' own. The rules and routes are the reply path's reservation
   (lbcore.dataplane.replies), the same as in tun mode: they stay when lbcore stops or dies.
 * **ARP/NDP for the VIPs**: a VIP is normally routed to the gateway (as in the lab), so nobody
   asks for it; for a VIP on the client link's subnet: the kernel answers NDP for an IPv6 VIP
