@@ -276,3 +276,11 @@ def test_sighup_reloads_socket_is_root_only_and_flows_cli(lab):
     assert VIP in human and "up" in human
     assert re.search(r"busy poll 50 µs after traffic: .* spinning on empty queues, "
                      r"[0-9.]+ s since start", human), human
+    st = json.loads(subprocess.run([sys.executable, "-m", "lbcore", "status", "--json", "-s",
+                                    str(sock)], capture_output=True, text=True,
+                                   check=True).stdout)
+    if st["mode"] == "rawsock":
+        assert re.search(r"kernel copies: lbc-gw-cl: tc filter, \d+ dropped; lbc-br0: tc "
+                         r"filter, \d+ dropped  no frames lost to full rings", human), human
+    else:
+        assert "kernel copies" not in human

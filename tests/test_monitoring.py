@@ -52,15 +52,19 @@ def collector_exposition() -> str:
     add_flow(d, "198.18.0.2", 40000, "198.19.0.12")
 
     class WithBgp:
-        """The daemon's view, as a gateway with a [bgp] section and one session, and a SYN
-        shed filter on its TUN, shows it."""
+        """The daemon's view, as a gateway with a [bgp] section and one session, a SYN shed
+        filter on its TUN and (as if in mode rawsock) two links, shows it."""
 
         def snapshot(self) -> dict:
             return d.view.snapshot() | {"bgp": {"sessions": [
                 {"neighbor": "198.18.1.1", "as": 65000, "up": True}]}, "shed": {
                 "active": True, "tun_dropped": 5, "vips": [
                     {"name": "web", "address": "198.18.100.1", "port": 80, "share": 0.5,
-                     "syns": 10, "shed": 5, "retried": 0}]}}
+                     "syns": 10, "shed": 5, "retried": 0}]}, "rawsock": {
+                "kernel_copy": {"eth0": {"dropped_by": "tc", "reason": None, "dropped": 7},
+                                "eth1": {"dropped_by": "routes", "reason": "refused",
+                                         "dropped": None}},
+                "ring_drops": 3}}
 
     async def scrape() -> bytes:
         reg = CollectorRegistry(auto_describe=False)
@@ -171,12 +175,12 @@ def test_the_checker_catches_wrong_names_labels_and_values():
 
 def test_the_balancer_exports_no_metric_the_rules_forget():
     """Every kind of exported metric that warrants an alert has a rule: so far the backends,
-    the flow table, the drops and the SYN shed filter; BGP metrics (lbcore_bgp_*) need one once
-    they exist."""
+    the flow table, the drops, the SYN shed filter and rawsock's full rings; BGP metrics
+    (lbcore_bgp_*) need one once they exist."""
     names = set(exported(collector_exposition()))
     used = {n for e in rule_exprs() for n, _ in SELECTOR.findall(e)}
     for prefix in ("lbcore_backend_up", "lbcore_flow_table_", "lbcore_drops_", "lbcore_bgp_",
-                   "lbcore_shed_share"):
+                   "lbcore_shed_share", "lbcore_rawsock_ring_drops"):
         exported_here = {n for n in names if n.startswith(prefix)}
         assert not exported_here or exported_here & used, f"no rule uses {prefix}*"
 
@@ -226,3 +230,16 @@ def test_dashboard_is_importable_json():
     for p in d["panels"]:
         if p["type"] != "row":
             assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_rawsock_metrics_say_how_the_kernels_copies_die():
+    """Per link 1/0 for the tc filter, its drop count only where it exists; the ring drops."""
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(collector_exposition())
+               for s in f.samples if s.name.startswith("lbcore_rawsock_")}
+    assert samples == {
+        ("lbcore_rawsock_kernel_copy_filter", (("link", "eth0"),)): 1.0,
+        ("lbcore_rawsock_kernel_copy_filter", (("link", "eth1"),)): 0.0,
+        ("lbcore_rawsock_kernel_copies_dropped_total", (("link", "eth0"),)): 7.0,
+        ("lbcore_rawsock_ring_drops_total", ()): 3.0}

@@ -93,6 +93,21 @@ def _print_busy_poll(con, bp: dict | None) -> None:
               f"{bp['seconds']:.1f} s since start")
 
 
+def _print_rawsock(con, rs: dict | None) -> None:
+    """Mode rawsock: per link, where the kernel's own copy of a taken frame dies; ring drops."""
+    if not rs:
+        return
+    parts = []
+    for link, k in rs["kernel_copy"].items():
+        if k["dropped_by"] == "tc":
+            parts.append(f"{link}: tc filter, {k['dropped']} dropped")
+        else:
+            parts.append(f"{link}: [yellow]blackhole routes only[/] ({k['reason']})")
+    ring = (f"[red]{rs['ring_drops']} frames lost to full rings[/]" if rs["ring_drops"]
+            else "no frames lost to full rings")
+    con.print(f"kernel copies: {'; '.join(parts) or 'no links'}  {ring}")
+
+
 def cmd_status(args) -> int:
     st = request(socket_path(args), {"cmd": "status"})
     if args.json:
@@ -107,6 +122,7 @@ def cmd_status(args) -> int:
     con.print(f"flows {f['active']}/{f['capacity']}  rx {st['totals']['rx']}  "
               f"tx {st['totals']['tx']}  table rebuilds {st['table']['rebuilds']}")
     _print_busy_poll(con, st.get("busy_poll"))
+    _print_rawsock(con, st.get("rawsock"))
     _print_bgp(con, st.get("bgp"))
     t = Table(show_lines=False)
     for col in ("VIP", "backend", "health", "weight", "flows", "packets", "bytes",
