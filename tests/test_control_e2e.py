@@ -246,7 +246,7 @@ def test_metrics_and_status_json_match_the_traffic(lab):
                if k[0] == "lbcore_rawsock_kernel_copies_dropped_total"}
     if st["mode"] == "rawsock":
         assert tc == {"lbc-gw-cl": 1.0, "lbc-br0": 1.0}
-        # (their growth with traffic: test_e2e; read once a second, so maybe not yet here)
+        # (their growth with traffic: test_e2e; read every 5 s, so maybe not yet here)
         assert set(dropped) == set(tc) and all(v >= 0 for v in dropped.values())
         assert ("lbcore_rawsock_ring_drops_total", ()) in samples
     else:

@@ -53,6 +53,7 @@ import errno
 import ipaddress
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -88,6 +89,7 @@ RING_FRAMES = 16384
 # on the links' ingress qdisc, and its name there (`tc filter show dev LINK ingress`).
 KERNEL_DROP_PREF = 0xF4
 KERNEL_DROP_NAME = "lbcore-kernel-copy"
+KERNEL_DROP_READ_TICKS = 5      # its drop count is read every 5th tick of the L2 resolver (5 s)
 
 
 class RawsockPlane:
@@ -120,10 +122,14 @@ class RawsockPlane:
         self._rules.fragment_protos = {4: TCP_UDP, 6: TCP_UDP}
         # per link: how the kernel's own copy of the frames the workers take dies ("tc": a
         # tc ingress filter before IP; "routes": the blackhole routes and rules alone) and,
-        # for "routes", why; what the filter has dropped is read once a second
+        # for "routes", why; what the filter has dropped is read every 5 s
         self.kernel_copy: dict[str, dict[str, Any]] = {}
         self._tc_links: set[str] = set()
+        self._ticks = 0
         self._local: list[IPAddress] = []
+        # the filters are rebuilt from a reload's thread and from the L2 resolver's (the
+        # gateway's addresses changed): one at a time
+        self._filter_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -158,7 +164,10 @@ class RawsockPlane:
 
     def _tick(self) -> None:
         self._check_rings()
-        self._count_kernel_drops()
+        # a netlink dump per link (~1 ms of Python on the workers' CPU): not every second
+        self._ticks += 1
+        if self._ticks % KERNEL_DROP_READ_TICKS == 0:
+            self._count_kernel_drops()
 
     def _check_rings(self) -> None:
         """Sum the frames the receive rings dropped (full: the workers fell behind); warn at
@@ -226,13 +235,14 @@ class RawsockPlane:
                                for j in range(len(self.links))])
 
     def _refilter(self) -> None:
-        if not self.socks:
-            return
-        filters = self._filters()
-        for socks in self.socks:
-            for s, f in zip(socks, filters, strict=True):
-                s.set_filter(f)
-        self._set_kernel_drop()
+        with self._filter_lock:
+            if not self.socks:
+                return
+            filters = self._filters()
+            for socks in self.socks:
+                for s, f in zip(socks, filters, strict=True):
+                    s.set_filter(f)
+            self._set_kernel_drop()
 
     def _addresses_changed(self) -> None:
         """After an L2 refresh (an rtnetlink change): the filters leave the gateway's own
