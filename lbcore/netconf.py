@@ -1161,12 +1161,19 @@ def _tc_request(netns: str | None, msg: nlmsg, msg_type: int, flags: int) -> Non
     asyncio.run(send())
 
 
-def _ingress_qdisc(ipr: IPRoute, idx: int) -> str | None:
-    """The kind of the device's ingress-side qdisc ("clsact", "ingress"), or None."""
+def _ingress_qdisc(ipr: IPRoute, idx: int | None) -> Any:
+    """The device's ingress-side qdisc ("clsact", "ingress": its TCA_KIND), or None."""
+    if idx is None:
+        return None
     for q in ipr.get_qdiscs(index=idx):
         if q["parent"] == TC_H_INGRESS:
-            return q.get_attr("TCA_KIND")
+            return q
     return None
+
+
+def _ingress_kind(ipr: IPRoute, idx: int | None) -> str | None:
+    q = _ingress_qdisc(ipr, idx)
+    return q.get_attr("TCA_KIND") if q is not None else None
 
 
 @_off_loop
@@ -1183,7 +1190,7 @@ def ingress_bpf_set(ifname: str, prog: Sequence[tuple[int, int, int, int]], *, p
     ops = b"".join(struct.pack("=HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
     with _ipr(netns) as ipr:
         idx = _index(ipr, ifname, netns)
-        kind = _ingress_qdisc(ipr, idx)
+        kind = _ingress_kind(ipr, idx)
         if kind is None:
             ipr.tc("add", "clsact", idx)
             if changes is not None:
@@ -1213,7 +1220,7 @@ def ingress_bpf_del(ifname: str, *, pref: int, netns: str | None = None) -> bool
     none (or no ingress qdisc, or no device)."""
     with _ipr(netns) as ipr:
         idx = _index_or_none(ipr, ifname)
-        kind = _ingress_qdisc(ipr, idx) if idx is not None else None
+        kind = _ingress_kind(ipr, idx)
     if kind not in TC_INGRESS_PARENTS:
         return False
     msg = _ClassicBpfFilter()
@@ -1235,7 +1242,7 @@ def ingress_qdisc_del(ifname: str, *, netns: str | None = None) -> bool:
     it had none."""
     with _ipr(netns) as ipr:
         idx = _index_or_none(ipr, ifname)
-        if idx is None or _ingress_qdisc(ipr, idx) != "clsact":
+        if _ingress_kind(ipr, idx) != "clsact":
             return False
         ipr.tc("del", "clsact", idx)
     return True
@@ -1246,18 +1253,15 @@ def ingress_drops(ifname: str, *, netns: str | None = None) -> int | None:
     """Frames the ingress filters of ``ifname`` dropped so far (the drop counter of its
     ingress/clsact qdisc), or None without such a qdisc."""
     with _ipr(netns) as ipr:
-        idx = _index_or_none(ipr, ifname)
-        if idx is None:
-            return None
-        for q in ipr.get_qdiscs(index=idx):
-            if q["parent"] == TC_H_INGRESS:
-                st = q.get_attr("TCA_STATS2")
-                qs = st.get_attr("TCA_STATS_QUEUE") if st is not None else None
-                if qs is not None:
-                    return int(qs["drops"])
-                old = q.get_attr("TCA_STATS")
-                return int(old["drop"]) if old is not None else 0
-    return None
+        q = _ingress_qdisc(ipr, _index_or_none(ipr, ifname))
+    if q is None:
+        return None
+    st = q.get_attr("TCA_STATS2")
+    qs = st.get_attr("TCA_STATS_QUEUE") if st is not None else None
+    if qs is not None:
+        return int(qs["drops"])
+    old = q.get_attr("TCA_STATS")
+    return int(old["drop"]) if old is not None else 0
 
 
 # --------------------------------------------------------------------------- sysctls

@@ -149,8 +149,7 @@ class StatusView:
             "sync": d.sync.counters() if d.sync is not None else None,
             "shed": d.shed.status() if getattr(d, "shed", None) is not None else None,
             # mode rawsock: how the kernel's own copies of the taken frames die, ring drops
-            "rawsock": (d.plane.status() if d.config.mode == "rawsock"
-                        and hasattr(d.plane, "status") else None),
+            "rawsock": d.plane.status() if hasattr(d.plane, "status") else None,
         }
         self._add_rates(snap, now)
         return snap

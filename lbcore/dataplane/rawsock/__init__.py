@@ -72,7 +72,7 @@ from ..replies import (
     reserve_vip,
     set_reserved_vips,
 )
-from .bpf import Insn, build_filter, build_kernel_drop
+from .bpf import BPF_MAXINSNS, Insn, build_filter, build_kernel_drop
 from .l2 import L2Resolver
 
 log = logging.getLogger("lbcore.rawsock")
@@ -124,7 +124,6 @@ class RawsockPlane:
         # tc ingress filter before IP; "routes": the blackhole routes and rules alone) and,
         # for "routes", why; what the filter has dropped is read every 5 s
         self.kernel_copy: dict[str, dict[str, Any]] = {}
-        self._tc_links: set[str] = set()
         self._ticks = 0
         self._local: list[IPAddress] = []
         # the filters are rebuilt from a reload's thread and from the L2 resolver's (the
@@ -197,7 +196,6 @@ class RawsockPlane:
         self.vips = []
         for failure in self._changes.undo():    # the tc filters too: the blackholes remain
             log.debug("undo: %s", failure)
-        self._tc_links.clear()
         self.kernel_copy = {}
 
     # -- pieces ----------------------------------------------------------------
@@ -214,16 +212,17 @@ class RawsockPlane:
                 local.append(iface.network.broadcast_address)   # delivered, never forwarded
         return local
 
-    def _per_link(self) -> list[tuple[list[IPAddress], list[ReplyPath]]]:
-        """(VIPs, reply paths) of each link's filters: the client link's VIPs, the backend
-        link's replies; one link carries both."""
+    def _per_link(self) -> list[tuple[list[IPAddress], list[ReplyPath], list[IPAddress]]]:
+        """(VIPs, reply paths, local addresses) of each link's filters: the client link's
+        VIPs, the backend link's replies, which leave the gateway's own addresses alone; one
+        link carries both."""
         if len(self.links) == 1:
-            return [(self.vips, self.replies)]
-        return [(self.vips, []), ([], self.replies)]
+            return [(self.vips, self.replies, self._local)]
+        return [(self.vips, [], []), ([], self.replies, self._local)]
 
     def _filters(self) -> list[list[Insn]]:
         self._local = self._local_addresses()
-        return [build_filter(v, r, self._local if r else ()) for v, r in self._per_link()]
+        return [build_filter(*link) for link in self._per_link()]
 
     def _open_sockets(self, ifindex: list[int]) -> None:
         filters = self._filters()
@@ -257,26 +256,24 @@ class RawsockPlane:
         Where that fails (no clsact/cls_bpf in the kernel, a foreign ingress qdisc) or the
         program would be too large, the blackhole routes and rules alone keep the kernel out,
         as before: it only costs the receiving CPU more per frame. Logged once per link."""
-        for name, (vips, replies) in zip(self.links, self._per_link(), strict=True):
-            prog = build_kernel_drop(vips, replies, self._local if replies else ())
+        for name, link in zip(self.links, self._per_link(), strict=True):
+            prog = build_kernel_drop(*link)
             was = self.kernel_copy.get(name, {})
+            had_tc = was.get("dropped_by") == "tc"
             try:
                 if prog is None:
-                    raise ValueError("the exact filter exceeds 4096 instructions")
-                first = name not in self._tc_links
+                    raise ValueError(f"the exact filter exceeds {BPF_MAXINSNS} instructions")
                 netconf.ingress_bpf_set(name, prog, pref=KERNEL_DROP_PREF,
                                         name=KERNEL_DROP_NAME,
-                                        changes=self._changes if first else None)
-                self._tc_links.add(name)
-                if was.get("dropped_by") != "tc":
+                                        changes=None if had_tc else self._changes)
+                if not had_tc:
                     log.info("rawsock: %s: the kernel's copies die in a tc ingress filter "
                              "(%d instructions)", name, len(prog))
                 self.kernel_copy[name] = {"dropped_by": "tc", "reason": None,
                                           "dropped": was.get("dropped", 0)}
             except (OSError, ValueError, NetlinkError) as e:
-                if name in self._tc_links:
+                if had_tc:
                     netconf.ingress_bpf_del(name, pref=KERNEL_DROP_PREF)
-                    self._tc_links.discard(name)
                 if was.get("dropped_by") != "routes":
                     log.warning("rawsock: %s: no tc ingress filter (%s); the kernel's copies "
                                 "die in its blackhole routes (more CPU per frame)", name, e)
@@ -284,10 +281,10 @@ class RawsockPlane:
                                           "dropped": None}
 
     def _count_kernel_drops(self) -> None:
-        for name in list(self._tc_links):
-            n = netconf.ingress_drops(name)
-            if n is not None and name in self.kernel_copy:
-                self.kernel_copy[name]["dropped"] = n
+        for name, k in list(self.kernel_copy.items()):
+            n = netconf.ingress_drops(name) if k["dropped_by"] == "tc" else None
+            if n is not None:
+                k["dropped"] = n
 
     def status(self) -> dict[str, Any]:
         """For the status snapshot: per link, how the kernel's copies die and how many the tc
