@@ -84,6 +84,17 @@ def worker_cpus(workers: int) -> list[int | None]:
     return [order[i % len(order)] for i in range(workers)]
 
 
+def control_cpus(allowed: set[int], workers: list[int | None]) -> set[int] | None:
+    """CPUs for every thread but the workers: those of ``allowed`` no worker is pinned to, or
+    None when there are none (then everything shares every CPU, as before). A worker that
+    polls would otherwise share its core with the control plane, whose bursts (health checks,
+    the status tick, netlink dumps: up to a millisecond or so of Python) preempt it and hold
+    every packet that arrives meanwhile: the latency tail of a polling worker."""
+    pinned = {c for c in workers if c is not None}
+    rest = allowed - pinned
+    return rest if pinned and rest else None
+
+
 def reply_paths(bal: Balancer) -> list[ReplyPath]:
     """The (backend, protocol, port) whose replies the data plane must see."""
     return [ReplyPath(b.address, PROTO[v.proto], b.port)
@@ -116,6 +127,8 @@ class Daemon:
         self.tun_adopted: bool | None = None   # tun mode: attached to the last run's device
         self._reservation_found = True    # replies.reserved() at start (unknown: assume so)
         self.shed: Any = None             # lbcore.dataplane.shed.SynShed, when a plane has one
+        # the CPUs the workers are pinned to (None: not pinned) and the rest of the process's
+        self.cpus: dict[str, Any] = {"workers": [], "control": None}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -225,11 +238,31 @@ class Daemon:
             log.error("removing the reply rules and blackholes failed: %s", e)
 
     def _start_workers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for i, cpu in enumerate(worker_cpus(self.config.workers)):
+        cpus = worker_cpus(self.config.workers)
+        self._keep_control_off(cpus)
+        for i, cpu in enumerate(cpus):
             t = threading.Thread(target=self._run_worker, args=(i, cpu, loop),
                                  name=f"lbcore-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _keep_control_off(self, workers: list[int | None]) -> None:
+        """Move every thread of the process (the workers are not started yet) to the CPUs no
+        worker takes; threads started later inherit that from the thread that starts them,
+        and each worker then pins itself to its own CPU."""
+        try:
+            rest = control_cpus(os.sched_getaffinity(0), workers)
+        except OSError:
+            rest = None
+        if rest is not None:
+            for tid in os.listdir("/proc/self/task"):
+                with contextlib.suppress(OSError, ValueError):  # a thread may have just ended
+                    os.sched_setaffinity(int(tid), rest)
+        self.cpus = {"workers": workers, "control": sorted(rest) if rest is not None else None}
+        log.info("workers on CPU(s) %s; the control plane on %s",
+                 ", ".join("any" if c is None else str(c) for c in workers),
+                 "CPU(s) " + ", ".join(map(str, sorted(rest))) if rest is not None
+                 else "every CPU (no CPU is left without a worker)")
 
     def _undo_plane(self, failed: bool) -> None:
         """The plane's undo, after the workers stopped. Tun mode's device stays for the next

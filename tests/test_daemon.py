@@ -3,10 +3,13 @@ everything, SIGTERM during start-up is honoured, a bad config never touches
 the network."""
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +169,62 @@ def test_a_reload_refuses_by_name_what_is_fixed_at_start_and_takes_the_rest():
         assert len(problems) == 1 and problems[0].startswith(f"{key} changed"), problems
     assert _unreloadable(old, parse_config(base.replace("[global]\n",
                                                         "[global]\nbusy_poll_us = 500\n"))) == []
+
+
+def test_control_cpus_are_the_ones_no_worker_takes():
+    from lbcore.daemon import control_cpus
+    assert control_cpus({0, 1, 2, 3}, [3, 2]) == {0, 1}
+    assert control_cpus({0, 1}, [1]) == {0}
+    assert control_cpus({0, 1}, [1, 0]) is None          # no CPU left: share them all
+    assert control_cpus({0}, [None]) is None              # one CPU: the workers are not pinned
+    assert control_cpus({4, 5, 6}, [6, 5, 4, 6]) is None  # more workers than CPUs
+
+
+def _allowed(pid: int) -> dict[int, str]:
+    """Thread ID -> its Cpus_allowed_list, for every thread of ``pid``."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            for line in text.splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    out[int(tid)] = line.split(":", 1)[1].strip()
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_worker_has_its_cpu_to_itself(nsname, tmp_path):
+    """One worker on a machine of several CPUs: the worker thread is pinned to the highest
+    CPU and every other thread of the process (event loop, health checks, executor, HTTP)
+    runs on the others, as `status` says, and threads started later (the executor's) too."""
+    from lbcore.control.client import request
+    cpus = sorted(os.sched_getaffinity(0))
+    sock = tmp_path / "s.sock"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.format(sock=sock).replace("[global]\n", "[global]\nworkers = 1\n"))
+    p = netconf.popen_in_netns(nsname, [sys.executable, "-m", "lbcore", "run", "-c", str(cfg)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        st = request(str(sock), {"cmd": "status"})
+        rest = [c for c in cpus if c != cpus[-1]]
+        assert st["cpus"] == {"workers": [cpus[-1]], "control": rest}
+        allowed = _allowed(p.pid)
+        pinned = [t for t, a in allowed.items() if a == str(cpus[-1])]
+        assert len(pinned) == 1, allowed                      # the worker, alone
+        others = {a for t, a in allowed.items() if t not in pinned}
+        want = ",".join(map(str, rest)) if len(rest) == 1 else f"{rest[0]}-{rest[-1]}"
+        assert len(allowed) >= 2 and others == {want}, allowed
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            out, _ = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        cleanup(nsname, cfg)
+    assert p.returncode == 0, out
+    assert f"workers on CPU(s) {cpus[-1]}; the control plane on CPU(s)" in out
