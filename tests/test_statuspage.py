@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import io
 import json
 import re
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
+from rich.text import Text
 from test_status import add_flow, make_daemon
 
 from lbcore.control import page, top
@@ -219,3 +221,229 @@ def test_the_new_views_read_only_through_the_status_view():
     for name in ("web.py", "page.py", "top.py", "fmt.py"):
         text = (root / name).read_text()
         assert ".dp." not in text and ".flow_table" not in text and ".balancer" not in text, name
+
+
+# --------------------------------------------------------------------------- the data plane
+
+def with_dataplane(s: dict[str, Any], link: str = "lbc-br0",
+                   reason: str = "[Errno 95] no clsact") -> dict[str, Any]:
+    """Snapshot ``s`` with every data plane part present, shaped as the daemon gives them
+    (rawsock's status, the shed filter's, the sync's counters, adopt_flows' answer), with one
+    rawsock link fallen back to blackhole routes (named ``link``, for ``reason``), frames lost
+    to full rings and the shed filter shedding: the states `lbcore status` colours."""
+    return {**s,
+            "io": "io_uring",
+            "busy_poll": {"window_us": 50, "seconds": 12.34, "cores": 0.031},
+            "fragments": {"first": 5, "forwarded": 4, "held": 2, "released": 2,
+                          "early_dropped": 1, "dropped": 0, "timeouts": 1, "timeout_held": 0,
+                          "evicted": 0, "completed": 1, "entries": 1, "buffers": 1,
+                          "capacity": 1024, "buffer_capacity": 4096, "memory": 1},
+            "adoption": {"adopted": 17, "seconds": 0.0123, "expired": 2, "full": 0},
+            "tun": {"name": "lbc0", "adopted": True, "ifindex": 5},
+            "sync": {"peers": ["198.18.0.7:7000"],
+                     "sent": {"records_new": 3, "records_refresh": 4, "records_end": 1,
+                              "datagrams": 2, "send_errors": 0, "ring_drops": 0,
+                              "end_ring_drops": 0},
+                     "received": {"records": 9, "inserted": 7},
+                     "rejected": {"stale": 0, "bad_version": 2}},
+            "shed": {"filter": "tun-ebpf", "tun_dropped": 3, "active": True,
+                     "since": s["time"] - 42, "max_share": 0.5, "headroom": 2,
+                     "vips": [{"address": "198.18.100.1", "port": 80, "protocol": "tcp",
+                               "name": "web", "new_flow_rate": 1000, "share": 0.25,
+                               "syns": 900, "shed": 300, "retried": 12, "syn_rate": 4000.4,
+                               "last_active": 1.0}]},
+            "rawsock": {"kernel_copy": {
+                "lbc-gw-cl": {"dropped_by": "tc", "reason": None, "dropped": 1234},
+                link: {"dropped_by": "routes", "reason": reason, "dropped": None}},
+                "ring_drops": 7}}
+
+
+NO_DATAPLANE = dict.fromkeys(("io", "busy_poll", "fragments", "adoption", "tun", "sync", "shed",
+                              "rawsock"))
+
+
+def items(html: str) -> dict[str, str]:
+    """The data plane section's top-level lines: {data-part: the <li> tag and its content}."""
+    return {m[1]: m[0] for m in re.finditer(r'<li data-part="(\w+)"[^>]*>.*?(?=<li|</ul>)',
+                                            html, re.S)}
+
+
+def top_text(s: dict[str, Any], width: int = 160) -> tuple[str, dict[str, str]]:
+    """top's screen for ``s`` as text, and the style of each styled piece of its lines."""
+    r = top.render(s, now=s["time"])
+    con = Console(width=width, record=True, file=io.StringIO())
+    con.print(r)
+    styles = {}
+    for t in r.renderables:
+        if isinstance(t, Text):
+            styles |= {t.plain[sp.start:sp.end]: str(sp.style) for sp in t.spans}
+    return con.export_text(), styles
+
+
+def test_page_shows_the_data_plane_as_status_judges_it():
+    d = make_daemon()
+    s = with_dataplane(d.view.snapshot())
+    s["bgp"] = {"state": "up"}
+    html = page.render(s)
+    # one section, after the VIPs and BGP, before the counters, inside the part the page's
+    # script swaps in place every second (so it is as live as the rest)
+    assert html.count('<section class="dataplane"><h3>Data plane</h3>') == 1
+    content = html[html.index('<main id="content">'):html.index("</main>")]
+    assert '"content"' in page.SCRIPT and 'class="dataplane"' in content
+    assert (content.index('<section class="bgp">') < content.index('class="dataplane"')
+            < content.index('<div class="grid">'))
+    it = items(html)
+    assert list(it) == ["io", "busy_poll", "rawsock", "fragments", "adoption", "tun", "sync",
+                        "shed"]
+    assert "I/O path: io_uring" in it["io"]
+    assert ("busy poll 50 µs after traffic: 3.1 % of a core spinning on empty queues, "
+            "12.3 s since start") in it["busy_poll"]
+    # the fallen-back link is a warning, the ring drops bad; the row takes the worst
+    assert it["rawsock"].startswith('<li data-part="rawsock" class="bad">')
+    assert ("kernel copies: lbc-gw-cl: tc filter, 1234 dropped; lbc-br0: "
+            '<span class="warn">blackhole routes only</span> ([Errno 95] no clsact)  '
+            '<span class="bad">7 frames lost to full rings</span>') in it["rawsock"]
+    assert "fragments: 1/1024 datagrams, 1/4096 held; first 5," in it["fragments"]
+    assert "flow table at start: adopted 17 flow(s) in 0.012s (skipped expired=2)" in (
+        it["adoption"])
+    assert "tun lbc0: attached to the last run&#x27;s device" in it["tun"]
+    assert ("sync with 198.18.0.7:7000: sent 3 new, 4 refresh, 1 end in 2 datagrams; "
+            "received records=9, inserted=7; rejected bad_version=2") in it["sync"]
+    assert it["shed"].startswith('<li data-part="shed" class="bad">SYN shed filter before the '
+                                 'TUN queue: <span class="bad">shedding</span> since 42s ago'
+                                 "  (TUN dropped 3)<ul>")
+    assert ("web 198.18.100.1:80/tcp: new_flow_rate 1000/s, offered 4000 new-flow SYNs/s, "
+            "share 25%; seen 900, shed 300, retries passed 12") in html
+    for plain_part in ("io", "busy_poll", "fragments", "adoption", "tun", "sync"):
+        assert "class=" not in it[plain_part], plain_part
+    # the classes are styled: a row's colour band and background, a piece's colour
+    for rule in ("section.dataplane li.warn", "section.dataplane li.bad",
+                 "section.dataplane span.warn", "section.dataplane span.bad",
+                 "section.dataplane span.ok"):
+        assert rule in page.STYLE
+
+    # the good states: no warning anywhere; shed idle is "ok"; nothing lost, no window
+    s["rawsock"] = {"kernel_copy": {"lbc-gw-cl": {"dropped_by": "tc", "reason": None,
+                                                  "dropped": 0}}, "ring_drops": 0}
+    s["shed"] = {**s["shed"], "active": False, "since": None, "tun_dropped": None}
+    s["busy_poll"] = {"window_us": 0, "seconds": 0.0, "cores": None}
+    s["adoption"] = {"adopted": 0, "refused": "no flow file", "code": "open"}
+    s["tun"] = {"name": "lbc0", "adopted": False, "ifindex": 5}
+    it = items(page.render(s))
+    assert 'class="warn"' not in "".join(it.values())
+    assert 'class="bad"' not in "".join(it.values())
+    assert ("kernel copies: lbc-gw-cl: tc filter, 0 dropped  no frames lost to full rings"
+            in it["rawsock"])
+    assert ('SYN shed filter before the TUN queue: <span class="ok">idle</span><ul>'
+            in it["shed"])
+    assert "busy poll off (busy_poll_us = 0)" in it["busy_poll"]
+    assert "flow table at start: not adopted (no flow file)" in it["adoption"]
+    assert "tun lbc0: made at start" in it["tun"]
+
+
+def test_page_and_top_without_the_data_plane_parts():
+    d = make_daemon()
+    s = {**d.view.snapshot(), **NO_DATAPLANE}
+    html = page.render(s)
+    assert "Data plane</h3>" not in html and "data-part=" not in html
+    assert "Data plane totals" in html          # the counters are still there
+    out, _ = top_text(s)
+    starts = ("I/O path", "busy poll", "kernel copies", "fragments:", "flow table at start",
+              "tun ", "sync with", "SYN shed")
+    assert not [ln for ln in out.splitlines() if ln.startswith(starts)], out
+    # a snapshot from before these parts existed renders too
+    old = {k: x for k, x in d.view.snapshot().items() if k not in NO_DATAPLANE}
+    assert "Data plane</h3>" not in page.render(old)
+    assert "busy poll" not in top_text(old)[0]
+    # parts with nothing to say are left out: no fragment seen yet, a shed filter guarding
+    # no VIP (as `lbcore status` leaves them out)
+    s = d.view.snapshot()
+    assert s["fragments"] is not None and not s["fragments"]["first"]
+    s["shed"] = {"filter": "idle", "tun_dropped": None, "active": False, "since": None,
+                 "vips": []}
+    assert list(items(page.render(s))) == ["busy_poll"]        # window 0 in the test config
+    out, _ = top_text(s)
+    assert "busy poll off" in out and "fragments:" not in out and "SYN shed" not in out
+
+
+def test_data_plane_strings_are_escaped():
+    d = make_daemon()
+    evil = "<script>alert(1)</script>"
+    s = with_dataplane(d.view.snapshot(), link=f'x"{evil}', reason=evil)
+    s["tun"] = {"name": evil, "adopted": True, "ifindex": 1}
+    s["adoption"] = {"adopted": 0, "refused": evil}
+    s["sync"]["peers"] = [evil]
+    s["shed"]["vips"][0]["name"] = evil
+    s["io"] = evil
+    html = page.render(s)
+    assert html.count("<script>") == 1 and "alert(1)</script>" not in html   # only the page's
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 7
+    assert 'x&quot;&lt;script&gt;' in html
+    # top shows them as text (rich markup in them is not interpreted either)
+    s["tun"]["name"] = "[bold red]lbc0[/]"
+    out, _ = top_text(s)
+    assert f"x\"{evil}: blackhole routes only ({evil})" in out
+    assert "tun [bold red]lbc0[/]: attached" in out
+
+
+def test_top_shows_the_data_plane_as_status_judges_it():
+    d = make_daemon()
+    s = with_dataplane(d.view.snapshot())
+    out, styles = top_text(s)
+    lines = out.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("I/O path"))
+    assert lines[at:at + 9] == [
+        "I/O path: io_uring",
+        "busy poll 50 µs after traffic: 3.1 % of a core spinning on empty queues, 12.3 s since "
+        "start",
+        "kernel copies: lbc-gw-cl: tc filter, 1234 dropped; lbc-br0: blackhole routes only "
+        "([Errno 95] no clsact)  7 frames lost to full rings",
+        "fragments: 1/1024 datagrams, 1/4096 held; first 5, forwarded 4, held 2, released 2, "
+        "early_dropped 1, timeouts 1, evicted 0",
+        "flow table at start: adopted 17 flow(s) in 0.012s (skipped expired=2)",
+        "tun lbc0: attached to the last run's device",
+        "sync with 198.18.0.7:7000: sent 3 new, 4 refresh, 1 end in 2 datagrams; received "
+        "records=9, inserted=7; rejected bad_version=2",
+        "SYN shed filter before the TUN queue: shedding since 42s ago  (TUN dropped 3)",
+        "  web 198.18.100.1:80/tcp: new_flow_rate 1000/s, offered 4000 new-flow SYNs/s, share "
+        "25%; seen 900, shed 300, retries passed 12"]
+    # after the other lines: the backends' table comes first
+    assert at > next(i for i, ln in enumerate(lines) if ln.startswith("flow table events"))
+    assert styles["blackhole routes only"] == "bold yellow"
+    assert styles["7 frames lost to full rings"] == "bold red"
+    assert styles["shedding"] == "bold red"
+    s["shed"]["active"] = False
+    assert top_text(s)[1]["idle"] == "green"
+    # a narrow terminal: a plain line is cut to one row, one with a warning wraps whole
+    lines = top_text(s, width=60)[0].splitlines()
+    [busy] = [ln for ln in lines if "busy poll" in ln]
+    assert busy.startswith("busy poll 50 µs after traffic:") and busy.endswith("…")
+    assert not [ln for ln in lines if "since start" in ln]
+    assert "7 frames lost to full rings" in " ".join(" ".join(lines).split())
+
+
+def test_status_page_and_top_say_the_same(monkeypatch, capsys):
+    """`lbcore status`, the page and top word every data plane line alike (one helper each)."""
+    from lbcore.control import client
+    from lbcore.control.fmt import dataplane_lines, plain
+    d = make_daemon()
+    s = with_dataplane(d.view.snapshot())
+    s["time"] = time.time()
+    s["shed"]["since"] = s["time"] - 42
+    monkeypatch.setattr(client, "request", lambda *a, **k: s)
+    args = type("Args", (), {"json": False, "socket": "unused", "config": None})()
+    assert client.cmd_status(args) == 0
+    status = capsys.readouterr().out.replace("\n", "")
+    text = re.sub(r"<[^>]+>", "", page.render(s))
+    screen, _ = top_text(s, width=400)
+    n = 0
+    for _, lines in dataplane_lines(s, s["time"]):
+        for line in lines:
+            words = plain(line)
+            if words.startswith("I/O path"):      # `status` has the mode, not the I/O path
+                continue
+            assert words in status, words
+            assert page.esc(words) in text, words
+            assert words in screen, words
+            n += 1
+    assert n == 8

@@ -14,6 +14,19 @@ from typing import Any
 
 from ..balancer import PROTO_NAMES
 from ..config import DEFAULT_CONTROL_SOCKET, ConfigError, load_config
+from .fmt import (
+    Level,
+    Line,
+    adoption_line,
+    ago,
+    busy_poll_line,
+    fragments_line,
+    plain,
+    rawsock_line,
+    shed_lines,
+    sync_line,
+    tun_line,
+)
 
 
 class ControlError(RuntimeError):
@@ -64,12 +77,7 @@ def socket_path(args) -> str:
 
 
 def _ago(ts: float) -> str:
-    d = max(0, time.time() - ts)
-    if d < 120:
-        return f"{d:.0f}s ago"
-    if d < 7200:
-        return f"{d / 60:.0f}m ago"
-    return f"{d / 3600:.1f}h ago"
+    return ago(ts, time.time())
 
 
 def _human(n: float) -> str:
@@ -80,32 +88,30 @@ def _human(n: float) -> str:
     return f"{n:.1f}P"
 
 
+# how `status` colours the levels of the shared data plane lines (see .fmt)
+STYLE: dict[Level, str] = {"": "", "ok": "green", "warn": "yellow", "bad": "red"}
+
+
+def _print_line(con, line: Line | None) -> None:
+    """One of the shared data plane lines (nothing for None), coloured by level. Printed as
+    rich Text, not markup, so that brackets in a link name or an error message stay text; the
+    console's highlighter still applies under the levels' colours, as rich does for markup."""
+    if line is None:
+        return
+    from rich.text import Text
+    text = con.render_str(plain(line), markup=False, emoji=False)
+    text.copy_styles(Text.assemble(*((t, STYLE[lvl]) for t, lvl in line)))
+    con.print(text)
+
+
 def _print_busy_poll(con, bp: dict | None) -> None:
     """The workers' busy polling: the window, and the CPU it costs now and in all."""
-    if not bp:
-        return
-    if not bp["window_us"]:
-        con.print("busy poll off (busy_poll_us = 0): workers sleep as soon as a queue is empty")
-        return
-    now = (f"{bp['cores'] * 100:.1f} % of a core" if bp.get("cores") is not None
-           else "rate not known yet")
-    con.print(f"busy poll {bp['window_us']} µs after traffic: {now} spinning on empty queues, "
-              f"{bp['seconds']:.1f} s since start")
+    _print_line(con, busy_poll_line(bp))
 
 
 def _print_rawsock(con, rs: dict | None) -> None:
     """Mode rawsock: per link, where the kernel's own copy of a taken frame dies; ring drops."""
-    if not rs:
-        return
-    parts = []
-    for link, k in rs["kernel_copy"].items():
-        if k["dropped_by"] == "tc":
-            parts.append(f"{link}: tc filter, {k['dropped']} dropped")
-        else:
-            parts.append(f"{link}: [yellow]blackhole routes only[/] ({k['reason']})")
-    ring = (f"[red]{rs['ring_drops']} frames lost to full rings[/]" if rs["ring_drops"]
-            else "no frames lost to full rings")
-    con.print(f"kernel copies: {'; '.join(parts) or 'no links'}  {ring}")
+    _print_line(con, rawsock_line(rs))
 
 
 def cmd_status(args) -> int:
@@ -167,13 +173,7 @@ def cmd_status(args) -> int:
         con.print("answered: " + ", ".join(f"{k}={n}" for k, n in answers.items()))
     if tot.get("passed"):
         con.print(f"passed to the kernel (a backend's own traffic): {tot['passed']}")
-    fr = st.get("fragments")
-    if fr and (fr["first"] or fr["held"] or fr["early_dropped"]):
-        con.print(f"fragments: {fr['entries']}/{fr['capacity']} datagrams, "
-                  f"{fr['buffers']}/{fr['buffer_capacity']} held; first {fr['first']}, "
-                  f"forwarded {fr['forwarded']}, held {fr['held']}, released {fr['released']}, "
-                  f"early_dropped {fr['early_dropped']}, timeouts {fr['timeouts']}, "
-                  f"evicted {fr['evicted']}")
+    _print_line(con, fragments_line(st.get("fragments")))
     _print_continuity(con, st)
     _print_shed(con, st.get("shed"))
     return 0
@@ -182,50 +182,15 @@ def cmd_status(args) -> int:
 def _print_continuity(con, st: dict) -> None:
     """The flow-continuity lines of `status`: what this run took over from the last one
     (flow table, TUN) and the flow sync between gateways."""
-    ad = st.get("adoption")
-    if ad is not None:
-        if "refused" in ad:
-            con.print(f"flow table at start: not adopted ({ad['refused']})")
-        else:
-            skipped = {k: ad.get(k, 0) for k in ("expired", "unbound", "invalid",
-                                                 "duplicate", "full") if ad.get(k)}
-            con.print(f"flow table at start: adopted {ad['adopted']} flow(s) in "
-                      f"{ad.get('seconds', 0):.3f}s"
-                      + (" (skipped " + ", ".join(f"{k}={n}" for k, n in skipped.items())
-                         + ")" if skipped else ""))
-    tun = st.get("tun")
-    if tun is not None:
-        con.print(f"tun {tun['name']}: " + ("attached to the last run's device"
-                                           if tun["adopted"] else "made at start"))
-    sy = st.get("sync")
-    if sy is not None:
-        sent, rec = sy["sent"], sy["received"]
-        rejected = {k: n for k, n in sy["rejected"].items() if n}
-        con.print(f"sync with {', '.join(sy['peers']) or 'no peer'}: sent "
-                  f"{sent['records_new']} new, {sent['records_refresh']} refresh, "
-                  f"{sent['records_end']} end in {sent['datagrams']} datagrams; received "
-                  + ", ".join(f"{k}={n}" for k, n in rec.items())
-                  + ("; rejected " + ", ".join(f"{k}={n}" for k, n in sorted(rejected.items()))
-                     if rejected else ""))
+    _print_line(con, adoption_line(st.get("adoption")))
+    _print_line(con, tun_line(st.get("tun")))
+    _print_line(con, sync_line(st.get("sync")))
 
 
 def _print_shed(con, sh: dict | None) -> None:
     """The SYN shed filter's lines of `status` (tun mode): shedding now or not, per VIP."""
-    if sh is None or not sh["vips"]:
-        return
-    state = (f"[red]shedding[/] since {_ago(sh['since'])}" if sh["active"]
-             else "[green]idle[/]")
-    dropped = sh.get("tun_dropped")
-    con.print(f"SYN shed filter before the TUN queue: {state}"
-              + (f"  (TUN dropped {dropped})" if dropped is not None else ""))
-    for v in sh["vips"]:
-        udp = v.get("protocol") == "udp"
-        con.print(f"  {v['name']} {v['address']}:{v['port']}/{v.get('protocol', 'tcp')}: "
-                  f"new_flow_rate {v['new_flow_rate']}/s, offered "
-                  f"{v['syn_rate'] or 0:.0f} new-flow {'datagrams' if udp else 'SYNs'}/s, "
-                  f"share {v['share']:.0%}; seen {v['syns']}, shed {v['shed']}, "
-                  + (f"answered flows passed {v['retried']}" if udp
-                     else f"retries passed {v['retried']}"))
+    for i, line in enumerate(shed_lines(sh, time.time())):
+        _print_line(con, [("  ", "")] + line if i else line)
 
 
 def _print_bgp(con, bgp: dict | None) -> None:

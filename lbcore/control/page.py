@@ -18,9 +18,20 @@ import hashlib
 import html
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from .fmt import backend_state, clock, duration, hostport, si, vip_title
+from .fmt import (
+    Line,
+    backend_state,
+    clock,
+    dataplane_lines,
+    duration,
+    hostport,
+    si,
+    vip_title,
+    worst,
+)
 
 REFRESH_MS = 1000        # the page fetches itself this often
 NOSCRIPT_REFRESH_S = 5   # without JavaScript, a full reload this often
@@ -81,6 +92,16 @@ tr.state-draining { background: var(--drain-bg); }
 .badge.ok { background: var(--up-bg); color: var(--up); }
 .badge.bad { background: var(--down); color: #fff; }
 .muted, .zero { color: var(--muted); }
+section.dataplane ul { list-style: none; margin: 0; padding: 0; }
+section.dataplane ul ul { padding-left: 1.5em; }
+section.dataplane li { padding: .15em .6em; border-bottom: 1px solid var(--line);
+  border-left: 5px solid transparent; font-variant-numeric: tabular-nums; }
+section.dataplane ul ul li { border-bottom: 0; }
+section.dataplane li.warn { border-left-color: var(--drain); background: var(--drain-bg); }
+section.dataplane li.bad { border-left-color: var(--down); background: var(--down-bg); }
+section.dataplane span.ok { color: var(--up); font-weight: 600; }
+section.dataplane span.warn { color: var(--drain); font-weight: 600; }
+section.dataplane span.bad { color: var(--down); font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(22em, 1fr)); gap: 0 2em; }
 footer { color: var(--muted); padding: 0 1.2em 1.5em; }
 footer a { color: inherit; }
@@ -263,6 +284,35 @@ def _bgp(bgp: Any) -> str:
     return "".join(out)
 
 
+def _line(line: Line) -> str:
+    """One shared data plane line (see .fmt) as HTML: a piece with a level is a span of that
+    class (the same "ok", "warn", "bad" the terminal colours)."""
+    return "".join(f'<span class="{lvl}">{esc(t)}</span>' if lvl else esc(t)
+                   for t, lvl in line)
+
+
+def _item(line: Line, rest: Sequence[Line] = (), part: str = "") -> str:
+    """A list item for ``line``, marked with its worst level and (a top-level one) with the
+    snapshot's key it shows; ``rest`` nested under it."""
+    lvl = worst(line)
+    sub = ("<ul>" + "".join(_item(x) for x in rest) + "</ul>") if rest else ""
+    attrs = (f' data-part="{esc(part)}"' if part else "") + (
+        f' class="{lvl}"' if lvl in ("warn", "bad") else "")
+    return f"<li{attrs}>{_line(line)}{sub}</li>"
+
+
+def _dataplane(s: dict[str, Any], now: float) -> str:
+    """The data plane's state beyond its counters (I/O path, busy polling, rawsock's kernel
+    copies, fragments, flow continuity, SYN shedding), worded and judged as `lbcore status`
+    does; empty when the snapshot has none of it. A part with several lines (the shed filter
+    and its VIPs) nests the later ones under the first."""
+    parts = dataplane_lines(s, now)
+    if not parts:
+        return ""
+    items = "".join(_item(first, rest, part) for part, (first, *rest) in parts)
+    return f'<section class="dataplane"><h3>Data plane</h3><ul>{items}</ul></section>'
+
+
 def render(s: dict[str, Any]) -> str:
     """The whole page for snapshot ``s``."""
     now = s.get("time", time.time())
@@ -291,6 +341,8 @@ def render(s: dict[str, Any]) -> str:
         parts.append('<p class="muted">No VIPs configured.</p>')
     if s.get("bgp"):        # None without a [bgp] section
         parts.append(_bgp(s["bgp"]))
+    if dp := _dataplane(s, now):
+        parts.append(dp)
     parts.append('<div class="grid">')
     parts.append(_counter_table("Drops by reason", "reason", s["drops"], rates["drops"]))
     parts.append(_counter_table("Flow table events", "event", events, rates["flows"]))

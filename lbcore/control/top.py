@@ -26,16 +26,32 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import ControlError, request, socket_path
-from .fmt import backend_state, clock, duration, hostport, si, vip_title
+from .fmt import (
+    Level,
+    Line,
+    backend_state,
+    clock,
+    dataplane_lines,
+    duration,
+    hostport,
+    si,
+    vip_title,
+    worst,
+)
 
 STYLE = {"up": "bold white on green4", "down": "bold white on red3",
          "draining": "bold black on yellow3"}
 QUIT_KEYS = (b"q", b"Q")
+# how top colours the levels of the shared data plane lines (see .fmt), as it colours the
+# flow table's fill and the drops
+LEVEL_STYLE: dict[Level, str] = {"": "", "ok": "green", "warn": "bold yellow", "bad": "bold red"}
 
 
 def render(st: dict[str, Any] | None, error: str | None = None,
            now: float | None = None) -> RenderableType:
-    """One screen: header, totals, a table of every VIP's backends, drops and flow events."""
+    """One screen: header, totals, a table of every VIP's backends, drops and flow events, then
+    the data plane's lines (those of `lbcore status`) below them, where a screen too short
+    for everything cuts them rather than the backends."""
     now = time.time() if now is None else now
     if st is None:
         return Text(f"lbcore top: waiting for the balancer: {error}\n(q or Ctrl-C leaves)",
@@ -100,7 +116,21 @@ def render(st: dict[str, Any] | None, error: str | None = None,
                       style="dim"))
     if st.get("bgp"):       # None without a [bgp] section
         parts.append(Text(f"BGP: {_bgp_text(st['bgp'])}"))
+    for _part, lines in dataplane_lines(st, st.get("time", now)):
+        parts += [_line(ln, indent=i > 0) for i, ln in enumerate(lines)]
     return Group(*parts)
+
+
+def _line(line: Line, indent: bool = False) -> Text:
+    """One shared data plane line (see .fmt), coloured by level. A plain line is cut to the
+    terminal's width with an ellipsis, so that it takes one row (the backends' table above
+    matters more than the end of a long sync line); one with a warning wraps instead, since
+    the warning may be at its end (rawsock's frames lost to full rings)."""
+    cut = worst(line) in ("", "ok")
+    t = Text("  " if indent else "", no_wrap=cut, overflow="ellipsis" if cut else "fold")
+    for text, lvl in line:
+        t.append(text, style=LEVEL_STYLE[lvl])
+    return t
 
 
 def _bgp_text(bgp: Any) -> str:
