@@ -234,6 +234,7 @@ def with_dataplane(s: dict[str, Any], link: str = "lbc-br0",
     return {**s,
             "io": "io_uring",
             "busy_poll": {"window_us": 50, "seconds": 12.34, "cores": 0.031},
+            "cpus": {"workers": [3, 2], "control": [0, 1]},
             "fragments": {"first": 5, "forwarded": 4, "held": 2, "released": 2,
                           "early_dropped": 1, "dropped": 0, "timeouts": 1, "timeout_held": 0,
                           "evicted": 0, "completed": 1, "entries": 1, "buffers": 1,
@@ -258,8 +259,8 @@ def with_dataplane(s: dict[str, Any], link: str = "lbc-br0",
                 "ring_drops": 7}}
 
 
-NO_DATAPLANE = dict.fromkeys(("io", "busy_poll", "fragments", "adoption", "tun", "sync", "shed",
-                              "rawsock"))
+NO_DATAPLANE = dict.fromkeys(("io", "busy_poll", "cpus", "fragments", "adoption", "tun", "sync",
+                              "shed", "rawsock"))
 
 
 def items(html: str) -> dict[str, str]:
@@ -293,8 +294,9 @@ def test_page_shows_the_data_plane_as_status_judges_it():
     assert (content.index('<section class="bgp">') < content.index('class="dataplane"')
             < content.index('<div class="grid">'))
     it = items(html)
-    assert list(it) == ["io", "busy_poll", "rawsock", "fragments", "adoption", "tun", "sync",
-                        "shed"]
+    assert list(it) == ["io", "busy_poll", "cpus", "rawsock", "fragments", "adoption", "tun",
+                        "sync", "shed"]
+    assert "CPUs: worker(s) on 3, 2; control plane on 0, 1" in it["cpus"]
     assert "I/O path: io_uring" in it["io"]
     assert ("busy poll 50 µs after traffic: 3.1 % of a core spinning on empty queues, "
             "12.3 s since start") in it["busy_poll"]
@@ -314,7 +316,7 @@ def test_page_shows_the_data_plane_as_status_judges_it():
                                  "  (TUN dropped 3)<ul>")
     assert ("web 198.18.100.1:80/tcp: new_flow_rate 1000/s, offered 4000 new-flow SYNs/s, "
             "share 25%; seen 900, shed 300, retries passed 12") in html
-    for plain_part in ("io", "busy_poll", "fragments", "adoption", "tun", "sync"):
+    for plain_part in ("io", "busy_poll", "cpus", "fragments", "adoption", "tun", "sync"):
         assert "class=" not in it[plain_part], plain_part
     # the classes are styled: a row's colour band and background, a piece's colour
     for rule in ("section.dataplane li.warn", "section.dataplane li.bad",
@@ -329,6 +331,7 @@ def test_page_shows_the_data_plane_as_status_judges_it():
     s["busy_poll"] = {"window_us": 0, "seconds": 0.0, "cores": None}
     s["adoption"] = {"adopted": 0, "refused": "no flow file", "code": "open"}
     s["tun"] = {"name": "lbc0", "adopted": False, "ifindex": 5}
+    s["cpus"] = {"workers": [1, 0], "control": None}
     it = items(page.render(s))
     assert 'class="warn"' not in "".join(it.values())
     assert 'class="bad"' not in "".join(it.values())
@@ -339,6 +342,8 @@ def test_page_shows_the_data_plane_as_status_judges_it():
     assert "busy poll off (busy_poll_us = 0)" in it["busy_poll"]
     assert "flow table at start: not adopted (no flow file)" in it["adoption"]
     assert "tun lbc0: made at start" in it["tun"]
+    assert ("CPUs: worker(s) on 1, 0; control plane on every CPU (none is left without a "
+            "worker)") in it["cpus"]
 
 
 def test_page_and_top_without_the_data_plane_parts():
@@ -348,8 +353,8 @@ def test_page_and_top_without_the_data_plane_parts():
     assert "Data plane</h3>" not in html and "data-part=" not in html
     assert "Data plane totals" in html          # the counters are still there
     out, _ = top_text(s)
-    starts = ("I/O path", "busy poll", "kernel copies", "fragments:", "flow table at start",
-              "tun ", "sync with", "SYN shed")
+    starts = ("I/O path", "busy poll", "CPUs:", "kernel copies", "fragments:",
+              "flow table at start", "tun ", "sync with", "SYN shed")
     assert not [ln for ln in out.splitlines() if ln.startswith(starts)], out
     # a snapshot from before these parts existed renders too
     old = {k: x for k, x in d.view.snapshot().items() if k not in NO_DATAPLANE}
@@ -392,10 +397,11 @@ def test_top_shows_the_data_plane_as_status_judges_it():
     out, styles = top_text(s)
     lines = out.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("I/O path"))
-    assert lines[at:at + 9] == [
+    assert lines[at:at + 10] == [
         "I/O path: io_uring",
         "busy poll 50 µs after traffic: 3.1 % of a core spinning on empty queues, 12.3 s since "
         "start",
+        "CPUs: worker(s) on 3, 2; control plane on 0, 1",
         "kernel copies: lbc-gw-cl: tc filter, 1234 dropped; lbc-br0: blackhole routes only "
         "([Errno 95] no clsact)  7 frames lost to full rings",
         "fragments: 1/1024 datagrams, 1/4096 held; first 5, forwarded 4, held 2, released 2, "
@@ -440,10 +446,16 @@ def test_status_page_and_top_say_the_same(monkeypatch, capsys):
     for _, lines in dataplane_lines(s, s["time"]):
         for line in lines:
             words = plain(line)
-            if words.startswith("I/O path"):      # `status` has the mode, not the I/O path
-                continue
             assert words in status, words
             assert page.esc(words) in text, words
             assert words in screen, words
             n += 1
-    assert n == 8
+    assert n == 10
+    # text from the snapshot is printed as it is, never read as rich markup
+    s = {**s, "bgp": None}
+    s["vips"][0]["name"] = "[bold]web[/]"
+    s["vips"][0]["backends"][0]["reason"] = "[red]x[/] y"
+    assert client.cmd_status(args) == 0
+    status = capsys.readouterr().out
+    assert "bgp: not configured (no [bgp] section)" in status
+    assert "[bold]web[/]" in status and "([red]x[/] y)" in status

@@ -20,7 +20,9 @@ from .fmt import (
     adoption_line,
     ago,
     busy_poll_line,
+    cpus_line,
     fragments_line,
+    io_line,
     plain,
     rawsock_line,
     shed_lines,
@@ -104,22 +106,13 @@ def _print_line(con, line: Line | None) -> None:
     con.print(text)
 
 
-def _print_busy_poll(con, bp: dict | None) -> None:
-    """The workers' busy polling: the window, and the CPU it costs now and in all."""
-    _print_line(con, busy_poll_line(bp))
-
-
-def _print_rawsock(con, rs: dict | None) -> None:
-    """Mode rawsock: per link, where the kernel's own copy of a taken frame dies; ring drops."""
-    _print_line(con, rawsock_line(rs))
-
-
 def cmd_status(args) -> int:
     st = request(socket_path(args), {"cmd": "status"})
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
     con = Console(width=None if sys.stdout.isatty() else 160)
     f = st["flows"]
@@ -127,8 +120,9 @@ def cmd_status(args) -> int:
               f"workers {st['workers']}  up {st['uptime']:.0f}s  config {st['config']}")
     con.print(f"flows {f['active']}/{f['capacity']}  rx {st['totals']['rx']}  "
               f"tx {st['totals']['tx']}  table rebuilds {st['table']['rebuilds']}")
-    _print_busy_poll(con, st.get("busy_poll"))
-    _print_rawsock(con, st.get("rawsock"))
+    for line in (io_line(st.get("io")), busy_poll_line(st.get("busy_poll")),
+                 cpus_line(st.get("cpus")), rawsock_line(st.get("rawsock"))):
+        _print_line(con, line)
     _print_bgp(con, st.get("bgp"))
     t = Table(show_lines=False)
     for col in ("VIP", "backend", "health", "weight", "flows", "packets", "bytes",
@@ -137,9 +131,10 @@ def cmd_status(args) -> int:
                      else "left")
     for v in st["vips"]:
         ann = ("[green]announced[/]" if v.get("announced")
-               else f"[yellow]not announced[/]: {v.get('announce_reason')}")
-        t.add_row(f"[bold]{v['name']}[/]", f"{v['address']}:{v['port']}/{v['protocol']}", "",
-                  "", str(v["active_flows"]), _human(v["packets"]), _human(v["bytes"]),
+               else f"[yellow]not announced[/]: {escape(str(v.get('announce_reason')))}")
+        t.add_row(f"[bold]{escape(v['name'])}[/]",
+                  f"{v['address']}:{v['port']}/{v['protocol']}", "", "", str(v["active_flows"]),
+                  _human(v["packets"]), _human(v["bytes"]),
                   f"table {v.get('table_digest')}  {ann}")
         for b in v["backends"]:
             health = "[green]up[/]" if b["state"] == "up" else "[red]down[/]"
@@ -148,20 +143,21 @@ def cmd_status(args) -> int:
             t.add_row("", f"{b['address']}:{b['port']}", health,
                       f"{b['effective_weight']}/{b['weight']}", str(b["active_flows"]),
                       _human(b["packets"]), _human(b["bytes"]),
-                      f"{_ago(b['last_change'])} ({b['reason']})")
+                      f"{_ago(b['last_change'])} ({escape(str(b['reason']))})")
     con.print(t)
     for v in st["vips"]:
         refused = {k: n for k, n in v.get("refused", {}).items() if n}
         setting = {k: x for k, x in v.get("settings", {}).items()
                    if x and x not in ("none", "drop") and k != "persist_ms"}
         if refused or setting:
-            con.print(f"{v['name']}: " + ", ".join(
+            con.print(escape(f"{v['name']}: " + ", ".join(
                 [f"{k}={x}" for k, x in setting.items()]
-                + [f"refused {k}={n}" for k, n in sorted(refused.items())]))
+                + [f"refused {k}={n}" for k, n in sorted(refused.items())])))
     tbl = st["table"]
     if tbl.get("publish_failures"):
         con.print(f"[red]table publish failures: {tbl['publish_failures']}[/]"
-                  + (f" (last: {tbl['last_publish_error']})" if tbl.get("last_publish_error")
+                  + (f" (last: {escape(tbl['last_publish_error'])})"
+                     if tbl.get("last_publish_error")
                      else " (the last publish succeeded)"))
     drops = {k: v for k, v in st["drops"].items() if v}
     if drops:
@@ -196,15 +192,16 @@ def _print_shed(con, sh: dict | None) -> None:
 def _print_bgp(con, bgp: dict | None) -> None:
     """The BGP lines of `status`: the speaker, then one line per session."""
     if bgp is None:
-        con.print("bgp: not configured (no [bgp] section)")
+        con.print("bgp: not configured (no [bgp] section)", markup=False)
         return
     con.print(f"bgp: {bgp['state']}  AS {bgp['local_as']}  router id {bgp['router_id']}  "
-              f"BIRD pid {bgp['bird_pid']}  announced {', '.join(bgp['announced']) or '-'}")
+              f"BIRD pid {bgp['bird_pid']}  announced {', '.join(bgp['announced']) or '-'}",
+              markup=False)
     for sess in bgp["sessions"]:
         since = f"up {_ago(sess['since'])[:-4]}" if sess["up"] and sess["since"] else ""
         bfd = f"  BFD {sess['bfd']}" if sess["bfd"] is not None else "  BFD off"
         con.print(f"  neighbor {sess['neighbor']} AS {sess['as']}: {sess['state']} "
-                  f"{since}{bfd}".rstrip())
+                  f"{since}{bfd}".rstrip(), markup=False)
 
 
 def cmd_drain_gateway(args) -> int:

@@ -1,11 +1,11 @@
 """Number, time and state formatting shared by the status page, `lbcore top` and `lbcore status`,
 so that they show a snapshot in the same words and judge it alike.
 
-The data plane's parts of a snapshot (I/O path, busy polling, rawsock's kernel copies, fragment
-reassembly, flow continuity, SYN shedding) are worded here once, as lines (:data:`Line`): pieces of
-text each with a level ("" plain, "ok", "warn" or "bad"). The three readers differ only in how
-they colour a level (a rich style in the terminal, a CSS class on the page), so a state that is
-a warning in one is a warning in all of them.
+The data plane's parts of a snapshot (I/O path, busy polling, CPUs, rawsock's kernel copies,
+fragment reassembly, flow continuity, SYN shedding) are worded here once, as lines
+(:data:`Line`): pieces of text each with a level ("" plain, "ok", "warn" or "bad"). The three
+readers differ only in how they colour a level (a rich style in the terminal, a CSS class on
+the page), so a state that is a warning in one is a warning in all of them.
 """
 from __future__ import annotations
 
@@ -116,6 +116,20 @@ def busy_poll_line(bp: dict[str, Any] | None) -> Line | None:
              f"{bp['seconds']:.1f} s since start", "")]
 
 
+def cpus_line(cpus: dict[str, Any] | None) -> Line | None:
+    """Where the workers are pinned and where the rest of the process (event loop, health
+    checks, HTTP) runs: on the CPUs no worker takes, or on every CPU when the workers take them
+    all (then the control plane's bursts can preempt a polling worker). Nothing before the
+    workers start."""
+    if not cpus or not cpus.get("workers"):
+        return None
+    workers = ", ".join("any" if c is None else str(c) for c in cpus["workers"])
+    control = cpus.get("control")
+    return [(f"CPUs: worker(s) on {workers}; control plane on "
+             + (", ".join(map(str, control)) if control
+                else "every CPU (none is left without a worker)"), "")]
+
+
 def rawsock_line(rs: dict[str, Any] | None) -> Line | None:
     """Mode rawsock: per link, where the kernel's own copy of a taken frame dies, and the
     frames lost to full receive rings. A link without its tc filter is a warning (its
@@ -215,6 +229,7 @@ def dataplane_lines(st: dict[str, Any], now: float) -> list[tuple[str, list[Line
     parts: list[tuple[str, list[Line | None]]] = [
         ("io", [io_line(st.get("io"))]),
         ("busy_poll", [busy_poll_line(st.get("busy_poll"))]),
+        ("cpus", [cpus_line(st.get("cpus"))]),
         ("rawsock", [rawsock_line(st.get("rawsock"))]),
         ("fragments", [fragments_line(st.get("fragments"))]),
         ("adoption", [adoption_line(st.get("adoption"))]),
