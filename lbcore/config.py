@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -40,6 +40,7 @@ MAX_BACKENDS = 65534              # LB_MAX_BACKENDS: per VIP (ring slots are uin
 MAX_VIPS = 4096                   # LB_MAX_VIPS
 FLOW_MAX = 16 << 20               # LB_FLOW_MAX: flow-table capacity limit
 MAX_WORKERS = 64
+MAX_CPU = 4095                    # the highest CPU number global.worker_cpus may name
 MAX_WEIGHT = 65535                # as ipvsadm: a weight is 0..65535
 # Flow timestamps are ms compared wrap-safe on 32 bits, so an idle timeout must
 # stay below 2^31 ms (~24.8 days).
@@ -340,6 +341,8 @@ class Config:
     keyed by pool name; `warnings` and `source` do not take part in equality."""
     mode: str = DEFAULT_MODE
     workers: int = DEFAULT_WORKERS
+    # the CPU of each worker, in order; () = automatic (from the highest CPU down)
+    worker_cpus: tuple[int, ...] = ()
     flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE
     hash_seed: int = DEFAULT_HASH_SEED
     ring_size: int = DEFAULT_RING_SIZE
@@ -668,10 +671,10 @@ class _Checker:
 
 # --- sections -------------------------------------------------------------------------
 
-_GLOBAL_KEYS = ("mode", "workers", "flow_table_size", "hash_seed", "ring_size", "tun_name",
-                "control_socket", "metrics_listen", "log_level", "all_down", "closed_port",
-                "reject_rate", "reject_burst", "busy_poll_us", "client_table_size", "timeouts",
-                "fragments", "flow_file")
+_GLOBAL_KEYS = ("mode", "workers", "worker_cpus", "flow_table_size", "hash_seed", "ring_size",
+                "tun_name", "control_socket", "metrics_listen", "log_level", "all_down",
+                "closed_port", "reject_rate", "reject_burst", "busy_poll_us", "client_table_size",
+                "timeouts", "fragments", "flow_file")
 _SYNC_KEYS = ("listen", "peers", "key", "key_file", "ring_size", "refresh", "window")
 _VIP_KEYS = ("name", "address", "port", "protocol", "pool", "closed_port", "persistence",
              "persistence_timeout", "max_flows", "client_rate", "client_burst",
@@ -885,6 +888,38 @@ def _parse_fragments(c: _Checker, g: dict) -> FragmentsConfig | None:
     return None if None in vals.values() else FragmentsConfig(**vals)
 
 
+def _parse_worker_cpus(c: _Checker, g: dict) -> tuple[int, ...] | None:
+    """global.worker_cpus: one CPU number per worker, none twice; absent or [] = automatic.
+    Whether the machine has them is checked at start (`check_worker_cpus`), not here: a config
+    is valid or not whatever machine reads it."""
+    what = f"an array of CPU numbers 0..{MAX_CPU}, one per worker, none twice"
+    v = c.array(g, "worker_cpus", "global", what, [])
+    if v is None:
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_CPU
+               for x in v) or len(set(v)) != len(v):
+        c.bad("global.worker_cpus", v, what)
+        return None
+    workers = g.get("workers", DEFAULT_WORKERS)
+    if v and isinstance(workers, int) and len(v) != workers:
+        c.bad("global.worker_cpus", v, what,
+              f"{len(v)} CPU(s) for global.workers = {workers}")
+        return None
+    return tuple(v)
+
+
+def check_worker_cpus(cpus: Sequence[int], allowed: set[int]) -> str | None:
+    """Why ``cpus`` (global.worker_cpus) cannot be used on this machine, where this process may
+    run on ``allowed`` (its affinity: the machine's CPUs, less what a cgroup or taskset took),
+    or None if it can."""
+    bad = [c for c in cpus if c not in allowed]
+    if not bad:
+        return None
+    return (f"global.worker_cpus: CPU {', '.join(map(str, bad))} "
+            f"{'is' if len(bad) == 1 else 'are'} not one this process may run on "
+            f"(it may run on {', '.join(map(str, sorted(allowed)))})")
+
+
 def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
     """The [global] values by key (None, or "bad" for metrics_listen, after an
     error). The keys are checked in file-documentation order, so are the errors."""
@@ -893,6 +928,7 @@ def _parse_global(c: _Checker, data: dict) -> dict[str, Any]:
     return {
         "mode": c.choice(g, "mode", "global", MODES, DEFAULT_MODE),
         "workers": c.integer(g, "workers", "global", 1, MAX_WORKERS, DEFAULT_WORKERS),
+        "worker_cpus": _parse_worker_cpus(c, g),
         "flow_table_size": c.integer(g, "flow_table_size", "global", 1, FLOW_MAX,
                                      DEFAULT_FLOW_TABLE_SIZE),
         "hash_seed": _parse_hash_seed(c, g),
@@ -1366,7 +1402,8 @@ def config_from_dict(data: dict, source: str = "<string>") -> Config:
     if c.errors:
         raise ConfigError(c.errors, source)
     return Config(
-        mode=g["mode"], workers=g["workers"], flow_table_size=g["flow_table_size"],
+        mode=g["mode"], workers=g["workers"], worker_cpus=g["worker_cpus"],
+        flow_table_size=g["flow_table_size"],
         hash_seed=g["hash_seed"], ring_size=g["ring_size"], tun_name=g["tun_name"],
         control_socket=g["control_socket"], metrics_listen=g["metrics_listen"],
         log_level=g["log_level"], all_down=g["all_down"], closed_port=g["closed_port"],
@@ -1432,6 +1469,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 2 if isinstance(e, ConfigFileError) else 1
     for w in cfg.warnings:
         print(f"{cfg.source}: warning: {w}", file=sys.stderr)
+    # valid, but `run` on this machine would refuse it (the file may be meant for another)
+    why = check_worker_cpus(cfg.worker_cpus, os.sched_getaffinity(0))
+    if why is not None:
+        print(f"{cfg.source}: warning: {why}: `lbcore run` refuses it on this machine",
+              file=sys.stderr)
     bgp = (f", BGP to {len(cfg.bgp.neighbors)} neighbor(s)" if cfg.bgp is not None else "")
     print(f"OK: {len(cfg.vips)} VIPs, {cfg.backend_count} backends{bgp}")
     return 0

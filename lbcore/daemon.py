@@ -24,12 +24,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _core, netconf
 from .balancer import PROTO, Balancer, PublishError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, check_worker_cpus, load_config
 from .control.status import StatusView
 from .dataplane import Plane, make_plane, replies
 from .dataplane.replies import ReplyPath
@@ -69,11 +69,14 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
     root.setLevel(level.upper())
 
 
-def worker_cpus(workers: int) -> list[int | None]:
-    """CPU for each worker: from the highest CPU down, leaving CPU 0 - where
+def worker_cpus(workers: int, chosen: Sequence[int] = ()) -> list[int | None]:
+    """CPU for each worker: those of ``chosen`` (global.worker_cpus, checked against the
+    process's CPUs at start), else from the highest CPU down, leaving CPU 0 - where
     interrupts and softirq work usually land - to the kernel as long as there
     are enough CPUs (a busy-polling worker on the CPU that also runs the
     kernel's receive work starves it: receive livelock)."""
+    if chosen:
+        return list(chosen)
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except OSError:
@@ -238,7 +241,7 @@ class Daemon:
             log.error("removing the reply rules and blackholes failed: %s", e)
 
     def _start_workers(self, loop: asyncio.AbstractEventLoop) -> None:
-        cpus = worker_cpus(self.config.workers)
+        cpus = worker_cpus(self.config.workers, self.config.worker_cpus)
         self._keep_control_off(cpus)
         for i, cpu in enumerate(cpus):
             t = threading.Thread(target=self._run_worker, args=(i, cpu, loop),
@@ -546,8 +549,8 @@ def log_adoption(path: str, res: dict[str, Any]) -> None:
 def _unreloadable(old: Config, new: Config) -> list[str]:
     """Settings fixed at start (sizes, devices): changing them needs a restart."""
     out = []
-    for key in ("mode", "workers", "flow_table_size", "tun_name", "control_socket", "rawsock",
-                "bgp", "flow_file", "sync", "timeouts", "fragments", "client_table_size",
+    for key in ("mode", "workers", "worker_cpus", "flow_table_size", "tun_name", "control_socket",
+                "rawsock", "bgp", "flow_file", "sync", "timeouts", "fragments", "client_table_size",
                 "reject_rate", "reject_burst", "metrics_listen", "log_level"):
         if getattr(old, key) != getattr(new, key):
             where = key if key in ("rawsock", "bgp", "sync") else f"global.{key}"
@@ -568,6 +571,10 @@ def cmd_run(args) -> int:
     if os.geteuid() != 0:
         print("lbcore: run needs root (TUN device or AF_PACKET sockets, routes, policy rules)",
               file=sys.stderr)
+        return 2
+    why = check_worker_cpus(config.worker_cpus, os.sched_getaffinity(0))
+    if why is not None:
+        print(f"lbcore: {why}", file=sys.stderr)
         return 2
     daemon = Daemon(config, args.config)
     daemon.cleanup_on_exit = bool(getattr(args, "cleanup_on_exit", False))

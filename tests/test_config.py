@@ -183,6 +183,23 @@ def test_example_documents_every_key():
         assert f"`{k}`" in docs or f".{k}]`" in docs, k
 
 
+def test_worker_cpus():
+    """One CPU per worker, in order; absent or [] is automatic. Whether this machine has them
+    is `run`'s question (check_worker_cpus), not the parser's."""
+    doc = copy.deepcopy(BASE)
+    doc["global"].update(workers=2, worker_cpus=[3, 1])
+    assert config_from_dict(doc, "t.toml").worker_cpus == (3, 1)
+    doc["global"]["worker_cpus"] = []
+    assert config_from_dict(doc, "t.toml").worker_cpus == ()
+    assert config_from_dict(copy.deepcopy(BASE), "t.toml").worker_cpus == ()
+    assert C.check_worker_cpus((3, 1), {0, 1, 2, 3}) is None
+    assert C.check_worker_cpus((), {0}) is None
+    assert C.check_worker_cpus((3, 1), {0, 1}) == (
+        "global.worker_cpus: CPU 3 is not one this process may run on (it may run on 0, 1)")
+    assert C.check_worker_cpus((5, 4), {0, 1}).startswith(
+        "global.worker_cpus: CPU 5, 4 are not one")
+
+
 def test_hash_seed_forms():
     assert parse_config('[global]\nhash_seed = "secret"').hash_seed == C.hash_seed_of("secret")
     # Stable across runs and hosts: a fixed value, not Python's salted hash().
@@ -276,6 +293,8 @@ def _del(path: list) -> Callable[[dict], None]:
     return mutate
 
 
+W_CPUS = ("global.worker_cpus: expected an array of CPU numbers 0..4095, one per worker, none "
+          "twice, got ")
 CASES = [
     # (id, mutation, the exact message)
     ("unknown key, did you mean", _set(["global", "worker"], 2),
@@ -434,6 +453,16 @@ CASES = [
     ("rawsock bad link", lambda d: d["global"].update(mode="rawsock")
      or d.update(rawsock={"client_link": "eth0", "backend_link": "eth 1"}),
      'rawsock.backend_link: expected a network interface name (1..15 characters), got "eth 1"'),
+    ("worker_cpus, one per worker", _set(["global", "worker_cpus"], [1, 2]),
+     W_CPUS + "[1, 2]; 2 CPU(s) for global.workers = 1"),
+    ("worker_cpus, none twice", lambda d: d["global"].update(workers=2, worker_cpus=[3, 3]),
+     W_CPUS + "[3, 3]"),
+    ("worker_cpus, numbers", _set(["global", "worker_cpus"], [-1]), W_CPUS + "[-1]"),
+    ("worker_cpus, not a boolean", _set(["global", "worker_cpus"], [True]), W_CPUS + "[true]"),
+    ("worker_cpus, not past MAX_CPU", _set(["global", "worker_cpus"], [4096]), W_CPUS + "[4096]"),
+    ("worker_cpus, an array", _set(["global", "worker_cpus"], 3),
+     "global.worker_cpus: expected an array of CPU numbers 0..4095, one per worker, none "
+     "twice, got 3 (an integer)"),
 ]
 
 
@@ -692,6 +721,19 @@ def test_cli_ok_with_warnings(tmp_path):
     assert r.stdout == "OK: 1 VIPs, 1 backends\n"
     assert r.stderr == (f"{f}: warning: pool.p.backends: every backend has weight 0: VIPs using "
                         "this pool have no backend (see global.all_down)\n")
+
+
+def test_cli_warns_of_worker_cpus_this_machine_lacks(tmp_path):
+    """Valid (the file may be meant for a bigger machine), but `run` would refuse it here."""
+    f = tmp_path / "c.toml"
+    f.write_text('[global]\nworker_cpus = [4095]\n[[vip]]\naddress = "198.18.100.1"\n'
+                 'port = 80\nprotocol = "tcp"\npool = "p"\n'
+                 '[pool.p]\nbackends = [{ address = "198.19.0.1", port = 80 }]\n')
+    r = check_config(str(f))
+    assert r.returncode == 0 and r.stdout == "OK: 1 VIPs, 1 backends\n"
+    assert r.stderr.startswith(f"{f}: warning: global.worker_cpus: CPU 4095 is not one this "
+                               "process may run on (it may run on 0")
+    assert r.stderr.endswith("): `lbcore run` refuses it on this machine\n")
 
 
 def test_cli_errors_exit_1(tmp_path):

@@ -158,7 +158,8 @@ def test_a_reload_refuses_by_name_what_is_fixed_at_start_and_takes_the_rest():
                       ("client_table_size = 1024", "global.client_table_size"),
                       ('log_level = "debug"', "global.log_level"),
                       ('metrics_listen = ""', "global.metrics_listen"),
-                      ("workers = 2", "global.workers")):
+                      ("workers = 2", "global.workers"),
+                      ("worker_cpus = [0]", "global.worker_cpus")):
         new = parse_config(base.replace("[global]\n", f"[global]\n{line}\n"))
         problems = _unreloadable(old, new)
         assert len(problems) == 1 and problems[0].startswith(f"{key} changed"), problems
@@ -180,28 +181,38 @@ def test_control_cpus_are_the_ones_no_worker_takes():
     assert control_cpus({4, 5, 6}, [6, 5, 4, 6]) is None  # more workers than CPUs
 
 
-def _allowed(pid: int) -> dict[int, str]:
-    """Thread ID -> its Cpus_allowed_list, for every thread of ``pid``."""
+def _allowed(pid: int) -> dict[int, set[int]]:
+    """Thread ID -> the CPUs it may run on (its Cpus_allowed_list: "0-2,5"), for every thread
+    of ``pid``."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(FileNotFoundError):
             text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
             for line in text.splitlines():
                 if line.startswith("Cpus_allowed_list:"):
-                    out[int(tid)] = line.split(":", 1)[1].strip()
+                    cpus: set[int] = set()
+                    for part in line.split(":", 1)[1].strip().split(","):
+                        lo, _, hi = part.partition("-")
+                        cpus.update(range(int(lo), int(hi or lo) + 1))
+                    out[int(tid)] = cpus
     return out
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_the_worker_has_its_cpu_to_itself(nsname, tmp_path):
+@pytest.mark.parametrize("chosen", [False, True], ids=["automatic", "worker_cpus"])
+def test_the_worker_has_its_cpu_to_itself(nsname, tmp_path, chosen):
     """One worker on a machine of several CPUs: the worker thread is pinned to the highest
-    CPU and every other thread of the process (event loop, health checks, executor, HTTP)
-    runs on the others, as `status` says, and threads started later (the executor's) too."""
+    CPU (automatic) or to the one global.worker_cpus names (here the lowest), and every other
+    thread of the process (event loop, executor, health checks) runs on the others, as
+    `status` says, threads started later (the executor's) too."""
     from lbcore.control.client import request
     cpus = sorted(os.sched_getaffinity(0))
+    mine = cpus[0] if chosen else cpus[-1]
+    rest = [c for c in cpus if c != mine]
     sock = tmp_path / "s.sock"
     cfg = tmp_path / "c.toml"
-    cfg.write_text(CONFIG.format(sock=sock).replace("[global]\n", "[global]\nworkers = 1\n"))
+    line = f"workers = 1\nworker_cpus = [{mine}]\n" if chosen else "workers = 1\n"
+    cfg.write_text(CONFIG.format(sock=sock).replace("[global]\n", "[global]\n" + line))
     p = netconf.popen_in_netns(nsname, [sys.executable, "-m", "lbcore", "run", "-c", str(cfg)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -210,14 +221,12 @@ def test_the_worker_has_its_cpu_to_itself(nsname, tmp_path):
             assert time.monotonic() < deadline and p.poll() is None
             time.sleep(0.05)
         st = request(str(sock), {"cmd": "status"})
-        rest = [c for c in cpus if c != cpus[-1]]
-        assert st["cpus"] == {"workers": [cpus[-1]], "control": rest}
+        assert st["cpus"] == {"workers": [mine], "control": rest}
         allowed = _allowed(p.pid)
-        pinned = [t for t, a in allowed.items() if a == str(cpus[-1])]
+        pinned = [t for t, a in allowed.items() if a == {mine}]
         assert len(pinned) == 1, allowed                      # the worker, alone
-        others = {a for t, a in allowed.items() if t not in pinned}
-        want = ",".join(map(str, rest)) if len(rest) == 1 else f"{rest[0]}-{rest[-1]}"
-        assert len(allowed) >= 2 and others == {want}, allowed
+        others = [a for t, a in allowed.items() if t not in pinned]
+        assert others and all(a == set(rest) for a in others), allowed
     finally:
         p.send_signal(signal.SIGTERM)
         try:
@@ -227,4 +236,16 @@ def test_the_worker_has_its_cpu_to_itself(nsname, tmp_path):
             out, _ = p.communicate()
         cleanup(nsname, cfg)
     assert p.returncode == 0, out
-    assert f"workers on CPU(s) {cpus[-1]}; the control plane on CPU(s)" in out
+    assert f"workers on CPU(s) {mine}; the control plane on CPU(s)" in out
+
+
+def test_run_refuses_worker_cpus_it_may_not_use(nsname, tmp_path):
+    """A CPU outside the process's affinity: exit 2 with the key and the CPUs it may use,
+    before the network is touched."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.format(sock=tmp_path / "s.sock").replace(
+        "[global]\n", "[global]\nworker_cpus = [4095]\n"))
+    r = run(nsname, cfg)
+    assert r.returncode == 2, r.stdout
+    assert "global.worker_cpus: CPU 4095 is not one this process may run on" in r.stdout
+    assert leftovers(nsname) == []
