@@ -265,10 +265,12 @@ def test_status_page_in_a_browser(lab, traffic):
             states = {(v["name"], b_["address"]): b_["state"] for v in st["vips"]
                       for b_ in v["backends"]}
             assert {s for (_, a), s in states.items() if a == lab_mod.backend_v4(2)} == {"down"}
-            # the lab's single gateway has no [bgp], no VIP with a new_flow_rate and runs
-            # mode tun: its BGP, SYN-shed and rawsock series are empty
+            # the lab's single gateway has no [bgp], no [sync], no VIP with a new_flow_rate
+            # and runs mode tun: its BGP, flow sync, SYN-shed (with the TUN drops counted
+            # beside them) and rawsock series are empty
             check_against(exported(b.js("fetch('/metrics').then(r => r.text())")),
-                          absent_ok=("lbcore_bgp_", "lbcore_shed_", "lbcore_rawsock_"))
+                          absent_ok=("lbcore_bgp_", "lbcore_sync_", "lbcore_shed_",
+                                     "lbcore_tun_dropped", "lbcore_rawsock_"))
         # nothing was refused by the page's Content-Security-Policy, no script error
         problems = [e for e in b.events if e.get("method") in ("Log.entryAdded",
                                                                "Runtime.exceptionThrown")
