@@ -130,7 +130,8 @@ class Daemon:
         self.tun_adopted: bool | None = None   # tun mode: attached to the last run's device
         self._reservation_found = True    # replies.reserved() at start (unknown: assume so)
         self.shed: Any = None             # lbcore.dataplane.shed.SynShed, when a plane has one
-        # the CPUs the workers are pinned to (None: not pinned) and the rest of the process's
+        # the CPU of each worker (None: not pinned) and the CPUs of every other thread (None:
+        # all of them); empty until the workers start
         self.cpus: dict[str, Any] = {"workers": [], "control": None}
 
     # -- lifecycle -----------------------------------------------------------

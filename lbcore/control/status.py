@@ -139,7 +139,7 @@ class StatusView:
             "busy_poll": {"window_us": dp.busy_poll_us, "seconds": st["spin_ns"] / 1e9},
             # where the workers are pinned (None: not pinned) and where everything else runs
             # (None: every CPU, when the workers leave no CPU free)
-            "cpus": dict(getattr(d, "cpus", None) or {"workers": [], "control": None}),
+            "cpus": dict(d.cpus),
             "table": {"rebuilds": bal.rebuilds, "last_build_seconds": bal.last_rebuild_s,
                       "publish_failures": bal.publish_failures,
                       "last_publish_error": bal.last_publish_error},
